@@ -1,0 +1,375 @@
+"""The App: registers tasks and callbacks, submits and manages batches, runs workers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping
+from typing import Any
+
+import psycopg
+
+from pgbatch.config import Settings
+from pgbatch.db import batches as batch_queries
+from pgbatch.db.database import Database, resolve_url
+from pgbatch.db.migrations import migrate
+from pgbatch.db.queries import query
+from pgbatch.errors import InvalidBatchError, UnknownTaskError
+from pgbatch.models import Batch, Outcome
+from pgbatch.tasks import (
+    DEFAULT_LEASE_TTL_S,
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_SHARD_SIZE,
+    CallbackFn,
+    CallbackSpec,
+    Handler,
+    TaskSpec,
+)
+
+__all__ = ["App"]
+
+# Idempotency keys are client-chosen strings; a bound keeps the unique index small.
+MAX_IDEMPOTENCY_KEY_CHARS = 200
+# Results are read back in pages of this many rows, so memory stays flat.
+RESULT_PAGE_ROWS = 10_000
+# watch() shows at most this many snapshots a second, however often NOTIFY fires.
+WATCH_MIN_INTERVAL_S = 0.1
+
+
+class App:
+    """A pgbatch application: the tasks it knows and the database it runs on."""
+
+    def __init__(
+        self,
+        *,
+        database_url: str | None = None,
+        settings: Settings | None = None,
+        auto_migrate: bool = True,
+    ) -> None:
+        self.settings = settings or Settings()
+        if database_url is not None:
+            self.settings = self.settings.model_copy(update={"database_url": database_url})
+        self.auto_migrate = auto_migrate
+        self.tasks: dict[str, TaskSpec] = {}
+        self.callbacks: dict[str, CallbackSpec] = {}
+        self._db: Database | None = None
+        self._open_lock = asyncio.Lock()
+
+    # -- registration ----------------------------------------------------------------------
+
+    def task(
+        self,
+        name: str | None = None,
+        *,
+        shard_size: int = DEFAULT_SHARD_SIZE,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        lease_ttl_s: float = DEFAULT_LEASE_TTL_S,
+        timeout_s: float | None = None,
+        queue: str = "default",
+    ) -> Callable[[Handler], Handler]:
+        """Register an async handler `(items, ctx) -> outcomes` as a task."""
+        _check_options(shard_size, max_attempts, lease_ttl_s, queue)
+        if timeout_s is not None and timeout_s <= 0:
+            raise InvalidBatchError("timeout_s must be positive", field="timeout_s")
+
+        def register(fn: Handler) -> Handler:
+            task_name = name or fn.__name__
+            self.tasks[task_name] = TaskSpec(
+                task_name, fn, shard_size, max_attempts, lease_ttl_s, timeout_s, queue
+            )
+            return fn
+
+        return register
+
+    def callback(self, name: str | None = None) -> Callable[[CallbackFn], CallbackFn]:
+        """Register an async completion callback `(batch, ctx) -> None`."""
+
+        def register(fn: CallbackFn) -> CallbackFn:
+            callback_name = name or fn.__name__
+            self.callbacks[callback_name] = CallbackSpec(callback_name, fn)
+            return fn
+
+        return register
+
+    # -- connection ------------------------------------------------------------------------
+
+    @property
+    def db(self) -> Database:
+        """Return the open database (call `await app.open()` first)."""
+        if self._db is None:
+            raise RuntimeError("the app is not open: call `await app.open()` first")
+        return self._db
+
+    async def open(self) -> None:
+        """Connect (starting the embedded server if no URL is set) and apply migrations."""
+        async with self._open_lock:
+            if self._db is not None:
+                return
+            url = await asyncio.to_thread(resolve_url, self.settings)
+            db = Database(url, max_size=self.settings.pool_max_size)
+            await db.open()
+            if self.auto_migrate:
+                async with db.connection() as conn:
+                    await migrate(conn)
+            self._db = db
+
+    async def close(self) -> None:
+        """Close the pool."""
+        if self._db is not None:
+            await self._db.close()
+            self._db = None
+
+    async def __aenter__(self) -> App:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def migrate(self) -> list[int]:
+        """Apply pending migrations; return the versions applied."""
+        await self.open()
+        async with self.db.connection() as conn:
+            return await migrate(conn)
+
+    # -- batches ---------------------------------------------------------------------------
+
+    async def submit(
+        self,
+        task: str,
+        items: Iterable[Any] | AsyncIterable[Any],
+        *,
+        shard_size: int | None = None,
+        max_attempts: int | None = None,
+        lease_ttl_s: float | None = None,
+        priority: int = 0,
+        queue: str | None = None,
+        idempotency_key: str | None = None,
+        on_complete: str | None = None,
+    ) -> Batch:
+        """Store a batch of `items` for `task` and queue its shards; return the batch.
+
+        Items are streamed, so any iterable works, including a generator of millions.
+        With an idempotency key, a repeat of the same submission returns the same batch.
+        """
+        spec = self._batch_spec(
+            task,
+            items,
+            shard_size=shard_size,
+            max_attempts=max_attempts,
+            lease_ttl_s=lease_ttl_s,
+            priority=priority,
+            queue=queue,
+            idempotency_key=idempotency_key,
+            on_complete=on_complete,
+        )
+        await self.open()
+        async with self.db.connection() as conn:
+            result = await batch_queries.submit_batch(conn, spec, items)
+            return await batch_queries.get_batch(conn, result.batch_id)
+
+    def _batch_spec(
+        self,
+        task: str,
+        items: object,
+        *,
+        shard_size: int | None,
+        max_attempts: int | None,
+        lease_ttl_s: float | None,
+        priority: int,
+        queue: str | None,
+        idempotency_key: str | None,
+        on_complete: str | None,
+    ) -> batch_queries.BatchSpec:
+        spec = self.tasks.get(task)
+        if spec is None:
+            known = ", ".join(sorted(self.tasks)) or "none"
+            raise UnknownTaskError(f"unknown task {task!r} (registered: {known})", field="task")
+        if isinstance(items, str | bytes | Mapping) or not isinstance(
+            items, Iterable | AsyncIterable
+        ):
+            raise InvalidBatchError(
+                f"items must be an iterable of items, not {type(items).__name__}", field="items"
+            )
+        shard_size = spec.shard_size if shard_size is None else shard_size
+        max_attempts = spec.max_attempts if max_attempts is None else max_attempts
+        lease_ttl_s = spec.lease_ttl_s if lease_ttl_s is None else lease_ttl_s
+        queue = spec.queue if queue is None else queue
+        _check_options(shard_size, max_attempts, lease_ttl_s, queue)
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise InvalidBatchError("priority must be an integer", field="priority")
+        if not -(2**31) <= priority < 2**31:
+            raise InvalidBatchError("priority must fit in 32 bits", field="priority")
+        if idempotency_key is not None and not (
+            isinstance(idempotency_key, str)
+            and 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY_CHARS
+        ):
+            raise InvalidBatchError(
+                f"idempotency_key must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} characters",
+                field="idempotency_key",
+            )
+        if on_complete is not None and on_complete not in self.callbacks:
+            known = ", ".join(sorted(self.callbacks)) or "none"
+            raise InvalidBatchError(
+                f"unknown callback {on_complete!r} (registered: {known})", field="on_complete"
+            )
+        return batch_queries.BatchSpec(
+            task=task,
+            shard_size=shard_size,
+            max_attempts=max_attempts,
+            lease_ttl_s=float(lease_ttl_s),
+            queue=queue,
+            priority=priority,
+            on_complete=on_complete,
+            idempotency_key=idempotency_key,
+        )
+
+    async def get_batch(self, batch_id: int) -> Batch:
+        """Return the batch with its current counters."""
+        await self.open()
+        async with self.db.connection() as conn:
+            return await batch_queries.get_batch(conn, batch_id)
+
+    async def list_batches(self, *, limit: int = 20) -> list[Batch]:
+        """Return the most recent batches."""
+        await self.open()
+        async with self.db.connection() as conn:
+            return await batch_queries.list_batches(conn, limit=limit)
+
+    async def cancel(self, batch_id: int, *, expected_version: int | None = None) -> bool:
+        """Cancel the batch; return False if it had already ended."""
+        await self.open()
+
+        async def work(conn: psycopg.AsyncConnection[Any]) -> bool:
+            return await batch_queries.cancel_batch(
+                conn, batch_id, expected_version=expected_version
+            )
+
+        return await self.db.run_in_transaction(work)
+
+    async def retry(self, batch_id: int, *, expected_version: int | None = None) -> int:
+        """Re-queue the batch's dead shards and shards with failed items; return how many."""
+        await self.open()
+
+        async def work(conn: psycopg.AsyncConnection[Any]) -> int:
+            return await batch_queries.requeue_failed(
+                conn, batch_id, expected_version=expected_version
+            )
+
+        return await self.db.run_in_transaction(work)
+
+    async def set_priority(
+        self, batch_id: int, priority: int, *, expected_version: int | None = None
+    ) -> int:
+        """Change the batch's priority; return its new version."""
+        await self.open()
+
+        async def work(conn: psycopg.AsyncConnection[Any]) -> int:
+            return await batch_queries.set_priority(
+                conn, batch_id, priority, expected_version=expected_version
+            )
+
+        return await self.db.run_in_transaction(work)
+
+    async def results(
+        self, batch_id: int, *, errors_only: bool = False
+    ) -> AsyncIterator[tuple[int, Outcome]]:
+        """Yield (seq, outcome) for the batch's items in order, a page at a time."""
+        await self.open()
+        after = -1
+        while True:
+            async with self.db.connection() as conn:
+                cur = await conn.execute(
+                    query("result_list"),
+                    {"batch_id": batch_id, "after_seq": after, "limit": RESULT_PAGE_ROWS},
+                )
+                rows = await cur.fetchall()
+            for seq, ok, output, error in rows:
+                if not (errors_only and ok):
+                    yield seq, Outcome(ok, output, error)
+            if len(rows) < RESULT_PAGE_ROWS:
+                return
+            after = rows[-1][0]
+
+    async def watch(self, batch_id: int, *, poll_interval_s: float = 1.0) -> AsyncIterator[Batch]:
+        """Yield snapshots of the batch as it progresses (driven by NOTIFY); end when it ends."""
+        await self.open()
+        listener = await self.db.connect_dedicated()
+        changed = asyncio.Event()
+
+        async def listen() -> None:
+            async for notify in listener.notifies():
+                if notify.payload == str(batch_id):
+                    changed.set()
+
+        try:
+            await listener.execute("LISTEN pgbatch_progress")
+            reader = asyncio.create_task(listen())
+            try:
+                last_shown = 0.0
+                while True:
+                    batch = await self.get_batch(batch_id)
+                    yield batch
+                    if batch.is_final:
+                        return
+                    # Polling is the fallback; a NOTIFY normally ends this wait early.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(changed.wait(), poll_interval_s)
+                    changed.clear()
+                    pause = WATCH_MIN_INTERVAL_S - (time.monotonic() - last_shown)
+                    if pause > 0:
+                        await asyncio.sleep(pause)
+                    last_shown = time.monotonic()
+            finally:
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await reader
+        finally:
+            await listener.close()
+
+    async def wait(self, batch_id: int, *, timeout_s: float | None = None) -> Batch:
+        """Wait until the batch ends and return it."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        async for batch in self.watch(batch_id, poll_interval_s=0.5):
+            if batch.is_final:
+                return batch
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"batch {batch_id} did not finish within {timeout_s} s")
+        return await self.get_batch(batch_id)
+
+    # -- workers ---------------------------------------------------------------------------
+
+    def worker(self, *, concurrency: int = 32, queues: list[str] | None = None) -> Any:
+        """Return a Worker for this app (call `await worker.run()`)."""
+        from pgbatch.engine.worker import Worker
+
+        return Worker(self, concurrency=concurrency, queues=queues)
+
+
+def _check_options(
+    shard_size: object, max_attempts: object, lease_ttl_s: object, queue: object
+) -> None:
+    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size <= 0:
+        raise InvalidBatchError(
+            f"shard_size must be a positive integer, got {shard_size!r}", field="shard_size"
+        )
+    if shard_size > 1_000_000:
+        raise InvalidBatchError("shard_size must be at most 1000000", field="shard_size")
+    if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
+        raise InvalidBatchError(
+            f"max_attempts must be an integer of at least 1, got {max_attempts!r}",
+            field="max_attempts",
+        )
+    if (
+        isinstance(lease_ttl_s, bool)
+        or not isinstance(lease_ttl_s, int | float)
+        or not lease_ttl_s > 0
+        or lease_ttl_s == float("inf")
+    ):
+        raise InvalidBatchError(
+            f"lease_ttl_s must be a positive number of seconds, got {lease_ttl_s!r}",
+            field="lease_ttl_s",
+        )
+    if not isinstance(queue, str) or not queue:
+        raise InvalidBatchError("queue must be a non-empty string", field="queue")

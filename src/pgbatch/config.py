@@ -1,0 +1,39 @@
+"""The one settings object: environment variables, defaults, embedded server or URL."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings"]
+
+
+class Settings(BaseSettings):
+    """Settings read from `PGBATCH_*` variables (and `DATABASE_URL`)."""
+
+    model_config = SettingsConfigDict(env_prefix="PGBATCH_", extra="ignore")
+
+    # No URL means the embedded server in data_dir; DATABASE_URL is the conventional name.
+    database_url: str | None = Field(default=None, validation_alias="DATABASE_URL")
+    data_dir: Path = Path(".pgbatch")
+    # A worker process needs a claimer, a completer, a heartbeat and a spare; more
+    # connections buy nothing because handlers do not hold one.
+    pool_max_size: int = Field(default=6, ge=2)
+    # Fallback when a NOTIFY is lost: an idle worker claims again at least this often.
+    poll_interval_s: float = Field(default=1.0, gt=0)
+    # Expired leases are returned to the queue this often; the query reads a small
+    # partial index, so a short interval is cheap and bounds recovery after a crash.
+    rescue_interval_s: float = Field(default=1.0, gt=0)
+    # Group commit of shard completions: a flush waits at most this long for company...
+    completer_max_delay_ms: float = Field(default=2.0, ge=0)
+    # ...and holds at most this many shards; 500 keeps one flush under ~50 ms at the
+    # largest shard sizes measured in docs/performance.md.
+    completer_max_batch: int = Field(default=500, ge=1)
+    # Retry backoff for a failed shard: base * 2**(attempt-1), capped, full jitter.
+    retry_backoff_base_s: float = Field(default=1.0, ge=0)
+    retry_backoff_max_s: float = Field(default=300.0, ge=0)
+    # A completion callback that keeps failing is given up after this many attempts.
+    callback_max_attempts: int = Field(default=10, ge=1)
+    callback_lease_ttl_s: float = Field(default=60.0, gt=0)

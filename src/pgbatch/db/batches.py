@@ -1,0 +1,308 @@
+"""Queries on batches: submit (items streamed with COPY), read, cancel, retry, priority."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+from pgbatch.db.copy import encode_json
+from pgbatch.db.queries import query
+from pgbatch.errors import (
+    BatchNotFoundError,
+    IdempotencyConflictError,
+    InvalidBatchError,
+    InvalidStateError,
+    ItemNotSerializableError,
+    StaleVersionError,
+)
+from pgbatch.models import Batch, BatchStatus
+
+__all__ = [
+    "BatchSpec",
+    "SubmitResult",
+    "cancel_batch",
+    "get_batch",
+    "list_batches",
+    "requeue_failed",
+    "set_priority",
+    "submit_batch",
+]
+
+# Items are encoded and sent to COPY in chunks of this many rows: big enough that the
+# per-write cost vanishes, small enough that a 10-million-item batch never sits in memory.
+COPY_CHUNK_ITEMS = 2_000
+
+
+@dataclass(frozen=True, slots=True)
+class BatchSpec:
+    """What a client submits besides the items."""
+
+    task: str
+    shard_size: int
+    max_attempts: int
+    lease_ttl_s: float
+    queue: str = "default"
+    priority: int = 0
+    on_complete: str | None = None
+    idempotency_key: str | None = None
+
+    def fingerprint(self) -> bytes:
+        """Encode the options that make two submissions "the same payload"."""
+        return encode_json(
+            [
+                self.task,
+                self.shard_size,
+                self.max_attempts,
+                self.lease_ttl_s,
+                self.queue,
+                self.priority,
+                self.on_complete,
+            ]
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitResult:
+    """The batch a submission produced, and whether this call created it."""
+
+    batch_id: int
+    created: bool
+
+
+class _ItemEncoder:
+    """Turn items into COPY rows while hashing them, so the payload is read only once."""
+
+    def __init__(self, batch_id: int, spec: BatchSpec) -> None:
+        self.prefix = f"{batch_id}\t".encode()
+        self.count = 0
+        self.digest = hashlib.sha256(spec.fingerprint())
+
+    def encode(self, item: Any) -> bytes:
+        try:
+            payload = encode_json(item)
+        except TypeError as exc:
+            raise ItemNotSerializableError(
+                f"item {self.count} cannot be stored as JSON: {exc}", seq=self.count
+            ) from None
+        self.digest.update(payload)
+        self.digest.update(b"\n")
+        row = self.prefix + str(self.count).encode() + b"\t" + payload + b"\n"
+        self.count += 1
+        return row
+
+
+async def _chunks(items: Iterable[Any] | AsyncIterable[Any], encoder: _ItemEncoder) -> Any:
+    buffer: list[bytes] = []
+    if isinstance(items, AsyncIterable):
+        async for item in items:
+            buffer.append(encoder.encode(item))
+            if len(buffer) >= COPY_CHUNK_ITEMS:
+                yield b"".join(buffer)
+                buffer.clear()
+    else:
+        for item in items:
+            buffer.append(encoder.encode(item))
+            if len(buffer) >= COPY_CHUNK_ITEMS:
+                yield b"".join(buffer)
+                buffer.clear()
+    if buffer:
+        yield b"".join(buffer)
+
+
+async def _hash_only(items: Iterable[Any] | AsyncIterable[Any], spec: BatchSpec) -> bytes:
+    encoder = _ItemEncoder(0, spec)
+    async for _ in _chunks(items, encoder):
+        pass
+    return encoder.digest.digest()
+
+
+async def submit_batch(
+    conn: psycopg.AsyncConnection[Any],
+    spec: BatchSpec,
+    items: Iterable[Any] | AsyncIterable[Any],
+) -> SubmitResult:
+    """Write a batch, its items and its shards in one transaction, or nothing at all."""
+    async with conn.transaction():
+        row = await (await conn.execute(query("batch_insert"), _spec_params(spec))).fetchone()
+        if row is None:
+            return await _resolve_idempotent(conn, spec, items)
+        batch_id: int = row[0]
+        encoder = _ItemEncoder(batch_id, spec)
+        try:
+            async with conn.cursor().copy(query("item_copy")) as copy:
+                async for chunk in _chunks(items, encoder):
+                    await copy.write(chunk)
+        except psycopg.errors.DataError as exc:
+            # e.g. a \u0000 inside a string, which jsonb cannot hold
+            raise InvalidBatchError(
+                f"an item cannot be stored as jsonb: {exc.diag.message_primary}", field="items"
+            ) from None
+        total_items = encoder.count
+        total_shards = -(-total_items // spec.shard_size)
+        await conn.execute(
+            query("batch_seal"),
+            {
+                "batch_id": batch_id,
+                "total_items": total_items,
+                "total_shards": total_shards,
+                "payload_hash": encoder.digest.digest(),
+            },
+        )
+        if total_shards:
+            await conn.execute(query("shard_create_many"), {"batch_id": batch_id})
+            await conn.execute(query("shard_notify_queue"), {"queue": spec.queue})
+        else:
+            await conn.execute(query("batch_finish_if_empty"), {"batch_id": batch_id})
+            await conn.execute(query("callback_notify"))
+        await conn.execute(query("batch_notify_progress"), {"batch_id": batch_id})
+    return SubmitResult(batch_id, created=True)
+
+
+async def _resolve_idempotent(
+    conn: psycopg.AsyncConnection[Any],
+    spec: BatchSpec,
+    items: Iterable[Any] | AsyncIterable[Any],
+) -> SubmitResult:
+    existing = await (
+        await conn.execute(
+            query("batch_get_by_idempotency_key"), {"idempotency_key": spec.idempotency_key}
+        )
+    ).fetchone()
+    if existing is None:  # pragma: no cover - the conflicting row cannot vanish (no deletes)
+        raise InvalidStateError("idempotency key conflict but no batch holds it")
+    batch_id, stored_hash = existing
+    if bytes(stored_hash) != await _hash_only(items, spec):
+        raise IdempotencyConflictError(
+            f"idempotency key {spec.idempotency_key!r} was used by batch {batch_id} "
+            "with a different payload",
+            batch_id=batch_id,
+        )
+    return SubmitResult(batch_id, created=False)
+
+
+def _spec_params(spec: BatchSpec) -> dict[str, Any]:
+    return {
+        "task": spec.task,
+        "queue": spec.queue,
+        "priority": spec.priority,
+        "shard_size": spec.shard_size,
+        "max_attempts": spec.max_attempts,
+        "lease_ttl_s": spec.lease_ttl_s,
+        "on_complete": spec.on_complete,
+        "idempotency_key": spec.idempotency_key,
+    }
+
+
+def batch_from_row(row: dict[str, Any]) -> Batch:
+    """Build a Batch from a row of `batch_get`."""
+    return Batch(**{**row, "status": BatchStatus(row["status"])})
+
+
+async def get_batch(conn: psycopg.AsyncConnection[Any], batch_id: int) -> Batch:
+    """Return the batch, or raise BatchNotFoundError."""
+    async with conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(query("batch_get"), {"batch_id": batch_id})
+        row = await cur.fetchone()
+    if row is None:
+        raise BatchNotFoundError(f"no batch with id {batch_id}")
+    return batch_from_row(row)
+
+
+async def list_batches(conn: psycopg.AsyncConnection[Any], *, limit: int = 20) -> list[Batch]:
+    """Return the most recent batches, newest first."""
+    async with conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(query("batch_list_recent"), {"limit": limit})
+        return [batch_from_row(row) for row in await cur.fetchall()]
+
+
+async def _lock_batch(
+    conn: psycopg.AsyncConnection[Any], batch_id: int, expected_version: int | None
+) -> tuple[BatchStatus, bool]:
+    row = await (
+        await conn.execute(query("batch_get_for_update"), {"batch_id": batch_id})
+    ).fetchone()
+    if row is None:
+        raise BatchNotFoundError(f"no batch with id {batch_id}")
+    _, status, version, finished = row
+    if expected_version is not None and version != expected_version:
+        raise StaleVersionError(
+            f"batch {batch_id} is at version {version}, not {expected_version}",
+            current_version=version,
+        )
+    return BatchStatus(status), finished
+
+
+async def cancel_batch(
+    conn: psycopg.AsyncConnection[Any], batch_id: int, *, expected_version: int | None = None
+) -> bool:
+    """Cancel a batch (in the caller's transaction); return False if it had already ended."""
+    status, _ = await _lock_batch(conn, batch_id, expected_version)
+    if status.is_final:
+        return False
+    await conn.execute(query("batch_mark_cancelled"), {"batch_id": batch_id})
+    row = await (
+        await conn.execute(query("batch_cancel_queued_shards"), {"batch_id": batch_id})
+    ).fetchone()
+    assert row is not None
+    shards, items = row
+    # Counting the cancelled shards goes through the same statement as completions, so
+    # the transaction that makes shards_done reach the total is the one that finishes it.
+    await conn.execute(
+        query("batch_add_progress"),
+        {
+            "batch_ids": [batch_id],
+            "shards": [shards],
+            "dead": [0],
+            "ok": [0],
+            "failed": [items],
+        },
+    )
+    await conn.execute(query("callback_notify"))
+    return True
+
+
+async def requeue_failed(
+    conn: psycopg.AsyncConnection[Any], batch_id: int, *, expected_version: int | None = None
+) -> int:
+    """Re-queue the batch's dead shards and shards with item errors; return how many."""
+    status, _ = await _lock_batch(conn, batch_id, expected_version)
+    if status is BatchStatus.CANCELLED:
+        raise InvalidStateError(f"batch {batch_id} is cancelled; it cannot be retried")
+    row = await (
+        await conn.execute(query("batch_requeue_failed_shards"), {"batch_id": batch_id})
+    ).fetchone()
+    assert row is not None
+    shards, dead, items, _ = row
+    if shards == 0:
+        return 0
+    await conn.execute(
+        query("batch_reopen"),
+        {"batch_id": batch_id, "shards": shards, "dead": dead, "items": items},
+    )
+    batch = await get_batch(conn, batch_id)
+    await conn.execute(query("shard_notify_queue"), {"queue": batch.queue})
+    await conn.execute(query("batch_notify_progress"), {"batch_id": batch_id})
+    return int(shards)
+
+
+async def set_priority(
+    conn: psycopg.AsyncConnection[Any],
+    batch_id: int,
+    priority: int,
+    *,
+    expected_version: int | None = None,
+) -> int:
+    """Change the batch's priority (and its queued shards'); return the new version."""
+    await _lock_batch(conn, batch_id, expected_version)
+    row = await (
+        await conn.execute(
+            query("batch_set_priority"), {"batch_id": batch_id, "priority": priority}
+        )
+    ).fetchone()
+    assert row is not None
+    return int(row[0])

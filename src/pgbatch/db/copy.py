@@ -1,0 +1,87 @@
+"""Encode rows for COPY in text format: items, results and rows of the user's tables."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from datetime import date, datetime
+from typing import Any
+
+import orjson
+import psycopg
+from psycopg import sql
+
+from pgbatch.models import Outcome, TableRows
+
+__all__ = ["copy_table_rows", "encode_json", "encode_result_rows", "encode_table_rows"]
+
+_NULL = b"\\N"
+_TEXT_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def encode_json(value: Any) -> bytes:
+    """Encode `value` as JSON escaped for a COPY text field (raises TypeError if it cannot)."""
+    # orjson escapes every control character, so a backslash is the only byte COPY's text
+    # format would misread.
+    return orjson.dumps(value).replace(b"\\", b"\\\\")
+
+
+def _encode_text(value: str) -> bytes:
+    return value.translate(_TEXT_ESCAPES).encode()
+
+
+def _encode_field(value: Any) -> bytes:
+    if value is None:
+        return _NULL
+    if isinstance(value, bool):
+        return b"t" if value else b"f"
+    if isinstance(value, int | float):
+        return str(value).encode()
+    if isinstance(value, str):
+        return _encode_text(value)
+    if isinstance(value, datetime | date):
+        return value.isoformat().encode()
+    if isinstance(value, bytes):
+        return b"\\\\x" + value.hex().encode()
+    # dicts and lists go to json/jsonb columns
+    return encode_json(value)
+
+
+def encode_result_rows(batch_id: int, results: Iterable[tuple[int, Outcome]]) -> bytes:
+    """Encode (seq, outcome) pairs as rows of pgbatch.results."""
+    prefix = f"{batch_id}\t".encode()
+    out = bytearray()
+    for seq, outcome in results:
+        out += prefix
+        out += str(seq).encode()
+        if outcome.ok:
+            out += b"\tt\t"
+            out += _NULL if outcome.output is None else encode_json(outcome.output)
+            out += b"\t\\N\n"
+        else:
+            out += b"\tf\t\\N\t"
+            out += _encode_text(outcome.error or "error")
+            out += b"\n"
+    return bytes(out)
+
+
+def encode_table_rows(rows: Iterable[Sequence[Any]]) -> bytes:
+    """Encode rows of arbitrary Python values for COPY into a user's table."""
+    out = bytearray()
+    for row in rows:
+        out += b"\t".join(_encode_field(v) for v in row)
+        out += b"\n"
+    return bytes(out)
+
+
+async def copy_table_rows(conn: psycopg.AsyncConnection[Any], writes: Iterable[TableRows]) -> None:
+    """COPY rows into the user's tables: one COPY per table and column list, in name order."""
+    by_table: dict[tuple[str, tuple[str, ...]], list[Sequence[Any]]] = defaultdict(list)
+    for write in writes:
+        by_table[(write.table, write.columns)].extend(write.rows)
+    for (table, columns), rows in sorted(by_table.items()):
+        statement = sql.SQL("COPY {} ({}) FROM STDIN").format(
+            sql.Identifier(*table.split(".")), sql.SQL(", ").join(map(sql.Identifier, columns))
+        )
+        async with conn.cursor().copy(statement) as copy:
+            await copy.write(encode_table_rows(rows))

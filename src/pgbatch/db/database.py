@@ -1,0 +1,117 @@
+"""The connection pool, and a transaction helper that retries deadlocks and serialization errors."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import orjson
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg.types.json import set_json_loads
+from psycopg_pool import AsyncConnectionPool
+
+from pgbatch.config import Settings
+from pgbatch.db.embedded import embedded_url
+from pgbatch.errors import ConfigurationError
+
+__all__ = ["Database", "resolve_url"]
+
+_log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Deadlocks and serialization failures are retried this many times (invariant 6)...
+TX_RETRY_ATTEMPTS = 8
+# ...with full-jitter backoff starting here and doubling; a few ms is the time a
+# competing transaction in this engine needs to commit.
+TX_RETRY_BASE_S = 0.005
+TX_RETRY_MAX_S = 0.5
+
+RETRYABLE_ERRORS = (pg_errors.DeadlockDetected, pg_errors.SerializationFailure)
+
+
+def resolve_url(settings: Settings) -> str:
+    """Return the URL to use: DATABASE_URL if set, else the embedded server's."""
+    if settings.database_url:
+        return settings.database_url
+    return embedded_url(settings.data_dir)
+
+
+async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
+    # Items and results are parsed on the hot path; orjson is several times faster.
+    set_json_loads(orjson.loads, conn)
+
+
+class Database:
+    """Own the pool of one process; every query of the engine goes through it."""
+
+    def __init__(self, url: str, *, max_size: int = 6, min_size: int = 1) -> None:
+        self.url = url
+        self.pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] = AsyncConnectionPool(
+            url,
+            min_size=min_size,
+            max_size=max_size,
+            open=False,
+            configure=_configure,
+            kwargs={"autocommit": True},
+            name="pgbatch",
+        )
+        self.tx_retries = 0
+
+    async def open(self) -> None:
+        """Open the pool and check that the server answers."""
+        try:
+            await self.pool.open(wait=True, timeout=30)
+        except Exception as exc:
+            raise ConfigurationError(
+                f"cannot connect to PostgreSQL: {exc}. Check DATABASE_URL "
+                "(or unset it to use the embedded server)"
+            ) from exc
+
+    async def close(self) -> None:
+        """Close every connection."""
+        await self.pool.close()
+
+    async def __aenter__(self) -> Database:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """Lend a pooled connection in autocommit mode."""
+        async with self.pool.connection() as conn:
+            yield conn
+
+    async def connect_dedicated(self) -> psycopg.AsyncConnection[Any]:
+        """Open a connection outside the pool (LISTEN needs one that nobody else uses)."""
+        conn = await psycopg.AsyncConnection.connect(self.url, autocommit=True)
+        await _configure(conn)
+        return conn
+
+    async def run_in_transaction(
+        self, work: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]]
+    ) -> T:
+        """Run `work` in one transaction, retrying deadlocks and serialization failures.
+
+        `work` may run more than once, so it must not keep state between attempts.
+        """
+        for attempt in range(1, TX_RETRY_ATTEMPTS + 1):
+            try:
+                async with self.pool.connection() as conn, conn.transaction():
+                    return await work(conn)
+            except RETRYABLE_ERRORS as exc:
+                if attempt == TX_RETRY_ATTEMPTS:
+                    raise
+                self.tx_retries += 1
+                delay = random.uniform(0, min(TX_RETRY_MAX_S, TX_RETRY_BASE_S * 2**attempt))
+                _log.info("retrying transaction after %s (attempt %d)", type(exc).__name__, attempt)
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")  # pragma: no cover

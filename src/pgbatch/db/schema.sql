@@ -1,0 +1,108 @@
+-- The whole current pgbatch schema: what applying every migration in order produces.
+-- tests/integration/test_schema.py proves the two agree.
+
+CREATE SCHEMA IF NOT EXISTS pgbatch;
+
+-- Written by the migration runner, not by a migration: it records what has been applied.
+CREATE TABLE pgbatch.schema_migrations (
+    version    integer     PRIMARY KEY,
+    name       text        NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE pgbatch.batches (
+    id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    task            text        NOT NULL,
+    queue           text        NOT NULL DEFAULT 'default',
+    priority        integer     NOT NULL DEFAULT 0,
+    status          text        NOT NULL DEFAULT 'pending'
+        CHECK (status IN ('pending', 'running', 'succeeded', 'failed', 'cancelled')),
+    shard_size      integer     NOT NULL CHECK (shard_size > 0),
+    max_attempts    integer     NOT NULL CHECK (max_attempts > 0),
+    lease_ttl_s     double precision NOT NULL CHECK (lease_ttl_s > 0),
+    total_items     bigint      NOT NULL DEFAULT 0,
+    total_shards    integer     NOT NULL DEFAULT 0,
+    shards_done     integer     NOT NULL DEFAULT 0,
+    shards_dead     integer     NOT NULL DEFAULT 0,
+    items_ok        bigint      NOT NULL DEFAULT 0,
+    items_failed    bigint      NOT NULL DEFAULT 0,
+    run_no          integer     NOT NULL DEFAULT 1,
+    on_complete     text,
+    idempotency_key text UNIQUE,
+    payload_hash    bytea,
+    version         integer     NOT NULL DEFAULT 1,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    started_at      timestamptz,
+    finished_at     timestamptz,
+    CHECK (shards_done <= total_shards)
+);
+
+CREATE INDEX batches_status_created_idx ON pgbatch.batches (status, created_at);
+
+CREATE TABLE pgbatch.items (
+    batch_id bigint NOT NULL REFERENCES pgbatch.batches (id) ON DELETE CASCADE,
+    seq      bigint NOT NULL,
+    payload  jsonb  NOT NULL,
+    PRIMARY KEY (batch_id, seq)
+);
+
+CREATE TABLE pgbatch.shards (
+    id               bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    batch_id         bigint      NOT NULL REFERENCES pgbatch.batches (id) ON DELETE CASCADE,
+    shard_no         integer     NOT NULL,
+    first_seq        bigint      NOT NULL,
+    last_seq         bigint      NOT NULL,
+    task             text        NOT NULL,
+    queue            text        NOT NULL,
+    priority         integer     NOT NULL,
+    status           text        NOT NULL DEFAULT 'queued'
+        CHECK (status IN ('queued', 'running', 'done', 'dead', 'cancelled')),
+    attempts         integer     NOT NULL DEFAULT 0,
+    max_attempts     integer     NOT NULL,
+    lease_ttl_s      double precision NOT NULL,
+    lease_epoch      integer     NOT NULL DEFAULT 0,
+    lease_expires_at timestamptz,
+    worker_id        text,
+    retried          boolean     NOT NULL DEFAULT false,
+    run_after        timestamptz NOT NULL DEFAULT now(),
+    last_error       text,
+    finished_at      timestamptz,
+    UNIQUE (batch_id, shard_no),
+    CHECK (first_seq <= last_seq)
+);
+
+-- The claim reads only queued shards in priority order: a partial index keeps it small.
+CREATE INDEX shards_claim_idx ON pgbatch.shards (queue, priority DESC, id) WHERE status = 'queued';
+-- The lease rescuer reads only running shards by expiry.
+CREATE INDEX shards_lease_idx ON pgbatch.shards (lease_expires_at) WHERE status = 'running';
+
+CREATE TABLE pgbatch.results (
+    batch_id bigint  NOT NULL REFERENCES pgbatch.batches (id) ON DELETE CASCADE,
+    seq      bigint  NOT NULL,
+    ok       boolean NOT NULL,
+    output   jsonb,
+    error    text,
+    PRIMARY KEY (batch_id, seq),
+    CHECK (ok = (error IS NULL))
+);
+
+-- The completion callback outbox: one row per batch run, so it is inserted exactly once.
+CREATE TABLE pgbatch.callbacks (
+    id               bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    batch_id         bigint      NOT NULL REFERENCES pgbatch.batches (id) ON DELETE CASCADE,
+    run_no           integer     NOT NULL,
+    name             text        NOT NULL,
+    status           text        NOT NULL DEFAULT 'queued'
+        CHECK (status IN ('queued', 'running', 'done', 'dead')),
+    attempts         integer     NOT NULL DEFAULT 0,
+    lease_epoch      integer     NOT NULL DEFAULT 0,
+    lease_expires_at timestamptz,
+    run_after        timestamptz NOT NULL DEFAULT now(),
+    last_error       text,
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    finished_at      timestamptz,
+    UNIQUE (batch_id, run_no)
+);
+
+CREATE INDEX callbacks_claim_idx ON pgbatch.callbacks (id) WHERE status = 'queued';
+CREATE INDEX callbacks_lease_idx ON pgbatch.callbacks (lease_expires_at) WHERE status = 'running';

@@ -1,0 +1,203 @@
+"""Queries on shards: claim, heartbeat, rescue, retry, release and fenced group completion."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+
+from pgbatch.db.copy import copy_table_rows, encode_result_rows
+from pgbatch.db.queries import query
+from pgbatch.models import ClaimedShard, Item, Outcome, ShardStatus, TableRows
+
+__all__ = [
+    "CompletionReport",
+    "ShardCompletion",
+    "claim_shards",
+    "complete_shards",
+    "heartbeat_shards",
+    "release_shards",
+    "rescue_expired_shards",
+    "retry_shard_later",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class ShardCompletion:
+    """Everything one shard's completion commits: its state, item results and user rows."""
+
+    shard_id: int
+    batch_id: int
+    lease_epoch: int
+    status: ShardStatus
+    results: Sequence[tuple[int, Outcome]]
+    writes: Sequence[TableRows] = ()
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class CompletionReport:
+    """What one fenced group completion committed."""
+
+    accepted: set[int] = field(default_factory=set)
+    finished_batches: list[int] = field(default_factory=list)
+    callbacks_inserted: list[int] = field(default_factory=list)
+
+
+async def claim_shards(
+    conn: psycopg.AsyncConnection[Any],
+    *,
+    worker_id: str,
+    queues: Sequence[str],
+    tasks: Sequence[str],
+    limit: int,
+) -> list[ClaimedShard]:
+    """Claim up to `limit` queued shards with their pending items, in one statement."""
+    cur = await conn.execute(
+        query("shard_claim"),
+        {
+            "worker_id": worker_id,
+            "queues": list(queues),
+            "tasks": list(tasks),
+            "limit": limit,
+        },
+        prepare=True,
+    )
+    rows = await cur.fetchall()
+    shards: list[ClaimedShard] = []
+    current: tuple[Any, ...] | None = None
+    items: list[Item] = []
+
+    def flush() -> None:
+        if current is not None:
+            shards.append(ClaimedShard(*current, tuple(items)))  # type: ignore[call-arg]
+
+    for shard_id, batch_id, task, epoch, attempts, max_attempts, ttl, seq, payload in rows:
+        if current is None or current[0] != shard_id:
+            flush()
+            current = (shard_id, batch_id, task, epoch, attempts, max_attempts, ttl)
+            items = []
+        if seq is not None:
+            items.append(Item(seq, payload))
+    flush()
+    return shards
+
+
+async def heartbeat_shards(
+    conn: psycopg.AsyncConnection[Any], leases: Sequence[tuple[int, int]]
+) -> dict[int, bool]:
+    """Renew leases given as (shard id, epoch); return {renewed shard id: batch cancelled}."""
+    if not leases:
+        return {}
+    ordered = sorted(leases)
+    cur = await conn.execute(
+        query("shard_heartbeat_many"),
+        {"ids": [s for s, _ in ordered], "epochs": [e for _, e in ordered]},
+    )
+    return {shard_id: bool(cancelled) for shard_id, cancelled in await cur.fetchall()}
+
+
+async def rescue_expired_shards(conn: psycopg.AsyncConnection[Any], *, limit: int = 1000) -> int:
+    """Return expired shards to the queue and wake their workers; return how many."""
+    async with conn.transaction():
+        cur = await conn.execute(query("shard_rescue_expired"), {"limit": limit})
+        queues = {row[0] for row in await cur.fetchall()}
+        for queue in sorted(queues):
+            await conn.execute(query("shard_notify_queue"), {"queue": queue})
+    return cur.rowcount
+
+
+async def retry_shard_later(
+    conn: psycopg.AsyncConnection[Any], shard_id: int, epoch: int, *, delay_s: float, error: str
+) -> bool:
+    """Put a failed shard back in the queue after `delay_s`; False if the lease was lost."""
+    cur = await conn.execute(
+        query("shard_retry_later"),
+        {"shard_id": shard_id, "epoch": epoch, "delay_s": delay_s, "error": error},
+    )
+    return cur.rowcount == 1
+
+
+async def release_shards(
+    conn: psycopg.AsyncConnection[Any], leases: Sequence[tuple[int, int]]
+) -> int:
+    """Give unfinished shards back to the queue at once (graceful drain); return how many."""
+    if not leases:
+        return 0
+    ordered = sorted(leases)
+    async with conn.transaction():
+        cur = await conn.execute(
+            query("shard_release"),
+            {"ids": [s for s, _ in ordered], "epochs": [e for _, e in ordered]},
+        )
+        queues = {row[1] for row in await cur.fetchall()}
+        for queue in sorted(queues):
+            await conn.execute(query("shard_notify_queue"), {"queue": queue})
+    return cur.rowcount
+
+
+async def complete_shards(
+    conn: psycopg.AsyncConnection[Any], completions: Sequence[ShardCompletion]
+) -> CompletionReport:
+    """Commit many shard completions in the caller's transaction, fenced by epoch.
+
+    Shards whose lease was lost match no row and contribute nothing: not their results,
+    not their user rows, not their counts. The rest is written set-based: one COPY per
+    table and one counter update per batch.
+    """
+    report = CompletionReport()
+    if not completions:
+        return report
+    ordered = sorted(completions, key=lambda c: c.shard_id)
+    cur = await conn.execute(
+        query("shard_complete_many"),
+        {
+            "ids": [c.shard_id for c in ordered],
+            "epochs": [c.lease_epoch for c in ordered],
+            "statuses": [str(c.status) for c in ordered],
+            "errors": [c.error for c in ordered],
+        },
+        prepare=True,
+    )
+    report.accepted = {row[0] for row in await cur.fetchall()}
+    accepted = [c for c in ordered if c.shard_id in report.accepted]
+    if not accepted:
+        return report
+
+    async with conn.cursor().copy(query("result_copy")) as copy:
+        for completion in accepted:
+            if completion.results:
+                await copy.write(encode_result_rows(completion.batch_id, completion.results))
+
+    await copy_table_rows(conn, (w for c in accepted for w in c.writes))
+
+    totals: dict[int, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
+    for completion in accepted:
+        entry = totals[completion.batch_id]
+        entry[0] += 1
+        entry[1] += completion.status is ShardStatus.DEAD
+        for _, outcome in completion.results:
+            entry[2 if outcome.ok else 3] += 1
+    batch_ids = sorted(totals)
+    cur = await conn.execute(
+        query("batch_add_progress"),
+        {
+            "batch_ids": batch_ids,
+            "shards": [totals[b][0] for b in batch_ids],
+            "dead": [totals[b][1] for b in batch_ids],
+            "ok": [totals[b][2] for b in batch_ids],
+            "failed": [totals[b][3] for b in batch_ids],
+        },
+        prepare=True,
+    )
+    for batch_id, finished, _status, callback_inserted, _ in await cur.fetchall():
+        if finished:
+            report.finished_batches.append(batch_id)
+        if callback_inserted:
+            report.callbacks_inserted.append(batch_id)
+    if report.callbacks_inserted:
+        await conn.execute(query("callback_notify"))
+    return report

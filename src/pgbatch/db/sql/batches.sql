@@ -1,0 +1,178 @@
+-- name: batch_insert
+-- The unique idempotency key decides "already submitted": no row back means it exists.
+INSERT INTO pgbatch.batches
+    (task, queue, priority, shard_size, max_attempts, lease_ttl_s, on_complete, idempotency_key)
+VALUES
+    (%(task)s, %(queue)s, %(priority)s, %(shard_size)s, %(max_attempts)s, %(lease_ttl_s)s,
+     %(on_complete)s, %(idempotency_key)s)
+ON CONFLICT (idempotency_key) DO NOTHING
+RETURNING id;
+
+-- name: batch_get_by_idempotency_key
+SELECT id, payload_hash FROM pgbatch.batches WHERE idempotency_key = %(idempotency_key)s;
+
+-- name: batch_seal
+-- Records the totals once every item is written; an empty batch is finished here.
+UPDATE pgbatch.batches
+SET total_items  = %(total_items)s,
+    total_shards = %(total_shards)s,
+    payload_hash = %(payload_hash)s,
+    status       = CASE WHEN %(total_shards)s = 0 THEN 'succeeded' ELSE 'pending' END,
+    started_at   = CASE WHEN %(total_shards)s = 0 THEN now() END,
+    finished_at  = CASE WHEN %(total_shards)s = 0 THEN now() END
+WHERE id = %(batch_id)s;
+
+-- name: batch_get
+SELECT id, task, queue, priority, status, shard_size, max_attempts, lease_ttl_s,
+       total_items, total_shards, shards_done, shards_dead, items_ok, items_failed,
+       run_no, on_complete, idempotency_key, version, created_at, started_at, finished_at
+FROM pgbatch.batches
+WHERE id = %(batch_id)s;
+
+-- name: batch_get_for_update
+SELECT id, status, version, finished_at IS NOT NULL AS finished
+FROM pgbatch.batches
+WHERE id = %(batch_id)s
+FOR UPDATE;
+
+-- name: batch_list_recent
+SELECT id, task, queue, priority, status, shard_size, max_attempts, lease_ttl_s,
+       total_items, total_shards, shards_done, shards_dead, items_ok, items_failed,
+       run_no, on_complete, idempotency_key, version, created_at, started_at, finished_at
+FROM pgbatch.batches
+ORDER BY id DESC
+LIMIT %(limit)s;
+
+-- name: batch_add_progress
+-- One counter update per batch per flush, rows locked in id order (invariant 6). The
+-- statement that makes shards_done reach total_shards is the only one that finishes the
+-- batch, and only it inserts the completion callback (invariant 3).
+WITH delta AS (
+    SELECT *
+    FROM unnest(%(batch_ids)s::bigint[], %(shards)s::int[], %(dead)s::int[],
+                %(ok)s::bigint[], %(failed)s::bigint[])
+        AS d(batch_id, shards, dead, ok, failed)
+), locked AS (
+    SELECT b.id FROM pgbatch.batches b
+    WHERE b.id = ANY(%(batch_ids)s::bigint[])
+    ORDER BY b.id
+    FOR UPDATE
+), updated AS (
+    UPDATE pgbatch.batches b
+    SET shards_done  = b.shards_done + d.shards,
+        shards_dead  = b.shards_dead + d.dead,
+        items_ok     = b.items_ok + d.ok,
+        items_failed = b.items_failed + d.failed,
+        status = CASE
+            WHEN b.shards_done + d.shards < b.total_shards
+                THEN CASE WHEN b.status = 'pending' THEN 'running' ELSE b.status END
+            WHEN b.status = 'cancelled' THEN 'cancelled'
+            WHEN b.shards_dead + d.dead > 0 THEN 'failed'
+            ELSE 'succeeded' END,
+        version = CASE
+            WHEN b.shards_done + d.shards = b.total_shards OR b.status = 'pending'
+                THEN b.version + 1 ELSE b.version END,
+        started_at  = coalesce(b.started_at, now()),
+        finished_at = CASE WHEN b.shards_done + d.shards = b.total_shards
+                           THEN now() ELSE b.finished_at END
+    FROM delta d, locked l
+    WHERE b.id = d.batch_id AND l.id = b.id
+    RETURNING b.id, b.run_no, b.on_complete, b.status, b.shards_done = b.total_shards AS finished
+), callback AS (
+    INSERT INTO pgbatch.callbacks (batch_id, run_no, name)
+    SELECT id, run_no, on_complete FROM updated WHERE finished AND on_complete IS NOT NULL
+    ON CONFLICT (batch_id, run_no) DO NOTHING
+    RETURNING batch_id
+)
+SELECT u.id, u.finished, u.status,
+       u.id IN (SELECT batch_id FROM callback) AS callback_inserted,
+       pg_notify('pgbatch_progress', u.id::text)::text AS notified
+FROM updated u
+ORDER BY u.id;
+
+-- name: batch_finish_if_empty
+-- The submit transaction of an empty batch is the one that finishes it.
+INSERT INTO pgbatch.callbacks (batch_id, run_no, name)
+SELECT id, run_no, on_complete FROM pgbatch.batches
+WHERE id = %(batch_id)s AND total_shards = 0 AND on_complete IS NOT NULL
+ON CONFLICT (batch_id, run_no) DO NOTHING;
+
+-- name: batch_cancel_queued_shards
+-- Queued shards stop here and their items get a terminal 'cancelled' result; running
+-- shards see the cancellation at their next heartbeat.
+WITH cancelled AS (
+    UPDATE pgbatch.shards
+    SET status = 'cancelled', finished_at = now()
+    WHERE batch_id = %(batch_id)s AND status = 'queued'
+    RETURNING first_seq, last_seq
+), written AS (
+    INSERT INTO pgbatch.results (batch_id, seq, ok, error)
+    SELECT i.batch_id, i.seq, false, 'cancelled'
+    FROM cancelled c
+    JOIN pgbatch.items i
+      ON i.batch_id = %(batch_id)s AND i.seq BETWEEN c.first_seq AND c.last_seq
+    ON CONFLICT (batch_id, seq) DO NOTHING
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM cancelled)::int AS shards, (SELECT count(*) FROM written) AS items;
+
+-- name: batch_mark_cancelled
+UPDATE pgbatch.batches
+SET status = 'cancelled', version = version + 1
+WHERE id = %(batch_id)s;
+
+-- name: batch_set_priority
+WITH shards AS (
+    UPDATE pgbatch.shards SET priority = %(priority)s
+    WHERE batch_id = %(batch_id)s AND status = 'queued'
+)
+UPDATE pgbatch.batches
+SET priority = %(priority)s, version = version + 1
+WHERE id = %(batch_id)s
+RETURNING version;
+
+-- name: batch_requeue_failed_shards
+-- Dead shards, and done shards holding error results, go back to the queue; their error
+-- results are deleted so the rerun writes exactly one result per item again.
+WITH target AS (
+    SELECT s.id, s.first_seq, s.last_seq, s.status
+    FROM pgbatch.shards s
+    WHERE s.batch_id = %(batch_id)s
+      AND (s.status = 'dead'
+           OR (s.status = 'done' AND EXISTS (
+                SELECT 1 FROM pgbatch.results r
+                WHERE r.batch_id = s.batch_id AND r.seq BETWEEN s.first_seq AND s.last_seq
+                  AND NOT r.ok)))
+    ORDER BY s.id
+    FOR UPDATE
+), deleted AS (
+    DELETE FROM pgbatch.results r
+    USING target t
+    WHERE r.batch_id = %(batch_id)s AND r.seq BETWEEN t.first_seq AND t.last_seq AND NOT r.ok
+    RETURNING 1
+), requeued AS (
+    UPDATE pgbatch.shards s
+    SET status = 'queued', attempts = 0, retried = true, run_after = now(),
+        last_error = NULL, finished_at = NULL, worker_id = NULL
+    FROM target t
+    WHERE s.id = t.id
+    RETURNING s.queue
+)
+SELECT (SELECT count(*) FROM target)::int AS shards,
+       (SELECT count(*) FROM target WHERE status = 'dead')::int AS dead,
+       (SELECT count(*) FROM deleted) AS items,
+       (SELECT count(*) FROM requeued)::int AS requeued;
+
+-- name: batch_reopen
+UPDATE pgbatch.batches
+SET shards_done  = shards_done - %(shards)s,
+    shards_dead  = shards_dead - %(dead)s,
+    items_failed = items_failed - %(items)s,
+    status       = 'running',
+    run_no       = CASE WHEN finished_at IS NULL THEN run_no ELSE run_no + 1 END,
+    finished_at  = NULL,
+    version      = version + 1
+WHERE id = %(batch_id)s;
+
+-- name: batch_notify_progress
+SELECT pg_notify('pgbatch_progress', %(batch_id)s::text);

@@ -1,0 +1,20 @@
+-- name: migration_table_exists
+SELECT to_regclass('pgbatch.schema_migrations') IS NOT NULL;
+
+-- name: migration_applied_versions
+SELECT version FROM pgbatch.schema_migrations;
+
+-- name: migration_lock
+-- Transaction-scoped: released by the commit or rollback, even if this process dies.
+SELECT pg_advisory_xact_lock(%(key)s);
+
+-- name: migration_bootstrap
+CREATE SCHEMA IF NOT EXISTS pgbatch;
+CREATE TABLE IF NOT EXISTS pgbatch.schema_migrations (
+    version    integer     PRIMARY KEY,
+    name       text        NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- name: migration_record
+INSERT INTO pgbatch.schema_migrations (version, name) VALUES (%(version)s, %(name)s);

@@ -1,0 +1,15 @@
+-- name: result_copy
+COPY pgbatch.results (batch_id, seq, ok, output, error) FROM STDIN;
+
+-- name: result_list
+SELECT seq, ok, output, error
+FROM pgbatch.results
+WHERE batch_id = %(batch_id)s AND seq > %(after_seq)s
+ORDER BY seq
+LIMIT %(limit)s;
+
+-- name: result_error_samples
+SELECT seq, error FROM pgbatch.results
+WHERE batch_id = %(batch_id)s AND NOT ok
+ORDER BY seq
+LIMIT %(limit)s;

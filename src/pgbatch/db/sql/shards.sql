@@ -1,0 +1,112 @@
+-- name: shard_claim
+-- One statement claims at most %(limit)s queued shards (invariant 1): SKIP LOCKED lets
+-- concurrent claimers pass each other, and every claim bumps lease_epoch, the fencing
+-- token. The items of the claimed shards come back in the same round trip; a retried
+-- shard skips the items that already have a result.
+WITH claimed AS (
+    UPDATE pgbatch.shards s
+    SET status = 'running',
+        lease_epoch = s.lease_epoch + 1,
+        attempts = s.attempts + 1,
+        lease_expires_at = now() + s.lease_ttl_s * interval '1 second',
+        worker_id = %(worker_id)s
+    WHERE s.id IN (
+        SELECT q.id FROM pgbatch.shards q
+        WHERE q.status = 'queued'
+          AND q.queue = ANY(%(queues)s::text[])
+          AND q.task = ANY(%(tasks)s::text[])
+          AND q.run_after <= now()
+        ORDER BY q.priority DESC, q.id
+        LIMIT %(limit)s
+        FOR UPDATE SKIP LOCKED)
+    RETURNING s.id, s.batch_id, s.task, s.first_seq, s.last_seq, s.lease_epoch, s.attempts,
+              s.max_attempts, s.lease_ttl_s, s.retried
+)
+SELECT c.id, c.batch_id, c.task, c.lease_epoch, c.attempts, c.max_attempts, c.lease_ttl_s,
+       i.seq, i.payload
+FROM claimed c
+LEFT JOIN LATERAL (
+    SELECT it.seq, it.payload FROM pgbatch.items it
+    WHERE it.batch_id = c.batch_id AND it.seq BETWEEN c.first_seq AND c.last_seq
+      AND (NOT c.retried OR NOT EXISTS (
+            SELECT 1 FROM pgbatch.results r WHERE r.batch_id = it.batch_id AND r.seq = it.seq))
+) i ON true
+ORDER BY c.id, i.seq;
+
+-- name: shard_heartbeat_many
+-- Renews the leases this worker still holds, fenced by epoch; a shard that does not come
+-- back was taken over. Rows are locked in id order (invariant 6).
+WITH lease AS (
+    SELECT * FROM unnest(%(ids)s::bigint[], %(epochs)s::int[]) AS v(id, epoch)
+), locked AS (
+    SELECT s.id FROM pgbatch.shards s JOIN lease v ON v.id = s.id
+    WHERE s.status = 'running' AND s.lease_epoch = v.epoch
+    ORDER BY s.id
+    FOR UPDATE OF s
+), renewed AS (
+    UPDATE pgbatch.shards s
+    SET lease_expires_at = now() + s.lease_ttl_s * interval '1 second'
+    FROM locked l
+    WHERE s.id = l.id
+    RETURNING s.id, s.batch_id
+)
+SELECT r.id, b.status = 'cancelled' AS cancelled
+FROM renewed r JOIN pgbatch.batches b ON b.id = r.batch_id;
+
+-- name: shard_rescue_expired
+-- Expired leases go back to the queue; the next claim bumps the epoch, which fences out
+-- the worker that let the lease lapse. SKIP LOCKED: a shard being completed is not expired.
+WITH expired AS (
+    SELECT id FROM pgbatch.shards
+    WHERE status = 'running' AND lease_expires_at < now()
+    ORDER BY id
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE pgbatch.shards s
+SET status = 'queued', run_after = now(), worker_id = NULL, lease_expires_at = NULL,
+    last_error = 'lease expired'
+FROM expired e
+WHERE s.id = e.id
+RETURNING s.queue;
+
+-- name: shard_retry_later
+-- A failed attempt goes back to the queue after a backoff, fenced by epoch.
+UPDATE pgbatch.shards
+SET status = 'queued', run_after = now() + %(delay_s)s * interval '1 second',
+    last_error = %(error)s, lease_expires_at = NULL, worker_id = NULL
+WHERE id = %(shard_id)s AND status = 'running' AND lease_epoch = %(epoch)s
+RETURNING id;
+
+-- name: shard_release
+-- A draining worker gives an unfinished shard back at once; the attempt is not counted.
+UPDATE pgbatch.shards s
+SET status = 'queued', run_after = now(), attempts = greatest(s.attempts - 1, 0),
+    lease_expires_at = NULL, worker_id = NULL
+FROM unnest(%(ids)s::bigint[], %(epochs)s::int[]) AS v(id, epoch)
+WHERE s.id = v.id AND s.status = 'running' AND s.lease_epoch = v.epoch
+RETURNING s.id, s.queue;
+
+-- name: shard_complete_many
+-- Fenced completion (invariant 2): a shard changes only while still running under the
+-- epoch the worker claimed; the ids that come back are the completions that count.
+WITH outcome AS (
+    SELECT * FROM unnest(%(ids)s::bigint[], %(epochs)s::int[], %(statuses)s::text[],
+                         %(errors)s::text[]) AS v(id, epoch, status, error)
+), locked AS (
+    SELECT s.id FROM pgbatch.shards s JOIN outcome v ON v.id = s.id
+    WHERE s.status = 'running' AND s.lease_epoch = v.epoch
+    ORDER BY s.id
+    FOR UPDATE OF s
+)
+UPDATE pgbatch.shards s
+SET status = v.status, last_error = v.error, finished_at = now(),
+    lease_expires_at = NULL
+FROM outcome v, locked l
+WHERE s.id = v.id AND l.id = s.id
+RETURNING s.id;
+
+-- name: shard_count_by_status
+SELECT status, count(*)::int AS n FROM pgbatch.shards
+WHERE batch_id = %(batch_id)s
+GROUP BY status;

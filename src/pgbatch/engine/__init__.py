@@ -1,0 +1,1 @@
+"""The engine: claiming, leasing, running handlers, group-committing completions."""

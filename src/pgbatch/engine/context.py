@@ -1,0 +1,101 @@
+"""What a handler sees besides its items: its shard, its lease, and rows to commit with it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from pgbatch.models import TableRows
+
+__all__ = ["CallbackContext", "ShardContext", "WriteBuffer"]
+
+
+class WriteBuffer:
+    """Rows for the user's tables, written in the same transaction as the completion."""
+
+    def __init__(self) -> None:
+        self.writes: list[TableRows] = []
+
+    def copy_rows(
+        self,
+        table: str,
+        rows: Iterable[Mapping[str, Any] | Sequence[Any]],
+        *,
+        columns: Sequence[str] | None = None,
+    ) -> None:
+        """Queue `rows` for `table` (dicts, or sequences with `columns`); COPY writes them."""
+        materialised = list(rows)
+        if not materialised:
+            return
+        first = materialised[0]
+        if isinstance(first, Mapping):
+            cols = tuple(columns) if columns is not None else tuple(first.keys())
+            values: list[Sequence[Any]] = []
+            for row in materialised:
+                assert isinstance(row, Mapping)
+                values.append(tuple(row[c] for c in cols))
+        else:
+            if columns is None:
+                raise ValueError(f"copy_rows({table!r}): rows are sequences, so pass columns=")
+            cols = tuple(columns)
+            values = [tuple(row) for row in materialised]
+            for row in values:
+                if len(row) != len(cols):
+                    raise ValueError(
+                        f"copy_rows({table!r}): a row has {len(row)} values for {len(cols)} columns"
+                    )
+        self.writes.append(TableRows(table, cols, values))
+
+
+class ShardContext(WriteBuffer):
+    """The shard a handler is processing, and the signal that it lost the shard."""
+
+    def __init__(
+        self, *, batch_id: int, shard_id: int, attempt: int, lease_epoch: int, task: str
+    ) -> None:
+        super().__init__()
+        self.batch_id = batch_id
+        self.shard_id = shard_id
+        self.attempt = attempt
+        self.lease_epoch = lease_epoch
+        self.task = task
+        self._lost = asyncio.Event()
+        self._cancelled = asyncio.Event()
+
+    @property
+    def lost(self) -> bool:
+        """Tell whether another worker took the shard over; nothing more will be committed."""
+        return self._lost.is_set()
+
+    @property
+    def cancelled(self) -> bool:
+        """Tell whether the batch was cancelled."""
+        return self._cancelled.is_set()
+
+    async def wait_lost(self) -> None:
+        """Wait until the shard is lost or its batch cancelled (for long handlers)."""
+        lost = asyncio.ensure_future(self._lost.wait())
+        cancelled = asyncio.ensure_future(self._cancelled.wait())
+        try:
+            await asyncio.wait({lost, cancelled}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            lost.cancel()
+            cancelled.cancel()
+
+    def mark_lost(self) -> None:
+        """Record that the lease was lost (called by the worker's heartbeat)."""
+        self._lost.set()
+
+    def mark_cancelled(self) -> None:
+        """Record that the batch was cancelled (called by the worker's heartbeat)."""
+        self._cancelled.set()
+
+
+class CallbackContext(WriteBuffer):
+    """What a completion callback sees: rows it queues commit with the callback's done mark."""
+
+    def __init__(self, *, callback_id: int, attempt: int) -> None:
+        super().__init__()
+        self.callback_id = callback_id
+        self.attempt = attempt

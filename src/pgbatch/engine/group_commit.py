@@ -1,0 +1,169 @@
+"""Gather concurrent writes and commit them together: one transaction, many callers.
+
+A caller `submit`s an item and waits; a single flusher takes up to `max_batch` waiting
+items (or whatever arrived within `max_delay_ms` of the first), hands them to the flush
+function as one list, and resolves each caller with its own result after the commit.
+The completer of shard completions and the single-item writer share this machinery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+__all__ = ["GroupCommitStats", "GroupCommitter", "GroupCommitterClosedError"]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+FlushFn = Callable[[Sequence[T]], Awaitable[Sequence["R | BaseException"]]]
+
+
+class GroupCommitterClosedError(RuntimeError):
+    """The committer is stopped; it accepts nothing more."""
+
+
+@dataclass(slots=True)
+class GroupCommitStats:
+    """Counters of a committer, cheap to read at any time."""
+
+    flushes: int = 0
+    items: int = 0
+    failed_flushes: int = 0
+    flush_seconds_total: float = 0.0
+    last_flush_seconds: float = 0.0
+    max_flush_size: int = 0
+    # flush size → number of flushes of that size, for the size distribution
+    flush_sizes: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def mean_flush_size(self) -> float:
+        """Return the mean number of items per flush."""
+        return self.items / self.flushes if self.flushes else 0.0
+
+
+class GroupCommitter(Generic[T, R]):
+    """Batch concurrent submissions into flushes, one flush in flight at a time."""
+
+    def __init__(
+        self,
+        flush: Callable[[Sequence[T]], Awaitable[Sequence[R | BaseException]]],
+        *,
+        max_batch: int,
+        max_delay_ms: float,
+        max_queue: int | None = None,
+        name: str = "group-commit",
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        if max_delay_ms < 0:
+            raise ValueError("max_delay_ms must not be negative")
+        self._flush = flush
+        self.max_batch = max_batch
+        self.max_delay_s = max_delay_ms / 1000
+        # Backpressure: callers wait once this many items are queued, so memory is bounded.
+        self._queue: asyncio.Queue[tuple[T, asyncio.Future[R]]] = asyncio.Queue(
+            maxsize=max_queue if max_queue is not None else 4 * max_batch
+        )
+        self.name = name
+        self.stats = GroupCommitStats()
+        self.flushed = asyncio.Event()  # test signal: set after every flush
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    @property
+    def queue_depth(self) -> int:
+        """Return how many submissions wait for a flush."""
+        return self._queue.qsize()
+
+    def start(self) -> None:
+        """Start the flusher task."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=self.name)
+
+    async def submit(self, item: T) -> R:
+        """Queue `item` and return its result once the flush that holds it committed."""
+        if self._closed:
+            raise GroupCommitterClosedError(f"{self.name} is stopped")
+        if self._task is None:
+            self.start()
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        await self._queue.put((item, future))
+        return await asyncio.shield(future)
+
+    async def stop(self) -> None:
+        """Refuse new items, flush everything already accepted, then stop."""
+        self._closed = True
+        if self._task is None:
+            return
+        await self._queue.put(_STOP)  # type: ignore[arg-type]
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._task = None
+
+    async def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            first = await self._queue.get()
+            if first is _STOP:
+                break
+            batch = [first]
+            deadline = time.monotonic() + self.max_delay_s
+            while len(batch) < self.max_batch:
+                try:
+                    entry = self._queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    try:
+                        entry = await asyncio.wait_for(self._queue.get(), remaining)
+                    except TimeoutError:
+                        break
+                if entry is _STOP:
+                    stopping = True
+                    break
+                batch.append(entry)
+            await self._flush_batch(batch)
+        # Final flush: whatever was accepted before stop() is written, never dropped.
+        rest: list[tuple[T, asyncio.Future[R]]] = []
+        while not self._queue.empty():
+            entry = self._queue.get_nowait()
+            if entry is not _STOP:
+                rest.append(entry)
+        for start in range(0, len(rest), self.max_batch):
+            await self._flush_batch(rest[start : start + self.max_batch])
+
+    async def _flush_batch(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
+        started = time.monotonic()
+        try:
+            results = await self._flush([item for item, _ in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"flush returned {len(results)} results for {len(batch)} items")
+        except Exception as exc:  # the flush failed as a whole: every caller learns why
+            self.stats.failed_flushes += 1
+            results = [exc] * len(batch)
+        elapsed = time.monotonic() - started
+        stats = self.stats
+        stats.flushes += 1
+        stats.items += len(batch)
+        stats.flush_seconds_total += elapsed
+        stats.last_flush_seconds = elapsed
+        stats.max_flush_size = max(stats.max_flush_size, len(batch))
+        stats.flush_sizes[len(batch)] = stats.flush_sizes.get(len(batch), 0) + 1
+        for (_, future), result in zip(batch, results, strict=True):
+            if future.done():
+                continue
+            if isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+        self.flushed.set()
+        self.flushed.clear()
+
+
+_STOP: object = object()

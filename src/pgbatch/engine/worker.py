@@ -1,0 +1,514 @@
+"""The worker: claims shards into free slots, runs handlers, heartbeats, drains on stop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import os
+import random
+import socket
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+
+from pgbatch.config import Settings
+from pgbatch.db.batches import get_batch
+from pgbatch.db.callbacks import (
+    ClaimedCallback,
+    claim_callbacks,
+    fail_callback,
+    finish_callback,
+    rescue_expired_callbacks,
+)
+from pgbatch.db.copy import copy_table_rows
+from pgbatch.db.database import Database
+from pgbatch.db.shards import (
+    ShardCompletion,
+    claim_shards,
+    heartbeat_shards,
+    release_shards,
+    rescue_expired_shards,
+    retry_shard_later,
+)
+from pgbatch.engine.completer import Completer
+from pgbatch.engine.context import CallbackContext, ShardContext
+from pgbatch.models import ClaimedShard, Outcome, ShardStatus
+from pgbatch.tasks import CallbackSpec, TaskSpec
+
+if TYPE_CHECKING:
+    from pgbatch.app import App
+
+__all__ = ["Worker", "WorkerStats"]
+
+_log = logging.getLogger(__name__)
+
+# A heartbeat renews every lease at a third of the shortest TTL held, so two heartbeats
+# can be lost before a lease lapses; idle, the loop still ticks this often.
+HEARTBEAT_IDLE_S = 1.0
+# Reconnect backoff of the LISTEN connection; polling covers the gap meanwhile.
+LISTEN_RETRY_S = 1.0
+# Callbacks claimed per round; they are rare (one per batch).
+CALLBACK_CLAIM_LIMIT = 4
+# A claim never asks for more shards than this, whatever the free slots: it bounds the
+# size of one claim statement's result (shards times items).
+MAX_CLAIM_SHARDS = 256
+
+
+class _Phase(enum.Enum):
+    RUNNING = "running"
+    COMPLETING = "completing"
+
+
+class _StopReason(enum.Enum):
+    LOST = "lost"
+    CANCELLED = "cancelled"
+    SHUTDOWN = "shutdown"
+
+
+@dataclass(slots=True)
+class _Active:
+    shard: ClaimedShard
+    ctx: ShardContext
+    task: asyncio.Task[None] | None = None
+    phase: _Phase = _Phase.RUNNING
+    stop_reason: _StopReason | None = None
+
+
+@dataclass(slots=True)
+class WorkerStats:
+    """Counters of one worker, for logs, metrics and tests."""
+
+    claims: int = 0
+    shards_claimed: int = 0
+    shards_completed: int = 0
+    shards_fenced_out: int = 0
+    shards_retried: int = 0
+    shards_dead: int = 0
+    shards_released: int = 0
+    shards_cancelled: int = 0
+    leases_lost: int = 0
+    callbacks_run: int = 0
+    callbacks_failed: int = 0
+    rescued: int = 0
+    started_at: float = field(default_factory=time.monotonic)
+
+
+class Worker:
+    """Run the app's tasks with `concurrency` handler slots until asked to stop."""
+
+    def __init__(
+        self,
+        app: App,
+        *,
+        concurrency: int = 32,
+        queues: Sequence[str] | None = None,
+        worker_id: str | None = None,
+        drain_timeout_s: float = 30.0,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        self.app = app
+        self.settings: Settings = app.settings
+        self.concurrency = concurrency
+        self.queues = list(queues) if queues else sorted({t.queue for t in app.tasks.values()})
+        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.drain_timeout_s = drain_timeout_s
+        self.stats = WorkerStats()
+        self._active: dict[int, _Active] = {}
+        self._wake = asyncio.Event()
+        self._callback_wake = asyncio.Event()
+        self._slot_freed = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self.claimed = asyncio.Event()  # test signal: set after every non-empty claim
+        self.listening = asyncio.Event()  # test signal: the LISTEN connection is up
+        self._completer: Completer | None = None
+        self._db: Database | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Stop claiming; in-flight shards finish (or are released after the drain timeout)."""
+        self._stopping.set()
+
+    async def run(self) -> None:
+        """Work until request_stop() is called, then drain and return."""
+        if not self.app.tasks:
+            raise ValueError("the app has no tasks registered; nothing to work on")
+        await self.app.open()
+        self._db = db = self.app.db
+        self._completer = Completer(
+            db,
+            max_batch=self.settings.completer_max_batch,
+            max_delay_ms=self.settings.completer_max_delay_ms,
+        )
+        self._completer.start()
+        helpers = [
+            asyncio.create_task(self._listen(), name="pgbatch-listen"),
+            asyncio.create_task(self._heartbeat_loop(), name="pgbatch-heartbeat"),
+            asyncio.create_task(self._rescue_loop(), name="pgbatch-rescue"),
+            asyncio.create_task(self._callback_loop(), name="pgbatch-callbacks"),
+        ]
+        _log.info(
+            "worker %s started: %d slots, queues %s", self.worker_id, self.concurrency, self.queues
+        )
+        try:
+            await self._claim_loop()
+            await self._drain()
+        finally:
+            for helper in helpers:
+                helper.cancel()
+            for helper in helpers:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await helper
+            await self._completer.stop()
+            _log.info("worker %s stopped: %s", self.worker_id, self.stats)
+
+    async def _drain(self) -> None:
+        tasks = [a.task for a in self._active.values() if a.task is not None]
+        if tasks:
+            _log.info(
+                "draining %d in-flight shards (up to %.0f s)", len(tasks), self.drain_timeout_s
+            )
+            await asyncio.wait(tasks, timeout=self.drain_timeout_s)
+        leftovers = [a for a in self._active.values() if a.phase is _Phase.RUNNING]
+        for active in leftovers:
+            self._stop_shard(active, _StopReason.SHUTDOWN)
+        remaining = [a.task for a in self._active.values() if a.task is not None]
+        if remaining:
+            await asyncio.wait(remaining)
+        if leftovers:
+            assert self._db is not None
+            async with self._db.connection() as conn:
+                released = await release_shards(
+                    conn, [(a.shard.id, a.shard.lease_epoch) for a in leftovers]
+                )
+            self.stats.shards_released += released
+            _log.info("released %d unfinished shards", released)
+
+    # -- claiming --------------------------------------------------------------------------
+
+    async def _claim_loop(self) -> None:
+        assert self._db is not None
+        tasks = sorted(self.app.tasks)
+        while not self._stopping.is_set():
+            free = self.concurrency - len(self._active)
+            if free <= 0:
+                self._slot_freed.clear()
+                await self._wait_any(self._slot_freed, timeout=None)
+                continue
+            self._wake.clear()
+            limit = min(free, MAX_CLAIM_SHARDS)
+            try:
+                async with self._db.connection() as conn:
+                    shards = await claim_shards(
+                        conn, worker_id=self.worker_id, queues=self.queues, tasks=tasks, limit=limit
+                    )
+            except psycopg.OperationalError as exc:
+                _log.warning("claim failed (%s); retrying after the poll interval", exc)
+                await self._wait_any(self._wake, timeout=self.settings.poll_interval_s)
+                continue
+            if shards:
+                self.stats.claims += 1
+                self.stats.shards_claimed += len(shards)
+                for shard in shards:
+                    self._start_shard(shard)
+                self.claimed.set()
+                self.claimed.clear()
+            if len(shards) < limit:
+                await self._wait_any(self._wake, timeout=self.settings.poll_interval_s)
+
+    async def _wait_any(self, event: asyncio.Event, *, timeout: float | None) -> None:
+        waiters = {
+            asyncio.ensure_future(event.wait()),
+            asyncio.ensure_future(self._stopping.wait()),
+        }
+        try:
+            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+
+    def _start_shard(self, shard: ClaimedShard) -> None:
+        ctx = ShardContext(
+            batch_id=shard.batch_id,
+            shard_id=shard.id,
+            attempt=shard.attempts,
+            lease_epoch=shard.lease_epoch,
+            task=shard.task,
+        )
+        active = _Active(shard, ctx)
+        self._active[shard.id] = active
+        active.task = asyncio.create_task(self._process(active), name=f"pgbatch-shard-{shard.id}")
+
+    def _stop_shard(self, active: _Active, reason: _StopReason) -> None:
+        if active.phase is _Phase.RUNNING and active.stop_reason is None and active.task:
+            active.stop_reason = reason
+            active.task.cancel()
+
+    # -- running one shard -----------------------------------------------------------------
+
+    async def _process(self, active: _Active) -> None:
+        shard = active.shard
+        try:
+            completion = await self._execute(active)
+            if completion is None:
+                return
+            active.phase = _Phase.COMPLETING
+            assert self._completer is not None
+            try:
+                outcome = await self._completer.complete(completion)
+            except psycopg.Error as exc:
+                # Its results or rows could not be written even alone: a failed attempt.
+                await self._fail(active, f"completion failed: {exc}")
+                return
+            if not outcome.accepted:
+                self.stats.shards_fenced_out += 1
+                _log.info("shard %d: lease lost before completion, discarded", shard.id)
+            elif completion.status is ShardStatus.DEAD:
+                self.stats.shards_dead += 1
+            elif completion.status is ShardStatus.CANCELLED:
+                self.stats.shards_cancelled += 1
+            else:
+                self.stats.shards_completed += 1
+        except Exception:
+            # A bug or a lost database: the lease lapses and another worker retries.
+            _log.exception("shard %d: unexpected error; its lease will expire", shard.id)
+        finally:
+            self._active.pop(shard.id, None)
+            self._slot_freed.set()
+
+    async def _execute(self, active: _Active) -> ShardCompletion | None:
+        shard, ctx = active.shard, active.ctx
+        if shard.attempts > shard.max_attempts:
+            # Claimed again after its last attempt's lease expired (the worker died).
+            return self._terminal(
+                shard,
+                ShardStatus.DEAD,
+                f"gave up after {shard.max_attempts} attempts: lease expired",
+            )
+        if not shard.items:
+            return ShardCompletion(
+                shard.id, shard.batch_id, shard.lease_epoch, ShardStatus.DONE, ()
+            )
+        spec: TaskSpec = self.app.tasks[shard.task]
+        try:
+            call = spec.fn(list(shard.items), ctx)
+            if spec.timeout_s is not None:
+                outcomes = await asyncio.wait_for(call, spec.timeout_s)
+            else:
+                outcomes = await call
+        except asyncio.CancelledError:
+            reason = active.stop_reason
+            if reason is None:
+                raise
+            current = asyncio.current_task()
+            if current is not None:
+                current.uncancel()
+            if reason is _StopReason.CANCELLED:
+                return self._terminal(shard, ShardStatus.CANCELLED, "cancelled")
+            return None  # lost: someone else owns it; shutdown: released by _drain
+        except TimeoutError:
+            return await self._fail(active, f"handler timed out after {spec.timeout_s} s")
+        except Exception as exc:
+            return await self._fail(active, f"{type(exc).__name__}: {exc}")
+        problem = _check_outcomes(outcomes, len(shard.items))
+        if problem:
+            return await self._fail(active, problem)
+        return ShardCompletion(
+            shard.id,
+            shard.batch_id,
+            shard.lease_epoch,
+            ShardStatus.DONE,
+            [(item.seq, outcome) for item, outcome in zip(shard.items, outcomes, strict=True)],
+            ctx.writes,
+        )
+
+    def _terminal(self, shard: ClaimedShard, status: ShardStatus, message: str) -> ShardCompletion:
+        failure = Outcome(False, None, message)
+        return ShardCompletion(
+            shard.id,
+            shard.batch_id,
+            shard.lease_epoch,
+            status,
+            [(item.seq, failure) for item in shard.items],
+            error=message,
+        )
+
+    async def _fail(self, active: _Active, message: str) -> ShardCompletion | None:
+        shard = active.shard
+        if shard.attempts >= shard.max_attempts:
+            _log.warning("shard %d dead after %d attempts: %s", shard.id, shard.attempts, message)
+            return self._terminal(
+                shard, ShardStatus.DEAD, f"failed after {shard.attempts} attempts: {message}"
+            )
+        delay = self._backoff_s(shard.attempts)
+        _log.info(
+            "shard %d attempt %d failed (%s); retry in %.1f s",
+            shard.id,
+            shard.attempts,
+            message,
+            delay,
+        )
+        assert self._db is not None
+        async with self._db.connection() as conn:
+            if await retry_shard_later(
+                conn, shard.id, shard.lease_epoch, delay_s=delay, error=message[:2000]
+            ):
+                self.stats.shards_retried += 1
+        return None
+
+    def _backoff_s(self, attempt: int) -> float:
+        ceiling: float = min(
+            self.settings.retry_backoff_max_s,
+            self.settings.retry_backoff_base_s * 2.0 ** (attempt - 1),
+        )
+        # "Equal jitter": at least half the backoff, so retries cannot stampede at zero.
+        return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+    # -- leases ----------------------------------------------------------------------------
+
+    async def _heartbeat_loop(self) -> None:
+        assert self._db is not None
+        while True:
+            ttls = [a.shard.lease_ttl_s for a in self._active.values()]
+            await asyncio.sleep(min(ttls) / 3 if ttls else HEARTBEAT_IDLE_S)
+            held = list(self._active.values())
+            if not held:
+                continue
+            try:
+                async with self._db.connection() as conn:
+                    renewed = await heartbeat_shards(
+                        conn, [(a.shard.id, a.shard.lease_epoch) for a in held]
+                    )
+            except psycopg.Error as exc:
+                _log.warning("heartbeat failed: %s", exc)
+                continue
+            for active in held:
+                if active.shard.id not in renewed:
+                    if active.phase is _Phase.RUNNING and self._active.get(active.shard.id):
+                        self.stats.leases_lost += 1
+                        active.ctx.mark_lost()
+                        self._stop_shard(active, _StopReason.LOST)
+                elif renewed[active.shard.id]:
+                    active.ctx.mark_cancelled()
+                    self._stop_shard(active, _StopReason.CANCELLED)
+
+    async def _rescue_loop(self) -> None:
+        assert self._db is not None
+        interval = self.settings.rescue_interval_s
+        while True:
+            # Jitter so that many workers do not rescue in lock step.
+            await asyncio.sleep(interval * random.uniform(0.5, 1.5))
+            try:
+                async with self._db.connection() as conn:
+                    rescued = await rescue_expired_shards(conn)
+                    rescued += await rescue_expired_callbacks(conn)
+            except psycopg.Error as exc:
+                _log.warning("lease rescue failed: %s", exc)
+                continue
+            if rescued:
+                self.stats.rescued += rescued
+                _log.info("returned %d expired leases to the queue", rescued)
+
+    # -- wake-ups --------------------------------------------------------------------------
+
+    async def _listen(self) -> None:
+        assert self._db is not None
+        while True:
+            conn: psycopg.AsyncConnection[Any] | None = None
+            try:
+                conn = await self._db.connect_dedicated()
+                await conn.execute("LISTEN pgbatch_shards")
+                await conn.execute("LISTEN pgbatch_callbacks")
+                self.listening.set()
+                # Anything that arrived while we were not listening is picked up by a claim.
+                self._wake.set()
+                self._callback_wake.set()
+                async for notify in conn.notifies():
+                    if notify.channel == "pgbatch_callbacks":
+                        self._callback_wake.set()
+                    elif notify.payload in self.queues:
+                        self._wake.set()
+            except psycopg.Error as exc:
+                self.listening.clear()
+                _log.warning("LISTEN connection lost (%s); polling until it is back", exc)
+                await asyncio.sleep(LISTEN_RETRY_S)
+            finally:
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        await conn.close()
+
+    # -- completion callbacks ----------------------------------------------------------------
+
+    async def _callback_loop(self) -> None:
+        assert self._db is not None
+        names = sorted(self.app.callbacks)
+        if not names:
+            return
+        while not self._stopping.is_set():
+            self._callback_wake.clear()
+            try:
+                async with self._db.connection() as conn:
+                    claimed = await claim_callbacks(
+                        conn,
+                        names=names,
+                        limit=CALLBACK_CLAIM_LIMIT,
+                        lease_ttl_s=self.settings.callback_lease_ttl_s,
+                    )
+            except psycopg.Error as exc:
+                _log.warning("callback claim failed: %s", exc)
+                claimed = []
+            for callback in claimed:
+                await self._run_callback(self.app.callbacks[callback.name], callback)
+            if not claimed:
+                await self._wait_any(self._callback_wake, timeout=self.settings.poll_interval_s)
+
+    async def _run_callback(self, spec: CallbackSpec, callback: ClaimedCallback) -> None:
+        assert self._db is not None
+        db = self._db
+        try:
+            async with db.connection() as conn:
+                batch = await get_batch(conn, callback.batch_id)
+            ctx = CallbackContext(callback_id=callback.id, attempt=callback.attempts)
+            await spec.fn(batch, ctx)
+
+            async def commit(conn: psycopg.AsyncConnection[Any]) -> bool:
+                if not await finish_callback(conn, callback):
+                    return False
+                await copy_table_rows(conn, ctx.writes)
+                return True
+
+            if await db.run_in_transaction(commit):
+                self.stats.callbacks_run += 1
+        except Exception as exc:
+            self.stats.callbacks_failed += 1
+            _log.warning("callback %s for batch %d failed: %s", spec.name, callback.batch_id, exc)
+            with contextlib.suppress(psycopg.Error):
+                async with db.connection() as conn:
+                    await fail_callback(
+                        conn,
+                        callback,
+                        error=f"{type(exc).__name__}: {exc}"[:2000],
+                        delay_s=self._backoff_s(callback.attempts),
+                        max_attempts=self.settings.callback_max_attempts,
+                    )
+
+
+def _check_outcomes(outcomes: object, expected: int) -> str | None:
+    if not isinstance(outcomes, list | tuple):
+        return f"handler returned {type(outcomes).__name__}, expected a list of outcomes"
+    if len(outcomes) != expected:
+        return f"handler returned {len(outcomes)} outcomes for {expected} items"
+    for outcome in outcomes:
+        if not isinstance(outcome, Outcome):
+            return (
+                f"handler returned a {type(outcome).__name__} among its outcomes; "
+                "use pgbatch.ok(value) or pgbatch.error(message)"
+            )
+    return None

@@ -1,0 +1,87 @@
+"""The pgbatch exception tree, and the translation of database errors into it.
+
+PgbatchError
+├── ConfigurationError        settings or environment are unusable
+├── MigrationError            the schema cannot be brought up to date
+├── InvalidBatchError         a submission is malformed; nothing was written
+│   ├── UnknownTaskError      the task name is not registered
+│   └── ItemNotSerializableError
+├── IdempotencyConflictError  same idempotency key, different payload
+├── BatchNotFoundError
+├── StaleVersionError         optimistic update against an old version
+└── InvalidStateError         the batch's status does not allow the operation
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BatchNotFoundError",
+    "ConfigurationError",
+    "IdempotencyConflictError",
+    "InvalidBatchError",
+    "InvalidStateError",
+    "ItemNotSerializableError",
+    "MigrationError",
+    "PgbatchError",
+    "StaleVersionError",
+    "UnknownTaskError",
+]
+
+
+class PgbatchError(Exception):
+    """Base of every error pgbatch raises on purpose."""
+
+
+class ConfigurationError(PgbatchError):
+    """Settings or environment are unusable; the message says which and how to fix it."""
+
+
+class MigrationError(PgbatchError):
+    """The database schema cannot be brought up to date."""
+
+
+class InvalidBatchError(PgbatchError, ValueError):
+    """A submission is malformed; nothing was written.
+
+    `field` names the offending argument, so an API can report it.
+    """
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class UnknownTaskError(InvalidBatchError):
+    """The task name is not registered with this app."""
+
+
+class ItemNotSerializableError(InvalidBatchError):
+    """An item cannot be stored as JSON; `seq` is its position in the input."""
+
+    def __init__(self, message: str, *, seq: int) -> None:
+        super().__init__(message, field="items")
+        self.seq = seq
+
+
+class IdempotencyConflictError(PgbatchError):
+    """The idempotency key was used before with a different payload."""
+
+    def __init__(self, message: str, *, batch_id: int) -> None:
+        super().__init__(message)
+        self.batch_id = batch_id
+
+
+class BatchNotFoundError(PgbatchError, LookupError):
+    """No batch has that id."""
+
+
+class StaleVersionError(PgbatchError):
+    """The batch changed since the caller read it; re-read and retry."""
+
+    def __init__(self, message: str, *, current_version: int) -> None:
+        super().__init__(message)
+        self.current_version = current_version
+
+
+class InvalidStateError(PgbatchError):
+    """The batch's status does not allow the operation."""

@@ -1,0 +1,133 @@
+"""Frozen dataclasses and status enums shared by the engine, the database layer and users."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+__all__ = [
+    "Batch",
+    "BatchStatus",
+    "ClaimedShard",
+    "Item",
+    "Outcome",
+    "ShardStatus",
+    "TableRows",
+    "error",
+    "ok",
+]
+
+
+class BatchStatus(enum.StrEnum):
+    """Lifecycle of a batch: pending → running → succeeded | failed | cancelled."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_final(self) -> bool:
+        """Tell whether the batch has ended."""
+        return self in (BatchStatus.SUCCEEDED, BatchStatus.FAILED, BatchStatus.CANCELLED)
+
+
+class ShardStatus(enum.StrEnum):
+    """Lifecycle of a shard: queued → running → done | dead | cancelled (or back to queued)."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    DEAD = "dead"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """One unit of input handed to a task: its position in the batch and its JSON value."""
+
+    seq: int
+    value: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The terminal result of one item: ok with an output, or an error with a message."""
+
+    ok: bool
+    output: Any = None
+    error: str | None = None
+
+
+def ok(output: Any = None) -> Outcome:
+    """Return a successful outcome carrying `output` (any JSON value)."""
+    return Outcome(True, output, None)
+
+
+def error(message: str) -> Outcome:
+    """Return a failed outcome for one item; the shard is not retried for it."""
+    return Outcome(False, None, str(message) or "error")
+
+
+@dataclass(frozen=True, slots=True)
+class TableRows:
+    """Rows a handler writes to one of the user's tables inside its completion transaction."""
+
+    table: str
+    columns: tuple[str, ...]
+    rows: Sequence[Sequence[Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedShard:
+    """A shard this worker holds under `lease_epoch`, with the items it still has to process."""
+
+    id: int
+    batch_id: int
+    task: str
+    lease_epoch: int
+    attempts: int
+    max_attempts: int
+    lease_ttl_s: float
+    items: tuple[Item, ...] = field(default=())
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """A batch as stored: its options, counters and status."""
+
+    id: int
+    task: str
+    queue: str
+    priority: int
+    status: BatchStatus
+    shard_size: int
+    max_attempts: int
+    lease_ttl_s: float
+    total_items: int
+    total_shards: int
+    shards_done: int
+    shards_dead: int
+    items_ok: int
+    items_failed: int
+    run_no: int
+    on_complete: str | None
+    idempotency_key: str | None
+    version: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @property
+    def items_done(self) -> int:
+        """Count the items that have a terminal result."""
+        return self.items_ok + self.items_failed
+
+    @property
+    def is_final(self) -> bool:
+        """Tell whether the batch has ended."""
+        return self.status.is_final

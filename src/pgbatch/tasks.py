@@ -1,0 +1,47 @@
+"""Registered tasks and completion callbacks, and the signature a handler must have."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from pgbatch.models import Batch, Item, Outcome
+
+if TYPE_CHECKING:
+    from pgbatch.engine.context import CallbackContext, ShardContext
+
+__all__ = ["CallbackFn", "CallbackSpec", "Handler", "TaskSpec"]
+
+Handler = Callable[[list[Item], "ShardContext"], Awaitable[list[Outcome]]]
+CallbackFn = Callable[[Batch, "CallbackContext"], Awaitable[None]]
+
+# Defaults of a task's options, each overridable per task and per submission.
+# 100 items per shard: with ~1 ms of overhead per shard that is a few percent even for
+# handlers of 0.1 ms per item; docs/sizing.md has the formula.
+DEFAULT_SHARD_SIZE = 100
+DEFAULT_MAX_ATTEMPTS = 5
+# 30 s: long against a heartbeat (every TTL/3) and short enough that a crashed worker's
+# shard is picked up within half a minute.
+DEFAULT_LEASE_TTL_S = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class TaskSpec:
+    """A handler and its defaults."""
+
+    name: str
+    fn: Handler
+    shard_size: int = DEFAULT_SHARD_SIZE
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    lease_ttl_s: float = DEFAULT_LEASE_TTL_S
+    timeout_s: float | None = None
+    queue: str = "default"
+
+
+@dataclass(frozen=True, slots=True)
+class CallbackSpec:
+    """A completion callback, run once per batch run after the batch ends."""
+
+    name: str
+    fn: CallbackFn
