@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 import psycopg
@@ -53,6 +53,7 @@ class App:
         self.auto_migrate = auto_migrate
         self.tasks: dict[str, TaskSpec] = {}
         self.callbacks: dict[str, CallbackSpec] = {}
+        self._on_open: list[Callable[[App], Awaitable[None]]] = []
         self._db: Database | None = None
         self._open_lock = asyncio.Lock()
 
@@ -92,6 +93,11 @@ class App:
 
         return register
 
+    def on_open(self, fn: Callable[[App], Awaitable[None]]) -> Callable[[App], Awaitable[None]]:
+        """Register a hook run once the app is connected (e.g. to create the user's tables)."""
+        self._on_open.append(fn)
+        return fn
+
     # -- connection ------------------------------------------------------------------------
 
     @property
@@ -113,6 +119,13 @@ class App:
                 async with db.connection() as conn:
                     await migrate(conn)
             self._db = db
+            try:
+                for hook in self._on_open:
+                    await hook(self)
+            except BaseException:
+                self._db = None
+                await db.close()
+                raise
 
     async def close(self) -> None:
         """Close the pool."""

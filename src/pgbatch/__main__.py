@@ -1,0 +1,3 @@
+from pgbatch.cli import main
+
+main()

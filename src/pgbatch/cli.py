@@ -1,0 +1,298 @@
+"""The `pgbatch` command line: workers, batches, migrations and the demo."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Coroutine, Iterator
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pgbatch.app import App
+from pgbatch.errors import PgbatchError
+from pgbatch.models import Batch
+
+__all__ = ["cli", "load_app", "main"]
+
+T = TypeVar("T")
+
+cli = typer.Typer(
+    help="Run very large batches of work durably on PostgreSQL.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+db_cli = typer.Typer(help="The embedded PostgreSQL server.", no_args_is_help=True)
+cli.add_typer(db_cli, name="db")
+
+console = Console()
+err_console = Console(stderr=True)
+
+AppOption = Annotated[
+    str | None,
+    typer.Option("--app", "-a", help="Your app as module:attribute, e.g. examples.llm_batch:app."),
+]
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    err_console.print(f"[red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+def load_app(spec: str | None) -> App:
+    """Import `module:attribute` (from the current directory too) and return the App."""
+    if spec is None:
+        return App()
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        _fail(f"--app must look like module:attribute, got {spec!r}", 2)
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        _fail(f"cannot import {module_name!r}: {exc} (run from your project's root)", 2)
+    app = getattr(module, attribute, None)
+    if not isinstance(app, App):
+        _fail(f"{spec} is not a pgbatch.App (found {type(app).__name__})", 2)
+    return app
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    try:
+        return asyncio.run(coro)
+    except PgbatchError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+
+
+async def _closing(app: App, coro: Coroutine[Any, Any, T]) -> T:
+    try:
+        return await coro
+    finally:
+        await app.close()
+
+
+def _batch_table(batches: list[Batch]) -> Table:
+    table = Table(show_lines=False)
+    for column in ("id", "task", "status", "items", "ok", "failed", "shards", "created"):
+        table.add_column(column, justify="right" if column in {"items", "ok", "failed"} else "left")
+    for b in batches:
+        table.add_row(
+            str(b.id),
+            b.task,
+            str(b.status),
+            f"{b.items_done}/{b.total_items}",
+            str(b.items_ok),
+            str(b.items_failed),
+            f"{b.shards_done}/{b.total_shards}",
+            b.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+        )
+    return table
+
+
+@cli.command()
+def worker(
+    app_spec: AppOption = None,
+    concurrency: Annotated[int, typer.Option(min=1, help="Shards processed at once.")] = 32,
+    queue: Annotated[list[str] | None, typer.Option(help="Queues to serve (repeatable).")] = None,
+    drain_timeout_s: Annotated[
+        float, typer.Option(min=0, help="On SIGTERM, wait this long for in-flight shards.")
+    ] = 30.0,
+) -> None:
+    """Run a worker until SIGTERM (drains gracefully; a second SIGTERM stops at once)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if app_spec is None:
+        _fail("worker needs --app module:attribute naming your pgbatch.App", 2)
+    app = load_app(app_spec)
+
+    async def run() -> None:
+        work = app.worker(concurrency=concurrency, queues=queue)
+        work.drain_timeout_s = drain_timeout_s
+        loop = asyncio.get_running_loop()
+        signals = 0
+
+        def on_signal() -> None:
+            nonlocal signals
+            signals += 1
+            if signals == 1:
+                err_console.print("draining: finishing in-flight shards (signal again to stop now)")
+                work.request_stop()
+            else:
+                err_console.print("stopping now; unfinished leases will expire")
+                os._exit(1)
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal)
+        await _closing(app, work.run())
+
+    _run(run())
+
+
+def _read_items(path: str) -> Iterator[Any]:
+    stream = sys.stdin if path == "-" else open(path, encoding="utf-8")
+    with stream:
+        for line_no, line in enumerate(stream, 1):
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise PgbatchError(f"{path}:{line_no}: not valid JSON: {exc}") from None
+
+
+@cli.command()
+def submit(
+    task: Annotated[str, typer.Argument(help="Task name.")],
+    items: Annotated[str, typer.Argument(help="NDJSON file of items, one per line; - for stdin.")],
+    app_spec: AppOption = None,
+    shard_size: Annotated[int | None, typer.Option(help="Items per shard.")] = None,
+    max_attempts: Annotated[int | None, typer.Option()] = None,
+    priority: Annotated[int, typer.Option()] = 0,
+    idempotency_key: Annotated[str | None, typer.Option()] = None,
+    on_complete: Annotated[str | None, typer.Option(help="Callback name.")] = None,
+    watch: Annotated[bool, typer.Option(help="Show progress until it ends.")] = False,
+) -> None:
+    """Submit a batch of items for a task."""
+    if app_spec is None:
+        _fail("submit needs --app module:attribute naming your pgbatch.App", 2)
+    if items != "-" and not Path(items).is_file():
+        _fail(f"no such file: {items}", 2)
+    app = load_app(app_spec)
+
+    async def run() -> None:
+        batch = await app.submit(
+            task,
+            _read_items(items),
+            shard_size=shard_size,
+            max_attempts=max_attempts,
+            priority=priority,
+            idempotency_key=idempotency_key,
+            on_complete=on_complete,
+        )
+        console.print(f"batch {batch.id}: {batch.total_items} items in {batch.total_shards} shards")
+        if watch:
+            from pgbatch.progress import watch_batch
+
+            await watch_batch(app, batch.id, console=console)
+
+    _run(_closing(app, run()))
+
+
+@cli.command()
+def status(
+    batch_id: Annotated[int | None, typer.Argument(help="A batch id; omit to list recent.")] = None,
+    limit: Annotated[int, typer.Option(min=1)] = 20,
+) -> None:
+    """Show one batch, or the most recent ones."""
+    app = App()
+
+    async def run() -> None:
+        if batch_id is None:
+            console.print(_batch_table(await app.list_batches(limit=limit)))
+        else:
+            batch = await app.get_batch(batch_id)
+            console.print(_batch_table([batch]))
+            if batch.items_failed:
+                samples = []
+                async for seq, outcome in app.results(batch_id, errors_only=True):
+                    samples.append(f"  item {seq}: {outcome.error}")
+                    if len(samples) == 5:
+                        break
+                console.print("error samples:\n" + "\n".join(samples))
+
+    _run(_closing(app, run()))
+
+
+@cli.command()
+def watch(batch_id: Annotated[int, typer.Argument()]) -> None:
+    """Show a live progress bar until the batch ends."""
+    from pgbatch.progress import watch_batch
+
+    app = App()
+
+    async def run() -> None:
+        final = await watch_batch(app, batch_id, console=console)
+        console.print(
+            f"batch {batch_id} {final.status}: {final.items_ok} ok, {final.items_failed} failed"
+        )
+
+    _run(_closing(app, run()))
+
+
+@cli.command()
+def cancel(batch_id: Annotated[int, typer.Argument()]) -> None:
+    """Cancel a batch: queued shards stop, running shards stop at their next heartbeat."""
+    app = App()
+    if _run(_closing(app, app.cancel(batch_id))):
+        console.print(f"batch {batch_id} cancelled")
+    else:
+        console.print(f"batch {batch_id} had already ended; nothing changed")
+
+
+@cli.command()
+def retry(batch_id: Annotated[int, typer.Argument()]) -> None:
+    """Re-queue a batch's dead shards and shards with failed items."""
+    app = App()
+    count = _run(_closing(app, app.retry(batch_id)))
+    console.print(f"batch {batch_id}: {count} shards re-queued")
+
+
+@cli.command()
+def migrate() -> None:
+    """Apply pending database migrations."""
+    app = App(auto_migrate=False)
+    applied = _run(_closing(app, app.migrate()))
+    console.print(f"applied migrations {applied}" if applied else "schema is up to date")
+
+
+@cli.command()
+def demo(
+    items: Annotated[int, typer.Option(min=0, help="Prompts to process.")] = 100_000,
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 2,
+    concurrency: Annotated[int, typer.Option(min=1)] = 32,
+) -> None:
+    """Run the LLM-batch example on the embedded PostgreSQL and verify the outcome."""
+    from pgbatch.demo import run_demo
+
+    _run(run_demo(items=items, workers=workers, concurrency=concurrency, console=console))
+
+
+@db_cli.command("stop")
+def db_stop() -> None:
+    """Stop the embedded PostgreSQL server of this folder."""
+    from pgbatch.config import Settings
+    from pgbatch.db.embedded import stop_embedded
+
+    data_dir = Settings().data_dir
+    console.print("stopped" if stop_embedded(data_dir) else f"no server running in {data_dir}")
+
+
+@db_cli.command("url")
+def db_url() -> None:
+    """Print the connection URL (starting the embedded server if needed)."""
+    from pgbatch.config import Settings
+    from pgbatch.db.database import resolve_url
+
+    try:
+        console.print(resolve_url(Settings()), soft_wrap=True)
+    except PgbatchError as exc:
+        _fail(str(exc))
+
+
+def main() -> None:
+    """Run the CLI."""
+    cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""Read back what a batch left in the database, to prove nothing was lost or doubled."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg.rows import class_row
+
+from pgbatch.db.queries import query
+
+__all__ = ["BatchVerification", "verify_batch"]
+
+
+@dataclass(frozen=True, slots=True)
+class BatchVerification:
+    """Counts that must agree when a batch has ended correctly."""
+
+    items: int
+    results: int
+    results_ok: int
+    items_without_result: int
+    shards_open: int
+    callbacks_inserted: int
+    callbacks_done: int
+    max_attempts_used: int
+
+    @property
+    def every_item_has_one_result(self) -> bool:
+        """Tell whether each item has exactly one result (the primary key forbids two)."""
+        return self.items_without_result == 0 and self.results == self.items
+
+
+async def verify_batch(conn: psycopg.AsyncConnection[Any], batch_id: int) -> BatchVerification:
+    """Count items, results, open shards and callbacks of the batch."""
+    async with conn.cursor(row_factory=class_row(BatchVerification)) as cur:
+        await cur.execute(query("verify_batch"), {"batch_id": batch_id})
+        row = await cur.fetchone()
+    assert row is not None
+    return row
