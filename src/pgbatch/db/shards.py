@@ -42,7 +42,8 @@ class ShardCompletion:
 class CompletionReport:
     """What one fenced group completion committed."""
 
-    accepted: set[int] = field(default_factory=set)
+    # (shard id, epoch) of the completions that counted
+    accepted: set[tuple[int, int]] = field(default_factory=set)
     finished_batches: list[int] = field(default_factory=list)
     callbacks_inserted: list[int] = field(default_factory=list)
 
@@ -151,7 +152,9 @@ async def complete_shards(
     report = CompletionReport()
     if not completions:
         return report
-    ordered = sorted(completions, key=lambda c: c.shard_id)
+    # One completion per (shard, epoch): a duplicate would write its results twice.
+    unique = {(c.shard_id, c.lease_epoch): c for c in reversed(completions)}
+    ordered = sorted(unique.values(), key=lambda c: (c.shard_id, c.lease_epoch))
     cur = await conn.execute(
         query("shard_complete_many"),
         {
@@ -162,8 +165,9 @@ async def complete_shards(
         },
         prepare=True,
     )
-    report.accepted = {row[0] for row in await cur.fetchall()}
-    accepted = [c for c in ordered if c.shard_id in report.accepted]
+    # A zombie and the shard's new holder may sit in the same flush: match on the epoch too.
+    report.accepted = {(shard_id, epoch) for shard_id, epoch in await cur.fetchall()}
+    accepted = [c for c in ordered if (c.shard_id, c.lease_epoch) in report.accepted]
     if not accepted:
         return report
 

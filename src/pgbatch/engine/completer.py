@@ -87,10 +87,8 @@ class Completer:
         completions: Sequence[ShardCompletion], report: CompletionReport
     ) -> list[CompletionOutcome | BaseException]:
         finished = set(report.finished_batches)
-        return [
-            CompletionOutcome(
-                accepted=c.shard_id in report.accepted,
-                finished_batch=c.shard_id in report.accepted and c.batch_id in finished,
-            )
-            for c in completions
-        ]
+        outcomes: list[CompletionOutcome | BaseException] = []
+        for c in completions:
+            accepted = (c.shard_id, c.lease_epoch) in report.accepted
+            outcomes.append(CompletionOutcome(accepted, accepted and c.batch_id in finished))
+        return outcomes

@@ -31,8 +31,11 @@ CREATE TABLE pgbatch.batches (
 
 CREATE INDEX batches_status_created_idx ON pgbatch.batches (status, created_at);
 
+-- No foreign key to batches on items and results: they are written only by pgbatch, in
+-- the transactions that create the batch or hold its shard, and a per-row RI check on
+-- millions of COPY rows would cost more than the rest of the write.
 CREATE TABLE pgbatch.items (
-    batch_id bigint NOT NULL REFERENCES pgbatch.batches (id) ON DELETE CASCADE,
+    batch_id bigint NOT NULL,
     seq      bigint NOT NULL,
     payload  jsonb  NOT NULL,
     PRIMARY KEY (batch_id, seq)
@@ -69,7 +72,7 @@ CREATE INDEX shards_claim_idx ON pgbatch.shards (queue, priority DESC, id) WHERE
 CREATE INDEX shards_lease_idx ON pgbatch.shards (lease_expires_at) WHERE status = 'running';
 
 CREATE TABLE pgbatch.results (
-    batch_id bigint  NOT NULL REFERENCES pgbatch.batches (id) ON DELETE CASCADE,
+    batch_id bigint  NOT NULL,
     seq      bigint  NOT NULL,
     ok       boolean NOT NULL,
     output   jsonb,

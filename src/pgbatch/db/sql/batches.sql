@@ -33,7 +33,7 @@ WHERE id = %(batch_id)s;
 SELECT id, status, version, finished_at IS NOT NULL AS finished
 FROM pgbatch.batches
 WHERE id = %(batch_id)s
-FOR UPDATE;
+FOR NO KEY UPDATE;
 
 -- name: batch_list_recent
 SELECT id, task, queue, priority, status, shard_size, max_attempts, lease_ttl_s,
@@ -56,7 +56,7 @@ WITH delta AS (
     SELECT b.id FROM pgbatch.batches b
     WHERE b.id = ANY(%(batch_ids)s::bigint[])
     ORDER BY b.id
-    FOR UPDATE
+    FOR NO KEY UPDATE
 ), updated AS (
     UPDATE pgbatch.batches b
     SET shards_done  = b.shards_done + d.shards,
@@ -144,7 +144,7 @@ WITH target AS (
                 WHERE r.batch_id = s.batch_id AND r.seq BETWEEN s.first_seq AND s.last_seq
                   AND NOT r.ok)))
     ORDER BY s.id
-    FOR UPDATE
+    FOR NO KEY UPDATE
 ), deleted AS (
     DELETE FROM pgbatch.results r
     USING target t

@@ -42,7 +42,7 @@ WITH lease AS (
     SELECT s.id FROM pgbatch.shards s JOIN lease v ON v.id = s.id
     WHERE s.status = 'running' AND s.lease_epoch = v.epoch
     ORDER BY s.id
-    FOR UPDATE OF s
+    FOR NO KEY UPDATE OF s
 ), renewed AS (
     UPDATE pgbatch.shards s
     SET lease_expires_at = now() + s.lease_ttl_s * interval '1 second'
@@ -97,14 +97,14 @@ WITH outcome AS (
     SELECT s.id FROM pgbatch.shards s JOIN outcome v ON v.id = s.id
     WHERE s.status = 'running' AND s.lease_epoch = v.epoch
     ORDER BY s.id
-    FOR UPDATE OF s
+    FOR NO KEY UPDATE OF s
 )
 UPDATE pgbatch.shards s
 SET status = v.status, last_error = v.error, finished_at = now(),
     lease_expires_at = NULL
 FROM outcome v, locked l
-WHERE s.id = v.id AND l.id = s.id
-RETURNING s.id;
+WHERE s.id = v.id AND s.lease_epoch = v.epoch AND l.id = s.id
+RETURNING s.id, s.lease_epoch;
 
 -- name: shard_count_by_status
 SELECT status, count(*)::int AS n FROM pgbatch.shards
