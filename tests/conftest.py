@@ -74,7 +74,7 @@ def database_url(server_url: str, template_db: str) -> Iterator[str]:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def test_settings(database_url: str, **overrides: Any) -> Settings:
+def settings_for(database_url: str, **overrides: Any) -> Settings:
     """Return settings for tests: fast polling and rescue so nothing waits long."""
     values: dict[str, Any] = {
         "database_url": database_url,
@@ -90,7 +90,7 @@ def test_settings(database_url: str, **overrides: Any) -> Settings:
 @pytest_asyncio.fixture
 async def app(database_url: str) -> AsyncIterator[pgbatch.App]:
     """Return an open App on this test's database, with no tasks registered yet."""
-    application = pgbatch.App(settings=test_settings(database_url))
+    application = pgbatch.App(settings=settings_for(database_url))
     await application.open()
     yield application
     await application.close()

@@ -129,5 +129,6 @@ class Batch:
 
     @property
     def is_final(self) -> bool:
-        """Tell whether the batch has ended."""
-        return self.status.is_final
+        """Tell whether the batch has ended: every shard is terminal (a cancelled batch
+        whose running shards have not stopped yet is still ending)."""
+        return self.finished_at is not None

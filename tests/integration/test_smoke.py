@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 import pgbatch
+from tests.polling import eventually
 
 
 @pytest.mark.asyncio
@@ -30,10 +31,11 @@ async def test_batch_runs_to_completion_with_user_rows_and_callback(app: pgbatch
     worker = app.worker(concurrency=4)
     running = asyncio.create_task(worker.run())
     done = await app.wait(batch.id, timeout_s=30)
-    while not ran:
-        await asyncio.wait_for(worker._callback_wake.wait(), 5) if False else await asyncio.sleep(
-            0.05
-        )
+
+    async def callback_ran() -> bool:
+        return bool(ran)
+
+    await eventually(callback_ran)
     worker.request_stop()
     await running
     assert done.status is pgbatch.BatchStatus.SUCCEEDED
@@ -42,3 +44,5 @@ async def test_batch_runs_to_completion_with_user_rows_and_callback(app: pgbatch
     async with app.db.connection() as conn:
         row = await (await conn.execute("SELECT count(*), sum(v) FROM doubled")).fetchone()
     assert row == (100, sum(range(100)) * 2)
+    results = [(seq, o.ok) async for seq, o in app.results(batch.id)]
+    assert [seq for seq, _ in results] == list(range(100))

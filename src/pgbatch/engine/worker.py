@@ -124,6 +124,7 @@ class Worker:
         self._wake = asyncio.Event()
         self._callback_wake = asyncio.Event()
         self._slot_freed = asyncio.Event()
+        self._lease_added = asyncio.Event()
         self._stopping = asyncio.Event()
         self.claimed = asyncio.Event()  # test signal: set after every non-empty claim
         self.listening = asyncio.Event()  # test signal: the LISTEN connection is up
@@ -245,6 +246,7 @@ class Worker:
         active = _Active(shard, ctx)
         self._active[shard.id] = active
         active.task = asyncio.create_task(self._process(active), name=f"pgbatch-shard-{shard.id}")
+        self._lease_added.set()
 
     def _stop_shard(self, active: _Active, reason: _StopReason) -> None:
         if active.phase is _Phase.RUNNING and active.stop_reason is None and active.task:
@@ -376,8 +378,7 @@ class Worker:
     async def _heartbeat_loop(self) -> None:
         assert self._db is not None
         while True:
-            ttls = [a.shard.lease_ttl_s for a in self._active.values()]
-            await asyncio.sleep(min(ttls) / 3 if ttls else HEARTBEAT_IDLE_S)
+            await self._sleep_until_heartbeat_due()
             held = list(self._active.values())
             if not held:
                 continue
@@ -398,6 +399,23 @@ class Worker:
                 elif renewed[active.shard.id]:
                     active.ctx.mark_cancelled()
                     self._stop_shard(active, _StopReason.CANCELLED)
+
+    def _heartbeat_interval_s(self) -> float:
+        ttls = [a.shard.lease_ttl_s for a in self._active.values()]
+        return min(ttls) / 3 if ttls else HEARTBEAT_IDLE_S
+
+    async def _sleep_until_heartbeat_due(self) -> None:
+        # A newly claimed shard may hold a shorter lease than any before it: it wakes
+        # this sleep so the next heartbeat comes within a third of its TTL.
+        self._lease_added.clear()
+        deadline = time.monotonic() + self._heartbeat_interval_s()
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                await asyncio.wait_for(self._lease_added.wait(), remaining)
+            except TimeoutError:
+                return
+            self._lease_added.clear()
+            deadline = min(deadline, time.monotonic() + self._heartbeat_interval_s())
 
     async def _rescue_loop(self) -> None:
         assert self._db is not None

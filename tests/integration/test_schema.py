@@ -1,0 +1,81 @@
+"""schema.sql is what the migrations produce; migrating is safe when many start at once."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Iterator
+from importlib import resources
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.conninfo import make_conninfo
+
+from pgbatch.db.migrations import applied_versions, available_migrations, migrate
+
+CATALOG_QUERIES = {
+    "columns": """
+        SELECT table_name, column_name, data_type, is_nullable, column_default, is_identity
+        FROM information_schema.columns WHERE table_schema = 'pgbatch'
+        ORDER BY 1, 2""",
+    "constraints": """
+        SELECT cl.relname, pg_get_constraintdef(c.oid)
+        FROM pg_constraint c JOIN pg_class cl ON cl.oid = c.conrelid
+        JOIN pg_namespace n ON n.oid = cl.relnamespace
+        WHERE n.nspname = 'pgbatch' ORDER BY 1, 2""",
+    "indexes": """
+        SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = 'pgbatch' ORDER BY 1""",
+}
+
+
+def _catalog(url: str) -> dict[str, list[tuple[Any, ...]]]:
+    with psycopg.connect(url) as conn:
+        return {name: conn.execute(sql).fetchall() for name, sql in CATALOG_QUERIES.items()}
+
+
+@pytest.fixture
+def empty_database(server_url: str) -> Iterator[str]:
+    """Return the URL of a new database with no pgbatch schema at all."""
+    name = f"pgbatch_empty_{uuid.uuid4().hex[:10]}"
+    admin = make_conninfo(server_url, dbname="postgres")
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield make_conninfo(server_url, dbname=name)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_schema_sql_equals_the_migrations(database_url: str, empty_database: str) -> None:
+    schema_sql = resources.files("pgbatch.db").joinpath("schema.sql").read_text()
+    with psycopg.connect(empty_database, autocommit=True) as conn:
+        conn.execute(schema_sql)
+    from_schema = _catalog(empty_database)
+    from_migrations = _catalog(database_url)
+    assert from_schema["columns"], "the catalog query found no pgbatch tables"
+    for part in CATALOG_QUERIES:
+        assert from_schema[part] == from_migrations[part], part
+
+
+@pytest.mark.asyncio
+async def test_ten_processes_migrating_at_once_apply_each_migration_once(
+    empty_database: str,
+) -> None:
+    conns = [
+        await psycopg.AsyncConnection.connect(empty_database, autocommit=True) for _ in range(10)
+    ]
+    barrier = asyncio.Barrier(len(conns))
+
+    async def one(conn: psycopg.AsyncConnection[Any]) -> list[int]:
+        await barrier.wait()
+        return await migrate(conn)
+
+    try:
+        applied = await asyncio.gather(*(one(c) for c in conns))
+        expected = [m.version for m in available_migrations()]
+        assert sorted(v for versions in applied for v in versions) == expected
+        assert await applied_versions(conns[0]) == set(expected)
+        assert await migrate(conns[0]) == []  # idempotent
+    finally:
+        for conn in conns:
+            await conn.close()
