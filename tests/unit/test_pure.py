@@ -55,7 +55,8 @@ def test_sizing_is_overhead_bound_then_lease_bound() -> None:
     fast = suggest_shard_size(item_s=0.001, overhead_s=0.002, commit_s=0.001, lease_ttl_s=30)
     assert fast.shard_size == 100 and fast.overhead_fraction <= 0.03
     bound = suggest_shard_size(item_s=0.01, overhead_s=0.05, commit_s=0.01, lease_ttl_s=10)
-    assert bound.shard_size == 94 and "lease-bound" in bound.note
+    assert bound.shard_size in (93, 94) and "lease-bound" in bound.note
+    assert bound.lease_fraction <= 0.1
     too_slow = suggest_shard_size(item_s=10, overhead_s=0, commit_s=0, lease_ttl_s=30)
     assert too_slow.shard_size == 1 and "raise lease_ttl_s" in too_slow.note
     with pytest.raises(ValueError):
