@@ -267,6 +267,43 @@ def demo(
     _run(run_demo(items=items, workers=workers, concurrency=concurrency, console=console))
 
 
+@cli.command()
+def sizing(
+    item_ms: Annotated[float, typer.Option(min=0, help="Handler time per item, in ms.")],
+    lease_ttl_s: Annotated[float, typer.Option(min=0.001, help="Lease TTL of the task.")] = 30.0,
+    overhead_ms: Annotated[
+        float, typer.Option(min=0, help="Claim + completion cost per shard (docs/sizing.md).")
+    ] = 1.0,
+) -> None:
+    """Suggest a shard size from the handler's time per item and the measured commit latency."""
+    from pgbatch.db.verify import measure_commit_latency_s
+    from pgbatch.sizing import suggest_shard_size
+
+    app = App()
+
+    async def measure() -> float:
+        await app.open()
+        async with app.db.connection() as conn:
+            return await measure_commit_latency_s(conn, samples=50)
+
+    commit_s = _run(_closing(app, measure()))
+    try:
+        advice = suggest_shard_size(
+            item_s=item_ms / 1000,
+            overhead_s=overhead_ms / 1000,
+            commit_s=commit_s,
+            lease_ttl_s=lease_ttl_s,
+        )
+    except ValueError as exc:
+        _fail(str(exc), 2)
+    console.print(
+        f"measured commit latency c = {commit_s * 1000:.2f} ms\n"
+        f"suggested shard size: [bold]{advice.shard_size}[/] ({advice.note})\n"
+        f"a shard then takes {advice.shard_seconds:.3f} s: overhead "
+        f"{advice.overhead_fraction:.1%}, {advice.lease_fraction:.1%} of the lease"
+    )
+
+
 @db_cli.command("stop")
 def db_stop() -> None:
     """Stop the embedded PostgreSQL server of this folder."""

@@ -10,7 +10,7 @@ from psycopg.rows import class_row
 
 from pgbatch.db.queries import query
 
-__all__ = ["BatchVerification", "verify_batch"]
+__all__ = ["BatchVerification", "measure_commit_latency_s", "verify_batch"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,3 +39,18 @@ async def verify_batch(conn: psycopg.AsyncConnection[Any], batch_id: int) -> Bat
         row = await cur.fetchone()
     assert row is not None
     return row
+
+
+async def measure_commit_latency_s(conn: psycopg.AsyncConnection[Any], *, samples: int) -> float:
+    """Return the median time of a one-row commit: the `c` of the sizing formula."""
+    import statistics
+    import time
+
+    await conn.execute(query("sizing_probe_table"))
+    timings = []
+    for _ in range(samples):  # one commit per sample is the point of the measurement
+        started = time.perf_counter()
+        async with conn.transaction():
+            await conn.execute(query("sizing_probe_insert"))
+        timings.append(time.perf_counter() - started)
+    return statistics.median(timings)
