@@ -11,7 +11,6 @@ from rich.progress import (
     Progress,
     TaskProgressColumn,
     TextColumn,
-    TimeElapsedColumn,
     TimeRemainingColumn,
 )
 
@@ -23,15 +22,14 @@ __all__ = ["watch_batch"]
 
 def _progress(console: Console) -> Progress:
     return Progress(
-        TextColumn("[bold]batch {task.fields[batch_id]}[/] {task.fields[status]}"),
-        BarColumn(),
+        TextColumn("[bold]batch {task.fields[batch_id]}[/] {task.fields[status]:<9}"),
+        BarColumn(bar_width=24),
         MofNCompleteColumn(),
         TaskProgressColumn(),
-        TextColumn("{task.fields[rate]:>9.0f} items/s"),
-        TextColumn("[red]{task.fields[errors]} errors[/]"),
-        TimeElapsedColumn(),
+        TextColumn("{task.fields[rate]:>7,.0f}/s"),
+        TextColumn("[red]{task.fields[errors]:,} err[/]"),
         TextColumn("ETA"),
-        TimeRemainingColumn(),
+        TimeRemainingColumn(compact=True),
         console=console,
         refresh_per_second=8,
     )
