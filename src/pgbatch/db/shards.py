@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -56,34 +57,56 @@ async def claim_shards(
     tasks: Sequence[str],
     limit: int,
 ) -> list[ClaimedShard]:
-    """Claim up to `limit` queued shards with their pending items, in one statement."""
+    """Claim up to `limit` queued shards with their pending items, queues in the order given."""
+    shards: list[ClaimedShard] = []
+    for queue in queues:
+        shards.extend(
+            await _claim_from_queue(
+                conn, worker_id=worker_id, queue=queue, tasks=tasks, limit=limit - len(shards)
+            )
+        )
+        if len(shards) >= limit:
+            break
+    return shards
+
+
+async def _claim_from_queue(
+    conn: psycopg.AsyncConnection[Any],
+    *,
+    worker_id: str,
+    queue: str,
+    tasks: Sequence[str],
+    limit: int,
+) -> list[ClaimedShard]:
     cur = await conn.execute(
         query("shard_claim"),
-        {
-            "worker_id": worker_id,
-            "queues": list(queues),
-            "tasks": list(tasks),
-            "limit": limit,
-        },
+        {"worker_id": worker_id, "queue": queue, "tasks": list(tasks), "limit": limit},
         prepare=True,
     )
-    rows = await cur.fetchall()
-    shards: list[ClaimedShard] = []
-    current: tuple[Any, ...] | None = None
-    items: list[Item] = []
-
-    def flush() -> None:
-        if current is not None:
-            shards.append(ClaimedShard(*current, tuple(items)))  # type: ignore[call-arg]
-
-    for shard_id, batch_id, task, epoch, attempts, max_attempts, ttl, seq, payload in rows:
-        if current is None or current[0] != shard_id:
-            flush()
-            current = (shard_id, batch_id, task, epoch, attempts, max_attempts, ttl)
-            items = []
+    heads: dict[int, tuple[Any, ...]] = {}
+    items: dict[int, list[Item]] = {}
+    for (
+        shard_id,
+        batch_id,
+        task,
+        epoch,
+        attempts,
+        max_attempts,
+        ttl,
+        seq,
+        payload,
+    ) in await cur.fetchall():
+        if shard_id not in heads:
+            heads[shard_id] = (shard_id, batch_id, task, epoch, attempts, max_attempts, ttl)
+            items[shard_id] = []
         if seq is not None:
-            items.append(Item(seq, payload))
-    flush()
+            items[shard_id].append(Item(seq, payload))
+    shards = []
+    for shard_id in sorted(heads):
+        shard_items = items[shard_id]
+        if any(a.seq > b.seq for a, b in itertools.pairwise(shard_items)):
+            shard_items.sort(key=lambda item: item.seq)  # handlers see items in seq order
+        shards.append(ClaimedShard(*heads[shard_id], tuple(shard_items)))  # type: ignore[call-arg]
     return shards
 
 

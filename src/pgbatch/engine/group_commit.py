@@ -93,7 +93,7 @@ class GroupCommitter(Generic[T, R]):
             self.start()
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         await self._queue.put((item, future))
-        return await asyncio.shield(future)
+        return await future
 
     async def stop(self) -> None:
         """Refuse new items, flush everything already accepted, then stop."""

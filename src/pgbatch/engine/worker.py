@@ -125,6 +125,7 @@ class Worker:
         self._callback_wake = asyncio.Event()
         self._slot_freed = asyncio.Event()
         self._lease_added = asyncio.Event()
+        self._handlers_running = 0
         self._stopping = asyncio.Event()
         self.claimed = asyncio.Event()  # test signal: set after every non-empty claim
         self.listening = asyncio.Event()  # test signal: the LISTEN connection is up
@@ -198,7 +199,7 @@ class Worker:
         assert self._db is not None
         tasks = sorted(self.app.tasks)
         while not self._stopping.is_set():
-            free = self.concurrency - len(self._active)
+            free = self.concurrency - self._handlers_running
             if free <= 0:
                 self._slot_freed.clear()
                 await self._wait_any(self._slot_freed, timeout=None)
@@ -245,8 +246,15 @@ class Worker:
         )
         active = _Active(shard, ctx)
         self._active[shard.id] = active
+        self._handlers_running += 1
         active.task = asyncio.create_task(self._process(active), name=f"pgbatch-shard-{shard.id}")
         self._lease_added.set()
+
+    def _to_completing(self, active: _Active) -> None:
+        if active.phase is _Phase.RUNNING:
+            active.phase = _Phase.COMPLETING
+            self._handlers_running -= 1
+            self._slot_freed.set()
 
     def _stop_shard(self, active: _Active, reason: _StopReason) -> None:
         if active.phase is _Phase.RUNNING and active.stop_reason is None and active.task:
@@ -261,7 +269,9 @@ class Worker:
             completion = await self._execute(active)
             if completion is None:
                 return
-            active.phase = _Phase.COMPLETING
+            # The slot is free once the handler is done: the next claim overlaps this
+            # shard's commit, and the completer's bounded queue provides backpressure.
+            self._to_completing(active)
             assert self._completer is not None
             try:
                 outcome = await self._completer.complete(completion)
@@ -282,8 +292,8 @@ class Worker:
             # A bug or a lost database: the lease lapses and another worker retries.
             _log.exception("shard %d: unexpected error; its lease will expire", shard.id)
         finally:
+            self._to_completing(active)
             self._active.pop(shard.id, None)
-            self._slot_freed.set()
 
     async def _execute(self, active: _Active) -> ShardCompletion | None:
         shard, ctx = active.shard, active.ctx

@@ -1,8 +1,9 @@
 -- name: shard_claim
--- One statement claims at most %(limit)s queued shards (invariant 1): SKIP LOCKED lets
--- concurrent claimers pass each other, and every claim bumps lease_epoch, the fencing
--- token. The items of the claimed shards come back in the same round trip; a retried
--- shard skips the items that already have a result.
+-- One statement claims at most %(limit)s queued shards of one queue (invariant 1): SKIP
+-- LOCKED lets concurrent claimers pass each other, and every claim bumps lease_epoch, the
+-- fencing token. One queue per statement lets the index give the priority order, so the
+-- scan stops after the limit. The items of the claimed shards come back in the same round
+-- trip, unordered (the caller groups them); a retried shard skips items that have a result.
 WITH claimed AS (
     UPDATE pgbatch.shards s
     SET status = 'running',
@@ -13,7 +14,7 @@ WITH claimed AS (
     WHERE s.id IN (
         SELECT q.id FROM pgbatch.shards q
         WHERE q.status = 'queued'
-          AND q.queue = ANY(%(queues)s::text[])
+          AND q.queue = %(queue)s
           AND q.task = ANY(%(tasks)s::text[])
           AND q.run_after <= now()
         ORDER BY q.priority DESC, q.id
@@ -30,8 +31,7 @@ LEFT JOIN LATERAL (
     WHERE it.batch_id = c.batch_id AND it.seq BETWEEN c.first_seq AND c.last_seq
       AND (NOT c.retried OR NOT EXISTS (
             SELECT 1 FROM pgbatch.results r WHERE r.batch_id = it.batch_id AND r.seq = it.seq))
-) i ON true
-ORDER BY c.id, i.seq;
+) i ON true;
 
 -- name: shard_heartbeat_many
 -- Renews the leases this worker still holds, fenced by epoch; a shard that does not come
