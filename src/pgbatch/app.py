@@ -306,40 +306,43 @@ class App:
             after = rows[-1][0]
 
     async def watch(self, batch_id: int, *, poll_interval_s: float = 1.0) -> AsyncIterator[Batch]:
-        """Yield snapshots of the batch as it progresses (driven by NOTIFY); end when it ends."""
+        """Yield snapshots of the batch as it progresses (driven by NOTIFY); end when it ends.
+
+        A lost connection is not an error here: the watch polls until the database is back.
+        """
+        from pgbatch.engine.notifier import Notifier
+
         await self.open()
-        listener = await self.db.connect_dedicated()
         changed = asyncio.Event()
+        wanted = str(batch_id)
 
-        async def listen() -> None:
-            async for notify in listener.notifies():
-                if notify.payload == str(batch_id):
-                    changed.set()
+        def on_notify(channel: str, payload: str) -> None:
+            if payload == wanted:
+                changed.set()
 
+        notifier = Notifier(self.db, ["pgbatch_progress"], on_notify, on_connect=changed.set)
+        notifier.start()
         try:
-            await listener.execute("LISTEN pgbatch_progress")
-            reader = asyncio.create_task(listen())
-            try:
-                last_shown = 0.0
-                while True:
+            last_shown = 0.0
+            while True:
+                try:
                     batch = await self.get_batch(batch_id)
-                    yield batch
-                    if batch.is_final:
-                        return
-                    # Polling is the fallback; a NOTIFY normally ends this wait early.
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(changed.wait(), poll_interval_s)
-                    changed.clear()
-                    pause = WATCH_MIN_INTERVAL_S - (time.monotonic() - last_shown)
-                    if pause > 0:
-                        await asyncio.sleep(pause)
-                    last_shown = time.monotonic()
-            finally:
-                reader.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await reader
+                except psycopg.OperationalError:
+                    await asyncio.sleep(poll_interval_s)
+                    continue
+                yield batch
+                if batch.is_final:
+                    return
+                # Polling is the fallback; a NOTIFY normally ends this wait early.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), poll_interval_s)
+                changed.clear()
+                pause = WATCH_MIN_INTERVAL_S - (time.monotonic() - last_shown)
+                if pause > 0:
+                    await asyncio.sleep(pause)
+                last_shown = time.monotonic()
         finally:
-            await listener.close()
+            await notifier.stop()
 
     async def wait(self, batch_id: int, *, timeout_s: float | None = None) -> Batch:
         """Wait until the batch ends and return it."""

@@ -38,6 +38,7 @@ from pgbatch.db.shards import (
 )
 from pgbatch.engine.completer import Completer
 from pgbatch.engine.context import CallbackContext, ShardContext
+from pgbatch.engine.notifier import Notifier
 from pgbatch.models import ClaimedShard, Outcome, ShardStatus
 from pgbatch.tasks import CallbackSpec, TaskSpec
 
@@ -51,8 +52,6 @@ _log = logging.getLogger(__name__)
 # A heartbeat renews every lease at a third of the shortest TTL held, so two heartbeats
 # can be lost before a lease lapses; idle, the loop still ticks this often.
 HEARTBEAT_IDLE_S = 1.0
-# Reconnect backoff of the LISTEN connection; polling covers the gap meanwhile.
-LISTEN_RETRY_S = 1.0
 # Callbacks claimed per round; they are rare (one per batch).
 CALLBACK_CLAIM_LIMIT = 4
 # A claim never asks for more shards than this, whatever the free slots: it bounds the
@@ -130,6 +129,7 @@ class Worker:
         self.claimed = asyncio.Event()  # test signal: set after every non-empty claim
         self.listening = asyncio.Event()  # test signal: the LISTEN connection is up
         self._completer: Completer | None = None
+        self._notifier: Notifier | None = None
         self._db: Database | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -150,8 +150,15 @@ class Worker:
             max_delay_ms=self.settings.completer_max_delay_ms,
         )
         self._completer.start()
+        self._notifier = Notifier(
+            db,
+            ["pgbatch_shards", "pgbatch_callbacks"],
+            self._on_notify,
+            on_connect=self._on_listen_connect,
+        )
+        self._notifier.listening = self.listening  # one event, set before or after run()
+        self._notifier.start()
         helpers = [
-            asyncio.create_task(self._listen(), name="pgbatch-listen"),
             asyncio.create_task(self._heartbeat_loop(), name="pgbatch-heartbeat"),
             asyncio.create_task(self._rescue_loop(), name="pgbatch-rescue"),
             asyncio.create_task(self._callback_loop(), name="pgbatch-callbacks"),
@@ -163,6 +170,7 @@ class Worker:
             await self._claim_loop()
             await self._drain()
         finally:
+            await self._notifier.stop()
             for helper in helpers:
                 helper.cancel()
             for helper in helpers:
@@ -446,31 +454,16 @@ class Worker:
 
     # -- wake-ups --------------------------------------------------------------------------
 
-    async def _listen(self) -> None:
-        assert self._db is not None
-        while True:
-            conn: psycopg.AsyncConnection[Any] | None = None
-            try:
-                conn = await self._db.connect_dedicated()
-                await conn.execute("LISTEN pgbatch_shards")
-                await conn.execute("LISTEN pgbatch_callbacks")
-                self.listening.set()
-                # Anything that arrived while we were not listening is picked up by a claim.
-                self._wake.set()
-                self._callback_wake.set()
-                async for notify in conn.notifies():
-                    if notify.channel == "pgbatch_callbacks":
-                        self._callback_wake.set()
-                    elif notify.payload in self.queues:
-                        self._wake.set()
-            except psycopg.Error as exc:
-                self.listening.clear()
-                _log.warning("LISTEN connection lost (%s); polling until it is back", exc)
-                await asyncio.sleep(LISTEN_RETRY_S)
-            finally:
-                if conn is not None:
-                    with contextlib.suppress(Exception):
-                        await conn.close()
+    def _on_notify(self, channel: str, payload: str) -> None:
+        if channel == "pgbatch_callbacks":
+            self._callback_wake.set()
+        elif payload in self.queues:
+            self._wake.set()
+
+    def _on_listen_connect(self) -> None:
+        # Anything sent while nobody listened is picked up by a claim now.
+        self._wake.set()
+        self._callback_wake.set()
 
     # -- completion callbacks ----------------------------------------------------------------
 
