@@ -31,7 +31,8 @@ class Settings(BaseSettings):
     # ...and holds at most this many shards; 500 keeps one flush under ~50 ms at the
     # largest shard sizes measured in docs/performance.md.
     completer_max_batch: int = Field(default=500, ge=1)
-    # Retry backoff for a failed shard: base * 2**(attempt-1), capped, full jitter.
+    # Retry backoff for a failed shard: base * 2**(attempt-1), capped, then "equal jitter"
+    # (half of it fixed, half random) so retries neither stampede nor come back at once.
     retry_backoff_base_s: float = Field(default=1.0, ge=0)
     retry_backoff_max_s: float = Field(default=300.0, ge=0)
     # A completion callback that keeps failing is given up after this many attempts.

@@ -94,6 +94,7 @@ class ClaimedShard:
     max_attempts: int
     lease_ttl_s: float
     items: tuple[Item, ...] = field(default=())
+    batch_cancelled: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,7 +31,7 @@ def _register(app: pgbatch.App) -> None:
 
 
 def _completion(shard: ClaimedShard, writer: str) -> ShardCompletion:
-    return ShardCompletion(
+    return ShardCompletion.build(
         shard.id,
         shard.batch_id,
         shard.lease_epoch,

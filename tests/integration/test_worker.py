@@ -310,3 +310,67 @@ async def test_an_idle_worker_wakes_on_notify_not_on_polling(database_url: str) 
                 assert started_at[-1] - submitted < 2.0
     finally:
         await app.close()
+
+
+@pytest.mark.asyncio
+async def test_an_unstorable_output_fails_only_its_own_shard(app: pgbatch.App) -> None:
+    @app.task(max_attempts=1)
+    async def odd(items: list[pgbatch.Item], ctx: pgbatch.ShardContext) -> list[pgbatch.Outcome]:
+        # A set is not JSON: only the shard holding item 13 returns one.
+        return [pgbatch.ok({1, 2} if i.value == 13 else i.value) for i in items]
+
+    batch = await app.submit("odd", range(40), shard_size=2)
+    async with running(app, concurrency=20):
+        done = await app.wait(batch.id, timeout_s=20)
+    assert (done.status, done.items_ok, done.items_failed, done.shards_dead) == (
+        "failed", 38, 2, 1,
+    )  # fmt: skip
+    dead = [row for row in await _shards(app, batch.id) if row[0] == "dead"]
+    assert len(dead) == 1 and "cannot store the handler's output" in dead[0][2]
+
+
+@pytest.mark.asyncio
+async def test_a_rejected_user_row_on_the_last_attempt_kills_the_shard_with_the_reason(
+    app: pgbatch.App,
+) -> None:
+    async with app.db.connection() as conn:
+        await conn.execute("CREATE TABLE positive (v int CHECK (v > 0))")
+
+    @app.task(max_attempts=2)
+    async def write(items: list[pgbatch.Item], ctx: pgbatch.ShardContext) -> list[pgbatch.Outcome]:
+        ctx.copy_rows("positive", [(i.value,) for i in items], columns=("v",))
+        return [pgbatch.ok() for _ in items]
+
+    batch = await app.submit("write", [1, 2, 3, -4, 5, 6], shard_size=3)
+    async with running(app):
+        done = await app.wait(batch.id, timeout_s=20)
+    assert (done.status, done.items_ok, done.items_failed) == ("failed", 3, 3)
+    [(_, attempts, error)] = [r for r in await _shards(app, batch.id) if r[0] == "dead"]
+    assert attempts == 2 and "completion failed" in error and "positive" in error
+    async with app.db.connection() as conn:
+        rows = await (await conn.execute("SELECT v FROM positive ORDER BY v")).fetchall()
+    assert rows == [(1,), (2,), (3,)]
+
+
+@pytest.mark.asyncio
+async def test_a_rescued_shard_of_a_cancelled_batch_is_not_run_again(app: pgbatch.App) -> None:
+    calls: list[int] = []
+
+    @app.task()
+    async def count(items: list[pgbatch.Item], ctx: pgbatch.ShardContext) -> list[pgbatch.Outcome]:
+        calls.append(ctx.shard_id)
+        return [pgbatch.ok() for _ in items]
+
+    batch = await app.submit("count", range(4), shard_size=2)
+    async with app.db.connection() as conn:
+        # A worker died holding every shard; then the batch was cancelled.
+        await conn.execute(
+            "UPDATE pgbatch.shards SET status = 'running', attempts = 1, lease_epoch = 1,"
+            " lease_expires_at = now() - interval '1 s'"
+        )
+    assert await app.cancel(batch.id)
+    async with running(app):
+        done = await app.wait(batch.id, timeout_s=20)
+    assert calls == []
+    assert (done.status, done.items_failed, done.shards_done) == ("cancelled", 4, 2)
+    await _one_result_each(app, batch.id)

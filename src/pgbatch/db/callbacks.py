@@ -73,10 +73,10 @@ async def fail_callback(
     return None if row is None else str(row[0])
 
 
-async def rescue_expired_callbacks(conn: psycopg.AsyncConnection[Any]) -> int:
-    """Return callbacks whose lease expired to the queue; return how many."""
+async def rescue_expired_callbacks(conn: psycopg.AsyncConnection[Any], *, max_attempts: int) -> int:
+    """Return callbacks whose lease expired to the queue (or give up); return how many."""
     async with conn.transaction():
-        cur = await conn.execute(query("callback_rescue_expired"))
+        cur = await conn.execute(query("callback_rescue_expired"), {"max_attempts": max_attempts})
         if cur.rowcount:
             await conn.execute(query("callback_notify"))
     return cur.rowcount

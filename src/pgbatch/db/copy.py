@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
 
@@ -13,7 +14,15 @@ from psycopg import sql
 
 from pgbatch.models import Outcome, TableRows
 
-__all__ = ["copy_table_rows", "encode_json", "encode_result_rows", "encode_table_rows"]
+__all__ = [
+    "EncodedRows",
+    "copy_encoded_rows",
+    "copy_table_rows",
+    "encode_json",
+    "encode_result_rows",
+    "encode_rows",
+    "encode_table_rows",
+]
 
 _NULL = b"\\N"
 _TEXT_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
@@ -74,14 +83,36 @@ def encode_table_rows(rows: Iterable[Sequence[Any]]) -> bytes:
     return bytes(out)
 
 
-async def copy_table_rows(conn: psycopg.AsyncConnection[Any], writes: Iterable[TableRows]) -> None:
+@dataclass(frozen=True, slots=True)
+class EncodedRows:
+    """Rows for one of the user's tables, encoded for COPY."""
+
+    table: str
+    columns: tuple[str, ...]
+    data: bytes
+
+
+def encode_rows(rows: TableRows) -> EncodedRows:
+    """Encode a handler's rows for COPY (raises TypeError if a value cannot be stored)."""
+    return EncodedRows(rows.table, rows.columns, encode_table_rows(rows.rows))
+
+
+async def copy_encoded_rows(
+    conn: psycopg.AsyncConnection[Any], writes: Sequence[EncodedRows]
+) -> None:
     """COPY rows into the user's tables: one COPY per table and column list, in name order."""
-    by_table: dict[tuple[str, tuple[str, ...]], list[Sequence[Any]]] = defaultdict(list)
+    by_table: dict[tuple[str, tuple[str, ...]], list[bytes]] = defaultdict(list)
     for write in writes:
-        by_table[(write.table, write.columns)].extend(write.rows)
-    for (table, columns), rows in sorted(by_table.items()):
+        by_table[(write.table, write.columns)].append(write.data)
+    for (table, columns), chunks in sorted(by_table.items()):
         statement = sql.SQL("COPY {} ({}) FROM STDIN").format(
             sql.Identifier(*table.split(".")), sql.SQL(", ").join(map(sql.Identifier, columns))
         )
         async with conn.cursor().copy(statement) as copy:
-            await copy.write(encode_table_rows(rows))
+            for chunk in chunks:
+                await copy.write(chunk)
+
+
+async def copy_table_rows(conn: psycopg.AsyncConnection[Any], writes: Sequence[TableRows]) -> None:
+    """Encode and COPY rows into the user's tables."""
+    await copy_encoded_rows(conn, [encode_rows(write) for write in writes])

@@ -10,7 +10,7 @@ from typing import Any
 
 import psycopg
 
-from pgbatch.db.copy import copy_table_rows, encode_result_rows
+from pgbatch.db.copy import EncodedRows, copy_encoded_rows, encode_result_rows, encode_rows
 from pgbatch.db.queries import query
 from pgbatch.models import ClaimedShard, Item, Outcome, ShardStatus, TableRows
 
@@ -28,15 +28,46 @@ __all__ = [
 
 @dataclass(frozen=True, slots=True)
 class ShardCompletion:
-    """Everything one shard's completion commits: its state, item results and user rows."""
+    """Everything one shard's completion commits, already encoded for COPY.
+
+    Encoding happens when the completion is built, in the shard's own task: a value that
+    cannot be stored fails that shard alone, and the completer's flush only sends bytes.
+    """
 
     shard_id: int
     batch_id: int
     lease_epoch: int
     status: ShardStatus
-    results: Sequence[tuple[int, Outcome]]
-    writes: Sequence[TableRows] = ()
+    results_copy: bytes
+    items_ok: int
+    items_failed: int
+    writes: Sequence[EncodedRows] = ()
     error: str | None = None
+
+    @classmethod
+    def build(
+        cls,
+        shard_id: int,
+        batch_id: int,
+        lease_epoch: int,
+        status: ShardStatus,
+        results: Sequence[tuple[int, Outcome]],
+        writes: Sequence[TableRows] = (),
+        error: str | None = None,
+    ) -> ShardCompletion:
+        """Encode results and user rows; raise TypeError if a value cannot be stored."""
+        items_ok = sum(1 for _, outcome in results if outcome.ok)
+        return cls(
+            shard_id,
+            batch_id,
+            lease_epoch,
+            status,
+            encode_result_rows(batch_id, results),
+            items_ok,
+            len(results) - items_ok,
+            [encode_rows(write) for write in writes],
+            error,
+        )
 
 
 @dataclass(slots=True)
@@ -85,19 +116,10 @@ async def _claim_from_queue(
     )
     heads: dict[int, tuple[Any, ...]] = {}
     items: dict[int, list[Item]] = {}
-    for (
-        shard_id,
-        batch_id,
-        task,
-        epoch,
-        attempts,
-        max_attempts,
-        ttl,
-        seq,
-        payload,
-    ) in await cur.fetchall():
+    for row in await cur.fetchall():
+        shard_id, seq, payload = row[0], row[8], row[9]
         if shard_id not in heads:
-            heads[shard_id] = (shard_id, batch_id, task, epoch, attempts, max_attempts, ttl)
+            heads[shard_id] = row[:8]
             items[shard_id] = []
         if seq is not None:
             items[shard_id].append(Item(seq, payload))
@@ -106,7 +128,20 @@ async def _claim_from_queue(
         shard_items = items[shard_id]
         if any(a.seq > b.seq for a, b in itertools.pairwise(shard_items)):
             shard_items.sort(key=lambda item: item.seq)  # handlers see items in seq order
-        shards.append(ClaimedShard(*heads[shard_id], tuple(shard_items)))  # type: ignore[call-arg]
+        _, batch_id, task, epoch, attempts, max_attempts, ttl, cancelled = heads[shard_id]
+        shards.append(
+            ClaimedShard(
+                id=shard_id,
+                batch_id=batch_id,
+                task=task,
+                lease_epoch=epoch,
+                attempts=attempts,
+                max_attempts=max_attempts,
+                lease_ttl_s=ttl,
+                items=tuple(shard_items),
+                batch_cancelled=bool(cancelled),
+            )
+        )
     return shards
 
 
@@ -196,18 +231,18 @@ async def complete_shards(
 
     async with conn.cursor().copy(query("result_copy")) as copy:
         for completion in accepted:
-            if completion.results:
-                await copy.write(encode_result_rows(completion.batch_id, completion.results))
+            if completion.results_copy:
+                await copy.write(completion.results_copy)
 
-    await copy_table_rows(conn, (w for c in accepted for w in c.writes))
+    await copy_encoded_rows(conn, [w for c in accepted for w in c.writes])
 
     totals: dict[int, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
     for completion in accepted:
         entry = totals[completion.batch_id]
         entry[0] += 1
         entry[1] += completion.status is ShardStatus.DEAD
-        for _, outcome in completion.results:
-            entry[2 if outcome.ok else 3] += 1
+        entry[2] += completion.items_ok
+        entry[3] += completion.items_failed
     batch_ids = sorted(totals)
     cur = await conn.execute(
         query("batch_add_progress"),

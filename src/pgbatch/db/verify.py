@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import statistics
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,15 +44,11 @@ async def verify_batch(conn: psycopg.AsyncConnection[Any], batch_id: int) -> Bat
 
 
 async def measure_commit_latency_s(conn: psycopg.AsyncConnection[Any], *, samples: int) -> float:
-    """Return the median time of a one-row commit: the `c` of the sizing formula."""
-    import statistics
-    import time
-
-    await conn.execute(query("sizing_probe_table"))
+    """Return the median time of a commit that flushes WAL: the `c` of the sizing formula."""
     timings = []
     for _ in range(samples):  # one commit per sample is the point of the measurement
         started = time.perf_counter()
         async with conn.transaction():
-            await conn.execute(query("sizing_probe_insert"))
+            await conn.execute(query("sizing_probe_commit"))
         timings.append(time.perf_counter() - started)
     return statistics.median(timings)

@@ -275,27 +275,11 @@ class Worker:
         shard = active.shard
         try:
             completion = await self._execute(active)
-            if completion is None:
-                return
             # The slot is free once the handler is done: the next claim overlaps this
             # shard's commit, and the completer's bounded queue provides backpressure.
             self._to_completing(active)
-            assert self._completer is not None
-            try:
-                outcome = await self._completer.complete(completion)
-            except psycopg.Error as exc:
-                # Its results or rows could not be written even alone: a failed attempt.
-                await self._fail(active, f"completion failed: {exc}")
-                return
-            if not outcome.accepted:
-                self.stats.shards_fenced_out += 1
-                _log.info("shard %d: lease lost before completion, discarded", shard.id)
-            elif completion.status is ShardStatus.DEAD:
-                self.stats.shards_dead += 1
-            elif completion.status is ShardStatus.CANCELLED:
-                self.stats.shards_cancelled += 1
-            else:
-                self.stats.shards_completed += 1
+            if completion is not None:
+                await self._complete(active, completion)
         except Exception:
             # A bug or a lost database: the lease lapses and another worker retries.
             _log.exception("shard %d: unexpected error; its lease will expire", shard.id)
@@ -303,8 +287,35 @@ class Worker:
             self._to_completing(active)
             self._active.pop(shard.id, None)
 
+    async def _complete(self, active: _Active, completion: ShardCompletion) -> None:
+        assert self._completer is not None
+        try:
+            outcome = await self._completer.complete(completion)
+        except psycopg.Error as exc:
+            # Its results or rows could not be written even alone (a constraint of the
+            # user's table, say): that is a failed attempt of the shard.
+            if completion.status is not ShardStatus.DONE:
+                raise
+            dead = await self._fail(active, f"completion failed: {exc}")
+            if dead is None:
+                return
+            completion = dead
+            outcome = await self._completer.complete(completion)
+        if not outcome.accepted:
+            self.stats.shards_fenced_out += 1
+            _log.info("shard %d: lease lost before completion, discarded", completion.shard_id)
+        elif completion.status is ShardStatus.DEAD:
+            self.stats.shards_dead += 1
+        elif completion.status is ShardStatus.CANCELLED:
+            self.stats.shards_cancelled += 1
+        else:
+            self.stats.shards_completed += 1
+
     async def _execute(self, active: _Active) -> ShardCompletion | None:
         shard, ctx = active.shard, active.ctx
+        if shard.batch_cancelled:
+            # A rescued shard of a cancelled batch: end it without running the handler.
+            return self._terminal(shard, ShardStatus.CANCELLED, "cancelled")
         if shard.attempts > shard.max_attempts:
             # Claimed again after its last attempt's lease expired (the worker died).
             return self._terminal(
@@ -313,14 +324,17 @@ class Worker:
                 f"gave up after {shard.max_attempts} attempts: lease expired",
             )
         if not shard.items:
-            return ShardCompletion(
+            return ShardCompletion.build(
                 shard.id, shard.batch_id, shard.lease_epoch, ShardStatus.DONE, ()
             )
         spec: TaskSpec = self.app.tasks[shard.task]
         try:
             call = spec.fn(list(shard.items), ctx)
             if spec.timeout_s is not None:
-                outcomes = await asyncio.wait_for(call, spec.timeout_s)
+                try:
+                    outcomes = await asyncio.wait_for(call, spec.timeout_s)
+                except TimeoutError:
+                    return await self._fail(active, f"handler timed out after {spec.timeout_s} s")
             else:
                 outcomes = await call
         except asyncio.CancelledError:
@@ -333,25 +347,27 @@ class Worker:
             if reason is _StopReason.CANCELLED:
                 return self._terminal(shard, ShardStatus.CANCELLED, "cancelled")
             return None  # lost: someone else owns it; shutdown: released by _drain
-        except TimeoutError:
-            return await self._fail(active, f"handler timed out after {spec.timeout_s} s")
         except Exception as exc:
             return await self._fail(active, f"{type(exc).__name__}: {exc}")
         problem = _check_outcomes(outcomes, len(shard.items))
         if problem:
             return await self._fail(active, problem)
-        return ShardCompletion(
-            shard.id,
-            shard.batch_id,
-            shard.lease_epoch,
-            ShardStatus.DONE,
-            [(item.seq, outcome) for item, outcome in zip(shard.items, outcomes, strict=True)],
-            ctx.writes,
-        )
+        try:
+            return ShardCompletion.build(
+                shard.id,
+                shard.batch_id,
+                shard.lease_epoch,
+                ShardStatus.DONE,
+                [(item.seq, outcome) for item, outcome in zip(shard.items, outcomes, strict=True)],
+                ctx.writes,
+            )
+        except (TypeError, ValueError) as exc:
+            # An output or a row that cannot be stored fails this shard, not its neighbours.
+            return await self._fail(active, f"cannot store the handler's output: {exc}")
 
     def _terminal(self, shard: ClaimedShard, status: ShardStatus, message: str) -> ShardCompletion:
         failure = Outcome(False, None, message)
-        return ShardCompletion(
+        return ShardCompletion.build(
             shard.id,
             shard.batch_id,
             shard.lease_epoch,
@@ -444,7 +460,9 @@ class Worker:
             try:
                 async with self._db.connection() as conn:
                     rescued = await rescue_expired_shards(conn)
-                    rescued += await rescue_expired_callbacks(conn)
+                    rescued += await rescue_expired_callbacks(
+                        conn, max_attempts=self.settings.callback_max_attempts
+                    )
             except psycopg.Error as exc:
                 _log.warning("lease rescue failed: %s", exc)
                 continue

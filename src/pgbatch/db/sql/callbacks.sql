@@ -37,8 +37,11 @@ WITH expired AS (
     LIMIT 100
     FOR UPDATE SKIP LOCKED
 )
+-- A callback whose worker keeps dying is given up after max_attempts like any other failure.
 UPDATE pgbatch.callbacks c
-SET status = 'queued', run_after = now(), lease_expires_at = NULL, last_error = 'lease expired'
+SET status = CASE WHEN c.attempts >= %(max_attempts)s THEN 'dead' ELSE 'queued' END,
+    finished_at = CASE WHEN c.attempts >= %(max_attempts)s THEN now() END,
+    run_after = now(), lease_expires_at = NULL, last_error = 'lease expired'
 FROM expired e
 WHERE c.id = e.id
 RETURNING c.id;

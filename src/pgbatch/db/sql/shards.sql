@@ -24,8 +24,9 @@ WITH claimed AS (
               s.max_attempts, s.lease_ttl_s, s.retried
 )
 SELECT c.id, c.batch_id, c.task, c.lease_epoch, c.attempts, c.max_attempts, c.lease_ttl_s,
-       i.seq, i.payload
+       b.status = 'cancelled' AS batch_cancelled, i.seq, i.payload
 FROM claimed c
+JOIN pgbatch.batches b ON b.id = c.batch_id
 LEFT JOIN LATERAL (
     SELECT it.seq, it.payload FROM pgbatch.items it
     WHERE it.batch_id = c.batch_id AND it.seq BETWEEN c.first_seq AND c.last_seq

@@ -1,5 +1,4 @@
--- name: sizing_probe_table
-CREATE TEMP TABLE IF NOT EXISTS pgbatch_commit_probe (n int);
-
--- name: sizing_probe_insert
-INSERT INTO pgbatch_commit_probe (n) VALUES (1);
+-- name: sizing_probe_commit
+-- A transactional WAL message: its commit must flush WAL like any write, and it needs no
+-- table. (A temporary table's rows are not WAL-logged, so its commits would flush nothing.)
+SELECT pg_logical_emit_message(true, 'pgbatch', 'commit probe');
