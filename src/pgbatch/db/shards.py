@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import itertools
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 import psycopg
 
 from pgbatch.db.copy import EncodedRows, copy_encoded_rows, encode_result_rows, encode_rows
@@ -114,21 +114,13 @@ async def _claim_from_queue(
         {"worker_id": worker_id, "queue": queue, "tasks": list(tasks), "limit": limit},
         prepare=True,
     )
-    heads: dict[int, tuple[Any, ...]] = {}
-    items: dict[int, list[Item]] = {}
-    for row in await cur.fetchall():
-        shard_id, seq, payload = row[0], row[8], row[9]
-        if shard_id not in heads:
-            heads[shard_id] = row[:8]
-            items[shard_id] = []
-        if seq is not None:
-            items[shard_id].append(Item(seq, payload))
     shards = []
-    for shard_id in sorted(heads):
-        shard_items = items[shard_id]
-        if any(a.seq > b.seq for a, b in itertools.pairwise(shard_items)):
-            shard_items.sort(key=lambda item: item.seq)  # handlers see items in seq order
-        _, batch_id, task, epoch, attempts, max_attempts, ttl, cancelled = heads[shard_id]
+    for row in await cur.fetchall():
+        shard_id, batch_id, task, epoch, attempts, max_attempts, ttl, cancelled = row[:8]
+        first_seq, seqs, payloads = row[8:]
+        values = orjson.loads(payloads) if payloads else []
+        # A first run holds the whole contiguous range; a retried shard lists its seqs.
+        positions = seqs if seqs is not None else range(first_seq, first_seq + len(values))
         shards.append(
             ClaimedShard(
                 id=shard_id,
@@ -138,7 +130,7 @@ async def _claim_from_queue(
                 attempts=attempts,
                 max_attempts=max_attempts,
                 lease_ttl_s=ttl,
-                items=tuple(shard_items),
+                items=tuple(map(Item, positions, values)),
                 batch_cancelled=bool(cancelled),
             )
         )

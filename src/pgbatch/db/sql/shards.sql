@@ -2,8 +2,9 @@
 -- One statement claims at most %(limit)s queued shards of one queue (invariant 1): SKIP
 -- LOCKED lets concurrent claimers pass each other, and every claim bumps lease_epoch, the
 -- fencing token. One queue per statement lets the index give the priority order, so the
--- scan stops after the limit. The items of the claimed shards come back in the same round
--- trip, unordered (the caller groups them); a retried shard skips items that have a result.
+-- scan stops after the limit. Each claimed shard comes back as one row carrying its items
+-- as one JSON array text (one parse per shard, not one row per item); a retried shard
+-- skips the items that already have a result, so it also returns their seqs.
 WITH claimed AS (
     UPDATE pgbatch.shards s
     SET status = 'running',
@@ -24,15 +25,18 @@ WITH claimed AS (
               s.max_attempts, s.lease_ttl_s, s.retried
 )
 SELECT c.id, c.batch_id, c.task, c.lease_epoch, c.attempts, c.max_attempts, c.lease_ttl_s,
-       b.status = 'cancelled' AS batch_cancelled, i.seq, i.payload
+       b.status = 'cancelled' AS batch_cancelled, c.first_seq, i.seqs, i.payloads
 FROM claimed c
 JOIN pgbatch.batches b ON b.id = c.batch_id
-LEFT JOIN LATERAL (
-    SELECT it.seq, it.payload FROM pgbatch.items it
+CROSS JOIN LATERAL (
+    SELECT CASE WHEN c.retried THEN array_agg(it.seq ORDER BY it.seq) END AS seqs,
+           '[' || string_agg(it.payload::text, ',' ORDER BY it.seq) || ']' AS payloads
+    FROM pgbatch.items it
     WHERE it.batch_id = c.batch_id AND it.seq BETWEEN c.first_seq AND c.last_seq
       AND (NOT c.retried OR NOT EXISTS (
             SELECT 1 FROM pgbatch.results r WHERE r.batch_id = it.batch_id AND r.seq = it.seq))
-) i ON true;
+) i
+ORDER BY c.id;
 
 -- name: shard_heartbeat_many
 -- Renews the leases this worker still holds, fenced by epoch; a shard that does not come
