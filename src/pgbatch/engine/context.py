@@ -60,36 +60,40 @@ class ShardContext(WriteBuffer):
         self.attempt = attempt
         self.lease_epoch = lease_epoch
         self.task = task
-        self._lost = asyncio.Event()
-        self._cancelled = asyncio.Event()
+        # Plain flags, and an event only for a handler that waits on them: most handlers
+        # never look, and two Events per shard are measurable at one item per shard.
+        self._lost = False
+        self._cancelled = False
+        self._changed: asyncio.Event | None = None
 
     @property
     def lost(self) -> bool:
         """Tell whether another worker took the shard over; nothing more will be committed."""
-        return self._lost.is_set()
+        return self._lost
 
     @property
     def cancelled(self) -> bool:
         """Tell whether the batch was cancelled."""
-        return self._cancelled.is_set()
+        return self._cancelled
 
     async def wait_lost(self) -> None:
         """Wait until the shard is lost or its batch cancelled (for long handlers)."""
-        lost = asyncio.ensure_future(self._lost.wait())
-        cancelled = asyncio.ensure_future(self._cancelled.wait())
-        try:
-            await asyncio.wait({lost, cancelled}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            lost.cancel()
-            cancelled.cancel()
+        if self._changed is None:
+            self._changed = asyncio.Event()
+        if not (self._lost or self._cancelled):
+            await self._changed.wait()
 
     def mark_lost(self) -> None:
         """Record that the lease was lost (called by the worker's heartbeat)."""
-        self._lost.set()
+        self._lost = True
+        if self._changed is not None:
+            self._changed.set()
 
     def mark_cancelled(self) -> None:
         """Record that the batch was cancelled (called by the worker's heartbeat)."""
-        self._cancelled.set()
+        self._cancelled = True
+        if self._changed is not None:
+            self._changed.set()
 
 
 class CallbackContext(WriteBuffer):
