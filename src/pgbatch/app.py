@@ -113,7 +113,11 @@ class App:
             if self._db is not None:
                 return
             url = await asyncio.to_thread(resolve_url, self.settings)
-            db = Database(url, max_size=self.settings.pool_max_size)
+            db = Database(
+                url,
+                max_size=self.settings.pool_max_size,
+                connect_timeout_s=self.settings.connect_timeout_s,
+            )
             await db.open()
             if self.auto_migrate:
                 async with db.connection() as conn:

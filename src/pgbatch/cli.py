@@ -112,6 +112,7 @@ def worker(
 ) -> None:
     """Run a worker until SIGTERM (drains gracefully; a second SIGTERM stops at once)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.getLogger("psycopg.pool").setLevel(logging.NOTSET)
     if app_spec is None:
         _fail("worker needs --app module:attribute naming your pgbatch.App", 2)
     app = load_app(app_spec)
@@ -140,14 +141,14 @@ def worker(
 
 
 def _read_items(path: str) -> Iterator[Any]:
-    stream = sys.stdin if path == "-" else open(path, encoding="utf-8")
+    stream = sys.stdin.buffer if path == "-" else open(path, "rb")
     with stream:
         for line_no, line in enumerate(stream, 1):
             if line.strip():
                 try:
                     yield json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise PgbatchError(f"{path}:{line_no}: not valid JSON: {exc}") from None
+                except ValueError as exc:  # invalid JSON, or bytes that are not UTF-8
+                    raise PgbatchError(f"{path}:{line_no}: not valid UTF-8 JSON: {exc}") from None
 
 
 @cli.command()
@@ -221,6 +222,7 @@ def watch(batch_id: Annotated[int, typer.Argument()]) -> None:
     app = App()
 
     async def run() -> None:
+        await app.get_batch(batch_id)  # an unknown id is an error before any bar is drawn
         final = await watch_batch(app, batch_id, console=console)
         console.print(
             f"batch {batch_id} {final.status}: {final.items_ok} ok, {final.items_failed} failed"
@@ -328,6 +330,9 @@ def db_url() -> None:
 
 def main() -> None:
     """Run the CLI."""
+    # One-shot commands report a connection failure as one clear error, not as the pool's
+    # retry warnings; `pgbatch worker` turns them back on.
+    logging.getLogger("psycopg.pool").setLevel(logging.CRITICAL)
     cli()
 
 

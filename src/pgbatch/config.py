@@ -18,6 +18,8 @@ class Settings(BaseSettings):
     # No URL means the embedded server in data_dir; DATABASE_URL is the conventional name.
     database_url: str | None = Field(default=None, validation_alias="DATABASE_URL")
     data_dir: Path = Path(".pgbatch")
+    # How long to wait for the database when connecting before giving up with an error.
+    connect_timeout_s: float = Field(default=10.0, gt=0)
     # A worker process needs a claimer, a completer, a heartbeat and a spare; more
     # connections buy nothing because handlers do not hold one.
     pool_max_size: int = Field(default=6, ge=2)

@@ -17,7 +17,7 @@ import pytest
 import pgbatch
 from pgbatch.db.verify import verify_batch
 from tests.conftest import settings_for
-from tests.polling import eventually
+from tests.helpers import wait_until
 
 
 @pytest.fixture
@@ -80,7 +80,7 @@ async def test_a_batch_survives_a_database_restart(private_server: tuple[str, An
         async def some_progress() -> bool:
             return (await app.get_batch(batch.id)).shards_done >= 30
 
-        await eventually(some_progress)
+        await wait_until(some_progress, 20)
         await asyncio.to_thread(restart)
         final = await app.wait(batch.id, timeout_s=120)
         assert final.status == "succeeded" and final.items_ok == 3000
@@ -88,7 +88,7 @@ async def test_a_batch_survives_a_database_restart(private_server: tuple[str, An
         async def callback_ran() -> bool:
             return bool(callbacks)
 
-        await eventually(callback_ran, timeout_s=30)
+        await wait_until(callback_ran, 30)
     finally:
         worker.request_stop()
         await asyncio.wait_for(running, 60)

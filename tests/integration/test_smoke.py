@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 import pgbatch
-from tests.polling import eventually
+from tests.helpers import wait_until
 
 
 @pytest.mark.asyncio
@@ -35,7 +35,7 @@ async def test_batch_runs_to_completion_with_user_rows_and_callback(app: pgbatch
     async def callback_ran() -> bool:
         return bool(ran)
 
-    await eventually(callback_ran)
+    await wait_until(callback_ran, 20)
     worker.request_stop()
     await running
     assert done.status is pgbatch.BatchStatus.SUCCEEDED

@@ -13,7 +13,7 @@ import pytest
 import pgbatch
 from pgbatch.db.verify import verify_batch
 from tests.conftest import settings_for
-from tests.polling import eventually
+from tests.helpers import wait_until
 
 
 @asynccontextmanager
@@ -82,7 +82,7 @@ async def test_after_max_attempts_the_shard_is_dead_and_its_items_fail(app: pgba
         async def callback_ran() -> bool:
             return bool(ran)
 
-        await eventually(callback_ran)
+        await wait_until(callback_ran, 20)
     assert (done.status, done.items_failed, done.shards_dead) == ("failed", 6, 2)
     assert ran == ["failed"]
     errors = [o.error async for _, o in app.results(batch.id)]
@@ -230,7 +230,7 @@ async def test_a_handler_that_lost_its_lease_is_told_and_commits_nothing(
     try:
         batch = await app.submit("victim", range(3), shard_size=3)
         async with running(app, concurrency=1) as worker:
-            await eventually(lambda: _running_count(app))
+            await wait_until(lambda: _running_count(app), 20)
             async with app.db.connection() as conn:
                 # Another worker took the shard over: its epoch moved on.
                 await conn.execute("UPDATE pgbatch.shards SET lease_epoch = lease_epoch + 1")

@@ -50,8 +50,11 @@ async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
 class Database:
     """Own the pool of one process; every query of the engine goes through it."""
 
-    def __init__(self, url: str, *, max_size: int = 6, min_size: int = 1) -> None:
+    def __init__(
+        self, url: str, *, max_size: int = 6, min_size: int = 1, connect_timeout_s: float = 10.0
+    ) -> None:
         self.url = url
+        self.connect_timeout_s = connect_timeout_s
         self.pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] = AsyncConnectionPool(
             url,
             min_size=min_size,
@@ -66,7 +69,13 @@ class Database:
     async def open(self) -> None:
         """Open the pool and check that the server answers."""
         try:
-            await self.pool.open(wait=True, timeout=30)
+            # One direct connection first: a wrong URL fails at once with the server's own
+            # reason, where the pool would retry quietly until its timeout.
+            probe = await psycopg.AsyncConnection.connect(
+                self.url, connect_timeout=max(1, round(self.connect_timeout_s))
+            )
+            await probe.close()
+            await self.pool.open(wait=True, timeout=self.connect_timeout_s)
         except Exception as exc:
             raise ConfigurationError(
                 f"cannot connect to PostgreSQL: {exc}. Check DATABASE_URL "

@@ -1,0 +1,1 @@
+"""Acceptance tests: the CLI, worker processes and signals, the demo."""

@@ -1,0 +1,310 @@
+"""The `pgbatch` command line, run as real subprocesses against a real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.conninfo import make_conninfo
+
+from pgbatch.db.verify import verify_batch
+from tests.apps.chaos_app import FAILING_ENV
+from tests.helpers import (
+    CHAOS_APP,
+    CliResult,
+    WorkerGroup,
+    fetch_all,
+    fetch_one,
+    run_cli,
+    wait_until,
+)
+
+WORKER_ENV = {
+    "PGBATCH_RESCUE_INTERVAL_S": "0.2",
+    "PGBATCH_POLL_INTERVAL_S": "0.2",
+    "PGBATCH_RETRY_BACKOFF_BASE_S": "0.01",
+    "PGBATCH_RETRY_BACKOFF_MAX_S": "0.05",
+}
+# Bound on a few small shards run by a worker process, start-up included.
+FINISH_S = 60.0
+# `submit` prints this line; the tests read the batch id from it.
+SUBMITTED = re.compile(r"batch (\d+): (\d+) items in (\d+) shards")
+
+
+@pytest.fixture
+def workers(database_url: str, tmp_path: Path) -> Iterator[WorkerGroup]:
+    group = WorkerGroup(database_url, tmp_path, env=WORKER_ENV)
+    yield group
+    group.stop_all()
+    print(group.logs())  # shown by pytest only when the test failed
+
+
+def _items_file(tmp_path: Path, count: int, *, bad_line: int | None = None) -> Path:
+    path = tmp_path / f"items-{uuid.uuid4().hex[:6]}.ndjson"
+    lines = [json.dumps({"n": n, "text": f"item {n}"}) for n in range(count)]
+    if bad_line is not None:
+        lines[bad_line - 1] = "{not json"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+async def _submit(database_url: str, task: str, path: Path, *options: str) -> int:
+    result = await run_cli("submit", task, str(path), "--app", CHAOS_APP, *options,
+                           database_url=database_url)  # fmt: skip
+    assert result.code == 0, result.output
+    match = SUBMITTED.search(result.stdout)
+    assert match, result.output
+    return int(match.group(1))
+
+
+def _assert_clean_failure(result: CliResult, *fragments: str) -> None:
+    """A bad input: a non-zero exit, a readable message naming the problem, no traceback."""
+    assert result.code != 0, result.output
+    assert "Traceback" not in result.output, result.output
+    assert "error" in result.stderr.lower(), result.output
+    for fragment in fragments:
+        assert fragment in result.output, result.output
+
+
+async def _batch_count(database_url: str) -> int:
+    (count,) = await fetch_one(database_url, "SELECT count(*) FROM pgbatch.batches")
+    return int(count)
+
+
+async def _wait_finished(database_url: str, batch_id: int, workers: WorkerGroup) -> None:
+    async def finished() -> bool:
+        row = await fetch_one(
+            database_url,
+            "SELECT finished_at IS NOT NULL FROM pgbatch.batches WHERE id = %s",
+            (batch_id,),
+        )
+        return bool(row and row[0])
+
+    await wait_until(finished, FINISH_S, message=workers.logs)
+
+
+async def _verify(database_url: str, batch_id: int) -> Any:
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        return await verify_batch(conn, batch_id)
+
+
+@pytest.mark.asyncio
+async def test_migrate_applies_once_then_is_idempotent(server_url: str) -> None:
+    name = f"pgbatch_t_{uuid.uuid4().hex[:12]}"
+    admin = make_conninfo(server_url, dbname="postgres")
+    async with await psycopg.AsyncConnection.connect(admin, autocommit=True) as conn:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    url = make_conninfo(server_url, dbname=name)
+    try:
+        # Three at once on an empty database: the advisory lock lets exactly one apply.
+        first = await asyncio.gather(*(run_cli("migrate", database_url=url) for _ in range(3)))
+        for result in first:
+            assert result.code == 0, result.output
+        assert sum("applied migrations" in r.stdout for r in first) == 1, first
+        again = await run_cli("migrate", database_url=url)
+        assert again.code == 0, again.output
+        assert "schema is up to date" in again.stdout
+        versions = await fetch_all(url, "SELECT version FROM pgbatch.schema_migrations")
+        assert versions and len(versions) == len(set(versions))
+    finally:
+        async with await psycopg.AsyncConnection.connect(admin, autocommit=True) as conn:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.mark.asyncio
+async def test_submit_prints_the_id_and_status_shows_it(database_url: str, tmp_path: Path) -> None:
+    batch_id = await _submit(database_url, "slow", _items_file(tmp_path, 12), "--shard-size", "4")
+    row = await fetch_one(
+        database_url,
+        "SELECT task, total_items, total_shards, shard_size, status FROM pgbatch.batches "
+        "WHERE id = %s",
+        (batch_id,),
+    )
+    assert row == ("slow", 12, 3, 4, "pending")
+
+    listed = await run_cli("status", database_url=database_url)
+    assert listed.code == 0, listed.output
+    assert re.search(rf"\b{batch_id}\b.*\bslow\b.*\bpending\b.*0/12", listed.stdout), listed.stdout
+
+    shown = await run_cli("status", str(batch_id), database_url=database_url)
+    assert shown.code == 0, shown.output
+    assert re.search(rf"\b{batch_id}\b.*\bslow\b.*\bpending\b.*0/3", shown.stdout), shown.stdout
+
+
+@pytest.mark.asyncio
+async def test_cancel_stops_queued_and_running_shards(
+    database_url: str, tmp_path: Path, workers: WorkerGroup
+) -> None:
+    # 8 shards that block on their first attempt; a worker runs 2 of them.
+    batch_id = await _submit(database_url, "hang_first", _items_file(tmp_path, 40),
+                             "--on-complete", "record_done")  # fmt: skip
+    workers.start(concurrency=2)
+
+    async def two_running() -> bool:
+        rows = await fetch_all(
+            database_url,
+            "SELECT id FROM pgbatch.shards WHERE batch_id = %s AND status = 'running'",
+            (batch_id,),
+        )
+        return len(rows) == 2
+
+    await wait_until(two_running, FINISH_S, message=workers.logs)
+    result = await run_cli("cancel", str(batch_id), database_url=database_url)
+    assert result.code == 0, result.output
+    assert f"batch {batch_id} cancelled" in result.stdout
+    # Queued shards stop in the cancel itself; running ones at their next heartbeat.
+    await _wait_finished(database_url, batch_id, workers)
+
+    row = await fetch_one(
+        database_url,
+        "SELECT status, shards_done, total_shards, items_ok, items_failed FROM pgbatch.batches "
+        "WHERE id = %s",
+        (batch_id,),
+    )
+    assert row == ("cancelled", 8, 8, 0, 40)
+    statuses = await fetch_all(
+        database_url,
+        "SELECT status, count(*) FROM pgbatch.shards WHERE batch_id = %s GROUP BY status",
+        (batch_id,),
+    )
+    assert statuses == [("cancelled", 8)]
+    check = await _verify(database_url, batch_id)
+    assert check.every_item_has_one_result and check.results_ok == 0, check
+    errors = await fetch_all(
+        database_url,
+        "SELECT DISTINCT error FROM pgbatch.results WHERE batch_id = %s",
+        (batch_id,),
+    )
+    assert errors == [("cancelled",)]
+    assert (check.callbacks_inserted, check.callbacks_done) == (1, 1), check
+
+    again = await run_cli("cancel", str(batch_id), database_url=database_url)
+    assert again.code == 0, again.output
+    assert "already ended" in again.stdout
+
+    watched = await run_cli("watch", str(batch_id), database_url=database_url, timeout_s=30)
+    assert watched.code == 0, watched.output
+    assert f"batch {batch_id} cancelled: 0 ok, 40 failed" in watched.stdout
+
+
+@pytest.mark.asyncio
+async def test_retry_requeues_dead_shards_and_a_worker_reruns_them(
+    database_url: str, tmp_path: Path, workers: WorkerGroup
+) -> None:
+    batch_id = await _submit(database_url, "fails_until_fixed", _items_file(tmp_path, 30),
+                             "--max-attempts", "2", "--on-complete", "record_done")  # fmt: skip
+    broken = workers.start(name="broken", concurrency=4, env={FAILING_ENV: "1"})
+    await _wait_finished(database_url, batch_id, workers)
+    broken.terminate()
+    assert await broken.wait_exit(30) == 0
+
+    row = await fetch_one(
+        database_url,
+        "SELECT status, shards_dead, items_failed, run_no FROM pgbatch.batches WHERE id = %s",
+        (batch_id,),
+    )
+    assert row == ("failed", 3, 30, 1)
+    status = await run_cli("status", str(batch_id), database_url=database_url)
+    assert status.code == 0, status.output
+    assert "the handler is broken" in status.stdout
+
+    result = await run_cli("retry", str(batch_id), database_url=database_url)
+    assert result.code == 0, result.output
+    assert f"batch {batch_id}: 3 shards re-queued" in result.stdout
+    shards = await fetch_all(
+        database_url,
+        "SELECT status, attempts FROM pgbatch.shards WHERE batch_id = %s",
+        (batch_id,),
+    )
+    assert shards == [("queued", 0)] * 3
+
+    workers.start(name="fixed", concurrency=4)
+    await _wait_finished(database_url, batch_id, workers)
+    row = await fetch_one(
+        database_url,
+        "SELECT status, shards_done, shards_dead, items_ok, items_failed, run_no "
+        "FROM pgbatch.batches WHERE id = %s",
+        (batch_id,),
+    )
+    assert row == ("succeeded", 3, 0, 30, 0, 2)
+    check = await _verify(database_url, batch_id)
+    assert check.every_item_has_one_result and check.results_ok == 30, check
+    (user_rows,) = await fetch_one(
+        database_url,
+        "SELECT count(*) FROM chaos_rows WHERE batch_id = %s",
+        (batch_id,),
+    )
+    assert user_rows == 30
+
+    # One callback per run of the batch, each run once.
+    async def both_callbacks() -> list[Any] | None:
+        rows = await fetch_all(
+            database_url,
+            "SELECT run_no, status FROM chaos_callbacks WHERE batch_id = %s ORDER BY run_no",
+            (batch_id,),
+        )
+        return rows if len(rows) >= 2 else None
+
+    callbacks = await wait_until(both_callbacks, FINISH_S, message=workers.logs)
+    assert callbacks == [(1, "failed"), (2, "succeeded")]
+
+    watched = await run_cli("watch", str(batch_id), database_url=database_url, timeout_s=30)
+    assert watched.code == 0, watched.output
+    assert f"batch {batch_id} succeeded: 30 ok, 0 failed" in watched.stdout
+
+
+BAD_INPUTS: list[tuple[str, list[str], list[str]]] = [
+    # (case, arguments after `pgbatch`, fragments the message must contain)
+    ("unknown task", ["submit", "nosuchtask", "{items}", "--app", CHAOS_APP], ["nosuchtask"]),
+    ("shard size 0", ["submit", "slow", "{items}", "--app", CHAOS_APP, "--shard-size", "0"],
+     ["shard_size"]),
+    ("not JSON, first chunk", ["submit", "slow", "{bad3}", "--app", CHAOS_APP], [":3:", "JSON"]),
+    # Past the first COPY chunk (2,000 items): rows already sent must be rolled back.
+    ("not JSON, later chunk", ["submit", "slow", "{bad4500}", "--app", CHAOS_APP],
+     [":4500:", "JSON"]),
+    ("not UTF-8", ["submit", "slow", "{latin1}", "--app", CHAOS_APP], [":2:", "UTF-8"]),
+    ("NUL in a string", ["submit", "slow", "{nul}", "--app", CHAOS_APP], ["jsonb"]),
+    ("no items file", ["submit", "slow", "{missing}", "--app", CHAOS_APP], ["no such file"]),
+    ("status of unknown id", ["status", "424242"], ["424242"]),
+    ("cancel of unknown id", ["cancel", "424242"], ["424242"]),
+    ("retry of unknown id", ["retry", "424242"], ["424242"]),
+    ("watch of unknown id", ["watch", "424242"], ["424242"]),
+    ("app module missing", ["submit", "slow", "{items}", "--app", "no_such_module:app"],
+     ["no_such_module"]),
+    ("app attribute missing", ["submit", "slow", "{items}", "--app", "tests.apps.chaos_app:nope"],
+     ["tests.apps.chaos_app:nope"]),
+    ("app without attribute", ["submit", "slow", "{items}", "--app", "tests.apps.chaos_app"],
+     ["module:attribute"]),
+    ("worker, app module missing", ["worker", "--app", "no_such_module:app"], ["no_such_module"]),
+]  # fmt: skip
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(("args", "fragments"), [c[1:] for c in BAD_INPUTS],
+                         ids=[c[0] for c in BAD_INPUTS])  # fmt: skip
+async def test_bad_input_fails_cleanly_and_writes_nothing(
+    database_url: str, tmp_path: Path, args: list[str], fragments: list[str]
+) -> None:
+    files = {
+        "items": _items_file(tmp_path, 10),
+        "bad3": _items_file(tmp_path, 10, bad_line=3),
+        "bad4500": _items_file(tmp_path, 5000, bad_line=4500),
+        "missing": tmp_path / "missing.ndjson",
+        "latin1": tmp_path / "latin1.ndjson",
+        "nul": tmp_path / "nul.ndjson",
+    }
+    files["latin1"].write_bytes(b'{"n": 1}\n{"text": "caf\xe9"}\n')  # Latin-1, not UTF-8
+    files["nul"].write_text('{"n": 1}\n{"text": "a\\u0000b"}\n')  # jsonb cannot hold \u0000
+    argv = [a.format(**{k: str(v) for k, v in files.items()}) for a in args]
+    result = await run_cli(*argv, database_url=database_url, timeout_s=60)
+    _assert_clean_failure(result, *fragments)
+    assert await _batch_count(database_url) == 0
+    (items,) = await fetch_one(database_url, "SELECT count(*) FROM pgbatch.items")
+    assert items == 0

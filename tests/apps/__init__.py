@@ -1,0 +1,1 @@
+"""Apps that the acceptance and chaos tests run in worker processes."""

@@ -1,0 +1,1 @@
+"""Chaos tests: worker processes killed, frozen and restarted under a running batch."""

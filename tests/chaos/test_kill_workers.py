@@ -1,0 +1,254 @@
+"""Chaos: workers are SIGKILLed, frozen and restarted mid-batch; nothing is lost or doubled."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+import pgbatch
+from pgbatch.db.verify import verify_batch
+from tests.apps.chaos_app import build_app
+from tests.helpers import WorkerGroup, WorkerProcess, poll, wait_until
+
+# Worker settings: rescue and poll fast so that lost shards come back within the 2 s
+# lease of the `chaos` task; a killed callback's lease is as short.
+WORKER_ENV = {
+    "PGBATCH_RESCUE_INTERVAL_S": "0.2",
+    "PGBATCH_POLL_INTERVAL_S": "0.2",
+    "PGBATCH_CALLBACK_LEASE_TTL_S": "2",
+}
+# A frozen worker stays frozen this long: past its 2 s lease, so its shards are rescued
+# and re-claimed while it still believes it holds them (a zombie), and it wakes up while
+# their new holders may still be running them.
+STALL_S = (2.2, 3.5)
+# The callback runs once the batch has ended; it is quick, this is a generous bound.
+CALLBACK_WAIT_S = 30.0
+WORKER_STOP_S = 30.0
+
+
+def _seed() -> int:
+    # The seed fixes the sequence of events (which worker, kill or freeze, pauses), not
+    # the timing; PGBATCH_CHAOS_SEED replays the sequence of a failed run.
+    return int(os.environ.get("PGBATCH_CHAOS_SEED") or random.randrange(2**32))
+
+
+@dataclass(frozen=True, slots=True)
+class ChaosPlan:
+    """How hard to shake the workers."""
+
+    items: int
+    deadline_s: float
+    pause_s: tuple[float, float] = (0.8, 1.2)  # between two chaos events
+    stall_share: float = 0.25  # the other events are SIGKILL + restart
+    workers: int = 3
+    concurrency: int = 8
+    seed: int = field(default_factory=_seed)
+
+
+@dataclass(slots=True)
+class ChaosLog:
+    """What the chaos did."""
+
+    kills: int = 0
+    stalls: int = 0
+    events: list[str] = field(default_factory=list)
+
+
+@pytest.fixture
+def workers(database_url: str, tmp_path: Path) -> Iterator[WorkerGroup]:
+    group = WorkerGroup(database_url, tmp_path, env=WORKER_ENV)
+    yield group
+    group.stop_all()
+    # Shown by pytest only when the test failed.
+    print(group.logs())
+
+
+async def _run_chaos(database_url: str, workers: WorkerGroup, plan: ChaosPlan) -> None:
+    rng = random.Random(plan.seed)
+    print(f"chaos plan: {plan}")
+    app = build_app(pgbatch.Settings(database_url=database_url))
+    await app.open()
+    try:
+        batch = await app.submit("chaos", range(plan.items), on_complete="record_done")
+        slots: list[WorkerProcess] = [
+            workers.start(name=f"slot{n}", concurrency=plan.concurrency)
+            for n in range(plan.workers)
+        ]
+        log = ChaosLog()
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+            state = {"finished": False, "open_shards": -1}
+
+            async def settled() -> bool:
+                # One statement, one snapshot. A shard's terminal status and the batch
+                # counters commit together (invariants 2 and 3), so "no shard left open
+                # but the batch not finished" is never transient: it is a lost count.
+                cur = await conn.execute(
+                    """
+                    SELECT b.finished_at IS NOT NULL,
+                           (SELECT count(*) FROM pgbatch.shards s WHERE s.batch_id = b.id
+                              AND s.status IN ('queued', 'running'))
+                    FROM pgbatch.batches b WHERE b.id = %s
+                    """,
+                    (batch.id,),
+                )
+                row = await cur.fetchone()
+                assert row is not None
+                state["finished"], state["open_shards"] = row
+                return bool(state["finished"]) or state["open_shards"] == 0
+
+            # The pause between two events is itself a wait for the end of the batch.
+            while not await poll(settled, rng.uniform(*plan.pause_s)):
+                elapsed = time.monotonic() - started
+                if elapsed > plan.deadline_s:
+                    pytest.fail(
+                        f"batch {batch.id} did not end within {plan.deadline_s} s "
+                        f"(seed {plan.seed})\n{await _shard_report(conn, batch.id)}\n"
+                        f"events: {log.events}"
+                    )
+                slot = rng.randrange(plan.workers)
+                target = slots[slot]
+                if not target.stalled and rng.random() < plan.stall_share:
+                    target.stall()
+                    log.stalls += 1
+                    duration = rng.uniform(*STALL_S)
+                    loop.call_later(duration, target.resume)
+                    log.events.append(f"{elapsed:.1f}s stall {slot} for {duration:.1f}s")
+                else:
+                    target.kill()
+                    log.kills += 1
+                    slots[slot] = workers.start(name=f"slot{slot}", concurrency=plan.concurrency)
+                    log.events.append(f"{elapsed:.1f}s kill {slot}")
+            if not state["finished"]:
+                pytest.fail(
+                    f"every shard of batch {batch.id} is terminal but the batch never finished "
+                    f"(seed {plan.seed}): completions were lost or not counted\n"
+                    f"{await verify_batch(conn, batch.id)}\n{await app.get_batch(batch.id)}\n"
+                    f"events: {log.events}"
+                )
+            elapsed = time.monotonic() - started
+            print(f"batch ended after {elapsed:.1f} s; {log.kills} kills, {log.stalls} stalls")
+            print("\n".join(log.events))
+            for process in slots:
+                process.resume()
+
+            async def callback_done() -> bool:
+                return (await verify_batch(conn, batch.id)).callbacks_done >= 1
+
+            await wait_until(callback_done, CALLBACK_WAIT_S, message="the callback never ran")
+            for process in slots:
+                process.terminate()
+            for process in slots:
+                await process.wait_exit(WORKER_STOP_S)
+
+            await _check_outcome(conn, await app.get_batch(batch.id), plan.items)
+        fenced = sum(p.log_tail(10**9).count("lease lost before completion") for p in slots)
+        print(f"zombie completions fenced out (all worker logs): {fenced}")
+        assert log.kills >= 3, f"only {log.kills} kills happened: the chaos proved nothing"
+    finally:
+        await app.close()
+
+
+async def _shard_report(conn: psycopg.AsyncConnection[Any], batch_id: int) -> str:
+    """Describe the shards that are not finished, to diagnose a batch that never ends."""
+    cur = await conn.execute(
+        """
+        SELECT status, count(*), min(attempts), max(attempts) FROM pgbatch.shards
+        WHERE batch_id = %(b)s GROUP BY status ORDER BY status
+        """,
+        {"b": batch_id},
+    )
+    lines = [f"shards (status, count, min attempts, max attempts): {await cur.fetchall()}"]
+    cur = await conn.execute(
+        """
+        SELECT id, status, attempts, lease_epoch, worker_id,
+               round(extract(epoch FROM lease_expires_at - now())::numeric, 1) AS lease_left_s,
+               round(extract(epoch FROM run_after - now())::numeric, 1) AS run_after_s,
+               last_error
+        FROM pgbatch.shards
+        WHERE batch_id = %(b)s AND status IN ('queued', 'running')
+        ORDER BY id LIMIT 20
+        """,
+        {"b": batch_id},
+    )
+    lines += [f"  open shard: {row}" for row in await cur.fetchall()]
+    cur = await conn.execute(
+        "SELECT pid, state, wait_event_type, wait_event, left(query, 60) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    )
+    lines += [f"  session: {row}" for row in await cur.fetchall()]
+    return "\n".join(lines)
+
+
+async def _check_outcome(
+    conn: psycopg.AsyncConnection[Any], batch: pgbatch.Batch, items: int
+) -> None:
+    check = await verify_batch(conn, batch.id)
+    print(f"final batch: {batch}\nverification: {check}")
+    # Nothing lost, nothing doubled (invariant 4).
+    assert check.items == items
+    assert check.every_item_has_one_result, check
+    assert check.shards_open == 0, check
+    # The handler always succeeds and max_attempts is far out of reach: every item is ok.
+    assert batch.status is pgbatch.BatchStatus.SUCCEEDED, batch
+    assert batch.shards_done == batch.total_shards, batch
+    assert (batch.items_ok, batch.items_failed) == (check.results_ok, items - check.results_ok)
+    assert check.results_ok == items, check
+    # The user's table has no primary key: a shard committed twice would show here.
+    rows, distinct_seqs, foreign_epochs = await _counts(
+        conn,
+        """
+        SELECT count(*), count(DISTINCT r.seq),
+               count(*) FILTER (WHERE r.lease_epoch <> s.lease_epoch)
+        FROM chaos_rows r JOIN pgbatch.shards s ON s.id = r.shard_id
+        WHERE r.batch_id = %s
+        """,
+        batch.id,
+    )
+    assert rows == distinct_seqs, f"{rows - distinct_seqs} duplicate user rows"
+    assert rows == check.results_ok, (rows, check.results_ok)
+    # Fencing (invariant 2): the rows that survive were written under the lease that
+    # finished the shard, never by a zombie whose lease had been taken over.
+    assert foreign_epochs == 0, f"{foreign_epochs} rows were committed by a fenced-out lease"
+    # Completed exactly once (invariant 3): one callback inserted, run and committed once.
+    assert (check.callbacks_inserted, check.callbacks_done) == (1, 1), check
+    (callback_rows,) = await _counts(
+        conn, "SELECT count(*) FROM chaos_callbacks WHERE batch_id = %s", batch.id
+    )
+    assert callback_rows == 1
+
+
+async def _counts(conn: psycopg.AsyncConnection[Any], sql: str, batch_id: int) -> tuple[int, ...]:
+    cur = await conn.execute(sql, (batch_id,))
+    row = await cur.fetchone()
+    assert row is not None
+    return tuple(int(v) for v in row)
+
+
+@pytest.mark.asyncio
+async def test_killed_and_frozen_workers_lose_and_double_nothing(
+    database_url: str, workers: WorkerGroup
+) -> None:
+    await _run_chaos(database_url, workers, ChaosPlan(items=20_000, deadline_s=120))
+
+
+@pytest.mark.long
+@pytest.mark.timeout(3600)
+@pytest.mark.asyncio
+async def test_soak_killed_and_frozen_workers(database_url: str, workers: WorkerGroup) -> None:
+    plan = ChaosPlan(
+        items=int(os.environ.get("PGBATCH_SOAK_ITEMS", "200000")),
+        deadline_s=float(os.environ.get("PGBATCH_SOAK_DEADLINE_S", "1800")),
+        pause_s=(0.5, 2.0),
+    )
+    await _run_chaos(database_url, workers, plan)
