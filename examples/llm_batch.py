@@ -84,7 +84,7 @@ async def notify_done(batch: pgbatch.Batch, ctx: pgbatch.CallbackContext) -> Non
     """Record that the batch ended; committed together with the callback's done mark."""
     ctx.copy_rows(
         "llm_batch_notifications",
-        [(batch.id, str(batch.status), batch.items_ok, batch.items_failed)],
+        [(batch.id, str(ctx.batch_status), batch.items_ok, batch.items_failed)],
         columns=("batch_id", "status", "items_ok", "items_failed"),
     )
 

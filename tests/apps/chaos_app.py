@@ -104,10 +104,10 @@ def build_app(settings: pgbatch.Settings | None = None) -> pgbatch.App:
             [
                 (
                     batch.id,
-                    str(batch.status),
+                    str(ctx.batch_status),
                     batch.items_ok,
                     batch.items_failed,
-                    batch.run_no,
+                    ctx.run_no,
                     os.getpid(),
                 )
             ],

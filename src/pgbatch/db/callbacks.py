@@ -29,6 +29,7 @@ class ClaimedCallback:
     name: str
     lease_epoch: int
     attempts: int
+    batch_status: str
 
 
 async def claim_callbacks(

@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from pgbatch.models import TableRows
+from pgbatch.models import BatchStatus, TableRows
 
 __all__ = ["CallbackContext", "ShardContext", "WriteBuffer"]
 
@@ -99,7 +99,13 @@ class ShardContext(WriteBuffer):
 class CallbackContext(WriteBuffer):
     """What a completion callback sees: rows it queues commit with the callback's done mark."""
 
-    def __init__(self, *, callback_id: int, attempt: int) -> None:
+    def __init__(
+        self, *, callback_id: int, attempt: int, run_no: int, batch_status: BatchStatus
+    ) -> None:
         super().__init__()
         self.callback_id = callback_id
         self.attempt = attempt
+        # Which run of the batch ended (a retry starts run 2), and how it ended. The Batch
+        # the callback receives is read when it runs, and may already be further along.
+        self.run_no = run_no
+        self.batch_status = batch_status

@@ -39,7 +39,7 @@ from pgbatch.db.shards import (
 from pgbatch.engine.completer import Completer
 from pgbatch.engine.context import CallbackContext, ShardContext
 from pgbatch.engine.notifier import Notifier
-from pgbatch.models import ClaimedShard, Outcome, ShardStatus
+from pgbatch.models import BatchStatus, ClaimedShard, Outcome, ShardStatus
 from pgbatch.tasks import CallbackSpec, TaskSpec
 
 if TYPE_CHECKING:
@@ -514,7 +514,12 @@ class Worker:
         try:
             async with db.connection() as conn:
                 batch = await get_batch(conn, callback.batch_id)
-            ctx = CallbackContext(callback_id=callback.id, attempt=callback.attempts)
+            ctx = CallbackContext(
+                callback_id=callback.id,
+                attempt=callback.attempts,
+                run_no=callback.run_no,
+                batch_status=BatchStatus(callback.batch_status),
+            )
             await spec.fn(batch, ctx)
 
             async def commit(conn: psycopg.AsyncConnection[Any]) -> bool:

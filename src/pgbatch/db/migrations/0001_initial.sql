@@ -87,6 +87,9 @@ CREATE TABLE pgbatch.callbacks (
     batch_id         bigint      NOT NULL REFERENCES pgbatch.batches (id) ON DELETE CASCADE,
     run_no           integer     NOT NULL,
     name             text        NOT NULL,
+    -- How the run ended, fixed when the callback was queued: the batch may be retried
+    -- and end differently before the callback runs.
+    batch_status     text        NOT NULL,
     status           text        NOT NULL DEFAULT 'queued'
         CHECK (status IN ('queued', 'running', 'done', 'dead')),
     attempts         integer     NOT NULL DEFAULT 0,

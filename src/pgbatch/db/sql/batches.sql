@@ -79,8 +79,9 @@ WITH delta AS (
     WHERE b.id = d.batch_id AND l.id = b.id
     RETURNING b.id, b.run_no, b.on_complete, b.status, b.shards_done = b.total_shards AS finished
 ), callback AS (
-    INSERT INTO pgbatch.callbacks (batch_id, run_no, name)
-    SELECT id, run_no, on_complete FROM updated WHERE finished AND on_complete IS NOT NULL
+    INSERT INTO pgbatch.callbacks (batch_id, run_no, name, batch_status)
+    SELECT id, run_no, on_complete, status FROM updated
+    WHERE finished AND on_complete IS NOT NULL
     ON CONFLICT (batch_id, run_no) DO NOTHING
     RETURNING batch_id
 )
@@ -92,8 +93,8 @@ ORDER BY u.id;
 
 -- name: batch_finish_if_empty
 -- The submit transaction of an empty batch is the one that finishes it.
-INSERT INTO pgbatch.callbacks (batch_id, run_no, name)
-SELECT id, run_no, on_complete FROM pgbatch.batches
+INSERT INTO pgbatch.callbacks (batch_id, run_no, name, batch_status)
+SELECT id, run_no, on_complete, status FROM pgbatch.batches
 WHERE id = %(batch_id)s AND total_shards = 0 AND on_complete IS NOT NULL
 ON CONFLICT (batch_id, run_no) DO NOTHING;
 

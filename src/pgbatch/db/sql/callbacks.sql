@@ -9,7 +9,7 @@ WITH claimed AS (
         ORDER BY q.id
         LIMIT %(limit)s
         FOR UPDATE SKIP LOCKED)
-    RETURNING c.id, c.batch_id, c.run_no, c.name, c.lease_epoch, c.attempts
+    RETURNING c.id, c.batch_id, c.run_no, c.name, c.lease_epoch, c.attempts, c.batch_status
 )
 SELECT * FROM claimed ORDER BY id;
 
