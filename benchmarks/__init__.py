@@ -1,0 +1,1 @@
+"""Benchmarks: scripts that print pgbatch figures and their ratios to a same-run baseline."""
