@@ -184,6 +184,8 @@ class App:
         await self.open()
         async with self.db.connection() as conn:
             result = await batch_queries.submit_batch(conn, spec, items)
+            if result.batch is not None:
+                return result.batch
             return await batch_queries.get_batch(conn, result.batch_id)
 
     def _batch_spec(

@@ -75,6 +75,7 @@ class SubmitResult:
 
     batch_id: int
     created: bool
+    batch: Batch | None = None  # the batch as committed, when this call created it
 
 
 class _ItemEncoder:
@@ -163,24 +164,22 @@ async def submit_batch(
                 f"an item cannot be stored as jsonb: {exc.diag.message_primary}", field="items"
             ) from None
         total_items = encoder.count
-        total_shards = -(-total_items // spec.shard_size)
-        await conn.execute(
-            query("batch_seal"),
-            {
-                "batch_id": batch_id,
-                "total_items": total_items,
-                "total_shards": total_shards,
-                "payload_hash": encoder.digest.digest(),
-            },
-        )
-        if total_shards:
-            await conn.execute(query("shard_create_many"), {"batch_id": batch_id})
-            await conn.execute(query("shard_notify_queue"), {"queue": spec.queue})
-        else:
-            await conn.execute(query("batch_finish_if_empty"), {"batch_id": batch_id})
-            await conn.execute(query("callback_notify"))
-        await conn.execute(query("batch_notify_progress"), {"batch_id": batch_id})
-    return SubmitResult(batch_id, created=True)
+        async with conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(
+                query("batch_seal"),
+                {
+                    "batch_id": batch_id,
+                    "total_items": total_items,
+                    "total_shards": -(-total_items // spec.shard_size),
+                    "payload_hash": encoder.digest.digest(),
+                },
+            )
+            row = await cur.fetchone()
+        assert row is not None
+        for notified in ("notified_shards", "notified_callbacks", "notified_progress"):
+            del row[notified]
+        batch = batch_from_row(row)
+    return SubmitResult(batch_id, created=True, batch=batch)
 
 
 async def _resolve_idempotent(

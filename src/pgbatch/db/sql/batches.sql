@@ -12,15 +12,44 @@ RETURNING id;
 SELECT id, payload_hash FROM pgbatch.batches WHERE idempotency_key = %(idempotency_key)s;
 
 -- name: batch_seal
--- Records the totals once every item is written; an empty batch is finished here.
-UPDATE pgbatch.batches
-SET total_items  = %(total_items)s,
-    total_shards = %(total_shards)s,
-    payload_hash = %(payload_hash)s,
-    status       = CASE WHEN %(total_shards)s = 0 THEN 'succeeded' ELSE 'pending' END,
-    started_at   = CASE WHEN %(total_shards)s = 0 THEN now() END,
-    finished_at  = CASE WHEN %(total_shards)s = 0 THEN now() END
-WHERE id = %(batch_id)s;
+-- Once every item is written: record the totals, create the shards set-based (contiguous
+-- seq ranges), finish an empty batch at once with its callback, wake the workers and
+-- return the batch, all in one round trip.
+WITH sealed AS (
+    UPDATE pgbatch.batches
+    SET total_items  = %(total_items)s,
+        total_shards = %(total_shards)s,
+        payload_hash = %(payload_hash)s,
+        status       = CASE WHEN %(total_shards)s = 0 THEN 'succeeded' ELSE 'pending' END,
+        started_at   = CASE WHEN %(total_shards)s = 0 THEN now() END,
+        finished_at  = CASE WHEN %(total_shards)s = 0 THEN now() END
+    WHERE id = %(batch_id)s
+    RETURNING *
+), shards AS (
+    INSERT INTO pgbatch.shards
+        (batch_id, shard_no, first_seq, last_seq, task, queue, priority, max_attempts,
+         lease_ttl_s)
+    SELECT b.id, g, g::bigint * b.shard_size,
+           least((g + 1)::bigint * b.shard_size, b.total_items) - 1,
+           b.task, b.queue, b.priority, b.max_attempts, b.lease_ttl_s
+    FROM sealed b, generate_series(0, b.total_shards - 1) AS g
+), callback AS (
+    INSERT INTO pgbatch.callbacks (batch_id, run_no, name, batch_status)
+    SELECT id, run_no, on_complete, status FROM sealed
+    WHERE total_shards = 0 AND on_complete IS NOT NULL
+    ON CONFLICT (batch_id, run_no) DO NOTHING
+    RETURNING 1
+)
+SELECT id, task, queue, priority, status, shard_size, max_attempts, lease_ttl_s,
+       total_items, total_shards, shards_done, shards_dead, items_ok, items_failed,
+       run_no, on_complete, idempotency_key, version, created_at, started_at, finished_at,
+       -- NOTIFY is delivered at commit; these columns only make the calls happen.
+       CASE WHEN total_shards > 0 THEN pg_notify('pgbatch_shards', queue)::text END
+           AS notified_shards,
+       CASE WHEN EXISTS (SELECT 1 FROM callback) THEN pg_notify('pgbatch_callbacks', '')::text
+       END AS notified_callbacks,
+       pg_notify('pgbatch_progress', id::text)::text AS notified_progress
+FROM sealed;
 
 -- name: batch_get
 SELECT id, task, queue, priority, status, shard_size, max_attempts, lease_ttl_s,
@@ -90,13 +119,6 @@ SELECT u.id, u.finished, u.status,
        pg_notify('pgbatch_progress', u.id::text)::text AS notified
 FROM updated u
 ORDER BY u.id;
-
--- name: batch_finish_if_empty
--- The submit transaction of an empty batch is the one that finishes it.
-INSERT INTO pgbatch.callbacks (batch_id, run_no, name, batch_status)
-SELECT id, run_no, on_complete, status FROM pgbatch.batches
-WHERE id = %(batch_id)s AND total_shards = 0 AND on_complete IS NOT NULL
-ON CONFLICT (batch_id, run_no) DO NOTHING;
 
 -- name: batch_cancel_queued_shards
 -- Queued shards stop here and their items get a terminal 'cancelled' result; running
