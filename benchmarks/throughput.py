@@ -149,23 +149,18 @@ async def measure_copy_ceiling(conninfo: str, kind: str, rows: int) -> float:
     """Return rows/s of one COPY, in one transaction, of pre-encoded rows into a logged table.
 
     `kind` "results" writes rows shaped and encoded like pgbatch.results (batch_id, seq, ok,
-    output, error); "items" like pgbatch.items (batch_id, seq, payload jsonb). Both tables
-    are logged and have the same primary key as pgbatch's; only the server's work is timed.
+    output, error); "items" like pgbatch.items (batch_id, seq, payload). Both tables are
+    created LIKE pgbatch's own (same types, key and checks); only the server's work is timed.
     """
     if kind == "results":
-        ddl = (
-            "CREATE TABLE bench_ceiling (batch_id bigint NOT NULL, seq bigint NOT NULL, "
-            "ok boolean NOT NULL, output jsonb, error text, PRIMARY KEY (batch_id, seq))"
-        )
+        # The same columns, types, key and checks as pgbatch's own table.
+        ddl = "CREATE TABLE bench_ceiling (LIKE pgbatch.results INCLUDING ALL)"
         chunks = [
             encode_result_rows(1, ((seq, _OK) for seq in _chunk(start, rows)))
             for start in range(0, rows, CEILING_CHUNK_ROWS)
         ]
     else:
-        ddl = (
-            "CREATE TABLE bench_ceiling (batch_id bigint NOT NULL, seq bigint NOT NULL, "
-            "payload jsonb NOT NULL, PRIMARY KEY (batch_id, seq))"
-        )
+        ddl = "CREATE TABLE bench_ceiling (LIKE pgbatch.items INCLUDING ALL)"
         chunks = [
             b"".join(b"1\t%d\t%s\n" % (seq, encode_json({"n": seq})) for seq in _chunk(start, rows))
             for start in range(0, rows, CEILING_CHUNK_ROWS)

@@ -82,10 +82,10 @@ async def test_zombie_completion_is_rejected_and_writes_nothing(app: pgbatch.App
     async with app.db.connection() as conn:
         writers = await (await conn.execute("SELECT DISTINCT writer FROM side_effects")).fetchall()
         outputs = await (
-            await conn.execute("SELECT DISTINCT output FROM pgbatch.results")
+            await conn.execute("SELECT DISTINCT output::text FROM pgbatch.results")
         ).fetchall()
         count = await (await conn.execute("SELECT count(*) FROM side_effects")).fetchone()
-    assert writers == [("B",)] and outputs == [("B",)] and count == (5,)
+    assert writers == [("B",)] and outputs == [('"B"',)] and count == (5,)
     final = await app.get_batch(batch.id)
     assert (final.items_ok, final.shards_done, final.status) == (5, 1, "succeeded")
 

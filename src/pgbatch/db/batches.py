@@ -159,9 +159,8 @@ async def submit_batch(
                 async for chunk in _chunks(items, encoder):
                     await copy.write(chunk)
         except psycopg.errors.DataError as exc:
-            # e.g. a \u0000 inside a string, which jsonb cannot hold
             raise InvalidBatchError(
-                f"an item cannot be stored as jsonb: {exc.diag.message_primary}", field="items"
+                f"an item cannot be stored as JSON: {exc.diag.message_primary}", field="items"
             ) from None
         total_items = encoder.count
         async with conn.cursor(row_factory=dict_row) as cur:

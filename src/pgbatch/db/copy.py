@@ -52,7 +52,7 @@ def _encode_field(value: Any) -> bytes:
         return value.isoformat().encode()
     if isinstance(value, bytes):
         return b"\\\\x" + value.hex().encode()
-    # dicts and lists go to json/jsonb columns
+    # dicts and lists go to json or jsonb columns
     return encode_json(value)
 
 

@@ -39,13 +39,16 @@ CREATE TABLE pgbatch.batches (
 
 CREATE INDEX batches_status_created_idx ON pgbatch.batches (status, created_at);
 
+-- Items and outputs are json, not jsonb: pgbatch never looks inside them, and json is
+-- stored and returned as the text it was given, which COPY writes and the claim reads
+-- back about twice as fast as jsonb's parse and re-serialisation.
 -- No foreign key to batches on items and results: they are written only by pgbatch, in
 -- the transactions that create the batch or hold its shard, and a per-row RI check on
 -- millions of COPY rows would cost more than the rest of the write.
 CREATE TABLE pgbatch.items (
     batch_id bigint NOT NULL,
     seq      bigint NOT NULL,
-    payload  jsonb  NOT NULL,
+    payload  json   NOT NULL,
     PRIMARY KEY (batch_id, seq)
 );
 
@@ -83,7 +86,7 @@ CREATE TABLE pgbatch.results (
     batch_id bigint  NOT NULL,
     seq      bigint  NOT NULL,
     ok       boolean NOT NULL,
-    output   jsonb,
+    output   json,
     error    text,
     PRIMARY KEY (batch_id, seq),
     CHECK (ok = (error IS NULL))
