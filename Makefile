@@ -34,8 +34,9 @@ soak: $(BIN)/.installed
 
 bench: $(BIN)/.installed
 	$(BIN)/pip install --quiet -e '.[dev,bench]'
-	$(BIN)/python benchmarks/throughput.py
 	$(BIN)/python benchmarks/peers.py
+	$(BIN)/python benchmarks/throughput.py
+	$(BIN)/python benchmarks/ingest.py --private-server
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

@@ -10,15 +10,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-__all__ = ["GroupCommitStats", "GroupCommitter", "GroupCommitterClosedError"]
+__all__ = [
+    "GroupCommitStats",
+    "GroupCommitter",
+    "GroupCommitterClosedError",
+    "isolate_failures",
+    "nearest_rank",
+]
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+# Flush latencies kept for percentiles: enough for a stable p99, small enough to copy on read.
+RECENT_FLUSHES = 2048
 
 FlushFn = Callable[[Sequence[T]], Awaitable[Sequence["R | BaseException"]]]
 
@@ -39,11 +50,52 @@ class GroupCommitStats:
     max_flush_size: int = 0
     # flush size → number of flushes of that size, for the size distribution
     flush_sizes: dict[int, int] = field(default_factory=dict)
+    # the most submissions ever seen waiting at once (the queue's high-water mark)
+    max_queue_depth: int = 0
+    # durations of the latest flushes, for latency percentiles
+    recent_flush_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_FLUSHES))
 
     @property
     def mean_flush_size(self) -> float:
         """Return the mean number of items per flush."""
         return self.items / self.flushes if self.flushes else 0.0
+
+    def flush_seconds_percentile(self, q: float) -> float:
+        """Return the q-th percentile (0..100) of the recent flush durations (0 if none)."""
+        return nearest_rank(self.recent_flush_seconds, q)
+
+
+def nearest_rank(values: Iterable[float], q: float) -> float:
+    """Return the q-th percentile (0..100) of `values` by nearest rank, 0.0 if there are none."""
+    ordered = sorted(values)
+    if not ordered:
+        return 0.0
+    return ordered[max(1, math.ceil(q / 100 * len(ordered))) - 1]
+
+
+async def isolate_failures(
+    items: Sequence[T],
+    attempt: Callable[[Sequence[T]], Awaitable[object]],
+    is_item_error: Callable[[Exception], bool],
+) -> list[tuple[T, Exception]]:
+    """Write `items` with `attempt`, bisecting on item errors; return the items that fail alone.
+
+    `attempt` must be all-or-nothing (run it in a savepoint): a failed attempt leaves no
+    trace and a successful one stays, so later halves see what earlier halves wrote. Errors
+    that `is_item_error` does not recognise propagate. With k bad items among n this takes
+    about 2·k·log2(n) attempts instead of n.
+    """
+    try:
+        await attempt(items)
+        return []
+    except Exception as exc:
+        if not is_item_error(exc):
+            raise
+        if len(items) <= 1:
+            return [(item, exc) for item in items]
+    middle = len(items) // 2
+    failed = await isolate_failures(items[:middle], attempt, is_item_error)
+    return failed + await isolate_failures(items[middle:], attempt, is_item_error)
 
 
 class GroupCommitter(Generic[T, R]):
@@ -93,6 +145,9 @@ class GroupCommitter(Generic[T, R]):
             self.start()
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         await self._queue.put((item, future))
+        depth = self._queue.qsize()
+        if depth > self.stats.max_queue_depth:
+            self.stats.max_queue_depth = depth
         return await future
 
     async def stop(self) -> None:
@@ -121,7 +176,9 @@ class GroupCommitter(Generic[T, R]):
                     if remaining <= 0:
                         break
                     try:
-                        entry = await asyncio.wait_for(self._queue.get(), remaining)
+                        # asyncio.timeout, not wait_for: no task per waited item
+                        async with asyncio.timeout(remaining):
+                            entry = await self._queue.get()
                     except TimeoutError:
                         break
                 if entry is _STOP:
@@ -153,6 +210,7 @@ class GroupCommitter(Generic[T, R]):
         stats.items += len(batch)
         stats.flush_seconds_total += elapsed
         stats.last_flush_seconds = elapsed
+        stats.recent_flush_seconds.append(elapsed)
         stats.max_flush_size = max(stats.max_flush_size, len(batch))
         stats.flush_sizes[len(batch)] = stats.flush_sizes.get(len(batch), 0) + 1
         for (_, future), result in zip(batch, results, strict=True):

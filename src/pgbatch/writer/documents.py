@@ -1,0 +1,148 @@
+"""Documents: identities hashed to keys, bodies upserted with their references, set-based.
+
+A document has a natural identity such as {"type": "student", "id": "S-1"}; its key is
+a UUIDv5 of that identity, so anyone can compute it without the database. It references
+other documents by their identities. Posting an identity again replaces its body and its
+references, under the same rule: every reference must point at a document.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Mapping
+from types import TracebackType
+from typing import Any
+
+import orjson
+
+from pgbatch.db.database import Database
+from pgbatch.db.documents import DocumentRow, DocumentSink, create_document_tables
+from pgbatch.writer.errors import InvalidDocumentError
+from pgbatch.writer.models import WriteItem, WriteOutcome, WriterStats
+from pgbatch.writer.writer import (
+    DEFAULT_LANES,
+    DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_DELAY_MS,
+    Writer,
+)
+
+__all__ = [
+    "DEFAULT_PARTITION",
+    "DOCUMENT_NAMESPACE",
+    "DocumentRow",
+    "DocumentSink",
+    "DocumentWriter",
+    "Identity",
+    "create_document_tables",
+    "document_item",
+    "document_key",
+]
+
+# The namespace of every document key. Fixed forever: changing it changes every key.
+DOCUMENT_NAMESPACE = uuid.UUID("6377e603-2131-48fb-a260-3fca85e99356")
+# Documents posted without a partition share this one, hence one lane: references
+# between documents posted at the same moment resolve only inside one flush, so only
+# callers who know their documents' partitions (tenant, school …) should spread them.
+DEFAULT_PARTITION = "default"
+
+Identity = Mapping[str, str | int]
+
+
+def _canonical(identity: Identity) -> str:
+    if not isinstance(identity, Mapping):
+        raise InvalidDocumentError(f"an identity is a mapping, not {type(identity).__name__}")
+    kind = identity.get("type")
+    if not isinstance(kind, str) or not kind:
+        raise InvalidDocumentError(f"an identity needs a non-empty string 'type': {identity!r}")
+    for name, value in identity.items():
+        if not isinstance(name, str) or isinstance(value, bool):
+            raise InvalidDocumentError(f"identity fields are strings or integers: {identity!r}")
+        if not isinstance(value, str | int):
+            raise InvalidDocumentError(f"identity fields are strings or integers: {identity!r}")
+    return orjson.dumps(identity, option=orjson.OPT_SORT_KEYS).decode()
+
+
+def document_key(identity: Identity) -> uuid.UUID:
+    """Return the key of the document with this identity: a UUIDv5 of its canonical JSON."""
+    return uuid.uuid5(DOCUMENT_NAMESPACE, _canonical(identity))
+
+
+def document_item(
+    identity: Identity,
+    body: Any,
+    *,
+    references: Iterable[Identity] = (),
+    partition: str | None = None,
+) -> WriteItem[uuid.UUID, DocumentRow]:
+    """Return the writer item of one document; raise InvalidDocumentError if it cannot be."""
+    canonical = _canonical(identity)
+    try:
+        body_json = orjson.dumps(body).decode()
+    except TypeError as exc:
+        raise InvalidDocumentError(f"the body is not JSON-serialisable: {exc}") from exc
+    return WriteItem(
+        key=uuid.uuid5(DOCUMENT_NAMESPACE, canonical),
+        payload=DocumentRow(str(identity["type"]), canonical, body_json),
+        references=frozenset(document_key(ref) for ref in references),
+        partition=DEFAULT_PARTITION if partition is None else partition,
+    )
+
+
+class DocumentWriter:
+    """Post single documents; concurrent posts are group-committed by a Writer."""
+
+    def __init__(
+        self,
+        db: Database,
+        *,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        max_delay_ms: float = DEFAULT_MAX_DELAY_MS,
+        lanes: int = DEFAULT_LANES,
+        max_queue: int | None = None,
+    ) -> None:
+        self.writer: Writer[uuid.UUID, DocumentRow] = Writer(
+            db,
+            DocumentSink(),
+            max_batch=max_batch,
+            max_delay_ms=max_delay_ms,
+            lanes=lanes,
+            max_queue=max_queue,
+            name="documents",
+        )
+
+    async def post(
+        self,
+        identity: Identity,
+        body: Any,
+        *,
+        references: Iterable[Identity] = (),
+        partition: str | None = None,
+    ) -> WriteOutcome[uuid.UUID]:
+        """Write one document; return its outcome once it committed (or was rejected)."""
+        item = document_item(identity, body, references=references, partition=partition)
+        return await self.writer.write(item)
+
+    @property
+    def stats(self) -> WriterStats:
+        """Return the writer's counters."""
+        return self.writer.stats
+
+    def start(self) -> None:
+        """Start flushing."""
+        self.writer.start()
+
+    async def stop(self) -> None:
+        """Flush everything accepted, then stop."""
+        await self.writer.stop()
+
+    async def __aenter__(self) -> DocumentWriter:
+        self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
