@@ -263,3 +263,16 @@ async def fetch_all(database_url: str, sql: str, params: Any = None) -> list[Any
     async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
         cur = await conn.execute(sql, params)
         return await cur.fetchall()
+
+
+def register_noop(app: Any) -> None:
+    """Register task "t" (every item ok) and callback "cb" (does nothing) on a pgbatch App."""
+    import pgbatch
+
+    @app.task(name="t")
+    async def noop(items: list[pgbatch.Item], ctx: pgbatch.ShardContext) -> list[pgbatch.Outcome]:
+        return [pgbatch.ok() for _ in items]
+
+    @app.callback(name="cb")
+    async def cb(batch: pgbatch.Batch, ctx: pgbatch.CallbackContext) -> None:
+        return None

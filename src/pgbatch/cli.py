@@ -275,7 +275,7 @@ def sizing(
     lease_ttl_s: Annotated[float, typer.Option(min=0.001, help="Lease TTL of the task.")] = 30.0,
     overhead_ms: Annotated[
         float, typer.Option(min=0, help="Claim + completion cost per shard (docs/sizing.md).")
-    ] = 1.0,
+    ] = 3.0,
 ) -> None:
     """Suggest a shard size from the handler's time per item and the measured commit latency."""
     from pgbatch.db.verify import measure_commit_latency_s

@@ -30,8 +30,8 @@ class Settings(BaseSettings):
     rescue_interval_s: float = Field(default=1.0, gt=0)
     # Group commit of shard completions: a flush waits at most this long for company...
     completer_max_delay_ms: float = Field(default=2.0, ge=0)
-    # ...and holds at most this many shards; 500 keeps one flush under ~50 ms at the
-    # largest shard sizes measured in docs/performance.md.
+    # ...and holds at most this many shards: it bounds one transaction (500 shards of 100
+    # items is a 50,000-row COPY, tens of ms here) and the completer's queue (4x this).
     completer_max_batch: int = Field(default=500, ge=1)
     # Retry backoff for a failed shard: base * 2**(attempt-1), capped, then "equal jitter"
     # (half of it fixed, half random) so retries neither stampede nor come back at once.

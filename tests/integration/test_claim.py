@@ -12,6 +12,7 @@ import pytest
 
 import pgbatch
 from pgbatch.db.shards import claim_shards
+from tests.helpers import register_noop
 
 CLAIMERS_AT_ONCE = 32
 
@@ -61,15 +62,9 @@ async def _read_then_write_claim(conn: psycopg.AsyncConnection[Any]) -> list[tup
     return [tuple(r) for r in await cur.fetchall()]  # type: ignore[misc]
 
 
-def _register(app: pgbatch.App) -> None:
-    @app.task(name="t")
-    async def noop(items: list[pgbatch.Item], ctx: pgbatch.ShardContext) -> list[pgbatch.Outcome]:
-        return [pgbatch.ok() for _ in items]
-
-
 @pytest.mark.asyncio
 async def test_32_claimers_released_together_one_wins(app: pgbatch.App, database_url: str) -> None:
-    _register(app)
+    register_noop(app)
     await app.submit("t", [1])
     results = await _race(database_url, _real_claim)
     winners = [claimed for claimed in results if claimed]
@@ -82,7 +77,7 @@ async def test_the_race_harness_catches_a_read_then_write_claim(
     app: pgbatch.App, database_url: str
 ) -> None:
     """The same harness on a broken claim must see several winners, or it proves nothing."""
-    _register(app)
+    register_noop(app)
     await app.submit("t", [1])
     results = await _race(database_url, _read_then_write_claim)
     assert len([claimed for claimed in results if claimed]) > 1
@@ -92,7 +87,7 @@ async def test_the_race_harness_catches_a_read_then_write_claim(
 async def test_8_claimers_over_2000_shards_never_claim_one_twice(
     app: pgbatch.App, database_url: str
 ) -> None:
-    _register(app)
+    register_noop(app)
     batch = await app.submit("t", range(2000), shard_size=1)
     conns = await _connections(database_url, 8)
     barrier = asyncio.Barrier(len(conns))
@@ -130,7 +125,7 @@ async def test_8_claimers_over_2000_shards_never_claim_one_twice(
 
 @pytest.mark.asyncio
 async def test_claim_respects_priority_queue_and_limit(app: pgbatch.App) -> None:
-    _register(app)
+    register_noop(app)
 
     @app.task(name="other", queue="other")
     async def other(items: list[pgbatch.Item], ctx: pgbatch.ShardContext) -> list[pgbatch.Outcome]:

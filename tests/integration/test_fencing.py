@@ -16,18 +16,9 @@ from pgbatch.db.shards import (
     rescue_expired_shards,
 )
 from pgbatch.models import ClaimedShard, ShardStatus, TableRows
+from tests.helpers import register_noop
 
 WRITERS = "SELECT writer, count(*) FROM side_effects GROUP BY 1 ORDER BY 1"
-
-
-def _register(app: pgbatch.App) -> None:
-    @app.task(name="t")
-    async def noop(items: list[pgbatch.Item], ctx: pgbatch.ShardContext) -> list[pgbatch.Outcome]:
-        return [pgbatch.ok() for _ in items]
-
-    @app.callback(name="cb")
-    async def cb(batch: pgbatch.Batch, ctx: pgbatch.CallbackContext) -> None:
-        return None
 
 
 def _completion(shard: ClaimedShard, writer: str) -> ShardCompletion:
@@ -65,7 +56,7 @@ async def _expire_all(app: pgbatch.App) -> None:
 
 @pytest.mark.asyncio
 async def test_zombie_completion_is_rejected_and_writes_nothing(app: pgbatch.App) -> None:
-    _register(app)
+    register_noop(app)
     async with app.db.connection() as conn:
         await conn.execute("CREATE TABLE side_effects (seq bigint, writer text)")
     batch = await app.submit("t", range(5), shard_size=5, on_complete="cb")
@@ -92,7 +83,7 @@ async def test_zombie_completion_is_rejected_and_writes_nothing(app: pgbatch.App
 
 @pytest.mark.asyncio
 async def test_zombie_that_completes_first_after_takeover_is_still_fenced(app: pgbatch.App) -> None:
-    _register(app)
+    register_noop(app)
     async with app.db.connection() as conn:
         await conn.execute("CREATE TABLE side_effects (seq bigint, writer text)")
     await app.submit("t", range(3), shard_size=3)
@@ -114,7 +105,7 @@ async def test_zombie_that_completes_first_after_takeover_is_still_fenced(app: p
 
 @pytest.mark.asyncio
 async def test_a_fenced_out_shard_does_not_spoil_its_flush(app: pgbatch.App) -> None:
-    _register(app)
+    register_noop(app)
     async with app.db.connection() as conn:
         await conn.execute("CREATE TABLE side_effects (seq bigint, writer text)")
     await app.submit("t", range(4), shard_size=1)
@@ -135,7 +126,7 @@ async def test_a_fenced_out_shard_does_not_spoil_its_flush(app: pgbatch.App) -> 
 async def test_concurrent_fan_in_counts_exactly_and_finishes_once(
     app: pgbatch.App, database_url: str
 ) -> None:
-    _register(app)
+    register_noop(app)
     async with app.db.connection() as conn:
         await conn.execute("CREATE TABLE side_effects (seq bigint, writer text)")
     total = 240

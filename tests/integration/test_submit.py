@@ -10,21 +10,12 @@ from typing import Any
 import pytest
 
 import pgbatch
+from tests.helpers import register_noop
 
 COUNT_ROWS = """
 SELECT (SELECT count(*) FROM pgbatch.batches), (SELECT count(*) FROM pgbatch.items),
        (SELECT count(*) FROM pgbatch.shards), (SELECT count(*) FROM pgbatch.callbacks)
 """
-
-
-def _register(app: pgbatch.App) -> None:
-    @app.task(name="t")
-    async def noop(items: list[pgbatch.Item], ctx: pgbatch.ShardContext) -> list[pgbatch.Outcome]:
-        return [pgbatch.ok() for _ in items]
-
-    @app.callback(name="cb")
-    async def cb(batch: pgbatch.Batch, ctx: pgbatch.CallbackContext) -> None:
-        return None
 
 
 async def _counts(app: pgbatch.App) -> tuple[int, ...]:
@@ -36,7 +27,7 @@ async def _counts(app: pgbatch.App) -> tuple[int, ...]:
 
 @pytest.mark.asyncio
 async def test_items_and_shard_ranges(app: pgbatch.App) -> None:
-    _register(app)
+    register_noop(app)
 
     async def items() -> AsyncIterator[dict[str, Any]]:
         for n in range(10):
@@ -61,7 +52,7 @@ async def test_items_and_shard_ranges(app: pgbatch.App) -> None:
 async def test_idempotency_same_payload_same_batch_different_payload_conflict(
     app: pgbatch.App,
 ) -> None:
-    _register(app)
+    register_noop(app)
     first = await app.submit("t", range(50), idempotency_key="nightly")
     again = await app.submit("t", iter(range(50)), idempotency_key="nightly")
     assert again.id == first.id
@@ -74,10 +65,10 @@ async def test_idempotency_same_payload_same_batch_different_payload_conflict(
 
 @pytest.mark.asyncio
 async def test_concurrent_submissions_with_one_key_make_one_batch(app: pgbatch.App) -> None:
-    _register(app)
+    register_noop(app)
     others = [pgbatch.App(settings=app.settings) for _ in range(6)]
     for other in others:
-        _register(other)
+        register_noop(other)
         await other.open()
     barrier = asyncio.Barrier(len(others))
 
@@ -96,7 +87,7 @@ async def test_concurrent_submissions_with_one_key_make_one_batch(app: pgbatch.A
 
 @pytest.mark.asyncio
 async def test_empty_batch_completes_at_once_with_its_callback(app: pgbatch.App) -> None:
-    _register(app)
+    register_noop(app)
     batch = await app.submit("t", [], on_complete="cb")
     assert (batch.status, batch.total_shards, batch.finished_at is not None) == (
         "succeeded", 0, True,
@@ -131,7 +122,7 @@ def _bad_items() -> Iterator[Any]:
 async def test_bad_input_is_a_clear_error_and_writes_nothing(
     app: pgbatch.App, kwargs: dict[str, Any], error: type[Exception], field: str
 ) -> None:
-    _register(app)
+    register_noop(app)
     arguments: dict[str, Any] = {"task": "t", "items": range(10), **kwargs}
     with pytest.raises(error) as raised:
         await app.submit(arguments.pop("task"), arguments.pop("items"), **arguments)
@@ -141,7 +132,7 @@ async def test_bad_input_is_a_clear_error_and_writes_nothing(
 
 @pytest.mark.asyncio
 async def test_any_json_string_round_trips_even_with_nul(app: pgbatch.App) -> None:
-    _register(app)
+    register_noop(app)
     batch = await app.submit("t", ["a\x00b", {"k": "\\ \t é"}])
     async with app.db.connection() as conn:
         rows = await (
@@ -154,7 +145,7 @@ async def test_any_json_string_round_trips_even_with_nul(app: pgbatch.App) -> No
 
 @pytest.mark.asyncio
 async def test_a_non_serialisable_item_is_named_by_position(app: pgbatch.App) -> None:
-    _register(app)
+    register_noop(app)
     with pytest.raises(pgbatch.ItemNotSerializableError, match="item 5000") as raised:
         await app.submit("t", _bad_items())
     assert raised.value.seq == 5000
@@ -162,7 +153,7 @@ async def test_a_non_serialisable_item_is_named_by_position(app: pgbatch.App) ->
 
 @pytest.mark.asyncio
 async def test_submit_streams_without_holding_the_items(app: pgbatch.App) -> None:
-    _register(app)
+    register_noop(app)
     count = 100_000
 
     def items() -> Iterator[dict[str, Any]]:
