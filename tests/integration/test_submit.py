@@ -64,6 +64,34 @@ async def test_idempotency_same_payload_same_batch_different_payload_conflict(
 
 
 @pytest.mark.asyncio
+async def test_short_lists_take_one_statement_and_match_the_copy_path(app: pgbatch.App) -> None:
+    register_noop(app)
+    items = [{"n": n, "s": "back\\slash"} for n in range(25)]
+    small = await app.submit("t", items, shard_size=10, idempotency_key="k")
+    # The same items streamed through COPY hash the same: one payload, one batch.
+    streamed = await app.submit("t", iter(items), shard_size=10, idempotency_key="k")
+    assert streamed.id == small.id and (small.total_items, small.total_shards) == (25, 3)
+    with pytest.raises(pgbatch.IdempotencyConflictError):
+        await app.submit("t", items[:-1], shard_size=10, idempotency_key="k")
+    big = await app.submit("t", iter(items), shard_size=10)
+    async with app.db.connection() as conn:
+        rows = await (
+            await conn.execute(
+                "SELECT batch_id, seq, payload::text FROM pgbatch.items ORDER BY batch_id, seq"
+            )
+        ).fetchall()
+        shards = await (
+            await conn.execute(
+                "SELECT batch_id, first_seq, last_seq FROM pgbatch.shards ORDER BY 1, 2"
+            )
+        ).fetchall()
+    by_batch = {b: [(seq, text) for bid, seq, text in rows if bid == b] for b in (small.id, big.id)}
+    assert by_batch[small.id] == by_batch[big.id]
+    assert [s[1:] for s in shards if s[0] == small.id] == [(0, 9), (10, 19), (20, 24)]
+    assert await _counts(app) == (2, 50, 6, 0)
+
+
+@pytest.mark.asyncio
 async def test_concurrent_submissions_with_one_key_make_one_batch(app: pgbatch.App) -> None:
     register_noop(app)
     others = [pgbatch.App(settings=app.settings) for _ in range(6)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-from collections.abc import AsyncIterable, Iterable
+from collections.abc import AsyncIterable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +39,10 @@ __all__ = [
 # per-write cost vanishes, small enough that a 10-million-item batch never sits in memory
 # (orjson's output buffers start at ~1 KB each, so a chunk peaks at about 1 MB per 500).
 COPY_CHUNK_ITEMS = 500
+# A list or tuple this short is sent in one statement (one round trip, the commit
+# included) instead of a COPY: what matters for small batches is latency, and COPY costs
+# four round trips.
+SMALL_BATCH_ITEMS = 1_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,19 +90,23 @@ class _ItemEncoder:
         self.count = 0
         self.digest = hashlib.sha256(spec.fingerprint())
 
-    def encode(self, items: list[Any]) -> bytes:
-        """Encode one chunk of items as COPY rows numbered from the running count."""
+    def payloads(self, items: Sequence[Any]) -> list[bytes]:
+        """Encode items as JSON and add them to the payload hash."""
         dumps = orjson.dumps
         try:
             payloads = [dumps(item) for item in items]
         except TypeError:
             self._raise_for_first_bad(items)
             raise
-        joined = b"\n".join(payloads)
         # The hash covers each payload and a newline, whatever the chunk boundaries.
-        self.digest.update(joined)
+        self.digest.update(b"\n".join(payloads))
         self.digest.update(b"\n")
-        if b"\\" in joined:
+        return payloads
+
+    def encode(self, items: list[Any]) -> bytes:
+        """Encode one chunk of items as COPY rows numbered from the running count."""
+        payloads = self.payloads(items)
+        if any(b"\\" in p for p in payloads):
             # COPY's text format reads a backslash as an escape: double them.
             payloads = [p.replace(b"\\", b"\\\\") for p in payloads]
         first, batch_id = self.count, self.batch_id
@@ -107,7 +115,7 @@ class _ItemEncoder:
             [b"%d\t%d\t%s\n" % (batch_id, first + n, p) for n, p in enumerate(payloads)]
         )
 
-    def _raise_for_first_bad(self, items: list[Any]) -> None:
+    def _raise_for_first_bad(self, items: Sequence[Any]) -> None:
         for offset, item in enumerate(items):
             try:
                 orjson.dumps(item)
@@ -148,6 +156,8 @@ async def submit_batch(
     items: Iterable[Any] | AsyncIterable[Any],
 ) -> SubmitResult:
     """Write a batch, its items and its shards in one transaction, or nothing at all."""
+    if isinstance(items, list | tuple) and len(items) <= SMALL_BATCH_ITEMS:
+        return await _submit_small(conn, spec, items)
     async with conn.transaction():
         row = await (await conn.execute(query("batch_insert"), _spec_params(spec))).fetchone()
         if row is None:
@@ -179,6 +189,31 @@ async def submit_batch(
             del row[notified]
         batch = batch_from_row(row)
     return SubmitResult(batch_id, created=True, batch=batch)
+
+
+async def _submit_small(
+    conn: psycopg.AsyncConnection[Any], spec: BatchSpec, items: Sequence[Any]
+) -> SubmitResult:
+    encoder = _ItemEncoder(0, spec)
+    payloads = encoder.payloads(items)
+    async with conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(
+            query("batch_submit_small"),
+            {
+                **_spec_params(spec),
+                "items": (b"[" + b",".join(payloads) + b"]").decode(),
+                "total_items": len(payloads),
+                "total_shards": -(-len(payloads) // spec.shard_size),
+                "payload_hash": encoder.digest.digest(),
+            },
+        )
+        row = await cur.fetchone()
+    if row is None:
+        return await _resolve_idempotent(conn, spec, items)
+    for notified in ("notified_shards", "notified_callbacks", "notified_progress"):
+        del row[notified]
+    batch = batch_from_row(row)
+    return SubmitResult(batch.id, created=True, batch=batch)
 
 
 async def _resolve_idempotent(

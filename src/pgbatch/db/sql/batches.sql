@@ -51,6 +51,53 @@ SELECT id, task, queue, priority, status, shard_size, max_attempts, lease_ttl_s,
        pg_notify('pgbatch_progress', id::text)::text AS notified_progress
 FROM sealed;
 
+-- name: batch_submit_small
+-- A short list of items in one statement: the batch, its items, shards and (if empty) its
+-- callback commit as one implicit transaction in one round trip, where the COPY path
+-- takes four. Same shapes as batch_insert + item_copy + batch_seal. No row back means
+-- the idempotency key is taken.
+WITH sealed AS (
+    INSERT INTO pgbatch.batches
+        (task, queue, priority, shard_size, max_attempts, lease_ttl_s, on_complete,
+         idempotency_key, total_items, total_shards, payload_hash, status, started_at,
+         finished_at)
+    VALUES
+        (%(task)s, %(queue)s, %(priority)s, %(shard_size)s, %(max_attempts)s, %(lease_ttl_s)s,
+         %(on_complete)s, %(idempotency_key)s, %(total_items)s, %(total_shards)s,
+         %(payload_hash)s,
+         CASE WHEN %(total_shards)s = 0 THEN 'succeeded' ELSE 'pending' END,
+         CASE WHEN %(total_shards)s = 0 THEN now() END,
+         CASE WHEN %(total_shards)s = 0 THEN now() END)
+    ON CONFLICT (idempotency_key) DO NOTHING
+    RETURNING *
+), items AS (
+    INSERT INTO pgbatch.items (batch_id, seq, payload)
+    SELECT b.id, e.ord - 1, e.payload
+    FROM sealed b, json_array_elements(%(items)s::json) WITH ORDINALITY AS e(payload, ord)
+), shards AS (
+    INSERT INTO pgbatch.shards
+        (batch_id, shard_no, first_seq, last_seq, task, queue, priority, max_attempts,
+         lease_ttl_s)
+    SELECT b.id, g, g::bigint * b.shard_size,
+           least((g + 1)::bigint * b.shard_size, b.total_items) - 1,
+           b.task, b.queue, b.priority, b.max_attempts, b.lease_ttl_s
+    FROM sealed b, generate_series(0, b.total_shards - 1) AS g
+), callback AS (
+    INSERT INTO pgbatch.callbacks (batch_id, run_no, name, batch_status)
+    SELECT id, run_no, on_complete, status FROM sealed
+    WHERE total_shards = 0 AND on_complete IS NOT NULL
+    RETURNING 1
+)
+SELECT id, task, queue, priority, status, shard_size, max_attempts, lease_ttl_s,
+       total_items, total_shards, shards_done, shards_dead, items_ok, items_failed,
+       run_no, on_complete, idempotency_key, version, created_at, started_at, finished_at,
+       CASE WHEN total_shards > 0 THEN pg_notify('pgbatch_shards', queue)::text END
+           AS notified_shards,
+       CASE WHEN EXISTS (SELECT 1 FROM callback) THEN pg_notify('pgbatch_callbacks', '')::text
+       END AS notified_callbacks,
+       pg_notify('pgbatch_progress', id::text)::text AS notified_progress
+FROM sealed;
+
 -- name: batch_get
 SELECT id, task, queue, priority, status, shard_size, max_attempts, lease_ttl_s,
        total_items, total_shards, shards_done, shards_dead, items_ok, items_failed,
