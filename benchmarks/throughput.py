@@ -572,7 +572,7 @@ async def _measure_all(app: App, conninfo: str, info: ServerInfo, items: int) ->
     )
     copy_items = await measure_copy_ceiling(conninfo, "items", items)
     out.row(
-        f"COPY {fmt_int(items)} item rows (jsonb), 1 tx, logged + PK",
+        f"COPY {fmt_int(items)} item rows (json), 1 tx, logged + PK",
         f"{fmt_int(copy_items)} rows/s",
     )
 

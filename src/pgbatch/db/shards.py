@@ -205,6 +205,9 @@ async def complete_shards(
     # One completion per (shard, epoch): a duplicate would write its results twice.
     unique = {(c.shard_id, c.lease_epoch): c for c in reversed(completions)}
     ordered = sorted(unique.values(), key=lambda c: (c.shard_id, c.lease_epoch))
+    # Not prepared: a generic plan built while the table held no running shard expects
+    # one row and nests loops over the flush, quadratic in its size (seconds per flush
+    # when it happened). A custom plan sees the real array lengths every time.
     cur = await conn.execute(
         query("shard_complete_many"),
         {
@@ -213,7 +216,6 @@ async def complete_shards(
             "statuses": [str(c.status) for c in ordered],
             "errors": [c.error for c in ordered],
         },
-        prepare=True,
     )
     # A zombie and the shard's new holder may sit in the same flush: match on the epoch too.
     report.accepted = {(shard_id, epoch) for shard_id, epoch in await cur.fetchall()}
@@ -245,7 +247,6 @@ async def complete_shards(
             "ok": [totals[b][2] for b in batch_ids],
             "failed": [totals[b][3] for b in batch_ids],
         },
-        prepare=True,
     )
     for batch_id, finished, _status, callback_inserted, _ in await cur.fetchall():
         if finished:
