@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 
@@ -26,6 +26,9 @@ from pgbatch.tasks import (
     Handler,
     TaskSpec,
 )
+
+if TYPE_CHECKING:
+    from pgbatch.engine.worker import Worker
 
 __all__ = ["App"]
 
@@ -362,8 +365,9 @@ class App:
 
     # -- workers ---------------------------------------------------------------------------
 
-    def worker(self, *, concurrency: int = 32, queues: list[str] | None = None) -> Any:
+    def worker(self, *, concurrency: int = 32, queues: list[str] | None = None) -> Worker:
         """Return a Worker for this app (call `await worker.run()`)."""
+        # Imported here: the worker module imports this one.
         from pgbatch.engine.worker import Worker
 
         return Worker(self, concurrency=concurrency, queues=queues)
