@@ -185,10 +185,7 @@ async def submit_batch(
             )
             row = await cur.fetchone()
         assert row is not None
-        for notified in ("notified_shards", "notified_callbacks", "notified_progress"):
-            del row[notified]
-        batch = batch_from_row(row)
-    return SubmitResult(batch_id, created=True, batch=batch)
+    return SubmitResult(batch_id, created=True, batch=_sealed_batch(row))
 
 
 async def _submit_small(
@@ -210,10 +207,13 @@ async def _submit_small(
         row = await cur.fetchone()
     if row is None:
         return await _resolve_idempotent(conn, spec, items)
-    for notified in ("notified_shards", "notified_callbacks", "notified_progress"):
-        del row[notified]
-    batch = batch_from_row(row)
+    batch = _sealed_batch(row)
     return SubmitResult(batch.id, created=True, batch=batch)
+
+
+def _sealed_batch(row: dict[str, Any]) -> Batch:
+    # batch_seal and batch_submit_small add columns that only make their NOTIFYs happen.
+    return batch_from_row({k: v for k, v in row.items() if not k.startswith("notified_")})
 
 
 async def _resolve_idempotent(
@@ -337,9 +337,6 @@ async def requeue_failed(
         query("batch_reopen"),
         {"batch_id": batch_id, "shards": shards, "dead": dead, "items": items},
     )
-    batch = await get_batch(conn, batch_id)
-    await conn.execute(query("shard_notify_queue"), {"queue": batch.queue})
-    await conn.execute(query("batch_notify_progress"), {"batch_id": batch_id})
     return int(shards)
 
 

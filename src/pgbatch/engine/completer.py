@@ -11,7 +11,7 @@ import psycopg
 
 from pgbatch.db.database import RETRYABLE_ERRORS, Database
 from pgbatch.db.shards import CompletionReport, ShardCompletion, complete_shards
-from pgbatch.engine.group_commit import GroupCommitter
+from pgbatch.engine.group_commit import GroupCommitStats, GroupCommitter
 
 __all__ = ["Completer", "CompletionOutcome"]
 
@@ -37,7 +37,7 @@ class Completer:
         self.isolated_flushes = 0
 
     @property
-    def stats(self) -> Any:
+    def stats(self) -> GroupCommitStats:
         """Return the group-commit counters."""
         return self.committer.stats
 

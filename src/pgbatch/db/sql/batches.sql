@@ -242,7 +242,6 @@ SET shards_done  = shards_done - %(shards)s,
     run_no       = CASE WHEN finished_at IS NULL THEN run_no ELSE run_no + 1 END,
     finished_at  = NULL,
     version      = version + 1
-WHERE id = %(batch_id)s;
-
--- name: batch_notify_progress
-SELECT pg_notify('pgbatch_progress', %(batch_id)s::text);
+WHERE id = %(batch_id)s
+-- The re-queued shards wake the workers of the batch's queue; watchers see the change.
+RETURNING pg_notify('pgbatch_shards', queue)::text, pg_notify('pgbatch_progress', id::text)::text;

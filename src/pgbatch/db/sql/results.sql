@@ -7,9 +7,3 @@ FROM pgbatch.results
 WHERE batch_id = %(batch_id)s AND seq > %(after_seq)s
 ORDER BY seq
 LIMIT %(limit)s;
-
--- name: result_error_samples
-SELECT seq, error FROM pgbatch.results
-WHERE batch_id = %(batch_id)s AND NOT ok
-ORDER BY seq
-LIMIT %(limit)s;

@@ -110,8 +110,3 @@ SET status = v.status, last_error = v.error, finished_at = now(),
 FROM outcome v, locked l
 WHERE s.id = v.id AND s.lease_epoch = v.epoch AND l.id = s.id
 RETURNING s.id, s.lease_epoch;
-
--- name: shard_count_by_status
-SELECT status, count(*)::int AS n FROM pgbatch.shards
-WHERE batch_id = %(batch_id)s
-GROUP BY status;
