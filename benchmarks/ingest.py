@@ -196,7 +196,7 @@ async def run_mode(
         if mode == "writer":
             async with DocumentWriter(db, **(settings or {})) as writer:
                 result = await run_ingest(
-                    writer.writer.write,
+                    writer.write,
                     mode=mode,
                     clients=clients,
                     duration_s=seconds,

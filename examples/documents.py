@@ -221,7 +221,7 @@ async def main(argv: list[str] | None = None) -> IngestResult:
         else:
             async with DocumentWriter(db) as writer:
                 result = await run_ingest(
-                    writer.writer.write,
+                    writer.write,
                     mode="writer",
                     clients=args.clients,
                     duration_s=args.seconds,

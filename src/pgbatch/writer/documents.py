@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable, Mapping
-from types import TracebackType
 from typing import Any
 
 import orjson
@@ -18,7 +17,7 @@ import orjson
 from pgbatch.db.database import Database
 from pgbatch.db.documents import DocumentRow, DocumentSink, create_document_tables
 from pgbatch.writer.errors import InvalidDocumentError
-from pgbatch.writer.models import WriteItem, WriteOutcome, WriterStats
+from pgbatch.writer.models import WriteItem, WriteOutcome
 from pgbatch.writer.writer import (
     DEFAULT_LANES,
     DEFAULT_MAX_BATCH,
@@ -88,7 +87,7 @@ def document_item(
     )
 
 
-class DocumentWriter:
+class DocumentWriter(Writer[uuid.UUID, DocumentRow]):
     """Post single documents; concurrent posts are group-committed by a Writer."""
 
     def __init__(
@@ -100,7 +99,7 @@ class DocumentWriter:
         lanes: int = DEFAULT_LANES,
         max_queue: int | None = None,
     ) -> None:
-        self.writer: Writer[uuid.UUID, DocumentRow] = Writer(
+        super().__init__(
             db,
             DocumentSink(),
             max_batch=max_batch,
@@ -120,29 +119,4 @@ class DocumentWriter:
     ) -> WriteOutcome[uuid.UUID]:
         """Write one document; return its outcome once it committed (or was rejected)."""
         item = document_item(identity, body, references=references, partition=partition)
-        return await self.writer.write(item)
-
-    @property
-    def stats(self) -> WriterStats:
-        """Return the writer's counters."""
-        return self.writer.stats
-
-    def start(self) -> None:
-        """Start flushing."""
-        self.writer.start()
-
-    async def stop(self) -> None:
-        """Flush everything accepted, then stop."""
-        await self.writer.stop()
-
-    async def __aenter__(self) -> DocumentWriter:
-        self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
+        return await self.write(item)
