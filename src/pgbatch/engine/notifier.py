@@ -31,6 +31,7 @@ class Notifier:
         on_notify: Callable[[str, str], None],
         *,
         on_connect: Callable[[], None] | None = None,
+        listening: asyncio.Event | None = None,
     ) -> None:
         self._db = db
         self._channels = list(channels)
@@ -38,7 +39,8 @@ class Notifier:
         # Called after every (re)connect: what was sent while nobody listened is lost,
         # so the owner should look at the database once.
         self._on_connect = on_connect
-        self.listening = asyncio.Event()  # test signal: the LISTEN is in place
+        # Test signal: the LISTEN is in place (an owner may pass its own event).
+        self.listening = listening or asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:

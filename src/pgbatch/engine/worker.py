@@ -155,8 +155,8 @@ class Worker:
             ["pgbatch_shards", "pgbatch_callbacks"],
             self._on_notify,
             on_connect=self._on_listen_connect,
+            listening=self.listening,
         )
-        self._notifier.listening = self.listening  # one event, set before or after run()
         self._notifier.start()
         helpers = [
             asyncio.create_task(self._heartbeat_loop(), name="pgbatch-heartbeat"),
