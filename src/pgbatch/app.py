@@ -167,6 +167,7 @@ class App:
         queue: str | None = None,
         idempotency_key: str | None = None,
         on_complete: str | None = None,
+        tenant: str = "default",
     ) -> Batch:
         """Store a batch of `items` for `task` and queue its shards; return the batch.
 
@@ -183,6 +184,7 @@ class App:
             queue=queue,
             idempotency_key=idempotency_key,
             on_complete=on_complete,
+            tenant=tenant,
         )
         await self.open()
         async with self.db.connection() as conn:
@@ -203,6 +205,7 @@ class App:
         queue: str | None,
         idempotency_key: str | None,
         on_complete: str | None,
+        tenant: str,
     ) -> batch_queries.BatchSpec:
         spec = self.tasks.get(task)
         if spec is None:
@@ -219,10 +222,9 @@ class App:
         lease_ttl_s = spec.lease_ttl_s if lease_ttl_s is None else lease_ttl_s
         queue = spec.queue if queue is None else queue
         _check_options(shard_size, max_attempts, lease_ttl_s, queue)
-        if isinstance(priority, bool) or not isinstance(priority, int):
-            raise InvalidBatchError("priority must be an integer", field="priority")
-        if not -(2**31) <= priority < 2**31:
-            raise InvalidBatchError("priority must fit in 32 bits", field="priority")
+        _check_priority(priority)
+        if not isinstance(tenant, str) or not tenant:
+            raise InvalidBatchError("tenant must be a non-empty string", field="tenant")
         if idempotency_key is not None and not (
             isinstance(idempotency_key, str)
             and 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY_CHARS
@@ -245,60 +247,84 @@ class App:
             priority=priority,
             on_complete=on_complete,
             idempotency_key=idempotency_key,
+            tenant=tenant,
         )
 
-    async def get_batch(self, batch_id: int) -> Batch:
-        """Return the batch with its current counters."""
+    async def get_batch(self, batch_id: int, *, tenant: str | None = None) -> Batch:
+        """Return the batch with its current counters (only `tenant`'s, when given)."""
         await self.open()
         async with self.db.connection() as conn:
-            return await batch_queries.get_batch(conn, batch_id)
+            return await batch_queries.get_batch(conn, batch_id, tenant=tenant)
 
-    async def list_batches(self, *, limit: int = 20) -> list[Batch]:
-        """Return the most recent batches."""
+    async def list_batches(
+        self, where: batch_queries.BatchFilter | None = None, *, limit: int = 20
+    ) -> list[Batch]:
+        """Return the batches matching `where` (all by default), newest first."""
         await self.open()
         async with self.db.connection() as conn:
-            return await batch_queries.list_batches(conn, limit=limit)
+            return await batch_queries.list_batches(conn, where, limit=limit)
 
-    async def cancel(self, batch_id: int, *, expected_version: int | None = None) -> bool:
+    async def insight(
+        self, batch_id: int, *, tenant: str | None = None
+    ) -> tuple[Batch, batch_queries.BatchInsight]:
+        """Return the batch with its shard states, throughput over time and error samples."""
+        await self.open()
+        async with self.db.connection() as conn:
+            batch = await batch_queries.get_batch(conn, batch_id, tenant=tenant)
+            return batch, await batch_queries.batch_insight(conn, batch)
+
+    async def cancel(
+        self, batch_id: int, *, expected_version: int | None = None, tenant: str | None = None
+    ) -> bool:
         """Cancel the batch; return False if it had already ended."""
         await self.open()
 
         async def work(conn: psycopg.AsyncConnection[Any]) -> bool:
             return await batch_queries.cancel_batch(
-                conn, batch_id, expected_version=expected_version
+                conn, batch_id, expected_version=expected_version, tenant=tenant
             )
 
         return await self.db.run_in_transaction(work)
 
-    async def retry(self, batch_id: int, *, expected_version: int | None = None) -> int:
+    async def retry(
+        self, batch_id: int, *, expected_version: int | None = None, tenant: str | None = None
+    ) -> int:
         """Re-queue the batch's dead shards and shards with failed items; return how many."""
         await self.open()
 
         async def work(conn: psycopg.AsyncConnection[Any]) -> int:
             return await batch_queries.requeue_failed(
-                conn, batch_id, expected_version=expected_version
+                conn, batch_id, expected_version=expected_version, tenant=tenant
             )
 
         return await self.db.run_in_transaction(work)
 
     async def set_priority(
-        self, batch_id: int, priority: int, *, expected_version: int | None = None
+        self,
+        batch_id: int,
+        priority: int,
+        *,
+        expected_version: int | None = None,
+        tenant: str | None = None,
     ) -> int:
         """Change the batch's priority; return its new version."""
+        _check_priority(priority)
         await self.open()
 
         async def work(conn: psycopg.AsyncConnection[Any]) -> int:
             return await batch_queries.set_priority(
-                conn, batch_id, priority, expected_version=expected_version
+                conn, batch_id, priority, expected_version=expected_version, tenant=tenant
             )
 
         return await self.db.run_in_transaction(work)
 
     async def results(
-        self, batch_id: int, *, errors_only: bool = False
+        self, batch_id: int, *, errors_only: bool = False, tenant: str | None = None
     ) -> AsyncIterator[tuple[int, Outcome]]:
         """Yield (seq, outcome) for the batch's items in order, a page at a time."""
         await self.open()
+        # Raises BatchNotFoundError before the first page for an unknown (or foreign) batch.
+        await self.get_batch(batch_id, tenant=tenant)
         after = -1
         while True:
             async with self.db.connection() as conn:
@@ -371,6 +397,13 @@ class App:
         from pgbatch.engine.worker import Worker
 
         return Worker(self, concurrency=concurrency, queues=queues)
+
+
+def _check_priority(priority: object) -> None:
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise InvalidBatchError("priority must be an integer", field="priority")
+    if not -(2**31) <= priority < 2**31:
+        raise InvalidBatchError("priority must fit in 32 bits", field="priority")
 
 
 def _check_options(

@@ -102,6 +102,7 @@ class Batch:
     """A batch as stored: its options, counters and status."""
 
     id: int
+    tenant: str
     task: str
     queue: str
     priority: int

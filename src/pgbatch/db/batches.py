@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import math
 from collections.abc import AsyncIterable, Iterable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -25,8 +27,11 @@ from pgbatch.errors import (
 from pgbatch.models import Batch, BatchStatus
 
 __all__ = [
+    "BatchFilter",
+    "BatchInsight",
     "BatchSpec",
     "SubmitResult",
+    "batch_insight",
     "cancel_batch",
     "get_batch",
     "list_batches",
@@ -57,6 +62,8 @@ class BatchSpec:
     priority: int = 0
     on_complete: str | None = None
     idempotency_key: str | None = None
+    # Not part of the fingerprint: an idempotency key is already scoped to its tenant.
+    tenant: str = "default"
 
     def fingerprint(self) -> bytes:
         """Encode the options that make two submissions "the same payload"."""
@@ -223,7 +230,8 @@ async def _resolve_idempotent(
 ) -> SubmitResult:
     existing = await (
         await conn.execute(
-            query("batch_get_by_idempotency_key"), {"idempotency_key": spec.idempotency_key}
+            query("batch_get_by_idempotency_key"),
+            {"tenant": spec.tenant, "idempotency_key": spec.idempotency_key},
         )
     ).fetchone()
     if existing is None:  # pragma: no cover - the conflicting row cannot vanish (no deletes)
@@ -240,6 +248,7 @@ async def _resolve_idempotent(
 
 def _spec_params(spec: BatchSpec) -> dict[str, Any]:
     return {
+        "tenant": spec.tenant,
         "task": spec.task,
         "queue": spec.queue,
         "priority": spec.priority,
@@ -256,28 +265,95 @@ def batch_from_row(row: dict[str, Any]) -> Batch:
     return Batch(**{**row, "status": BatchStatus(row["status"])})
 
 
-async def get_batch(conn: psycopg.AsyncConnection[Any], batch_id: int) -> Batch:
-    """Return the batch, or raise BatchNotFoundError."""
+async def get_batch(
+    conn: psycopg.AsyncConnection[Any], batch_id: int, *, tenant: str | None = None
+) -> Batch:
+    """Return the batch (of `tenant`, when given), or raise BatchNotFoundError."""
     async with conn.cursor(row_factory=dict_row) as cur:
-        await cur.execute(query("batch_get"), {"batch_id": batch_id})
+        await cur.execute(query("batch_get"), {"batch_id": batch_id, "tenant": tenant})
         row = await cur.fetchone()
     if row is None:
         raise BatchNotFoundError(f"no batch with id {batch_id}")
     return batch_from_row(row)
 
 
-async def list_batches(conn: psycopg.AsyncConnection[Any], *, limit: int = 20) -> list[Batch]:
-    """Return the most recent batches, newest first."""
+@dataclass(frozen=True, slots=True)
+class BatchFilter:
+    """Which batches a listing returns; None means "any"."""
+
+    tenant: str | None = None
+    status: BatchStatus | None = None
+    task: str | None = None
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+    before_id: int | None = None  # the cursor: the last id of the previous page
+
+
+async def list_batches(
+    conn: psycopg.AsyncConnection[Any], where: BatchFilter | None = None, *, limit: int = 20
+) -> list[Batch]:
+    """Return the batches matching `where`, newest first."""
+    where = where or BatchFilter()
+    params = {
+        "tenant": where.tenant,
+        "status": None if where.status is None else str(where.status),
+        "task": where.task,
+        "created_after": where.created_after,
+        "created_before": where.created_before,
+        "before_id": where.before_id,
+        "limit": limit,
+    }
     async with conn.cursor(row_factory=dict_row) as cur:
-        await cur.execute(query("batch_list_recent"), {"limit": limit})
+        await cur.execute(query("batch_list"), params)
         return [batch_from_row(row) for row in await cur.fetchall()]
 
 
+@dataclass(frozen=True, slots=True)
+class BatchInsight:
+    """What a dashboard shows about one batch besides its counters."""
+
+    shard_states: dict[str, int]
+    throughput: list[tuple[datetime, int]]  # (bucket start, items finished in it)
+    bucket_s: int
+    error_samples: list[tuple[int, str]]  # (seq, error) of failed items
+    dead_shards: list[tuple[int, int, int, str | None]]  # (shard_no, first, last, error)
+
+
+async def batch_insight(
+    conn: psycopg.AsyncConnection[Any], batch: Batch, *, samples: int = 10
+) -> BatchInsight:
+    """Return shard states, items finished over time and error samples of `batch`."""
+    params = {"batch_id": batch.id, "limit": samples}
+    rows = await (await conn.execute(query("batch_shard_states"), params)).fetchall()
+    states = {str(status): int(count) for status, count in rows}
+    # About 60 buckets over the batch's life so far, never finer than a second.
+    end = batch.finished_at or datetime.now(UTC)
+    span_s = (end - (batch.started_at or batch.created_at)).total_seconds()
+    bucket_s = max(1, math.ceil(span_s / 60))
+    rows = await (
+        await conn.execute(query("batch_throughput"), {**params, "bucket_s": bucket_s})
+    ).fetchall()
+    throughput = [(bucket, int(items)) for bucket, items in rows]
+    errors: list[tuple[int, str]] = []
+    # Skipped when nothing failed: the scan would read every result of a clean batch.
+    if batch.items_failed:
+        rows = await (await conn.execute(query("batch_error_samples"), params)).fetchall()
+        errors = [(int(seq), str(message)) for seq, message in rows]
+    dead: list[tuple[int, int, int, str | None]] = []
+    if batch.shards_dead:
+        rows = await (await conn.execute(query("batch_dead_shard_samples"), params)).fetchall()
+        dead = [(int(a), int(b), int(c), d) for a, b, c, d in rows]
+    return BatchInsight(states, throughput, bucket_s, errors, dead)
+
+
 async def _lock_batch(
-    conn: psycopg.AsyncConnection[Any], batch_id: int, expected_version: int | None
+    conn: psycopg.AsyncConnection[Any],
+    batch_id: int,
+    expected_version: int | None,
+    tenant: str | None,
 ) -> tuple[BatchStatus, bool]:
     row = await (
-        await conn.execute(query("batch_get_for_update"), {"batch_id": batch_id})
+        await conn.execute(query("batch_get_for_update"), {"batch_id": batch_id, "tenant": tenant})
     ).fetchone()
     if row is None:
         raise BatchNotFoundError(f"no batch with id {batch_id}")
@@ -291,10 +367,14 @@ async def _lock_batch(
 
 
 async def cancel_batch(
-    conn: psycopg.AsyncConnection[Any], batch_id: int, *, expected_version: int | None = None
+    conn: psycopg.AsyncConnection[Any],
+    batch_id: int,
+    *,
+    expected_version: int | None = None,
+    tenant: str | None = None,
 ) -> bool:
     """Cancel a batch (in the caller's transaction); return False if it had already ended."""
-    status, _ = await _lock_batch(conn, batch_id, expected_version)
+    status, _ = await _lock_batch(conn, batch_id, expected_version, tenant)
     if status.is_final:
         return False
     await conn.execute(query("batch_mark_cancelled"), {"batch_id": batch_id})
@@ -320,10 +400,14 @@ async def cancel_batch(
 
 
 async def requeue_failed(
-    conn: psycopg.AsyncConnection[Any], batch_id: int, *, expected_version: int | None = None
+    conn: psycopg.AsyncConnection[Any],
+    batch_id: int,
+    *,
+    expected_version: int | None = None,
+    tenant: str | None = None,
 ) -> int:
     """Re-queue the batch's dead shards and shards with item errors; return how many."""
-    status, _ = await _lock_batch(conn, batch_id, expected_version)
+    status, _ = await _lock_batch(conn, batch_id, expected_version, tenant)
     if status is BatchStatus.CANCELLED:
         raise InvalidStateError(f"batch {batch_id} is cancelled; it cannot be retried")
     row = await (
@@ -346,9 +430,10 @@ async def set_priority(
     priority: int,
     *,
     expected_version: int | None = None,
+    tenant: str | None = None,
 ) -> int:
     """Change the batch's priority (and its queued shards'); return the new version."""
-    await _lock_batch(conn, batch_id, expected_version)
+    await _lock_batch(conn, batch_id, expected_version, tenant)
     row = await (
         await conn.execute(
             query("batch_set_priority"), {"batch_id": batch_id, "priority": priority}

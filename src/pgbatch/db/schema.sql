@@ -12,6 +12,8 @@ CREATE TABLE pgbatch.schema_migrations (
 
 CREATE TABLE pgbatch.batches (
     id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    -- The owner of the API token that submitted it; 'default' for library and CLI use.
+    tenant          text        NOT NULL DEFAULT 'default',
     task            text        NOT NULL,
     queue           text        NOT NULL DEFAULT 'default',
     priority        integer     NOT NULL DEFAULT 0,
@@ -28,16 +30,20 @@ CREATE TABLE pgbatch.batches (
     items_failed    bigint      NOT NULL DEFAULT 0,
     run_no          integer     NOT NULL DEFAULT 1,
     on_complete     text,
-    idempotency_key text UNIQUE,
+    idempotency_key text,
     payload_hash    bytea,
     version         integer     NOT NULL DEFAULT 1,
     created_at      timestamptz NOT NULL DEFAULT now(),
     started_at      timestamptz,
     finished_at     timestamptz,
-    CHECK (shards_done <= total_shards)
+    CHECK (shards_done <= total_shards),
+    -- Per tenant: one tenant's keys can neither collide with nor reveal another's.
+    CONSTRAINT batches_tenant_idempotency_key_key UNIQUE (tenant, idempotency_key)
 );
 
 CREATE INDEX batches_status_created_idx ON pgbatch.batches (status, created_at);
+-- Listing a tenant's batches newest first, a page at a time (cursor = last id seen).
+CREATE INDEX batches_tenant_id_idx ON pgbatch.batches (tenant, id DESC);
 
 -- Items and outputs are json, not jsonb: pgbatch never looks inside them, and json is
 -- stored and returned as the text it was given, which COPY writes and the claim reads

@@ -1,15 +1,17 @@
 -- name: batch_insert
 -- The unique idempotency key decides "already submitted": no row back means it exists.
 INSERT INTO pgbatch.batches
-    (task, queue, priority, shard_size, max_attempts, lease_ttl_s, on_complete, idempotency_key)
+    (tenant, task, queue, priority, shard_size, max_attempts, lease_ttl_s, on_complete,
+     idempotency_key)
 VALUES
-    (%(task)s, %(queue)s, %(priority)s, %(shard_size)s, %(max_attempts)s, %(lease_ttl_s)s,
+    (%(tenant)s, %(task)s, %(queue)s, %(priority)s, %(shard_size)s, %(max_attempts)s, %(lease_ttl_s)s,
      %(on_complete)s, %(idempotency_key)s)
-ON CONFLICT (idempotency_key) DO NOTHING
+ON CONFLICT (tenant, idempotency_key) DO NOTHING
 RETURNING id;
 
 -- name: batch_get_by_idempotency_key
-SELECT id, payload_hash FROM pgbatch.batches WHERE idempotency_key = %(idempotency_key)s;
+SELECT id, payload_hash FROM pgbatch.batches
+WHERE tenant = %(tenant)s AND idempotency_key = %(idempotency_key)s;
 
 -- name: batch_seal
 -- Once every item is written: record the totals, create the shards set-based (contiguous
@@ -40,7 +42,7 @@ WITH sealed AS (
     ON CONFLICT (batch_id, run_no) DO NOTHING
     RETURNING 1
 )
-SELECT id, task, queue, priority, status, shard_size, max_attempts, lease_ttl_s,
+SELECT id, tenant, task, queue, priority, status, shard_size, max_attempts, lease_ttl_s,
        total_items, total_shards, shards_done, shards_dead, items_ok, items_failed,
        run_no, on_complete, idempotency_key, version, created_at, started_at, finished_at,
        -- NOTIFY is delivered at commit; these columns only make the calls happen.
@@ -58,17 +60,17 @@ FROM sealed;
 -- the idempotency key is taken.
 WITH sealed AS (
     INSERT INTO pgbatch.batches
-        (task, queue, priority, shard_size, max_attempts, lease_ttl_s, on_complete,
+        (tenant, task, queue, priority, shard_size, max_attempts, lease_ttl_s, on_complete,
          idempotency_key, total_items, total_shards, payload_hash, status, started_at,
          finished_at)
     VALUES
-        (%(task)s, %(queue)s, %(priority)s, %(shard_size)s, %(max_attempts)s, %(lease_ttl_s)s,
+        (%(tenant)s, %(task)s, %(queue)s, %(priority)s, %(shard_size)s, %(max_attempts)s, %(lease_ttl_s)s,
          %(on_complete)s, %(idempotency_key)s, %(total_items)s, %(total_shards)s,
          %(payload_hash)s,
          CASE WHEN %(total_shards)s = 0 THEN 'succeeded' ELSE 'pending' END,
          CASE WHEN %(total_shards)s = 0 THEN now() END,
          CASE WHEN %(total_shards)s = 0 THEN now() END)
-    ON CONFLICT (idempotency_key) DO NOTHING
+    ON CONFLICT (tenant, idempotency_key) DO NOTHING
     RETURNING *
 ), items AS (
     INSERT INTO pgbatch.items (batch_id, seq, payload)
@@ -88,7 +90,7 @@ WITH sealed AS (
     WHERE total_shards = 0 AND on_complete IS NOT NULL
     RETURNING 1
 )
-SELECT id, task, queue, priority, status, shard_size, max_attempts, lease_ttl_s,
+SELECT id, tenant, task, queue, priority, status, shard_size, max_attempts, lease_ttl_s,
        total_items, total_shards, shards_done, shards_dead, items_ok, items_failed,
        run_no, on_complete, idempotency_key, version, created_at, started_at, finished_at,
        CASE WHEN total_shards > 0 THEN pg_notify('pgbatch_shards', queue)::text END
@@ -99,24 +101,58 @@ SELECT id, task, queue, priority, status, shard_size, max_attempts, lease_ttl_s,
 FROM sealed;
 
 -- name: batch_get
-SELECT id, task, queue, priority, status, shard_size, max_attempts, lease_ttl_s,
+SELECT id, tenant, task, queue, priority, status, shard_size, max_attempts, lease_ttl_s,
        total_items, total_shards, shards_done, shards_dead, items_ok, items_failed,
        run_no, on_complete, idempotency_key, version, created_at, started_at, finished_at
 FROM pgbatch.batches
-WHERE id = %(batch_id)s;
+-- A null tenant is the library's and the CLI's view: every batch.
+WHERE id = %(batch_id)s AND (%(tenant)s::text IS NULL OR tenant = %(tenant)s);
 
 -- name: batch_get_for_update
 SELECT id, status, version, finished_at IS NOT NULL AS finished
 FROM pgbatch.batches
-WHERE id = %(batch_id)s
+WHERE id = %(batch_id)s AND (%(tenant)s::text IS NULL OR tenant = %(tenant)s)
 FOR NO KEY UPDATE;
 
--- name: batch_list_recent
-SELECT id, task, queue, priority, status, shard_size, max_attempts, lease_ttl_s,
+-- name: batch_list
+-- Newest first, a page at a time: the cursor is the last id the client saw. Each filter
+-- is optional (null).
+SELECT id, tenant, task, queue, priority, status, shard_size, max_attempts, lease_ttl_s,
        total_items, total_shards, shards_done, shards_dead, items_ok, items_failed,
        run_no, on_complete, idempotency_key, version, created_at, started_at, finished_at
 FROM pgbatch.batches
+WHERE (%(tenant)s::text IS NULL OR tenant = %(tenant)s)
+  AND (%(status)s::text IS NULL OR status = %(status)s)
+  AND (%(task)s::text IS NULL OR task = %(task)s)
+  AND (%(created_after)s::timestamptz IS NULL OR created_at >= %(created_after)s)
+  AND (%(created_before)s::timestamptz IS NULL OR created_at < %(created_before)s)
+  AND (%(before_id)s::bigint IS NULL OR id < %(before_id)s)
 ORDER BY id DESC
+LIMIT %(limit)s;
+
+-- name: batch_shard_states
+SELECT status, count(*)::int FROM pgbatch.shards WHERE batch_id = %(batch_id)s GROUP BY status;
+
+-- name: batch_throughput
+-- Items finished per time bucket, from the shards' finish times: the dashboard's chart.
+SELECT to_timestamp(floor(extract(epoch FROM finished_at) / %(bucket_s)s) * %(bucket_s)s)
+           AS bucket,
+       sum(last_seq - first_seq + 1)::bigint AS items
+FROM pgbatch.shards
+WHERE batch_id = %(batch_id)s AND finished_at IS NOT NULL
+GROUP BY 1
+ORDER BY 1;
+
+-- name: batch_error_samples
+SELECT seq, error FROM pgbatch.results
+WHERE batch_id = %(batch_id)s AND NOT ok
+ORDER BY seq
+LIMIT %(limit)s;
+
+-- name: batch_dead_shard_samples
+SELECT shard_no, first_seq, last_seq, last_error FROM pgbatch.shards
+WHERE batch_id = %(batch_id)s AND status = 'dead'
+ORDER BY shard_no
 LIMIT %(limit)s;
 
 -- name: batch_add_progress
