@@ -3,27 +3,38 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 import psycopg
+from psycopg.abc import QueryNoTemplate
 
 from pgbatch.db.copy import EncodedRows, copy_encoded_rows, encode_result_rows, encode_rows
 from pgbatch.db.queries import query
 from pgbatch.models import ClaimedShard, Item, Outcome, ShardStatus, TableRows
 
 __all__ = [
+    "CommitStatement",
     "CompletionReport",
     "ShardCompletion",
     "claim_shards",
     "complete_shards",
+    "execute_statements",
     "heartbeat_shards",
     "release_shards",
     "rescue_expired_shards",
     "retry_shard_later",
 ]
+
+
+@dataclass(frozen=True, slots=True)
+class CommitStatement:
+    """A statement a handler queued to run in its completion transaction, if that counts."""
+
+    statement: QueryNoTemplate
+    params: Mapping[str, Any] | Sequence[Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +54,8 @@ class ShardCompletion:
     items_failed: int
     writes: Sequence[EncodedRows] = ()
     error: str | None = None
+    # Run after the COPYs, only if the fence accepted this completion.
+    statements: Sequence[CommitStatement] = ()
 
     @classmethod
     def build(
@@ -54,6 +67,7 @@ class ShardCompletion:
         results: Sequence[tuple[int, Outcome]],
         writes: Sequence[TableRows] = (),
         error: str | None = None,
+        statements: Sequence[CommitStatement] = (),
     ) -> ShardCompletion:
         """Encode results and user rows; raise TypeError if a value cannot be stored."""
         items_ok = sum(1 for _, outcome in results if outcome.ok)
@@ -67,6 +81,7 @@ class ShardCompletion:
             len(results) - items_ok,
             [encode_rows(write) for write in writes],
             error,
+            tuple(statements),
         )
 
 
@@ -196,8 +211,9 @@ async def complete_shards(
     """Commit many shard completions in the caller's transaction, fenced by epoch.
 
     Shards whose lease was lost match no row and contribute nothing: not their results,
-    not their user rows, not their counts. The rest is written set-based: one COPY per
-    table and one counter update per batch.
+    not their user rows, not their statements, not their counts. The rest is written
+    set-based: one COPY per table, the queued statements in one pipeline (shard id order,
+    then queue order), and one counter update per batch.
     """
     report = CompletionReport()
     if not completions:
@@ -229,6 +245,10 @@ async def complete_shards(
                 await copy.write(completion.results_copy)
 
     await copy_encoded_rows(conn, [w for c in accepted for w in c.writes])
+    # Before the counters: a long statement must not hold the hot batch row locked.
+    statements = [s for c in accepted for s in c.statements]
+    if statements:
+        await execute_statements(conn, statements)
 
     totals: dict[int, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
     for completion in accepted:
@@ -256,3 +276,19 @@ async def complete_shards(
     if report.callbacks_inserted:
         await conn.execute(query("callback_notify"))
     return report
+
+
+async def execute_statements(
+    conn: psycopg.AsyncConnection[Any], statements: Sequence[CommitStatement]
+) -> None:
+    """Run handler-queued statements in order, in the caller's transaction, one round trip."""
+    if not statements:
+        return
+    if len(statements) == 1:
+        await conn.execute(statements[0].statement, statements[0].params)
+        return
+    # Pipeline mode sends them all before reading any result: a flush of many shards
+    # costs one round trip, not one per statement. The first error aborts the rest.
+    async with conn.pipeline():
+        for statement in statements:
+            await conn.execute(statement.statement, statement.params)

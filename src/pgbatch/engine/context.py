@@ -6,16 +6,42 @@ import asyncio
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from psycopg.abc import QueryNoTemplate
+
+from pgbatch.db.shards import CommitStatement
 from pgbatch.models import BatchStatus, TableRows
 
 __all__ = ["CallbackContext", "ShardContext", "WriteBuffer"]
 
 
 class WriteBuffer:
-    """Rows for the user's tables, written in the same transaction as the completion."""
+    """Rows and statements for the user's tables, committed in the completion's transaction."""
 
     def __init__(self) -> None:
         self.writes: list[TableRows] = []
+        # None until a statement is queued: most handlers queue none, and one list fewer
+        # per shard is measurable at one item per shard.
+        self._statements: list[CommitStatement] | None = None
+
+    @property
+    def statements(self) -> Sequence[CommitStatement]:
+        """Return the statements queued with execute_at_commit(), in queue order."""
+        return self._statements or ()
+
+    def execute_at_commit(
+        self,
+        statement: QueryNoTemplate,
+        params: Mapping[str, Any] | Sequence[Any] | None = None,
+    ) -> None:
+        """Queue `statement` to run in the completion transaction, only if that commit counts.
+
+        It runs after the results and copy_rows() writes and is fenced like them: a worker
+        whose lease was taken over runs nothing. If it fails, that commit fails as a whole
+        (a shard's attempt fails and is retried; its neighbours in the flush still commit).
+        """
+        if self._statements is None:
+            self._statements = []
+        self._statements.append(CommitStatement(statement, params))
 
     def copy_rows(
         self,

@@ -31,6 +31,7 @@ from pgbatch.db.database import Database
 from pgbatch.db.shards import (
     ShardCompletion,
     claim_shards,
+    execute_statements,
     heartbeat_shards,
     release_shards,
     rescue_expired_shards,
@@ -360,6 +361,7 @@ class Worker:
                 ShardStatus.DONE,
                 [(item.seq, outcome) for item, outcome in zip(shard.items, outcomes, strict=True)],
                 ctx.writes,
+                statements=ctx.statements,
             )
         except (TypeError, ValueError) as exc:
             # An output or a row that cannot be stored fails this shard, not its neighbours.
@@ -526,6 +528,7 @@ class Worker:
                 if not await finish_callback(conn, callback):
                     return False
                 await copy_table_rows(conn, ctx.writes)
+                await execute_statements(conn, ctx.statements)
                 return True
 
             if await db.run_in_transaction(commit):
