@@ -15,7 +15,7 @@ from pgbatch.db import batches as batch_queries
 from pgbatch.db.database import Database, resolve_url
 from pgbatch.db.migrations import migrate
 from pgbatch.db.queries import query
-from pgbatch.errors import InvalidBatchError, UnknownTaskError
+from pgbatch.errors import InvalidBatchError, InvalidStateError, UnknownTaskError
 from pgbatch.models import Batch, Outcome
 from pgbatch.tasks import (
     DEFAULT_LEASE_TTL_S,
@@ -186,12 +186,31 @@ class App:
             on_complete=on_complete,
             tenant=tenant,
         )
+        batch, _ = await self._submit_spec(spec, items)
+        return batch
+
+    async def submit_or_find(
+        self,
+        task: str,
+        items: Iterable[Any] | AsyncIterable[Any],
+        **options: Any,
+    ) -> tuple[Batch, bool]:
+        """Submit like `submit`; also tell whether this call created the batch.
+
+        False means the idempotency key named an existing batch with the same payload.
+        """
+        spec = self._batch_spec(task, items, **_submit_options(options))
+        return await self._submit_spec(spec, items)
+
+    async def _submit_spec(
+        self, spec: batch_queries.BatchSpec, items: Iterable[Any] | AsyncIterable[Any]
+    ) -> tuple[Batch, bool]:
         await self.open()
         async with self.db.connection() as conn:
             result = await batch_queries.submit_batch(conn, spec, items)
             if result.batch is not None:
-                return result.batch
-            return await batch_queries.get_batch(conn, result.batch_id)
+                return result.batch, result.created
+            return await batch_queries.get_batch(conn, result.batch_id), result.created
 
     def _batch_spec(
         self,
@@ -283,6 +302,39 @@ class App:
             return await batch_queries.cancel_batch(
                 conn, batch_id, expected_version=expected_version, tenant=tenant
             )
+
+        return await self.db.run_in_transaction(work)
+
+    async def update(
+        self,
+        batch_id: int,
+        *,
+        priority: int | None = None,
+        cancel: bool = False,
+        expected_version: int | None = None,
+        tenant: str | None = None,
+    ) -> Batch:
+        """Change the priority and/or cancel, in one transaction against one version.
+
+        Raises InvalidStateError when cancelling a batch that has already ended.
+        """
+        if priority is not None:
+            _check_priority(priority)
+        await self.open()
+
+        async def work(conn: psycopg.AsyncConnection[Any]) -> Batch:
+            if priority is not None:
+                await batch_queries.set_priority(
+                    conn, batch_id, priority, expected_version=expected_version, tenant=tenant
+                )
+            if cancel:
+                # The version was checked above when the priority changed (and moved).
+                checked = None if priority is not None else expected_version
+                if not await batch_queries.cancel_batch(
+                    conn, batch_id, expected_version=checked, tenant=tenant
+                ):
+                    raise InvalidStateError(f"batch {batch_id} has already ended")
+            return await batch_queries.get_batch(conn, batch_id, tenant=tenant)
 
         return await self.db.run_in_transaction(work)
 
@@ -397,6 +449,27 @@ class App:
         from pgbatch.engine.worker import Worker
 
         return Worker(self, concurrency=concurrency, queues=queues)
+
+
+_SUBMIT_OPTIONS = (
+    "shard_size",
+    "max_attempts",
+    "lease_ttl_s",
+    "priority",
+    "queue",
+    "idempotency_key",
+    "on_complete",
+    "tenant",
+)
+
+
+def _submit_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    unknown = set(options) - set(_SUBMIT_OPTIONS)
+    if unknown:
+        raise TypeError(f"unknown submit options: {', '.join(sorted(unknown))}")
+    defaults: dict[str, Any] = {name: None for name in _SUBMIT_OPTIONS}
+    defaults.update(priority=0, tenant="default")
+    return {**defaults, **options}
 
 
 def _check_priority(priority: object) -> None:

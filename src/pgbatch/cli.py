@@ -33,6 +33,8 @@ cli = typer.Typer(
 )
 db_cli = typer.Typer(help="The embedded PostgreSQL server.", no_args_is_help=True)
 cli.add_typer(db_cli, name="db")
+token_cli = typer.Typer(help="API tokens for `pgbatch serve`.", no_args_is_help=True)
+cli.add_typer(token_cli, name="token")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -304,6 +306,65 @@ def sizing(
         f"a shard then takes {advice.shard_seconds:.3f} s: overhead "
         f"{advice.overhead_fraction:.1%}, {advice.lease_fraction:.1%} of the lease"
     )
+
+
+@cli.command()
+def serve(
+    app_spec: AppOption = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535)] = 8000,
+    with_worker: Annotated[
+        bool, typer.Option("--with-worker", help="Also run a worker in this process.")
+    ] = False,
+    concurrency: Annotated[int, typer.Option(min=1, help="Worker concurrency.")] = 32,
+) -> None:
+    """Serve the HTTP API, the event streams and the dashboard (at /)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    from pgbatch.api.auth import TokenTable
+    from pgbatch.api.server import check_bind, server
+
+    app = load_app(app_spec)
+    try:
+        tokens = TokenTable.parse(app.settings.api_tokens)
+        check_bind(host, tokens)
+    except PgbatchError as exc:
+        _fail(str(exc), 2)
+    if not tokens.enabled:
+        err_console.print(
+            f"no API tokens configured (PGBATCH_API_TOKENS): listening on {host} only, "
+            "without authentication"
+        )
+    err_console.print(f"dashboard: http://{host}:{port}/   API: http://{host}:{port}/docs")
+
+    async def run() -> None:
+        http = server(app, host=host, port=port)
+        if not with_worker:
+            await http.serve()
+            return
+        work = app.worker(concurrency=concurrency)
+        worker_task = asyncio.create_task(work.run())
+        try:
+            await http.serve()
+        finally:
+            work.request_stop()
+            await worker_task
+
+    _run(_closing(app, run()))
+
+
+@token_cli.command("new")
+def token_new(
+    tenant: Annotated[str, typer.Argument(help="The tenant the token acts for.")],
+) -> None:
+    """Print a new API token and the PGBATCH_API_TOKENS entry that accepts it (only hashed)."""
+    from pgbatch.api.auth import new_token
+
+    try:
+        token, entry = new_token(tenant)
+    except PgbatchError as exc:
+        _fail(str(exc), 2)
+    console.print(f"token (give it to the client; it is not stored): {token}", soft_wrap=True)
+    console.print(f"entry for PGBATCH_API_TOKENS (comma-separated): {entry}", soft_wrap=True)
 
 
 @db_cli.command("stop")

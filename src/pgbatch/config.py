@@ -40,3 +40,17 @@ class Settings(BaseSettings):
     # A completion callback that keeps failing is given up after this many attempts.
     callback_max_attempts: int = Field(default=10, ge=1)
     callback_lease_ttl_s: float = Field(default=60.0, gt=0)
+
+    # -- HTTP API (`pgbatch serve`) --------------------------------------------------------
+    # Comma-separated `tenant:sha256:<hex digest of the token>` entries (`pgbatch token new`
+    # prints one). Unset: no authentication, and the server binds to loopback only.
+    api_tokens: str | None = None
+    # A JSON body is parsed in memory, so it is bounded; NDJSON is streamed to the
+    # database and bounded by item count and line length instead.
+    api_max_json_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
+    api_max_items: int = Field(default=10_000_000, ge=1)
+    api_max_item_bytes: int = Field(default=1024 * 1024, ge=64)
+    # Server-Sent Events: at most one progress event per batch per this many seconds.
+    sse_min_interval_s: float = Field(default=0.25, gt=0)
+    # A comment line on an idle stream this often keeps proxies from closing it.
+    sse_keepalive_s: float = Field(default=15.0, gt=0)

@@ -34,6 +34,7 @@ __all__ = [
     "batch_insight",
     "cancel_batch",
     "get_batch",
+    "get_batches",
     "list_batches",
     "requeue_failed",
     "set_priority",
@@ -275,6 +276,13 @@ async def get_batch(
     if row is None:
         raise BatchNotFoundError(f"no batch with id {batch_id}")
     return batch_from_row(row)
+
+
+async def get_batches(conn: psycopg.AsyncConnection[Any], batch_ids: Sequence[int]) -> list[Batch]:
+    """Return the batches with these ids (of any tenant; unknown ids are skipped)."""
+    async with conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(query("batch_get_many"), {"batch_ids": list(batch_ids)})
+        return [batch_from_row(row) for row in await cur.fetchall()]
 
 
 @dataclass(frozen=True, slots=True)

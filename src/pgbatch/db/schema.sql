@@ -121,3 +121,10 @@ CREATE TABLE pgbatch.callbacks (
 
 CREATE INDEX callbacks_claim_idx ON pgbatch.callbacks (id) WHERE status = 'queued';
 CREATE INDEX callbacks_lease_idx ON pgbatch.callbacks (lease_expires_at) WHERE status = 'running';
+
+-- Running totals the metrics endpoint reads (lease takeovers, so far). A row per name,
+-- written only when the counted event happens, which is rare: no hot row.
+CREATE TABLE pgbatch.counters (
+    name  text   PRIMARY KEY,
+    value bigint NOT NULL DEFAULT 0
+);

@@ -9,3 +9,10 @@ ALTER TABLE pgbatch.batches
 
 -- Listing a tenant's batches newest first, a page at a time (cursor = last id seen).
 CREATE INDEX batches_tenant_id_idx ON pgbatch.batches (tenant, id DESC);
+
+-- Running totals the metrics endpoint reads (lease takeovers, so far). A row per name,
+-- written only when the counted event happens, which is rare: no hot row.
+CREATE TABLE pgbatch.counters (
+    name  text   PRIMARY KEY,
+    value bigint NOT NULL DEFAULT 0
+);

@@ -108,6 +108,13 @@ FROM pgbatch.batches
 -- A null tenant is the library's and the CLI's view: every batch.
 WHERE id = %(batch_id)s AND (%(tenant)s::text IS NULL OR tenant = %(tenant)s);
 
+-- name: batch_get_many
+SELECT id, tenant, task, queue, priority, status, shard_size, max_attempts, lease_ttl_s,
+       total_items, total_shards, shards_done, shards_dead, items_ok, items_failed,
+       run_no, on_complete, idempotency_key, version, created_at, started_at, finished_at
+FROM pgbatch.batches
+WHERE id = ANY(%(batch_ids)s::bigint[]);
+
 -- name: batch_get_for_update
 SELECT id, status, version, finished_at IS NOT NULL AS finished
 FROM pgbatch.batches

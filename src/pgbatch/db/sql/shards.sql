@@ -67,13 +67,20 @@ WITH expired AS (
     ORDER BY id
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
+), rescued AS (
+    UPDATE pgbatch.shards s
+    SET status = 'queued', run_after = now(), worker_id = NULL, lease_expires_at = NULL,
+        last_error = 'lease expired'
+    FROM expired e
+    WHERE s.id = e.id
+    RETURNING s.queue
+), counted AS (
+    -- For the lease-takeover metric; written only when something expired.
+    INSERT INTO pgbatch.counters AS c (name, value)
+    SELECT 'lease_takeovers', count(*) FROM rescued HAVING count(*) > 0
+    ON CONFLICT (name) DO UPDATE SET value = c.value + excluded.value
 )
-UPDATE pgbatch.shards s
-SET status = 'queued', run_after = now(), worker_id = NULL, lease_expires_at = NULL,
-    last_error = 'lease expired'
-FROM expired e
-WHERE s.id = e.id
-RETURNING s.queue;
+SELECT queue FROM rescued;
 
 -- name: shard_retry_later
 -- A failed attempt goes back to the queue after a backoff, fenced by epoch.

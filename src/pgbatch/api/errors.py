@@ -1,0 +1,118 @@
+"""One JSON shape for every API error, and the mapping of pgbatch's exceptions onto it."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from pgbatch.errors import (
+    BatchNotFoundError,
+    IdempotencyConflictError,
+    InvalidBatchError,
+    InvalidStateError,
+    StaleVersionError,
+)
+
+__all__ = ["ApiError", "error_body", "install_error_handlers"]
+
+_log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    """An error the API answers with `status` and `{"error": {code, message, field}}`."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        field: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.field = field
+        self.headers = headers
+
+
+def error_body(code: str, message: str, field: str | None = None) -> dict[str, Any]:
+    """Return the JSON body of an error."""
+    return {"error": {"code": code, "message": message, "field": field}}
+
+
+def _respond(
+    status: int, code: str, message: str, field: str | None = None, **kw: Any
+) -> JSONResponse:
+    return JSONResponse(error_body(code, message, field), status_code=status, **kw)
+
+
+def _field_of(loc: tuple[Any, ...] | list[Any]) -> str | None:
+    # ("body", "items", 3) -> "items.3"; ("query", "limit") -> "limit"
+    parts = (
+        [str(p) for p in loc[1:]]
+        if loc and loc[0] in {"body", "query", "path", "header"}
+        else [str(p) for p in loc]
+    )
+    return ".".join(parts) or None
+
+
+def install_error_handlers(api: FastAPI) -> None:
+    """Make every error, the framework's own included, answer in the one JSON shape."""
+
+    @api.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return _respond(exc.status, exc.code, exc.message, exc.field, headers=exc.headers)
+
+    @api.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        field = _field_of(tuple(first.get("loc", ())))
+        message = str(first.get("msg", "invalid request"))
+        if field:
+            message = f"{field}: {message}"
+        return _respond(422, "invalid_request", message, field)
+
+    @api.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return _respond(exc.status_code, code, str(exc.detail), headers=exc.headers)
+
+    @api.exception_handler(InvalidBatchError)
+    async def invalid_batch(_: Request, exc: InvalidBatchError) -> JSONResponse:
+        return _respond(422, "invalid_batch", str(exc), exc.field)
+
+    @api.exception_handler(BatchNotFoundError)
+    async def not_found(_: Request, exc: BatchNotFoundError) -> JSONResponse:
+        return _respond(404, "batch_not_found", str(exc))
+
+    @api.exception_handler(IdempotencyConflictError)
+    async def idempotency_conflict(_: Request, exc: IdempotencyConflictError) -> JSONResponse:
+        return _respond(409, "idempotency_conflict", str(exc), "Idempotency-Key")
+
+    @api.exception_handler(StaleVersionError)
+    async def stale(_: Request, exc: StaleVersionError) -> JSONResponse:
+        return _respond(
+            412,
+            "stale_version",
+            f"{exc}; read the batch again and retry with its ETag",
+            "If-Match",
+            headers={"ETag": f'"{exc.current_version}"'},
+        )
+
+    @api.exception_handler(InvalidStateError)
+    async def invalid_state(_: Request, exc: InvalidStateError) -> JSONResponse:
+        return _respond(409, "invalid_state", str(exc))
+
+    @api.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        # Our fault, not the client's: log it whole, say little.
+        _log.exception("unhandled error in an API request")
+        return _respond(500, "internal_error", "internal error; the server log has details")

@@ -1,0 +1,112 @@
+"""Prometheus metrics of one API process: requests, and the database's view of the work."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from pgbatch.app import App
+from pgbatch.db.queries import query
+
+__all__ = ["ApiMetrics", "MetricsMiddleware"]
+
+FLUSH_SIZE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+
+
+class ApiMetrics:
+    """A registry per API instance (tests run several in one process)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.request_seconds = Histogram(
+            "pgbatch_http_request_duration_seconds",
+            "HTTP request latency (to the end of the response body; streams included).",
+            ["method", "route", "status"],
+            registry=r,
+        )
+        self.shards = Gauge("pgbatch_shards", "Shards by state.", ["state"], registry=r)
+        self.items_finished = Gauge(
+            "pgbatch_items_finished",
+            "Items with a terminal result, over all batches (use rate() for items/s).",
+            ["outcome"],
+            registry=r,
+        )
+        self.items_per_second = Gauge(
+            "pgbatch_items_per_second",
+            "Items finished per second since this process's previous scrape.",
+            registry=r,
+        )
+        self.batches = Gauge("pgbatch_batches", "Batches by status.", ["status"], registry=r)
+        self.lease_takeovers = Gauge(
+            "pgbatch_lease_takeovers",
+            "Expired leases returned to the queue so another worker can take the shard over.",
+            registry=r,
+        )
+        self.writer_flush_size = Histogram(
+            "pgbatch_writer_flush_size",
+            "Documents per group-commit flush of this process's writer.",
+            buckets=FLUSH_SIZE_BUCKETS,
+            registry=r,
+        )
+        self.writer_items = Counter(
+            "pgbatch_writer_writes", "Document writes by outcome.", ["outcome"], registry=r
+        )
+        self.sse_streams = Gauge("pgbatch_sse_streams", "Open event streams.", registry=r)
+        self._previous: tuple[float, int] | None = None
+
+    async def render(self, app: App, *, sse_streams: int) -> bytes:
+        """Refresh the database gauges and return the text exposition."""
+        async with app.db.connection() as conn:
+            row = await (await conn.execute(query("metrics_snapshot"))).fetchone()
+            status_rows = await (await conn.execute(query("metrics_batches"))).fetchall()
+        assert row is not None
+        queued, running, done, dead, ok, failed, takeovers = (int(v) for v in row)
+        for state, value in (("queued", queued), ("running", running), ("done", done)):
+            self.shards.labels(state).set(value)
+        self.shards.labels("dead").set(dead)
+        self.items_finished.labels("ok").set(ok)
+        self.items_finished.labels("failed").set(failed)
+        for status, count in status_rows:
+            self.batches.labels(status).set(count)
+        self.lease_takeovers.set(takeovers)
+        now, total = time.monotonic(), ok + failed
+        if self._previous is not None and now > self._previous[0]:
+            rate = max(0, total - self._previous[1]) / (now - self._previous[0])
+            self.items_per_second.set(rate)
+        self._previous = (now, total)
+        self.sse_streams.set(sse_streams)
+        return generate_latest(self.registry)
+
+
+class MetricsMiddleware:
+    """Time every HTTP request by its route template (not its raw path: bounded labels)."""
+
+    def __init__(self, app: ASGIApp, metrics: ApiMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def record_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, record_status)
+        finally:
+            route: Any = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            self.metrics.request_seconds.labels(scope["method"], template, str(status)).observe(
+                time.perf_counter() - started
+            )

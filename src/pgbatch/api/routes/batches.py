@@ -1,0 +1,435 @@
+"""Batches: submit (JSON or streamed NDJSON), list, read, update, retry, results."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+import orjson
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.responses import StreamingResponse
+from pydantic import ValidationError
+
+from pgbatch.api.errors import ApiError
+from pgbatch.api.schemas import (
+    BatchList,
+    BatchOut,
+    BatchPatch,
+    BatchSubmit,
+    ErrorOut,
+    InsightOut,
+    RetryOut,
+    batch_out,
+    insight_out,
+)
+from pgbatch.api.state import ApiState, Tenant, api_state
+from pgbatch.db.batches import BatchFilter
+from pgbatch.errors import InvalidBatchError
+from pgbatch.models import Batch, BatchStatus
+
+__all__ = ["ERRORS", "router"]
+
+router = APIRouter(prefix="/v1", tags=["batches"])
+
+
+def _errors(
+    *codes: int, extra: dict[int | str, dict[str, Any]] | None = None
+) -> dict[int | str, dict[str, Any]]:
+    """Return the OpenAPI `responses` of a route: its error codes, plus `extra`."""
+    described = {
+        401: "Missing or invalid API token.",
+        404: "No such batch (for this tenant).",
+        409: "Conflict with the batch's state or an earlier submission.",
+        412: "If-Match names an old version.",
+        413: "The request is larger than the server accepts.",
+        415: "Unsupported Content-Type.",
+        422: "The request is malformed; `field` names the part.",
+        428: "If-Match is required.",
+    }
+    out: dict[int | str, dict[str, Any]] = dict(extra or {})
+    out.update({c: {"model": ErrorOut, "description": described[c]} for c in (401, 422, *codes)})
+    return out
+
+
+ERRORS = _errors
+NDJSON = "application/x-ndjson"
+SUBMIT_OPTIONS = ("shard_size", "max_attempts", "lease_ttl_s", "priority", "queue", "on_complete")
+
+
+def _etag(batch: Batch) -> str:
+    return f'"{batch.version}"'
+
+
+def _with_etag(response: Response, batch: Batch) -> BatchOut:
+    response.headers["ETag"] = _etag(batch)
+    return batch_out(batch)
+
+
+def _expected_version(if_match: str | None, *, required: bool) -> int | None:
+    if if_match is None:
+        if required:
+            raise ApiError(
+                428,
+                "precondition_required",
+                "send If-Match with the batch's ETag (from GET /v1/batches/{id})",
+                field="If-Match",
+            )
+        return None
+    tag = if_match.strip()
+    if tag == "*":
+        return None
+    tag = tag.removeprefix("W/").strip('"')
+    if not tag.isdigit():
+        raise ApiError(
+            412, "stale_version", f"If-Match {if_match!r} is not a batch ETag", field="If-Match"
+        )
+    return int(tag)
+
+
+@router.post(
+    "/batches",
+    status_code=201,
+    response_model=BatchOut,
+    responses=ERRORS(
+        409,
+        413,
+        415,
+        extra={200: {"model": BatchOut, "description": "The batch the Idempotency-Key names."}},
+    ),
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": BatchSubmit.model_json_schema()},
+                NDJSON: {
+                    "schema": {"type": "string"},
+                    "description": "One JSON item per line; task and options as query parameters.",
+                },
+            },
+        }
+    },
+)
+async def submit_batch(
+    request: Request,
+    response: Response,
+    tenant: Tenant,
+    idempotency_key: Annotated[
+        str | None, Header(alias="Idempotency-Key", min_length=1, max_length=200)
+    ] = None,
+    task: Annotated[str | None, Query(min_length=1, max_length=200)] = None,
+    shard_size: Annotated[int | None, Query(ge=1, le=1_000_000)] = None,
+    max_attempts: Annotated[int | None, Query(ge=1, le=1000)] = None,
+    lease_ttl_s: Annotated[float | None, Query(gt=0, le=86_400)] = None,
+    priority: Annotated[int | None, Query(ge=-(2**31), lt=2**31)] = None,
+    queue: Annotated[str | None, Query(min_length=1, max_length=200)] = None,
+    on_complete: Annotated[str | None, Query(min_length=1, max_length=200)] = None,
+) -> BatchOut:
+    """Submit a batch: a JSON body with its items, or NDJSON items streamed to the database."""
+    state = api_state(request)
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    query_options = {
+        "shard_size": shard_size,
+        "max_attempts": max_attempts,
+        "lease_ttl_s": lease_ttl_s,
+        "priority": priority,
+        "queue": queue,
+        "on_complete": on_complete,
+    }
+    items: Any
+    if content_type in ("application/json", ""):
+        given = [name for name, value in query_options.items() if value is not None]
+        if task is not None or given:
+            name = "task" if task is not None else given[0]
+            raise ApiError(
+                422,
+                "invalid_request",
+                f"{name}: with a JSON body, the task and options go in the body",
+                field=name,
+            )
+        body = await _read_json_body(request, state)
+        try:
+            submit = BatchSubmit.model_validate_json(body)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            field = ".".join(str(p) for p in first["loc"]) or None
+            raise ApiError(
+                422,
+                "invalid_request",
+                f"{field}: {first['msg']}" if field else first["msg"],
+                field=field,
+            ) from None
+        if len(submit.items) > state.settings.api_max_items:
+            raise _too_many_items(state)
+        task_name = submit.task
+        options = submit.model_dump(exclude={"task", "items"}, exclude_none=True)
+        items = submit.items
+    elif content_type == NDJSON:
+        if task is None:
+            raise ApiError(
+                422, "invalid_request", "task: required (a query parameter)", field="task"
+            )
+        task_name = task
+        options = {k: v for k, v in query_options.items() if v is not None}
+        items = _ndjson_items(request, state)
+    else:
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            f"Content-Type must be application/json or {NDJSON}, not {content_type!r}",
+            field="Content-Type",
+        )
+    batch, created = await state.app.submit_or_find(
+        task_name, items, idempotency_key=idempotency_key, tenant=tenant, **options
+    )
+    response.status_code = 201 if created else 200
+    response.headers["Location"] = f"/v1/batches/{batch.id}"
+    return _with_etag(response, batch)
+
+
+def _too_many_items(state: ApiState) -> ApiError:
+    limit = state.settings.api_max_items
+    return ApiError(
+        413, "too_many_items", f"a batch holds at most {limit} items (limit {limit})", field="items"
+    )
+
+
+async def _read_json_body(request: Request, state: ApiState) -> bytes:
+    limit = state.settings.api_max_json_bytes
+    too_large = ApiError(
+        413,
+        "body_too_large",
+        f"a JSON body may be at most {limit} bytes (limit {limit}); stream larger batches "
+        f"as {NDJSON}",
+        field="body",
+    )
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _ndjson_items(request: Request, state: ApiState) -> AsyncIterator[Any]:
+    """Parse NDJSON as it arrives: the batch is never held in memory."""
+    max_items = state.settings.api_max_items
+    max_line = state.settings.api_max_item_bytes
+    buffer = b""
+    line_no = 0
+    count = 0
+
+    def parse(line: bytes) -> Any:
+        if len(line) > max_line:
+            raise ApiError(
+                413,
+                "item_too_large",
+                f"line {line_no}: an item may be at most {max_line} bytes (limit {max_line})",
+                field="items",
+            )
+        try:
+            return orjson.loads(line)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidBatchError(
+                f"line {line_no}: not valid JSON ({exc})", field="items"
+            ) from None
+
+    async for chunk in request.stream():
+        buffer += chunk
+        if b"\n" not in buffer:
+            if len(buffer) > max_line:
+                line_no += 1
+                parse(buffer)  # raises: the line is already too long
+            continue
+        *lines, buffer = buffer.split(b"\n")
+        for line in lines:
+            line_no += 1
+            if line.strip():
+                count += 1
+                if count > max_items:
+                    raise _too_many_items(state)
+                yield parse(line)
+    if buffer.strip():
+        line_no += 1
+        count += 1
+        if count > max_items:
+            raise _too_many_items(state)
+        yield parse(buffer)
+
+
+@router.get("/batches", response_model=BatchList, responses=ERRORS())
+async def list_batches(
+    request: Request,
+    tenant: Tenant,
+    status: BatchStatus | None = None,
+    task: Annotated[str | None, Query(min_length=1, max_length=200)] = None,
+    created_after: datetime | None = None,
+    created_before: datetime | None = None,
+    cursor: Annotated[
+        str | None, Query(description="`next_cursor` of the previous page.", max_length=40)
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+) -> BatchList:
+    """List the tenant's batches, newest first, a page at a time."""
+    before_id = None
+    if cursor is not None:
+        if not cursor.isdigit() or len(cursor) > 18:
+            raise ApiError(
+                422, "invalid_request", "cursor: not a cursor from this API", field="cursor"
+            )
+        before_id = int(cursor)
+    where = BatchFilter(
+        tenant=tenant,
+        status=status,
+        task=task,
+        created_after=created_after,
+        created_before=created_before,
+        before_id=before_id,
+    )
+    batches = await api_state(request).app.list_batches(where, limit=limit)
+    next_cursor = str(batches[-1].id) if len(batches) == limit else None
+    return BatchList(batches=[batch_out(b) for b in batches], next_cursor=next_cursor)
+
+
+@router.get("/batches/{batch_id}", response_model=BatchOut, responses=ERRORS(404))
+async def get_batch(
+    request: Request, response: Response, tenant: Tenant, batch_id: int
+) -> BatchOut:
+    """Read a batch; its ETag is its version, for If-Match on updates."""
+    batch = await api_state(request).app.get_batch(_check_id(batch_id), tenant=tenant)
+    return _with_etag(response, batch)
+
+
+def _check_id(batch_id: int) -> int:
+    if not 0 < batch_id < 2**63:
+        raise ApiError(404, "batch_not_found", f"no batch with id {batch_id}")
+    return batch_id
+
+
+@router.patch("/batches/{batch_id}", response_model=BatchOut, responses=ERRORS(404, 409, 412, 428))
+async def update_batch(
+    request: Request,
+    response: Response,
+    tenant: Tenant,
+    batch_id: int,
+    patch: BatchPatch,
+    if_match: Annotated[str | None, Header(alias="If-Match", max_length=100)] = None,
+) -> BatchOut:
+    """Change the priority and/or cancel (`"status": "cancelled"`); needs If-Match."""
+    _check_id(batch_id)
+    expected = _expected_version(if_match, required=True)
+    if patch.priority is None and patch.status is None:
+        raise ApiError(
+            422, "invalid_request", "body: nothing to change (priority or status)", field="body"
+        )
+    batch = await api_state(request).app.update(
+        batch_id,
+        priority=patch.priority,
+        cancel=patch.status == "cancelled",
+        expected_version=expected,
+        tenant=tenant,
+    )
+    return _with_etag(response, batch)
+
+
+@router.post("/batches/{batch_id}/retry", response_model=RetryOut, responses=ERRORS(404, 409, 412))
+async def retry_batch(
+    request: Request,
+    response: Response,
+    tenant: Tenant,
+    batch_id: int,
+    if_match: Annotated[str | None, Header(alias="If-Match", max_length=100)] = None,
+) -> RetryOut:
+    """Re-queue the dead shards and the shards with failed items (If-Match optional)."""
+    _check_id(batch_id)
+    app = api_state(request).app
+    expected = _expected_version(if_match, required=False)
+    requeued = await app.retry(batch_id, expected_version=expected, tenant=tenant)
+    batch = await app.get_batch(batch_id, tenant=tenant)
+    response.headers["ETag"] = _etag(batch)
+    return RetryOut(requeued_shards=requeued, batch=batch_out(batch))
+
+
+@router.get("/batches/{batch_id}/insight", response_model=InsightOut, responses=ERRORS(404))
+async def batch_insight(request: Request, tenant: Tenant, batch_id: int) -> InsightOut:
+    """The batch with its shard states, throughput over time and error samples."""
+    batch, insight = await api_state(request).app.insight(_check_id(batch_id), tenant=tenant)
+    return insight_out(batch, insight)
+
+
+@router.get(
+    "/batches/{batch_id}/results",
+    responses=ERRORS(
+        404,
+        extra={
+            200: {
+                "description": "One result per item in order: NDJSON, or CSV (Accept: text/csv).",
+                "content": {
+                    NDJSON: {"schema": {"type": "string"}},
+                    "text/csv": {"schema": {"type": "string"}},
+                },
+            }
+        },
+    ),
+    response_class=StreamingResponse,
+)
+async def batch_results(
+    request: Request,
+    tenant: Tenant,
+    batch_id: int,
+    status: Annotated[
+        Literal["all", "ok", "error"], Query(description="Only failures, or only successes.")
+    ] = "all",
+    accept: Annotated[str | None, Header()] = None,
+) -> StreamingResponse:
+    """Stream the batch's results a page at a time (memory stays flat for any size)."""
+    app = api_state(request).app
+    await app.get_batch(_check_id(batch_id), tenant=tenant)  # 404 before the stream starts
+    as_csv = "text/csv" in (accept or "")
+    rows = app.results(batch_id, errors_only=status == "error", tenant=tenant)
+
+    async def ndjson() -> AsyncIterator[bytes]:
+        lines: list[bytes] = []
+        async for seq, outcome in rows:
+            if status == "ok" and not outcome.ok:
+                continue
+            lines.append(
+                orjson.dumps(
+                    {"seq": seq, "ok": outcome.ok, "output": outcome.output, "error": outcome.error}
+                )
+            )
+            if len(lines) >= 1000:
+                yield b"\n".join(lines) + b"\n"
+                lines = []
+        if lines:
+            yield b"\n".join(lines) + b"\n"
+
+    async def csv_rows() -> AsyncIterator[str]:
+        out = io.StringIO()
+        writer = csv.writer(out)
+        writer.writerow(["seq", "ok", "output", "error"])
+        async for seq, outcome in rows:
+            if status == "ok" and not outcome.ok:
+                continue
+            output = "" if outcome.output is None else orjson.dumps(outcome.output).decode()
+            writer.writerow([seq, "true" if outcome.ok else "false", output, outcome.error or ""])
+            if out.tell() > 64 * 1024:
+                yield out.getvalue()
+                out.seek(0)
+                out.truncate()
+        yield out.getvalue()
+
+    if as_csv:
+        return StreamingResponse(
+            csv_rows(),
+            media_type="text/csv",
+            headers={"Content-Disposition": f'attachment; filename="batch-{batch_id}.csv"'},
+        )
+    return StreamingResponse(ndjson(), media_type=NDJSON)

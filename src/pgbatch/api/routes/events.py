@@ -1,0 +1,148 @@
+"""Server-Sent Events: a batch's progress pushed as it changes, and a tenant-wide feed."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+import orjson
+from fastapi import APIRouter, Header, Request, Response
+from fastapi.responses import StreamingResponse
+
+from pgbatch.api.progress import HubClosedError, Subscription, progress_key
+from pgbatch.api.routes.batches import ERRORS
+from pgbatch.api.schemas import batch_out
+from pgbatch.api.state import ApiState, TenantOrQueryToken, api_state
+from pgbatch.errors import BatchNotFoundError
+from pgbatch.models import Batch
+
+__all__ = ["router"]
+
+router = APIRouter(prefix="/v1", tags=["events"])
+
+EVENT_STREAM = "text/event-stream"
+# Tell EventSource how long to wait before reconnecting after a dropped stream.
+RETRY_MS = 1000
+_SSE_HEADERS = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+
+
+def _event_id(batch: Batch) -> str:
+    return "-".join(str(part) for part in progress_key(batch))
+
+
+def _parse_event_id(value: str | None) -> tuple[int, int, int] | None:
+    # An id this server did not write is ignored: the stream starts from the current state.
+    if not value:
+        return None
+    parts = value.strip().split("-")
+    if len(parts) != 3 or not all(p.isdigit() and len(p) < 19 for p in parts):
+        return None
+    return (int(parts[0]), int(parts[1]), int(parts[2]))
+
+
+def _frame(event: str, batch: Batch, *, with_id: bool = True) -> bytes:
+    data = orjson.dumps(batch_out(batch).model_dump(mode="json"))
+    head = f"id: {_event_id(batch)}\n" if with_id else ""
+    return f"{head}event: {event}\n".encode() + b"data: " + data + b"\n\n"
+
+
+@router.get(
+    "/batches/{batch_id}/events",
+    response_class=StreamingResponse,
+    responses=ERRORS(
+        404,
+        extra={
+            200: {
+                "description": "`progress` events (data: the batch) as it changes, throttled; a "
+                "final `end` event when it ends, then the stream closes. Event ids resume with "
+                "Last-Event-ID.",
+                "content": {EVENT_STREAM: {"schema": {"type": "string"}}},
+            },
+            204: {"description": "The batch had ended and Last-Event-ID shows its end was seen."},
+        },
+    ),
+)
+async def batch_events(
+    request: Request,
+    tenant: TenantOrQueryToken,
+    batch_id: int,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=100)] = None,
+) -> Response:
+    """Push the batch's progress as it changes (from NOTIFY, not polling) until it ends."""
+    state = api_state(request)
+    if not 0 < batch_id < 2**63:
+        raise BatchNotFoundError(f"no batch with id {batch_id}")
+    # Subscribe before reading, so a change between the two is not missed.
+    sub = state.hub.subscribe(tenant, batch_id)
+    try:
+        batch = await state.app.get_batch(batch_id, tenant=tenant)
+    except BaseException:
+        state.hub.unsubscribe(sub)
+        raise
+    seen = _parse_event_id(last_event_id)
+    if batch.is_final and seen is not None and seen >= progress_key(batch):
+        state.hub.unsubscribe(sub)
+        return Response(status_code=204)
+    return StreamingResponse(
+        _batch_stream(state, sub, batch, seen), media_type=EVENT_STREAM, headers=_SSE_HEADERS
+    )
+
+
+async def _batch_stream(
+    state: ApiState, sub: Subscription, batch: Batch, seen: tuple[int, int, int] | None
+) -> AsyncIterator[bytes]:
+    try:
+        yield f"retry: {RETRY_MS}\n\n".encode()
+        current: Batch | None = batch
+        while True:
+            if current is not None and (seen is None or progress_key(current) > seen):
+                seen = progress_key(current)
+                if current.is_final:
+                    yield _frame("end", current)
+                    return
+                yield _frame("progress", current)
+            try:
+                arrived = await sub.next(state.settings.sse_keepalive_s)
+            except HubClosedError:
+                return
+            if not arrived:
+                yield b": keep-alive\n\n"
+            current = arrived[-1] if arrived else None
+    finally:
+        state.hub.unsubscribe(sub)
+
+
+@router.get(
+    "/events",
+    response_class=StreamingResponse,
+    responses=ERRORS(
+        extra={
+            200: {
+                "description": "`progress` events (data: a batch) for every batch of the tenant "
+                "that changes, throttled per batch. No ids: read GET /v1/batches first.",
+                "content": {EVENT_STREAM: {"schema": {"type": "string"}}},
+            }
+        }
+    ),
+)
+async def tenant_events(request: Request, tenant: TenantOrQueryToken) -> StreamingResponse:
+    """Push every change of the tenant's batches (the dashboard's list page uses this)."""
+    state = api_state(request)
+    sub = state.hub.subscribe(tenant, None)
+
+    async def stream() -> AsyncIterator[bytes]:
+        try:
+            yield f"retry: {RETRY_MS}\n\n".encode()
+            while True:
+                try:
+                    arrived = await sub.next(state.settings.sse_keepalive_s)
+                except HubClosedError:
+                    return
+                if not arrived:
+                    yield b": keep-alive\n\n"
+                for batch in arrived:
+                    yield _frame("end" if batch.is_final else "progress", batch, with_id=False)
+        finally:
+            state.hub.unsubscribe(sub)
+
+    return StreamingResponse(stream(), media_type=EVENT_STREAM, headers=_SSE_HEADERS)

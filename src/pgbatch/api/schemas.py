@@ -1,0 +1,190 @@
+"""The API's request and response models (they are its OpenAPI schema)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from pgbatch.db.batches import BatchInsight
+from pgbatch.models import Batch, BatchStatus
+
+__all__ = [
+    "BatchList",
+    "BatchOut",
+    "BatchPatch",
+    "BatchSubmit",
+    "ErrorOut",
+    "InsightOut",
+    "RetryOut",
+    "batch_out",
+]
+
+INT32 = 2**31
+
+
+class _Strict(BaseModel):
+    # An unknown field is a client's typo: say so instead of ignoring it.
+    model_config = ConfigDict(extra="forbid")
+
+
+class BatchOptions(_Strict):
+    """Options of a submission; unset ones take the task's defaults."""
+
+    shard_size: int | None = Field(default=None, ge=1, le=1_000_000)
+    max_attempts: int | None = Field(default=None, ge=1, le=1000)
+    lease_ttl_s: float | None = Field(default=None, gt=0, le=86_400)
+    priority: int = Field(default=0, ge=-INT32, lt=INT32)
+    queue: str | None = Field(default=None, min_length=1, max_length=200)
+    on_complete: str | None = Field(default=None, min_length=1, max_length=200)
+
+
+class BatchSubmit(BatchOptions):
+    """A submission with its items inline (for large batches, POST NDJSON instead)."""
+
+    task: str = Field(min_length=1, max_length=200)
+    items: list[Any]
+
+
+class BatchPatch(_Strict):
+    """A client's change to a batch: its priority, or cancelling it (or both at once)."""
+
+    priority: int | None = Field(default=None, ge=-INT32, lt=INT32)
+    status: Literal["cancelled"] | None = Field(
+        default=None, description="Set to 'cancelled' to cancel the batch."
+    )
+
+
+class BatchOut(BaseModel):
+    """A batch as the API shows it."""
+
+    id: int
+    task: str
+    queue: str
+    priority: int
+    status: BatchStatus
+    shard_size: int
+    max_attempts: int
+    lease_ttl_s: float
+    total_items: int
+    items_done: int
+    items_ok: int
+    items_failed: int
+    total_shards: int
+    shards_done: int
+    shards_dead: int
+    run_no: int
+    on_complete: str | None
+    idempotency_key: str | None
+    version: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    is_final: bool
+
+
+def batch_out(batch: Batch) -> BatchOut:
+    """Return the API view of a batch."""
+    return BatchOut(
+        id=batch.id,
+        task=batch.task,
+        queue=batch.queue,
+        priority=batch.priority,
+        status=batch.status,
+        shard_size=batch.shard_size,
+        max_attempts=batch.max_attempts,
+        lease_ttl_s=batch.lease_ttl_s,
+        total_items=batch.total_items,
+        items_done=batch.items_done,
+        items_ok=batch.items_ok,
+        items_failed=batch.items_failed,
+        total_shards=batch.total_shards,
+        shards_done=batch.shards_done,
+        shards_dead=batch.shards_dead,
+        run_no=batch.run_no,
+        on_complete=batch.on_complete,
+        idempotency_key=batch.idempotency_key,
+        version=batch.version,
+        created_at=batch.created_at,
+        started_at=batch.started_at,
+        finished_at=batch.finished_at,
+        is_final=batch.is_final,
+    )
+
+
+class BatchList(BaseModel):
+    """One page of batches, newest first; pass `next_cursor` as `cursor` for the next."""
+
+    batches: list[BatchOut]
+    next_cursor: str | None
+
+
+class RetryOut(BaseModel):
+    """What a retry re-queued, and the batch after it."""
+
+    requeued_shards: int
+    batch: BatchOut
+
+
+class ThroughputPoint(BaseModel):
+    """Items finished in one time bucket."""
+
+    at: datetime
+    items: int
+
+
+class ErrorSample(BaseModel):
+    """One failed item."""
+
+    seq: int
+    error: str
+
+
+class DeadShard(BaseModel):
+    """One shard that used up its attempts."""
+
+    shard_no: int
+    first_seq: int
+    last_seq: int
+    error: str | None
+
+
+class InsightOut(BaseModel):
+    """A batch with what the dashboard shows about it."""
+
+    batch: BatchOut
+    shard_states: dict[str, int]
+    bucket_s: int
+    throughput: list[ThroughputPoint]
+    error_samples: list[ErrorSample]
+    dead_shards: list[DeadShard]
+
+
+def insight_out(batch: Batch, insight: BatchInsight) -> InsightOut:
+    """Return the API view of a batch's insight."""
+    return InsightOut(
+        batch=batch_out(batch),
+        shard_states=insight.shard_states,
+        bucket_s=insight.bucket_s,
+        throughput=[ThroughputPoint(at=at, items=n) for at, n in insight.throughput],
+        error_samples=[ErrorSample(seq=s, error=e) for s, e in insight.error_samples],
+        dead_shards=[
+            DeadShard(shard_no=a, first_seq=b, last_seq=c, error=d)
+            for a, b, c, d in insight.dead_shards
+        ],
+    )
+
+
+class ErrorDetail(BaseModel):
+    """What went wrong, and which field of the request caused it."""
+
+    code: str
+    message: str
+    field: str | None
+
+
+class ErrorOut(BaseModel):
+    """Every error response has this shape."""
+
+    error: ErrorDetail

@@ -1,0 +1,99 @@
+"""Build the FastAPI application over a pgbatch App, and run it with uvicorn."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from importlib import resources
+
+import uvicorn
+from fastapi import APIRouter, FastAPI
+from fastapi.staticfiles import StaticFiles
+
+from pgbatch.api.auth import TokenTable, is_loopback
+from pgbatch.api.errors import install_error_handlers
+from pgbatch.api.metrics import ApiMetrics, MetricsMiddleware
+from pgbatch.api.progress import ProgressHub
+from pgbatch.api.routes import batches, events, system
+from pgbatch.api.state import ApiState
+from pgbatch.app import App
+from pgbatch.errors import ConfigurationError
+
+__all__ = ["create_api", "serve"]
+
+_log = logging.getLogger(__name__)
+
+# Routers other parts of pgbatch add when the app has their workload (collections,
+# documents): (predicate on the App, router factory).
+EXTENSIONS: list[tuple[Callable[[App], bool], Callable[[], APIRouter]]] = []
+
+
+def create_api(app: App) -> FastAPI:
+    """Return the HTTP API (and dashboard) serving `app`; settings come from `app.settings`."""
+    settings = app.settings
+    tokens = TokenTable.parse(settings.api_tokens)
+    metrics = ApiMetrics()
+    hub = ProgressHub(app, min_interval_s=settings.sse_min_interval_s)
+    state = ApiState(app=app, settings=settings, tokens=tokens, hub=hub, metrics=metrics)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(api: FastAPI) -> AsyncIterator[None]:
+        await app.open()
+        await hub.start()
+        try:
+            yield
+        finally:
+            await hub.close()
+            for closer in state.extras.values():
+                stop = getattr(closer, "stop", None)
+                if stop is not None:
+                    await stop()
+
+    api = FastAPI(
+        title="pgbatch",
+        version="1",
+        summary="Very large batches of work, run durably on PostgreSQL.",
+        lifespan=lifespan,
+    )
+    api.state.pgbatch = state
+    install_error_handlers(api)
+    api.include_router(system.router)
+    api.include_router(batches.router)
+    api.include_router(events.router)
+    for wanted, router in EXTENSIONS:
+        if wanted(app):
+            api.include_router(router())
+    static = resources.files("pgbatch.api").joinpath("static")
+    api.mount("/static", StaticFiles(directory=str(static)), name="static")
+    api.add_middleware(MetricsMiddleware, metrics=metrics)
+    return api
+
+
+def check_bind(host: str, tokens: TokenTable) -> None:
+    """Refuse to expose an unauthenticated API beyond this machine."""
+    if not tokens.enabled and not is_loopback(host):
+        raise ConfigurationError(
+            f"refusing to listen on {host} without API tokens: anyone could reach every "
+            "batch. Set PGBATCH_API_TOKENS (`pgbatch token new TENANT`) or bind to 127.0.0.1"
+        )
+
+
+def server(app: App, *, host: str, port: int, log_level: str = "info") -> uvicorn.Server:
+    """Return a uvicorn server for the API of `app` (not started)."""
+    check_bind(host, TokenTable.parse(app.settings.api_tokens))
+    config = uvicorn.Config(
+        create_api(app),
+        host=host,
+        port=port,
+        log_level=log_level,
+        # Event streams never end by themselves: give them this long, then close them.
+        timeout_graceful_shutdown=2,
+        lifespan="on",
+    )
+    return uvicorn.Server(config)
+
+
+async def serve(app: App, *, host: str, port: int, log_level: str = "info") -> None:
+    """Serve the API until the process is told to stop."""
+    await server(app, host=host, port=port, log_level=log_level).serve()
