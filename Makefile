@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint unit soak bench clean
+.PHONY: demo test lint unit soak fuzz bench browser clean
 
 $(BIN)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "pgbatch needs Python >= 3.11")'
@@ -22,8 +22,20 @@ lint: $(BIN)/.installed
 
 # The whole suite against the embedded PostgreSQL, or DATABASE_URL when set; long
 # chaos/soak runs are excluded (see `make soak`).
-test: lint
+test: lint browser
 	$(BIN)/python -m pytest
+
+# The dashboard's browser test drives Debian's chromium (Playwright's own browser
+# download does not work offline). Installed when missing and we may; otherwise that
+# one test says why it is skipped.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "installing Debian's chromium for the browser test"; \
+			(apt-get install -y -q chromium >/dev/null 2>&1 || \
+			 (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1)) || \
+			echo "could not install chromium: the browser test will be skipped"; \
+		else echo "chromium missing (apt-get install chromium): the browser test will be skipped"; fi; }
 
 unit: $(BIN)/.installed
 	$(BIN)/python -m pytest tests/unit
@@ -31,6 +43,11 @@ unit: $(BIN)/.installed
 # The long chaos/soak runs (minutes).
 soak: $(BIN)/.installed
 	$(BIN)/python -m pytest -m long -o addopts='-p no:cacheprovider'
+
+# The long API fuzzing run (schemathesis against our own OpenAPI); `make test` runs a
+# bounded one.
+fuzz: $(BIN)/.installed
+	PGBATCH_FUZZ_EXAMPLES=500 $(BIN)/python -m pytest tests/api/test_schemathesis.py -m 'long or not long' -o addopts='-p no:cacheprovider'
 
 bench: $(BIN)/.installed
 	$(BIN)/pip install --quiet -e '.[dev,bench]'
