@@ -1,0 +1,53 @@
+"""The App the API tests serve: tasks whose outcome each test can steer through its items."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+import pgbatch
+from pgbatch import Item, Outcome, ShardContext
+
+TASKS = ("echo", "flaky", "slow", "gated")
+
+
+def build_app(settings: pgbatch.Settings) -> tuple[pgbatch.App, asyncio.Event]:
+    """Return an App with the test tasks, and the event that opens the `gated` task's gate."""
+    app = pgbatch.App(settings=settings)
+    gate = asyncio.Event()
+
+    @app.task("echo", shard_size=10)
+    async def echo(items: Sequence[Item], ctx: ShardContext) -> list[Outcome]:
+        """Return each item as its output."""
+        return [pgbatch.ok(item.value) for item in items]
+
+    @app.task("flaky", shard_size=10, max_attempts=2)
+    async def flaky(items: Sequence[Item], ctx: ShardContext) -> list[Outcome]:
+        """Fail items that say "fail"; raise (the whole shard fails) on "raise"."""
+        if any(item.value == "raise" for item in items):
+            raise RuntimeError("the shard asked to fail")
+        return [
+            pgbatch.error("asked to fail") if item.value == "fail" else pgbatch.ok(item.value)
+            for item in items
+        ]
+
+    @app.task("slow", shard_size=1)
+    async def slow(items: Sequence[Item], ctx: ShardContext) -> list[Outcome]:
+        """Sleep `item["sleep"]` seconds per item (0.05 by default)."""
+        for item in items:
+            value: Any = item.value
+            await asyncio.sleep(value.get("sleep", 0.05) if isinstance(value, dict) else 0.05)
+        return [pgbatch.ok(None) for _ in items]
+
+    @app.task("gated", shard_size=1)
+    async def gated(items: Sequence[Item], ctx: ShardContext) -> list[Outcome]:
+        """Wait until the test opens the gate (or the batch is cancelled)."""
+        waiter = asyncio.ensure_future(gate.wait())
+        lost = asyncio.ensure_future(ctx.wait_lost())
+        await asyncio.wait({waiter, lost}, return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        lost.cancel()
+        return [pgbatch.ok(None) for _ in items]
+
+    return app, gate
