@@ -1,0 +1,160 @@
+"""Queries on collections and their items, and the fenced statements of a collection copy."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from pgbatch.db.queries import query
+from pgbatch.db.shards import CommitStatement
+
+__all__ = [
+    "CopyCounts",
+    "add_collection_items",
+    "copy_counts",
+    "copy_endpoints",
+    "copy_ids_statement",
+    "copy_ranges_statement",
+    "count_collection_items",
+    "create_collection",
+    "create_collection_tables",
+    "existing_collections",
+    "generate_collection_items",
+    "plan_copy_ranges",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class CopyCounts:
+    """What the committed shards of one copy did, summed over its shards."""
+
+    inserted: int
+    already_present: int
+    not_in_source: int
+
+
+async def create_collection_tables(conn: psycopg.AsyncConnection[Any]) -> None:
+    """Create the collections tables if they are missing (idempotent, safe to race)."""
+    async with conn.transaction():
+        # Serialise the DDL: several processes opening at once would race on it.
+        await conn.execute(query("collections_lock_ddl"))
+        await conn.execute(query("collections_create_tables"))
+
+
+async def create_collection(
+    conn: psycopg.AsyncConnection[Any], collection_id: str, *, name: str | None = None
+) -> bool:
+    """Create a collection; return False if it already existed."""
+    cur = await conn.execute(query("collection_create"), {"id": collection_id, "name": name})
+    return cur.rowcount == 1
+
+
+async def existing_collections(
+    conn: psycopg.AsyncConnection[Any], collection_ids: Sequence[str]
+) -> set[str]:
+    """Return which of `collection_ids` are collections."""
+    cur = await conn.execute(query("collections_existing"), {"ids": list(collection_ids)})
+    return {row[0] for row in await cur.fetchall()}
+
+
+async def add_collection_items(
+    conn: psycopg.AsyncConnection[Any], collection_id: str, item_ids: Sequence[str]
+) -> int:
+    """Add items to a collection (present ones are skipped); return how many were new."""
+    cur = await conn.execute(
+        query("collection_items_add"),
+        {"collection_id": collection_id, "item_ids": list(item_ids)},
+    )
+    return cur.rowcount
+
+
+async def generate_collection_items(
+    conn: psycopg.AsyncConnection[Any],
+    collection_id: str,
+    count: int,
+    *,
+    prefix: str,
+    first: int = 0,
+) -> int:
+    """Add `count` synthetic items `<prefix><n>` server-side; return how many were new."""
+    cur = await conn.execute(
+        query("collection_items_generate"),
+        {"collection_id": collection_id, "count": count, "prefix": prefix, "first": first},
+    )
+    return cur.rowcount
+
+
+async def count_collection_items(conn: psycopg.AsyncConnection[Any], collection_id: str) -> int:
+    """Return how many items the collection holds."""
+    cur = await conn.execute(query("collection_items_count"), {"collection_id": collection_id})
+    row = await cur.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def plan_copy_ranges(
+    conn: psycopg.AsyncConnection[Any], source: str, *, keys_per_range: int
+) -> list[tuple[str, str]]:
+    """Cut the source's keys into ranges of `keys_per_range` keys; return (first, last) each."""
+    cur = await conn.execute(
+        query("collection_copy_plan_ranges"), {"source": source, "keys": keys_per_range}
+    )
+    return [(first, last) for first, last in await cur.fetchall()]
+
+
+def copy_ranges_statement(
+    *,
+    batch_id: int,
+    shard_id: int,
+    source: str,
+    target: str,
+    ranges: Sequence[tuple[str, str]],
+) -> CommitStatement:
+    """Return the at-commit statement that copies the source's keys in `ranges` (inclusive)."""
+    return CommitStatement(
+        query("collection_copy_ranges"),
+        {
+            "batch_id": batch_id,
+            "shard_id": shard_id,
+            "source": source,
+            "target": target,
+            "firsts": [first for first, _ in ranges],
+            "lasts": [last for _, last in ranges],
+        },
+    )
+
+
+def copy_ids_statement(
+    *, batch_id: int, shard_id: int, source: str, target: str, item_ids: Sequence[str]
+) -> CommitStatement:
+    """Return the at-commit statement that copies the listed keys the source holds."""
+    return CommitStatement(
+        query("collection_copy_ids"),
+        {
+            "batch_id": batch_id,
+            "shard_id": shard_id,
+            "source": source,
+            "target": target,
+            "ids": list(item_ids),
+        },
+    )
+
+
+async def copy_counts(conn: psycopg.AsyncConnection[Any], batch_id: int) -> CopyCounts:
+    """Sum the counts the copy's committed shards recorded."""
+    cur = await conn.execute(query("collection_copy_counts"), {"batch_id": batch_id})
+    row = await cur.fetchone()
+    assert row is not None
+    return CopyCounts(int(row[0]), int(row[1]), int(row[2]))
+
+
+async def copy_endpoints(
+    conn: psycopg.AsyncConnection[Any], batch_id: int
+) -> tuple[str, str] | None:
+    """Return the copy's (source, target), or None if it has no items."""
+    cur = await conn.execute(query("collection_copy_endpoints"), {"batch_id": batch_id})
+    row = await cur.fetchone()
+    return None if row is None else (row[0], row[1])

@@ -1,0 +1,126 @@
+-- Collections of items (companies, say) and the collection-copy workload
+-- (pgbatch.workloads.collections). Keys are text in the "C" collation: byte order, the
+-- same as Python's sort of str, and compared with memcmp, the fastest text comparison.
+
+-- name: collections_lock_ddl
+SELECT pg_advisory_xact_lock(hashtext('pgbatch_collections_tables'));
+
+-- name: collections_create_tables
+-- Idempotent. collection_items has no foreign key to collections on purpose: a copy of a
+-- million associations would run a million referential checks, each locking the same
+-- collections row; the workload checks that both collections exist when a copy is
+-- submitted. collection_copy_stats gets one row per completed shard of a copy, written by
+-- the shard's own fenced statement: no row is shared by two shards, so no row is hot.
+CREATE TABLE IF NOT EXISTS collections (
+    id         text COLLATE "C" PRIMARY KEY,
+    name       text,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS collection_items (
+    collection_id text COLLATE "C" NOT NULL,
+    item_id       text COLLATE "C" NOT NULL,
+    PRIMARY KEY (collection_id, item_id)
+);
+CREATE TABLE IF NOT EXISTS collection_copy_stats (
+    batch_id        bigint NOT NULL,
+    shard_id        bigint NOT NULL,
+    inserted        bigint NOT NULL,
+    already_present bigint NOT NULL,
+    not_in_source   bigint NOT NULL,
+    PRIMARY KEY (batch_id, shard_id)
+);
+
+-- name: collection_create
+INSERT INTO collections (id, name) VALUES (%(id)s, %(name)s)
+ON CONFLICT (id) DO NOTHING
+RETURNING id;
+
+-- name: collections_existing
+SELECT id FROM collections WHERE id = ANY(%(ids)s::text[]);
+
+-- name: collection_items_add
+-- Sorted, so that two concurrent adds lock keys in one order (invariant 6).
+INSERT INTO collection_items (collection_id, item_id)
+SELECT %(collection_id)s, u.item_id FROM unnest(%(item_ids)s::text[]) AS u(item_id)
+ORDER BY u.item_id
+ON CONFLICT DO NOTHING;
+
+-- name: collection_items_generate
+-- Synthetic items "<prefix><n>", n zero-padded to 9 digits so key order is numeric order.
+INSERT INTO collection_items (collection_id, item_id)
+SELECT %(collection_id)s, %(prefix)s || lpad(n::text, 9, '0')
+FROM generate_series(%(first)s::bigint, %(first)s::bigint + %(count)s::bigint - 1) AS n
+ORDER BY 2
+ON CONFLICT DO NOTHING;
+
+-- name: collection_items_count
+SELECT count(*) FROM collection_items WHERE collection_id = %(collection_id)s;
+
+-- name: collection_copy_plan_ranges
+-- Cut the source's keys, in key order, into ranges of "keys" keys; return each range's
+-- first and last key. One index-only scan of the source; only the bounds leave the server.
+SELECT min(item_id), max(item_id)
+FROM (
+    SELECT item_id, (row_number() OVER (ORDER BY item_id) - 1) / %(keys)s::bigint AS chunk
+    FROM collection_items
+    WHERE collection_id = %(source)s
+) AS numbered
+GROUP BY chunk
+ORDER BY chunk;
+
+-- name: collection_copy_ranges
+-- The at-commit statement of one shard of a copy of whole key ranges: insert the source's
+-- keys in [first, last] of each range into the target, skipping those already there, and
+-- record the counts under (batch, shard). It runs in the shard's completion transaction,
+-- so the epoch fence decides whether any of it happens. Keys are inserted in key order:
+-- two copies into one target lock keys in one order.
+WITH span AS (
+    SELECT * FROM unnest(%(firsts)s::text[], %(lasts)s::text[]) AS r(first_id, last_id)
+), matched AS MATERIALIZED (
+    SELECT s.item_id
+    FROM span r
+    JOIN collection_items s
+      ON s.collection_id = %(source)s AND s.item_id BETWEEN r.first_id AND r.last_id
+), inserted AS (
+    INSERT INTO collection_items (collection_id, item_id)
+    SELECT %(target)s, m.item_id FROM matched m
+    ORDER BY m.item_id
+    ON CONFLICT DO NOTHING
+    RETURNING 1
+)
+INSERT INTO collection_copy_stats (batch_id, shard_id, inserted, already_present, not_in_source)
+SELECT %(batch_id)s, %(shard_id)s, i.n, m.n - i.n, 0
+FROM (SELECT count(*) AS n FROM inserted) AS i, (SELECT count(*) AS n FROM matched) AS m;
+
+-- name: collection_copy_ids
+-- The at-commit statement of one shard of a copy of listed keys: as collection_copy_ranges,
+-- and the listed keys that the source does not hold are counted as not_in_source.
+WITH matched AS MATERIALIZED (
+    SELECT s.item_id
+    FROM collection_items s
+    WHERE s.collection_id = %(source)s AND s.item_id = ANY(%(ids)s::text[])
+), inserted AS (
+    INSERT INTO collection_items (collection_id, item_id)
+    SELECT %(target)s, m.item_id FROM matched m
+    ORDER BY m.item_id
+    ON CONFLICT DO NOTHING
+    RETURNING 1
+)
+INSERT INTO collection_copy_stats (batch_id, shard_id, inserted, already_present, not_in_source)
+SELECT %(batch_id)s, %(shard_id)s, i.n, m.n - i.n, cardinality(%(ids)s::text[]) - m.n
+FROM (SELECT count(*) AS n FROM inserted) AS i, (SELECT count(*) AS n FROM matched) AS m;
+
+-- name: collection_copy_counts
+SELECT coalesce(sum(inserted), 0)::bigint,
+       coalesce(sum(already_present), 0)::bigint,
+       coalesce(sum(not_in_source), 0)::bigint
+FROM collection_copy_stats
+WHERE batch_id = %(batch_id)s;
+
+-- name: collection_copy_endpoints
+-- Every item of a copy names its source and target; the first one tells them.
+SELECT payload ->> 'source', payload ->> 'target'
+FROM pgbatch.items
+WHERE batch_id = %(batch_id)s
+ORDER BY seq
+LIMIT 1;

@@ -1,0 +1,269 @@
+"""The collection-copy workload: copy part of a collection into another, deduplicated.
+
+Users keep collections of items (companies, say) as rows of `collection_items
+(collection_id, item_id)`, keyed by both. A copy of a source's items (all of them, or a
+list) into a target is a pgbatch batch:
+
+- **An item is a key range** of the source: `keys_per_item` keys (1,000 by default) in
+  key order, cut server-side by one query, so a copy of a million associations sends a
+  thousand (first, last) pairs through Python, not a million ids. A copy of a list has
+  items of `keys_per_item` ids of the sorted, de-duplicated list.
+- **A shard is `RANGES_PER_SHARD` items** (10, so 10,000 associations). Its handler does
+  no copying itself: it queues one statement with `ctx.execute_at_commit`, which inserts
+  the shard's keys into the target with `INSERT … ON CONFLICT DO NOTHING` and records
+  how many were inserted and how many were already there, in the shard's completion
+  transaction. The epoch fence therefore decides whether the copy happens: a worker whose
+  lease was taken over writes nothing, and a shard counts its keys exactly once.
+- **Progress is "x of n" ranges**, as for any batch: a million associations are 1,000
+  items in 100 shards, so the bar moves in steps of 1 %. Smaller shards would move it in
+  finer steps but pay the claim and commit overhead (a few ms) more often; larger ones
+  make each retry redo more and each completion hold its locks longer.
+
+"All" means the keys the source holds when the copy is submitted: the ranges are fixed
+then (a key added later inside a range is copied too, one outside every range is not).
+Collections are not scoped to a tenant; the copy's batch is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pgbatch.app import App
+from pgbatch.db import collections as queries
+from pgbatch.engine.context import ShardContext
+from pgbatch.errors import ConfigurationError, InvalidBatchError
+from pgbatch.models import Batch, BatchStatus, Item, Outcome, ok
+
+__all__ = [
+    "KEYS_PER_ITEM",
+    "RANGES_PER_SHARD",
+    "TASK",
+    "CopyReport",
+    "add_items",
+    "copy_collection_shard",
+    "copy_report",
+    "create_collection",
+    "create_tables",
+    "install",
+    "seed_items",
+    "submit_copy",
+]
+
+TASK = "pgbatch.collection_copy"
+# Keys per item (one range): at ~2 µs per inserted key a range is a few ms of database
+# work, and a million keys make 1,000 ranges, small enough to submit in one statement.
+KEYS_PER_ITEM = 1_000
+# Items per shard: 10,000 keys, tens of ms per completion against a few ms of per-shard
+# overhead (docs/sizing.md), and 1 % steps of progress for a million keys.
+RANGES_PER_SHARD = 10
+# A range or an id list bigger than this would make one item (and its shard) huge.
+MAX_KEYS_PER_ITEM = 100_000
+# Collection ids and item ids are keys: a bound keeps the index entries small.
+MAX_KEY_CHARS = 200
+
+_OK = ok(None)
+
+
+@dataclass(frozen=True, slots=True)
+class CopyReport:
+    """What a copy did so far: its progress and the keys inserted and already present."""
+
+    batch_id: int
+    source: str | None  # None only for an empty copy (it has no items to tell)
+    target: str | None
+    status: BatchStatus
+    ranges_done: int
+    ranges_total: int
+    inserted: int
+    already_present: int
+    not_in_source: int  # listed ids the source does not hold (0 for a copy of all)
+
+    @property
+    def finished(self) -> bool:
+        """Tell whether the copy has ended (its counts are then final)."""
+        return self.status.is_final
+
+
+def install(app: App, *, shard_size: int = RANGES_PER_SHARD) -> None:
+    """Register the copy task on `app`, and a hook that creates the tables when it opens.
+
+    Call it before the app opens; for an app already open, `await create_tables(app)`.
+    """
+    if TASK in app.tasks:
+        return
+    app.task(TASK, shard_size=shard_size)(copy_collection_shard)
+    app.on_open(create_tables)
+
+
+async def create_tables(app: App) -> None:
+    """Create the collections tables if they are missing."""
+    async with app.db.connection() as conn:
+        await queries.create_collection_tables(conn)
+
+
+async def copy_collection_shard(items: list[Item], ctx: ShardContext) -> list[Outcome]:
+    """Queue the fenced statement that copies this shard's ranges (or ids) at commit."""
+    first = items[0].value
+    source, target = first["source"], first["target"]
+    if any(i.value["source"] != source or i.value["target"] != target for i in items):
+        raise ValueError("a shard of a copy mixes sources or targets")
+    if "ids" in first:
+        statement = queries.copy_ids_statement(
+            batch_id=ctx.batch_id,
+            shard_id=ctx.shard_id,
+            source=source,
+            target=target,
+            item_ids=[key for item in items for key in item.value["ids"]],
+        )
+    else:
+        statement = queries.copy_ranges_statement(
+            batch_id=ctx.batch_id,
+            shard_id=ctx.shard_id,
+            source=source,
+            target=target,
+            ranges=[(item.value["first"], item.value["last"]) for item in items],
+        )
+    ctx.execute_at_commit(statement.statement, statement.params)
+    return [_OK] * len(items)
+
+
+async def submit_copy(
+    app: App,
+    *,
+    source: str,
+    target: str,
+    item_ids: Sequence[str] | None,
+    tenant: str = "default",
+    idempotency_key: str | None = None,
+    keys_per_item: int = KEYS_PER_ITEM,
+    priority: int = 0,
+) -> Batch:
+    """Submit a copy of `item_ids` (None: all items) from `source` into `target`.
+
+    Raise InvalidBatchError naming the field ("source", "target", "item_ids",
+    "keys_per_item") when the input is wrong; nothing is written then. A copy of an empty
+    source is an empty batch, finished at once.
+    """
+    _check_key(source, "source")
+    _check_key(target, "target")
+    if source == target:
+        raise InvalidBatchError("target must differ from source", field="target")
+    if (
+        isinstance(keys_per_item, bool)
+        or not isinstance(keys_per_item, int)
+        or not 0 < keys_per_item <= MAX_KEYS_PER_ITEM
+    ):
+        raise InvalidBatchError(
+            f"keys_per_item must be an integer from 1 to {MAX_KEYS_PER_ITEM}",
+            field="keys_per_item",
+        )
+    ids = None if item_ids is None else _sorted_ids(item_ids)
+    if TASK not in app.tasks:
+        raise ConfigurationError(
+            "the collection-copy task is not registered: call "
+            "pgbatch.workloads.collections.install(app) before the app opens"
+        )
+    await app.open()
+    async with app.db.connection() as conn:
+        existing = await queries.existing_collections(conn, [source, target])
+        for name, collection in (("source", source), ("target", target)):
+            if collection not in existing:
+                raise InvalidBatchError(f"no collection {collection!r}", field=name)
+        items: list[dict[str, Any]]
+        if ids is None:
+            ranges = await queries.plan_copy_ranges(conn, source, keys_per_range=keys_per_item)
+            items = [
+                {"source": source, "target": target, "first": first, "last": last}
+                for first, last in ranges
+            ]
+        else:
+            items = [
+                {"source": source, "target": target, "ids": ids[start : start + keys_per_item]}
+                for start in range(0, len(ids), keys_per_item)
+            ]
+    return await app.submit(
+        TASK, items, idempotency_key=idempotency_key, priority=priority, tenant=tenant
+    )
+
+
+async def copy_report(app: App, batch_id: int, *, tenant: str | None = None) -> CopyReport:
+    """Return the copy's progress and counts (of `tenant`'s batch, when given)."""
+    # The batch first: if it has ended, the counts read after it are complete.
+    batch = await app.get_batch(batch_id, tenant=tenant)
+    if batch.task != TASK:
+        raise InvalidBatchError(
+            f"batch {batch_id} is a {batch.task!r} batch, not a collection copy",
+            field="batch_id",
+        )
+    async with app.db.connection() as conn:
+        counts = await queries.copy_counts(conn, batch_id)
+        endpoints = await queries.copy_endpoints(conn, batch_id)
+    source, target = endpoints if endpoints is not None else (None, None)
+    return CopyReport(
+        batch_id=batch_id,
+        source=source,
+        target=target,
+        status=batch.status,
+        ranges_done=batch.items_done,
+        ranges_total=batch.total_items,
+        inserted=counts.inserted,
+        already_present=counts.already_present,
+        not_in_source=counts.not_in_source,
+    )
+
+
+async def create_collection(app: App, collection_id: str, *, name: str | None = None) -> bool:
+    """Create a collection; return False if it already existed."""
+    _check_key(collection_id, "collection_id")
+    await app.open()
+    async with app.db.connection() as conn:
+        return await queries.create_collection(conn, collection_id, name=name)
+
+
+async def add_items(app: App, collection_id: str, item_ids: Iterable[str]) -> int:
+    """Add items to an existing collection (present ones are skipped); return how many were new."""
+    ids = _sorted_ids(item_ids)
+    await app.open()
+    async with app.db.connection() as conn:
+        if collection_id not in await queries.existing_collections(conn, [collection_id]):
+            raise InvalidBatchError(f"no collection {collection_id!r}", field="collection_id")
+        return await queries.add_collection_items(conn, collection_id, ids)
+
+
+async def seed_items(
+    app: App, collection_id: str, count: int, *, prefix: str = "company-", first: int = 0
+) -> int:
+    """Add `count` synthetic items `<prefix><n>` (n zero-padded) server-side, for demos."""
+    if count < 0:
+        raise InvalidBatchError("count must not be negative", field="count")
+    await app.open()
+    async with app.db.connection() as conn:
+        return await queries.generate_collection_items(
+            conn, collection_id, count, prefix=prefix, first=first
+        )
+
+
+def _check_key(value: object, field: str, what: str | None = None) -> None:
+    what = what or field
+    if not isinstance(value, str) or not value:
+        raise InvalidBatchError(f"{what} must be a non-empty string", field=field)
+    if len(value) > MAX_KEY_CHARS or "\x00" in value:
+        raise InvalidBatchError(
+            f"{what} must be at most {MAX_KEY_CHARS} characters, without NUL", field=field
+        )
+
+
+def _sorted_ids(item_ids: Iterable[str]) -> list[str]:
+    if isinstance(item_ids, str | bytes) or not isinstance(item_ids, Iterable):
+        raise InvalidBatchError("item_ids must be a list of strings, or None", field="item_ids")
+    unique: set[str] = set()
+    for item_id in item_ids:
+        _check_key(item_id, "item_ids", "every item id")
+        unique.add(item_id)
+    if not unique:
+        raise InvalidBatchError("item_ids is empty; pass None to copy every item", field="item_ids")
+    # Python sorts str by code point, which is the byte order of UTF-8: the "C" collation
+    # of the key columns, so each item's ids are a contiguous stretch of the index.
+    return sorted(unique)
