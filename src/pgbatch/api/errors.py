@@ -34,6 +34,7 @@ class ApiError(Exception):
         *,
         field: str | None = None,
         headers: dict[str, str] | None = None,
+        details: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -41,17 +42,26 @@ class ApiError(Exception):
         self.message = message
         self.field = field
         self.headers = headers
+        # More members of "error" for the client's program (e.g. the missing references).
+        self.details = details
 
 
-def error_body(code: str, message: str, field: str | None = None) -> dict[str, Any]:
+def error_body(
+    code: str, message: str, field: str | None = None, details: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Return the JSON body of an error."""
-    return {"error": {"code": code, "message": message, "field": field}}
+    return {"error": {**(details or {}), "code": code, "message": message, "field": field}}
 
 
 def _respond(
-    status: int, code: str, message: str, field: str | None = None, **kw: Any
+    status: int,
+    code: str,
+    message: str,
+    field: str | None = None,
+    details: dict[str, Any] | None = None,
+    **kw: Any,
 ) -> JSONResponse:
-    return JSONResponse(error_body(code, message, field), status_code=status, **kw)
+    return JSONResponse(error_body(code, message, field, details), status_code=status, **kw)
 
 
 def _field_of(loc: tuple[Any, ...] | list[Any]) -> str | None:
@@ -69,7 +79,9 @@ def install_error_handlers(api: FastAPI) -> None:
 
     @api.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return _respond(exc.status, exc.code, exc.message, exc.field, headers=exc.headers)
+        return _respond(
+            exc.status, exc.code, exc.message, exc.field, exc.details, headers=exc.headers
+        )
 
     @api.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pgbatch.app import App
@@ -46,17 +49,19 @@ class ApiMetrics:
             "Expired leases returned to the queue so another worker can take the shard over.",
             registry=r,
         )
-        self.writer_flush_size = Histogram(
-            "pgbatch_writer_flush_size",
-            "Documents per group-commit flush of this process's writer.",
-            buckets=FLUSH_SIZE_BUCKETS,
-            registry=r,
-        )
+        self._flush_sources: dict[str, Callable[[], Mapping[int, int]]] = {}
+        r.register(_FlushSizeCollector(self._flush_sources))
         self.writer_items = Counter(
             "pgbatch_writer_writes", "Document writes by outcome.", ["outcome"], registry=r
         )
         self.sse_streams = Gauge("pgbatch_sse_streams", "Open event streams.", registry=r)
         self._previous: tuple[float, int] | None = None
+
+    def add_flush_source(
+        self, committer: str, flush_sizes: Callable[[], Mapping[int, int]]
+    ) -> None:
+        """Export a group committer's flush-size distribution (size → number of flushes)."""
+        self._flush_sources[committer] = flush_sizes
 
     async def render(self, app: App, *, sse_streams: int) -> bytes:
         """Refresh the database gauges and return the text exposition."""
@@ -80,6 +85,29 @@ class ApiMetrics:
         self._previous = (now, total)
         self.sse_streams.set(sse_streams)
         return generate_latest(self.registry)
+
+
+class _FlushSizeCollector(Collector):
+    """Turn the committers' flush-size counts into one Prometheus histogram at scrape time."""
+
+    def __init__(self, sources: Mapping[str, Callable[[], Mapping[int, int]]]) -> None:
+        self._sources = sources
+
+    def collect(self) -> Iterable[Metric]:
+        family = HistogramMetricFamily(
+            "pgbatch_flush_size",
+            "Items per group-commit flush, by committer (writer: documents; completer: shards).",
+            labels=["committer"],
+        )
+        for name, read in self._sources.items():
+            sizes = dict(read())
+            buckets = []
+            for bound in FLUSH_SIZE_BUCKETS:
+                buckets.append((str(float(bound)), sum(n for s, n in sizes.items() if s <= bound)))
+            buckets.append(("+Inf", sum(sizes.values())))
+            total = float(sum(s * n for s, n in sizes.items()))
+            family.add_metric([name], buckets, total)
+        yield family
 
 
 class MetricsMiddleware:

@@ -15,7 +15,7 @@ from pgbatch.api.auth import TokenTable, is_loopback
 from pgbatch.api.errors import install_error_handlers
 from pgbatch.api.metrics import ApiMetrics, MetricsMiddleware
 from pgbatch.api.progress import ProgressHub
-from pgbatch.api.routes import batches, events, system
+from pgbatch.api.routes import batches, documents, events, system
 from pgbatch.api.state import ApiState
 from pgbatch.app import App
 from pgbatch.errors import ConfigurationError
@@ -61,6 +61,7 @@ def create_api(app: App) -> FastAPI:
     api.include_router(system.router)
     api.include_router(batches.router)
     api.include_router(events.router)
+    api.include_router(documents.router)
     for wanted, router in EXTENSIONS:
         if wanted(app):
             api.include_router(router())
