@@ -264,11 +264,27 @@ def demo(
     items: Annotated[int, typer.Option(min=0, help="Prompts to process.")] = 100_000,
     workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 2,
     concurrency: Annotated[int, typer.Option(min=1)] = 32,
+    port: Annotated[
+        int, typer.Option(min=0, max=65535, help="Dashboard port on 127.0.0.1 (0: any free one).")
+    ] = 8000,
+    dashboard: Annotated[bool, typer.Option(help="Serve the dashboard while it runs.")] = True,
+    keep_serving: Annotated[
+        bool, typer.Option(help="Keep the dashboard up after the demo, until Ctrl-C.")
+    ] = False,
 ) -> None:
     """Run the LLM-batch example on the embedded PostgreSQL and verify the outcome."""
     from pgbatch.demo import run_demo
 
-    _run(run_demo(items=items, workers=workers, concurrency=concurrency, console=console))
+    _run(
+        run_demo(
+            items=items,
+            workers=workers,
+            concurrency=concurrency,
+            console=console,
+            port=port if dashboard else None,
+            keep_serving=keep_serving,
+        )
+    )
 
 
 @cli.command()

@@ -7,9 +7,11 @@ import contextlib
 import importlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from rich.console import Console
@@ -71,12 +73,61 @@ def _stop_workers(processes: list[subprocess.Popen[bytes]]) -> None:
             process.kill()
 
 
-async def run_demo(*, items: int, workers: int, concurrency: int, console: Console) -> None:
-    """Submit `items` prompts, process them with worker processes, and verify the outcome."""
+@dataclass
+class _Dashboard:
+    http: Any  # uvicorn.Server
+    task: asyncio.Task[None]
+
+
+def _loopback_socket(port: int) -> socket.socket:
+    # Bound here rather than by uvicorn, which exits the process when the port is taken.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(("127.0.0.1", port))
+    except OSError:
+        sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+async def _start_dashboard(app: App, port: int, console: Console) -> _Dashboard:
+    """Serve the API and dashboard on loopback while the demo runs (any free port if taken)."""
+    from pgbatch.api.server import server
+
+    sock = _loopback_socket(port)
+    bound = sock.getsockname()[1]
+    http = server(app, host="127.0.0.1", port=bound, log_level="critical")
+    serving = asyncio.create_task(http.serve(sockets=[sock]))
+    console.print(f"dashboard: [bold]http://127.0.0.1:{bound}/[/] (live while the demo runs)")
+    return _Dashboard(http, serving)
+
+
+async def _stop_dashboard(dashboard: _Dashboard | None) -> None:
+    if dashboard is not None:
+        dashboard.http.should_exit = True
+        with contextlib.suppress(Exception):
+            await dashboard.task
+
+
+async def run_demo(
+    *,
+    items: int,
+    workers: int,
+    concurrency: int,
+    console: Console,
+    port: int | None = 8000,
+    keep_serving: bool = False,
+) -> None:
+    """Submit `items` prompts, process them with worker processes, and verify the outcome.
+
+    With a `port`, the dashboard is served on loopback meanwhile (`keep_serving`: until
+    Ctrl-C after the demo).
+    """
     example = _load_example()
     app: App = example.app
     await app.open()
     processes: list[subprocess.Popen[bytes]] = []
+    dashboard = await _start_dashboard(app, port, console) if port is not None else None
     try:
         where = (
             app.settings.database_url and "DATABASE_URL"
@@ -100,8 +151,10 @@ async def run_demo(*, items: int, workers: int, concurrency: int, console: Conso
             duplicate_responses, responses, notifications = await example.verify(app, batch.id)
     finally:
         _stop_workers(processes)
-        with contextlib.suppress(Exception):
-            await app.close()
+        if not keep_serving:
+            await _stop_dashboard(dashboard)
+            with contextlib.suppress(Exception):
+                await app.close()
 
     table = Table(title=f"batch {batch.id}: read back from the database")
     table.add_column("check")
@@ -133,3 +186,9 @@ async def run_demo(*, items: int, workers: int, concurrency: int, console: Conso
     if not healthy:
         raise ConfigurationError("verification failed: see the table above")
     console.print("[green]verified:[/] every item has exactly one result; completed once.")
+    if keep_serving and dashboard is not None:
+        console.print("the dashboard stays up; Ctrl-C to stop")
+        try:
+            await dashboard.task
+        finally:
+            await app.close()

@@ -13,10 +13,11 @@ DEMO_TIMEOUT_S = 180.0
 @pytest.mark.asyncio
 async def test_demo_processes_and_verifies_a_batch(database_url: str) -> None:
     result = await run_cli(
-        "demo", "--items", "5000", "--workers", "2",
+        "demo", "--items", "5000", "--workers", "2", "--port", "0",
         database_url=database_url, timeout_s=DEMO_TIMEOUT_S,
     )  # fmt: skip
     assert result.code == 0, result.output
     assert "Traceback" not in result.output, result.output
     assert "verified" in result.stdout, result.output
     assert "duplicates found" in result.stdout, result.output
+    assert "dashboard: http://127.0.0.1:" in result.stdout, result.output
