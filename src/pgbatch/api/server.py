@@ -4,29 +4,26 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from importlib import resources
 
 import uvicorn
-from fastapi import APIRouter, FastAPI
+from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from pgbatch.api.auth import TokenTable, is_loopback
 from pgbatch.api.errors import install_error_handlers
 from pgbatch.api.metrics import ApiMetrics, MetricsMiddleware
 from pgbatch.api.progress import ProgressHub
-from pgbatch.api.routes import batches, documents, events, system
+from pgbatch.api.routes import batches, collections, documents, events, system
 from pgbatch.api.state import ApiState
 from pgbatch.app import App
 from pgbatch.errors import ConfigurationError
+from pgbatch.workloads import collections as copies
 
 __all__ = ["create_api", "serve"]
 
 _log = logging.getLogger(__name__)
-
-# Routers other parts of pgbatch add when the app has their workload (collections,
-# documents): (predicate on the App, router factory).
-EXTENSIONS: list[tuple[Callable[[App], bool], Callable[[], APIRouter]]] = []
 
 
 def create_api(app: App) -> FastAPI:
@@ -62,9 +59,9 @@ def create_api(app: App) -> FastAPI:
     api.include_router(batches.router)
     api.include_router(events.router)
     api.include_router(documents.router)
-    for wanted, router in EXTENSIONS:
-        if wanted(app):
-            api.include_router(router())
+    # The copy endpoints exist when the app runs the workload (its workers need the task).
+    if copies.TASK in app.tasks:
+        api.include_router(collections.router)
     static = resources.files("pgbatch.api").joinpath("static")
     api.mount("/static", StaticFiles(directory=str(static)), name="static")
     api.add_middleware(MetricsMiddleware, metrics=metrics)

@@ -1,0 +1,102 @@
+"""The collection-copy workload over HTTP: start a copy, read what it did."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Header, Path, Request, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from pgbatch.api.routes.batches import ERRORS
+from pgbatch.api.schemas import BatchOut, batch_out
+from pgbatch.api.state import Tenant, api_state
+from pgbatch.errors import BatchNotFoundError
+from pgbatch.models import BatchStatus
+from pgbatch.workloads import collections as copies
+
+__all__ = ["CopyReportOut", "CopyRequest", "router"]
+
+router = APIRouter(prefix="/v1/collections", tags=["collections"])
+
+CollectionId = Annotated[str, Path(min_length=1, max_length=copies.MAX_KEY_CHARS)]
+
+
+class CopyRequest(BaseModel):
+    """Copy `item_ids` (or "all") of the source collection into `target`, deduplicated."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    target: str = Field(min_length=1, max_length=copies.MAX_KEY_CHARS)
+    item_ids: Literal["all"] | list[Annotated[str, Field(min_length=1)]] = Field(
+        description='"all", or the ids of the items to copy.'
+    )
+    priority: int = Field(default=0, ge=-(2**31), lt=2**31)
+
+
+class CopyReportOut(BaseModel):
+    """What a copy did so far; final once `finished` is true."""
+
+    batch_id: int
+    source: str | None
+    target: str | None
+    status: BatchStatus
+    finished: bool
+    ranges_done: int
+    ranges_total: int
+    inserted: int
+    already_present: int
+    not_in_source: int
+
+
+@router.post(
+    "/{source}/copy",
+    status_code=201,
+    response_model=BatchOut,
+    responses=ERRORS(
+        409, extra={200: {"model": BatchOut, "description": "The copy the Idempotency-Key names."}}
+    ),
+)
+async def copy_collection(
+    request: Request,
+    response: Response,
+    tenant: Tenant,
+    source: CollectionId,
+    copy: CopyRequest,
+    idempotency_key: Annotated[
+        str | None, Header(alias="Idempotency-Key", min_length=1, max_length=200)
+    ] = None,
+) -> BatchOut:
+    """Start a copy: a batch whose shards are key ranges of the source, copied at commit."""
+    app = api_state(request).app
+    batch = await copies.submit_copy(
+        app,
+        source=source,
+        target=copy.target,
+        item_ids=None if copy.item_ids == "all" else copy.item_ids,
+        tenant=tenant,
+        idempotency_key=idempotency_key,
+        priority=copy.priority,
+    )
+    response.headers["Location"] = f"/v1/batches/{batch.id}"
+    response.headers["ETag"] = f'"{batch.version}"'
+    return batch_out(batch)
+
+
+@router.get("/copies/{batch_id}", response_model=CopyReportOut, responses=ERRORS(404))
+async def copy_report(request: Request, tenant: Tenant, batch_id: int) -> CopyReportOut:
+    """Read a copy's progress and its inserted / already-present counts."""
+    if not 0 < batch_id < 2**63:
+        raise BatchNotFoundError(f"no batch with id {batch_id}")
+    report = await copies.copy_report(api_state(request).app, batch_id, tenant=tenant)
+    return CopyReportOut(
+        batch_id=report.batch_id,
+        source=report.source,
+        target=report.target,
+        status=report.status,
+        finished=report.finished,
+        ranges_done=report.ranges_done,
+        ranges_total=report.ranges_total,
+        inserted=report.inserted,
+        already_present=report.already_present,
+        not_in_source=report.not_in_source,
+    )
