@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -21,7 +23,7 @@ from pgbatch.engine.completer import Completer
 from pgbatch.engine.context import ShardContext
 from pgbatch.models import ClaimedShard, ShardStatus
 from pgbatch.workloads import collections as copies
-from tests.helpers import register_noop, wait_until
+from tests.helpers import REPO_ROOT, register_noop, subprocess_env, wait_until
 
 # Small ranges, so that a few thousand keys make several shards of several ranges.
 KEYS_PER_ITEM = 50
@@ -418,3 +420,29 @@ async def test_in_a_worker_a_failing_statement_retries_only_its_shard(app: pgbat
         cur = await conn.execute("SELECT last_error FROM pgbatch.shards WHERE status = 'dead'")
         [(last_error,)] = await cur.fetchall()
     assert "completion failed" in last_error and "copied_n_check" in last_error
+
+
+# -- the example ----------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_the_example_runs_as_a_script_and_copies_twice(database_url: str) -> None:
+    # As a script its folder leads sys.path, where it would shadow `collections`.
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(REPO_ROOT / "examples" / "collections.py"),
+        "--associations", "2000", "--database-url", database_url,
+        cwd=REPO_ROOT / "examples",
+        env=subprocess_env(database_url),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    output = (await asyncio.wait_for(process.communicate(), 60))[0].decode()
+    assert process.returncode == 0, output
+    assert "2,000 inserted, 0 already present" in output
+    assert "0 inserted, 2,000 already present" in output
+
+
+def test_the_example_app_is_loadable_by_the_worker_command() -> None:
+    module = importlib.import_module("examples.collections")
+    assert copies.TASK in module.app.tasks

@@ -21,6 +21,7 @@ __all__ = [
     "count_collection_items",
     "create_collection",
     "create_collection_tables",
+    "delete_collection",
     "existing_collections",
     "generate_collection_items",
     "plan_copy_ranges",
@@ -49,6 +50,12 @@ async def create_collection(
 ) -> bool:
     """Create a collection; return False if it already existed."""
     cur = await conn.execute(query("collection_create"), {"id": collection_id, "name": name})
+    return cur.rowcount == 1
+
+
+async def delete_collection(conn: psycopg.AsyncConnection[Any], collection_id: str) -> bool:
+    """Delete a collection and its items; return False if there was no such collection."""
+    cur = await conn.execute(query("collection_delete"), {"id": collection_id})
     return cur.rowcount == 1
 
 

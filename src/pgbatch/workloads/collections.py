@@ -46,6 +46,7 @@ __all__ = [
     "copy_report",
     "create_collection",
     "create_tables",
+    "delete_collection",
     "install",
     "seed_items",
     "submit_copy",
@@ -138,13 +139,15 @@ async def submit_copy(
     tenant: str = "default",
     idempotency_key: str | None = None,
     keys_per_item: int = KEYS_PER_ITEM,
+    shard_size: int | None = None,
     priority: int = 0,
 ) -> Batch:
     """Submit a copy of `item_ids` (None: all items) from `source` into `target`.
 
-    Raise InvalidBatchError naming the field ("source", "target", "item_ids",
-    "keys_per_item") when the input is wrong; nothing is written then. A copy of an empty
-    source is an empty batch, finished at once.
+    Items are ranges of `keys_per_item` keys; a shard holds `shard_size` of them (the
+    task's, RANGES_PER_SHARD, by default). Raise InvalidBatchError naming the field
+    ("source", "target", "item_ids", "keys_per_item", ...) when the input is wrong;
+    nothing is written then. A copy of an empty source is an empty batch, finished at once.
     """
     _check_key(source, "source")
     _check_key(target, "target")
@@ -184,7 +187,12 @@ async def submit_copy(
                 for start in range(0, len(ids), keys_per_item)
             ]
     return await app.submit(
-        TASK, items, idempotency_key=idempotency_key, priority=priority, tenant=tenant
+        TASK,
+        items,
+        shard_size=shard_size,
+        idempotency_key=idempotency_key,
+        priority=priority,
+        tenant=tenant,
     )
 
 
@@ -220,6 +228,13 @@ async def create_collection(app: App, collection_id: str, *, name: str | None = 
     await app.open()
     async with app.db.connection() as conn:
         return await queries.create_collection(conn, collection_id, name=name)
+
+
+async def delete_collection(app: App, collection_id: str) -> bool:
+    """Delete a collection and its items; return False if there was no such collection."""
+    await app.open()
+    async with app.db.connection() as conn:
+        return await queries.delete_collection(conn, collection_id)
 
 
 async def add_items(app: App, collection_id: str, item_ids: Iterable[str]) -> int:

@@ -35,6 +35,14 @@ INSERT INTO collections (id, name) VALUES (%(id)s, %(name)s)
 ON CONFLICT (id) DO NOTHING
 RETURNING id;
 
+-- name: collection_delete
+-- The collection and its items, in one statement (the items have no foreign key to cascade).
+WITH items AS (
+    DELETE FROM collection_items WHERE collection_id = %(id)s
+)
+DELETE FROM collections WHERE id = %(id)s
+RETURNING id;
+
 -- name: collections_existing
 SELECT id FROM collections WHERE id = ANY(%(ids)s::text[]);
 
