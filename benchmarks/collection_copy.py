@@ -1,0 +1,260 @@
+"""Collection copy: a million associations copied by pgbatch workers, against one INSERT … SELECT.
+
+Run from the repository root:
+
+    .venv/bin/python benchmarks/collection_copy.py [--associations 1000000] [--workers 2]
+        [--concurrency 8] [--keys-per-item 1000] [--shard-size 10] [--database-url URL]
+
+It creates a database `pgbatch_bench_copy_<pid>` on the server (DATABASE_URL, else the
+embedded one), seeds a source collection, starts `pgbatch worker` processes, and times:
+the same-run baseline (one `INSERT … SELECT … ON CONFLICT DO NOTHING` statement, committed)
+and the pgbatch copy (submit, ranges planned server-side, until the batch has finished),
+each into a fresh collection of the same table; then both again into the same targets,
+where nothing is inserted. It prints seconds, associations/s and the ratio of pgbatch's
+rate to the baseline's, writes benchmarks/results/collection_copy.json, and drops the
+database. The worker processes run this module's `app`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import pgbatch
+from benchmarks.harness import (
+    RESULTS_DIR,
+    bench_database,
+    child_env,
+    connect,
+    fmt_int,
+    listening_processes,
+    python,
+    require_local,
+    server_info,
+    server_url,
+    spawn,
+    stop_processes,
+    wait_until,
+    write_results,
+)
+from pgbatch.workloads import collections as copies
+
+DEFAULT_ASSOCIATIONS = 1_000_000
+# Two processes on the two cores this is measured on; each runs its own completer, so
+# two completion transactions insert at once.
+DEFAULT_WORKERS = 2
+# Shards in flight per worker: 8 shards of 10,000 keys is one flush of ~80,000 rows.
+DEFAULT_CONCURRENCY = 8
+WORKER_READY_TIMEOUT_S = 60.0
+COPY_TIMEOUT_S = 600.0
+SOURCE, TARGET, BASELINE_TARGET = "source", "target", "baseline-target"
+# The baseline: what a user without pgbatch would run, one statement in one transaction.
+BASELINE_SQL = (
+    "INSERT INTO collection_items (collection_id, item_id) "
+    "SELECT %(target)s, item_id FROM collection_items WHERE collection_id = %(source)s "
+    "ON CONFLICT DO NOTHING"
+)
+
+
+def make_app(database_url: str | None = None) -> pgbatch.App:
+    """Return an App with the collection-copy task installed (URL from the environment)."""
+    bench = pgbatch.App(database_url=database_url)
+    copies.install(bench)
+    return bench
+
+
+# What `pgbatch worker --app benchmarks.collection_copy:app` runs in the worker processes.
+app = make_app()
+
+
+@dataclass(frozen=True, slots=True)
+class Timing:
+    """One copy: how long it took and what it inserted."""
+
+    seconds: float
+    inserted: int
+    already_present: int
+
+    @property
+    def per_s(self) -> float:
+        """Return associations handled per second (inserted or found present)."""
+        return (self.inserted + self.already_present) / self.seconds
+
+
+async def _checkpoint(conninfo: str) -> None:
+    # Each timed copy starts right after a checkpoint, so both pay the same full-page
+    # writes and neither is hit by a checkpoint the other caused.
+    async with await connect(conninfo) as conn:
+        await conn.execute("CHECKPOINT")
+
+
+async def baseline_copy(conninfo: str, associations: int) -> Timing:
+    """Time the single INSERT … SELECT … ON CONFLICT DO NOTHING statement, committed."""
+    await _checkpoint(conninfo)
+    async with await connect(conninfo) as conn:
+        started = time.perf_counter()
+        cur = await conn.execute(BASELINE_SQL, {"source": SOURCE, "target": BASELINE_TARGET})
+        elapsed = time.perf_counter() - started
+    return Timing(elapsed, cur.rowcount, associations - cur.rowcount)
+
+
+async def pgbatch_copy(
+    bench: pgbatch.App, conninfo: str, *, keys_per_item: int, shard_size: int | None
+) -> tuple[Timing, copies.CopyReport, float]:
+    """Time a pgbatch copy from submit until its batch finished; also the submit alone."""
+    await _checkpoint(conninfo)
+    started = time.perf_counter()
+    batch = await copies.submit_copy(
+        bench,
+        source=SOURCE,
+        target=TARGET,
+        item_ids=None,
+        keys_per_item=keys_per_item,
+        shard_size=shard_size,
+    )
+    submitted = time.perf_counter() - started
+    done = await bench.wait(batch.id, timeout_s=COPY_TIMEOUT_S)
+    elapsed = time.perf_counter() - started
+    if done.status != "succeeded":
+        raise RuntimeError(f"the copy ended {done.status}: {done}")
+    report = await copies.copy_report(bench, batch.id)
+    return Timing(elapsed, report.inserted, report.already_present), report, submitted
+
+
+class Workers:
+    """`pgbatch worker` processes running this module's app, started and stopped around a run."""
+
+    def __init__(self, conninfo: str, *, count: int, concurrency: int) -> None:
+        self.conninfo = conninfo
+        self.count = count
+        self.concurrency = concurrency
+        self.processes: list[asyncio.subprocess.Process] = []
+
+    async def __aenter__(self) -> Workers:
+        command = [
+            python(), "-m", "pgbatch", "worker",
+            "--app", "benchmarks.collection_copy:app", "--concurrency", str(self.concurrency),
+        ]  # fmt: skip
+        for index in range(self.count):
+            log = RESULTS_DIR / "logs" / f"worker-copy-{index}.log"
+            env = child_env(self.conninfo, f"bench-copy-{index}")
+            self.processes.append(await spawn(command, env=env, log=log))
+        try:
+            await wait_until(self._ready, timeout_s=WORKER_READY_TIMEOUT_S, what="workers ready")
+        except BaseException:
+            await stop_processes(self.processes)
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await stop_processes(self.processes)
+
+    async def _ready(self) -> bool:
+        for process in self.processes:
+            if process.returncode is not None:
+                raise RuntimeError(f"a worker exited with {process.returncode}; see its log")
+        # Listening means the worker is up and claims on NOTIFY.
+        return await listening_processes(self.conninfo, "bench-copy-") >= self.count
+
+
+def _line(label: str, timing: Timing, baseline: Timing | None = None) -> str:
+    ratio = f"  ratio {timing.per_s / baseline.per_s:.2f}" if baseline else ""
+    return (
+        f"  {label:<22} {timing.seconds:7.2f} s  {fmt_int(timing.per_s):>11} associations/s"
+        f"  inserted {fmt_int(timing.inserted):>9}  already present "
+        f"{fmt_int(timing.already_present):>9}{ratio}"
+    )
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Seed, time the baseline and pgbatch, twice each, and print the figures."""
+    url = server_url(args.database_url)
+    require_local(url)
+    async with bench_database(url, "pgbatch_bench_copy") as conninfo:
+        info = await server_info(conninfo)
+        for line in info.describe():
+            print(line)
+        bench = make_app(conninfo)
+        async with bench:
+            for collection in (SOURCE, TARGET, BASELINE_TARGET):
+                await copies.create_collection(bench, collection)
+            started = time.perf_counter()
+            seeded = await copies.seed_items(bench, SOURCE, args.associations)
+            print(f"seeded {fmt_int(seeded)} associations in {time.perf_counter() - started:.2f} s")
+            async with await connect(conninfo) as conn:
+                # Index-only scans of the source for both sides need a fresh visibility map.
+                await conn.execute("VACUUM ANALYZE collection_items")
+            async with Workers(conninfo, count=args.workers, concurrency=args.concurrency):
+                print(
+                    f"{args.workers} worker processes x {args.concurrency} shards in flight; "
+                    f"items of {args.keys_per_item} keys, "
+                    f"{args.shard_size or copies.RANGES_PER_SHARD} items per shard"
+                )
+                base = await baseline_copy(conninfo, seeded)
+                print(_line("baseline (1 statement)", base))
+                first, report, submit_s = await pgbatch_copy(
+                    bench, conninfo, keys_per_item=args.keys_per_item, shard_size=args.shard_size
+                )
+                print(_line("pgbatch", first, base))
+                print(
+                    f"    {report.ranges_total} ranges; submit (ranges planned server-side) "
+                    f"took {submit_s:.2f} s of it"
+                )
+                base_again = await baseline_copy(conninfo, seeded)
+                print(_line("baseline again", base_again))
+                again, _, _ = await pgbatch_copy(
+                    bench, conninfo, keys_per_item=args.keys_per_item, shard_size=args.shard_size
+                )
+                print(_line("pgbatch again", again, base_again))
+            async with bench.db.connection() as conn:
+                for collection in (TARGET, BASELINE_TARGET):
+                    cur = await conn.execute(
+                        "SELECT count(*) FROM collection_items WHERE collection_id = %s",
+                        (collection,),
+                    )
+                    row = await cur.fetchone()
+                    assert row is not None and row[0] == seeded, (collection, row)
+    if first.inserted != seeded or again.inserted != 0:
+        raise RuntimeError(f"wrong counts: first {first}, again {again}")
+    figures = {
+        "server": asdict(info),
+        "associations": seeded,
+        "workers": args.workers,
+        "concurrency": args.concurrency,
+        "keys_per_item": args.keys_per_item,
+        "shard_size": args.shard_size or copies.RANGES_PER_SHARD,
+        "ranges": report.ranges_total,
+        "submit_s": submit_s,
+        "baseline": {**asdict(base), "per_s": base.per_s},
+        "pgbatch": {**asdict(first), "per_s": first.per_s},
+        "ratio": first.per_s / base.per_s,
+        "baseline_again": {**asdict(base_again), "per_s": base_again.per_s},
+        "pgbatch_again": {**asdict(again), "per_s": again.per_s},
+        "ratio_again": again.per_s / base_again.per_s,
+    }
+    print(f"figures written to {write_results('collection_copy', figures)}")
+    return figures
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse the arguments and run the benchmark."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--associations", type=int, default=DEFAULT_ASSOCIATIONS)
+    parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS)
+    parser.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY)
+    parser.add_argument("--keys-per-item", type=int, default=copies.KEYS_PER_ITEM)
+    parser.add_argument("--shard-size", type=int, default=None)
+    parser.add_argument("--database-url", default=None)
+    asyncio.run(run(parser.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()
