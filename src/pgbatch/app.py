@@ -381,13 +381,12 @@ class App:
         while True:
             async with self.db.connection() as conn:
                 cur = await conn.execute(
-                    query("result_list"),
+                    query("result_list_errors" if errors_only else "result_list"),
                     {"batch_id": batch_id, "after_seq": after, "limit": RESULT_PAGE_ROWS},
                 )
                 rows = await cur.fetchall()
             for seq, ok, output, error in rows:
-                if not (errors_only and ok):
-                    yield seq, Outcome(ok, output, error)
+                yield seq, Outcome(ok, output, error)
             if len(rows) < RESULT_PAGE_ROWS:
                 return
             after = rows[-1][0]

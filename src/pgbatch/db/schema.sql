@@ -98,6 +98,10 @@ CREATE TABLE pgbatch.results (
     CHECK (ok = (error IS NULL))
 );
 
+-- Failed items of a batch (`?status=error`, the dashboard's error samples) without
+-- reading its successes: errors are few, so the index is small and cheap to maintain.
+CREATE INDEX results_errors_idx ON pgbatch.results (batch_id, seq) WHERE NOT ok;
+
 -- The completion callback outbox: one row per batch run, so it is inserted exactly once.
 CREATE TABLE pgbatch.callbacks (
     id               bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,

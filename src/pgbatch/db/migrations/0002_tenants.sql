@@ -16,3 +16,7 @@ CREATE TABLE pgbatch.counters (
     name  text   PRIMARY KEY,
     value bigint NOT NULL DEFAULT 0
 );
+
+-- Failed items of a batch (`?status=error`, the dashboard's error samples) without
+-- reading its successes: errors are few, so the index is small and cheap to maintain.
+CREATE INDEX results_errors_idx ON pgbatch.results (batch_id, seq) WHERE NOT ok;
