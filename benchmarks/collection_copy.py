@@ -10,9 +10,11 @@ embedded one), seeds a source collection, starts `pgbatch worker` processes, and
 the same-run baseline (one `INSERT … SELECT … ON CONFLICT DO NOTHING` statement, committed)
 and the pgbatch copy (submit, ranges planned server-side, until the batch has finished),
 each into a fresh collection of the same table; then both again into the same targets,
-where nothing is inserted. It prints seconds, associations/s and the ratio of pgbatch's
-rate to the baseline's, writes benchmarks/results/collection_copy.json, and drops the
-database. The worker processes run this module's `app`.
+where nothing is inserted. It also times the parallel ceiling: the baseline cut into one
+key range per worker, the statements run at once (what the server gives that many
+concurrent inserters without any engine). It prints seconds, associations/s and the
+ratio of pgbatch's rate to the baseline's, writes benchmarks/results/collection_copy.json,
+and drops the database. The worker processes run this module's `app`.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import psycopg
 
 import pgbatch
 from benchmarks.harness import (
@@ -45,6 +49,7 @@ from benchmarks.harness import (
     wait_until,
     write_results,
 )
+from pgbatch.db import collections as copies_db
 from pgbatch.workloads import collections as copies
 
 DEFAULT_ASSOCIATIONS = 1_000_000
@@ -56,12 +61,15 @@ DEFAULT_CONCURRENCY = 8
 WORKER_READY_TIMEOUT_S = 60.0
 COPY_TIMEOUT_S = 600.0
 SOURCE, TARGET, BASELINE_TARGET = "source", "target", "baseline-target"
+PARALLEL_TARGET = "parallel-target"
 # The baseline: what a user without pgbatch would run, one statement in one transaction.
-BASELINE_SQL = (
+_SELECT_SQL = (
     "INSERT INTO collection_items (collection_id, item_id) "
     "SELECT %(target)s, item_id FROM collection_items WHERE collection_id = %(source)s "
-    "ON CONFLICT DO NOTHING"
 )
+BASELINE_SQL = _SELECT_SQL + "ON CONFLICT DO NOTHING"
+# The same statement over one key range: the parallel ceiling runs one per worker at once.
+RANGE_SQL = _SELECT_SQL + "AND item_id BETWEEN %(first)s AND %(last)s ON CONFLICT DO NOTHING"
 
 
 def make_app(database_url: str | None = None) -> pgbatch.App:
@@ -96,6 +104,18 @@ async def _checkpoint(conninfo: str) -> None:
         await conn.execute("CHECKPOINT")
 
 
+async def _reset(bench: pgbatch.App, conninfo: str, target: str, expected: int) -> None:
+    """Check that `target` holds `expected` items, then empty it and vacuum the table."""
+    async with bench.db.connection() as conn:
+        count = await copies_db.count_collection_items(conn, target)
+    if count != expected:
+        raise RuntimeError(f"{target} holds {count} items, not {expected}")
+    await copies.delete_collection(bench, target)
+    await copies.create_collection(bench, target)
+    async with await connect(conninfo) as conn:
+        await conn.execute("VACUUM collection_items")
+
+
 async def baseline_copy(conninfo: str, associations: int) -> Timing:
     """Time the single INSERT … SELECT … ON CONFLICT DO NOTHING statement, committed."""
     await _checkpoint(conninfo)
@@ -104,6 +124,36 @@ async def baseline_copy(conninfo: str, associations: int) -> Timing:
         cur = await conn.execute(BASELINE_SQL, {"source": SOURCE, "target": BASELINE_TARGET})
         elapsed = time.perf_counter() - started
     return Timing(elapsed, cur.rowcount, associations - cur.rowcount)
+
+
+async def parallel_ceiling(bench: pgbatch.App, conninfo: str, statements: int) -> Timing:
+    """Time the baseline cut into `statements` key ranges run at once on as many connections.
+
+    This is what the server gives to that many concurrent inserters with no engine at all:
+    the ceiling for pgbatch with as many workers.
+    """
+    async with bench.db.connection() as conn:
+        total = await copies_db.count_collection_items(conn, SOURCE)
+        ranges = await copies_db.plan_copy_ranges(
+            conn, SOURCE, keys_per_range=-(-total // statements)
+        )
+    await _checkpoint(conninfo)
+    conns = [await connect(conninfo) for _ in ranges]
+
+    async def one(conn: psycopg.AsyncConnection[Any], first: str, last: str) -> int:
+        params = {"source": SOURCE, "target": PARALLEL_TARGET, "first": first, "last": last}
+        return (await conn.execute(RANGE_SQL, params)).rowcount
+
+    try:
+        started = time.perf_counter()
+        inserted = await asyncio.gather(
+            *(one(c, first, last) for c, (first, last) in zip(conns, ranges, strict=True))
+        )
+        elapsed = time.perf_counter() - started
+    finally:
+        for conn in conns:
+            await conn.close()
+    return Timing(elapsed, sum(inserted), total - sum(inserted))
 
 
 async def pgbatch_copy(
@@ -184,7 +234,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             print(line)
         bench = make_app(conninfo)
         async with bench:
-            for collection in (SOURCE, TARGET, BASELINE_TARGET):
+            for collection in (SOURCE, TARGET, BASELINE_TARGET, PARALLEL_TARGET):
                 await copies.create_collection(bench, collection)
             started = time.perf_counter()
             seeded = await copies.seed_items(bench, SOURCE, args.associations)
@@ -198,30 +248,31 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     f"items of {args.keys_per_item} keys, "
                     f"{args.shard_size or copies.RANGES_PER_SHARD} items per shard"
                 )
+                # Each first copy starts from the same table: the source alone (the target
+                # of the previous run is deleted and vacuumed away), else whichever ran
+                # later would insert into a bigger table and index than the others.
                 base = await baseline_copy(conninfo, seeded)
                 print(_line("baseline (1 statement)", base))
+                base_again = await baseline_copy(conninfo, seeded)
+                print(_line("baseline again", base_again))
+                await _reset(bench, conninfo, BASELINE_TARGET, seeded)
+                parallel = await parallel_ceiling(bench, conninfo, args.workers)
+                print(_line(f"{args.workers} statements at once", parallel, base))
+                await _reset(bench, conninfo, PARALLEL_TARGET, seeded)
                 first, report, submit_s = await pgbatch_copy(
                     bench, conninfo, keys_per_item=args.keys_per_item, shard_size=args.shard_size
                 )
                 print(_line("pgbatch", first, base))
                 print(
-                    f"    {report.ranges_total} ranges; submit (ranges planned server-side) "
+                    f"    {first.per_s / parallel.per_s:.2f} of the parallel ceiling; "
+                    f"{report.ranges_total} ranges, submit (ranges planned server-side) "
                     f"took {submit_s:.2f} s of it"
                 )
-                base_again = await baseline_copy(conninfo, seeded)
-                print(_line("baseline again", base_again))
                 again, _, _ = await pgbatch_copy(
                     bench, conninfo, keys_per_item=args.keys_per_item, shard_size=args.shard_size
                 )
                 print(_line("pgbatch again", again, base_again))
-            async with bench.db.connection() as conn:
-                for collection in (TARGET, BASELINE_TARGET):
-                    cur = await conn.execute(
-                        "SELECT count(*) FROM collection_items WHERE collection_id = %s",
-                        (collection,),
-                    )
-                    row = await cur.fetchone()
-                    assert row is not None and row[0] == seeded, (collection, row)
+                await _reset(bench, conninfo, TARGET, seeded)
     if first.inserted != seeded or again.inserted != 0:
         raise RuntimeError(f"wrong counts: first {first}, again {again}")
     figures = {
@@ -236,6 +287,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "baseline": {**asdict(base), "per_s": base.per_s},
         "pgbatch": {**asdict(first), "per_s": first.per_s},
         "ratio": first.per_s / base.per_s,
+        "parallel_ceiling": {**asdict(parallel), "per_s": parallel.per_s},
+        "ratio_to_parallel_ceiling": first.per_s / parallel.per_s,
         "baseline_again": {**asdict(base_again), "per_s": base_again.per_s},
         "pgbatch_again": {**asdict(again), "per_s": again.per_s},
         "ratio_again": again.per_s / base_again.per_s,
