@@ -116,7 +116,8 @@ class ModeFigures:
         )
 
 
-async def _empty_tables(db: Database) -> None:
+async def empty_tables(db: Database) -> None:
+    """Replace the document tables with new, empty ones."""
     # New tables rather than TRUNCATE + VACUUM: statistics that say "empty" make every
     # connection cache sequential-scan plans (the foreign-key checks' among them) that
     # stay until autovacuum analyzes again, and the run would measure that.
@@ -163,7 +164,8 @@ async def _backend_pids(db: Database) -> list[int]:
         return [row[0] for row in await cur.fetchall()]
 
 
-async def _missing(db: Database, acknowledged: set[uuid.UUID]) -> int:
+async def missing_acknowledged(db: Database, acknowledged: set[uuid.UUID]) -> int:
+    """Return how many of the `acknowledged` document keys are not in the database."""
     async with db.connection() as conn:
         cur = await conn.execute(
             "SELECT count(*) FROM documents WHERE key = ANY(%s)", (list(acknowledged),)
@@ -187,7 +189,7 @@ async def run_mode(
     """
     acknowledged: set[uuid.UUID] = set()
     async with Database(conninfo, max_size=pool, min_size=pool) as db:
-        await _empty_tables(db)
+        await empty_tables(db)
         backends = await _backend_pids(db)
         started = time.perf_counter()
         machine_before = _machine_busy_seconds()
@@ -214,7 +216,7 @@ async def run_mode(
         client_s = _cpu_seconds([os.getpid()]) - client_before
         server_s = _cpu_seconds(backends) - server_before
         busy_cores = (_machine_busy_seconds() - machine_before) / (time.perf_counter() - started)
-        missing = await _missing(db, acknowledged)
+        missing = await missing_acknowledged(db, acknowledged)
     written = max(result.written, 1)
     figures = ModeFigures(
         mode=f"{mode} (pool {pool})",
@@ -237,7 +239,7 @@ async def measure_flush_cost(conninfo: str) -> dict[int, float]:
     """Return the median seconds of one flush of B documents (2 references each), by B."""
     costs: dict[int, float] = {}
     async with Database(conninfo, max_size=1) as db:
-        await _empty_tables(db)
+        await empty_tables(db)
         sink = DocumentSink()
         counters = FlushCounters()
         roots = [{"type": "root", "id": str(n)} for n in range(16)]
