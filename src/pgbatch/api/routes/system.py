@@ -62,7 +62,7 @@ async def metrics(request: Request) -> Response:
 
 
 def _page() -> str:
-    return resources.files("pgbatch.api").joinpath("static", "index.html").read_text("utf-8")
+    return resources.files("pgbatch.api").joinpath("static/index.html").read_text("utf-8")
 
 
 @router.get("/", response_class=HTMLResponse, include_in_schema=False)
