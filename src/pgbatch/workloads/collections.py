@@ -53,10 +53,11 @@ __all__ = [
 ]
 
 TASK = "pgbatch.collection_copy"
-# Keys per item (one range): at ~2 µs per inserted key a range is a few ms of database
-# work, and a million keys make 1,000 ranges, small enough to submit in one statement.
+# Keys per item (one range): at ~6 µs per inserted key (EXPLAIN ANALYZE, docs/collections.md)
+# a range is ~6 ms of database work, and a million keys make 1,000 ranges, few enough to
+# submit in one statement.
 KEYS_PER_ITEM = 1_000
-# Items per shard: 10,000 keys, tens of ms per completion against a few ms of per-shard
+# Items per shard: 10,000 keys, ~60 ms per completion against a few ms of per-shard
 # overhead (docs/sizing.md), and 1 % steps of progress for a million keys.
 RANGES_PER_SHARD = 10
 # A range or an id list bigger than this would make one item (and its shard) huge.
