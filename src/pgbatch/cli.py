@@ -353,11 +353,11 @@ def serve(
     err_console.print(f"dashboard: http://{host}:{port}/   API: http://{host}:{port}/docs")
 
     async def run() -> None:
-        http = server(app, host=host, port=port)
         if not with_worker:
-            await http.serve()
+            await server(app, host=host, port=port).serve()
             return
         work = app.worker(concurrency=concurrency)
+        http = server(app, host=host, port=port, worker=work)
         worker_task = asyncio.create_task(work.run())
         try:
             await http.serve()

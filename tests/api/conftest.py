@@ -61,14 +61,14 @@ async def start_api(database_url: str) -> StartApi:
             overrides["api_tokens"] = ",".join(entries)
         overrides.setdefault("sse_min_interval_s", 0.05)
         app, gate = build_app(settings_for(database_url, **overrides))
-        http = api_server(app, host="127.0.0.1", port=0, log_level="warning")
+        work = app.worker(concurrency=8) if worker else None
+        http = api_server(app, host="127.0.0.1", port=0, log_level="warning", worker=work)
         serving = asyncio.create_task(http.serve())
         while not http.started:
             if serving.done():
                 serving.result()  # raises why it could not start
             await asyncio.sleep(0.01)
         port = http.servers[0].sockets[0].getsockname()[1]
-        work = app.worker(concurrency=8) if worker else None
         working = asyncio.create_task(work.run()) if work is not None else None
         try:
             yield RunningApi(f"http://127.0.0.1:{port}", app, gate, tokens, http)

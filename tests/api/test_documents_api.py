@@ -108,3 +108,23 @@ async def test_tenants_documents_do_not_collide(start_api: StartApi) -> None:
     assert a.status_code == g.status_code == 201
     assert a.json()["key"] != g.json()["key"]
     assert cross.status_code == 422
+
+
+@pytest.mark.asyncio
+async def test_metrics_show_both_committers_flush_sizes(api: RunningApi) -> None:
+    async with api.client() as client:
+        posted = await asyncio.gather(
+            *(client.post("/v1/documents", json=_doc("m", str(n))) for n in range(10))
+        )
+        assert {p.status_code for p in posted} == {201}
+        batch = await client.post("/v1/batches", json={"task": "echo", "items": [1, 2, 3]})
+        await api.app.wait(batch.json()["id"], timeout_s=30)
+        text = (await client.get("/metrics")).text
+    counts = {
+        line.split("{")[1].split("}")[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("pgbatch_flush_size_count{")
+    }
+    # 10 documents in at least one writer flush; the batch's shard in a completer flush.
+    assert counts['committer="writer"'] >= 1, text
+    assert counts['committer="completer"'] >= 1, text

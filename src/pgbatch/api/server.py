@@ -18,19 +18,25 @@ from pgbatch.api.progress import ProgressHub
 from pgbatch.api.routes import batches, collections, documents, events, system
 from pgbatch.api.state import ApiState
 from pgbatch.app import App
+from pgbatch.engine.worker import Worker
 from pgbatch.errors import ConfigurationError
 from pgbatch.workloads import collections as copies
 
-__all__ = ["create_api", "serve"]
+__all__ = ["check_bind", "create_api", "server"]
 
 _log = logging.getLogger(__name__)
 
 
-def create_api(app: App) -> FastAPI:
-    """Return the HTTP API (and dashboard) serving `app`; settings come from `app.settings`."""
+def create_api(app: App, *, worker: Worker | None = None) -> FastAPI:
+    """Return the HTTP API (and dashboard) serving `app`; settings come from `app.settings`.
+
+    `worker`: a worker running in the same process, whose completion flushes /metrics shows.
+    """
     settings = app.settings
     tokens = TokenTable.parse(settings.api_tokens)
     metrics = ApiMetrics()
+    if worker is not None:
+        metrics.add_flush_source("completer", worker.completion_flush_sizes)
     hub = ProgressHub(app, min_interval_s=settings.sse_min_interval_s)
     state = ApiState(app=app, settings=settings, tokens=tokens, hub=hub, metrics=metrics)
 
@@ -77,11 +83,13 @@ def check_bind(host: str, tokens: TokenTable) -> None:
         )
 
 
-def server(app: App, *, host: str, port: int, log_level: str = "info") -> uvicorn.Server:
+def server(
+    app: App, *, host: str, port: int, log_level: str = "info", worker: Worker | None = None
+) -> uvicorn.Server:
     """Return a uvicorn server for the API of `app` (not started)."""
     check_bind(host, TokenTable.parse(app.settings.api_tokens))
     config = uvicorn.Config(
-        create_api(app),
+        create_api(app, worker=worker),
         host=host,
         port=port,
         log_level=log_level,
@@ -90,8 +98,3 @@ def server(app: App, *, host: str, port: int, log_level: str = "info") -> uvicor
         lifespan="on",
     )
     return uvicorn.Server(config)
-
-
-async def serve(app: App, *, host: str, port: int, log_level: str = "info") -> None:
-    """Serve the API until the process is told to stop."""
-    await server(app, host=host, port=port, log_level=log_level).serve()

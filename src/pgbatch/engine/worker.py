@@ -139,6 +139,10 @@ class Worker:
         """Stop claiming; in-flight shards finish (or are released after the drain timeout)."""
         self._stopping.set()
 
+    def completion_flush_sizes(self) -> dict[int, int]:
+        """Return how many completion flushes had each size (shards), for metrics."""
+        return dict(self._completer.stats.flush_sizes) if self._completer else {}
+
     async def run(self) -> None:
         """Work until request_stop() is called, then drain and return."""
         if not self.app.tasks:
