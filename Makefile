@@ -54,6 +54,8 @@ bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/peers.py
 	$(BIN)/python benchmarks/throughput.py
 	$(BIN)/python benchmarks/ingest.py --private-server
+	$(BIN)/python benchmarks/collection_copy.py
+	$(BIN)/python benchmarks/api_results.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info
