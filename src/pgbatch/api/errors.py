@@ -22,6 +22,9 @@ __all__ = ["ApiError", "error_body", "install_error_handlers"]
 
 _log = logging.getLogger(__name__)
 
+# FastAPI answers 400 with this detail when a JSON body cannot be decoded at all.
+FASTAPI_BODY_PARSE_ERROR = "There was an error parsing the body"
+
 
 class ApiError(Exception):
     """An error the API answers with `status` and `{"error": {code, message, field}}`."""
@@ -65,7 +68,9 @@ def _respond(
 
 
 def _field_of(loc: tuple[Any, ...] | list[Any]) -> str | None:
-    # ("body", "items", 3) -> "items.3"; ("query", "limit") -> "limit"
+    # ("body", "items", 3) -> "items.3"; ("query", "limit") -> "limit"; ("body",) -> "body"
+    if tuple(loc) == ("body",):
+        return "body"
     parts = (
         [str(p) for p in loc[1:]]
         if loc and loc[0] in {"body", "query", "path", "header"}
@@ -86,6 +91,11 @@ def install_error_handlers(api: FastAPI) -> None:
     @api.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        if first.get("type") == "json_invalid":
+            # FastAPI locates a JSON syntax error at ("body", <offset>): the field is the body.
+            ctx = first.get("ctx")
+            error = ctx.get("error", "") if isinstance(ctx, dict) else ""
+            return _respond(422, "invalid_request", f"body: not valid JSON ({error})", "body")
         field = _field_of(tuple(first.get("loc", ())))
         message = str(first.get("msg", "invalid request"))
         if field:
@@ -94,6 +104,9 @@ def install_error_handlers(api: FastAPI) -> None:
 
     @api.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and exc.detail == FASTAPI_BODY_PARSE_ERROR:
+            # A body FastAPI cannot even decode (not UTF-8) is malformed input like any other.
+            return _respond(422, "invalid_request", "body: not valid JSON (not UTF-8)", "body")
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return _respond(exc.status_code, code, str(exc.detail), headers=exc.headers)
 
