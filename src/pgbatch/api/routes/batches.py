@@ -59,6 +59,15 @@ NDJSON = "application/x-ndjson"
 SUBMIT_OPTIONS = ("shard_size", "max_attempts", "lease_ttl_s", "priority", "queue", "on_complete")
 
 
+def _is_number(text: str) -> bool:
+    """Tell whether `text` is a non-negative integer in ASCII digits.
+
+    Not `str.isdigit()` alone: it accepts digits that int() refuses ("²"), which a header
+    decoded as latin-1 can carry.
+    """
+    return text.isascii() and text.isdigit()
+
+
 def _etag(batch: Batch) -> str:
     return f'"{batch.version}"'
 
@@ -82,7 +91,7 @@ def _expected_version(if_match: str | None, *, required: bool) -> int | None:
     if tag == "*":
         return None
     tag = tag.removeprefix("W/").strip('"')
-    if not tag.isdigit():
+    if not _is_number(tag):
         raise ApiError(
             412, "stale_version", f"If-Match {if_match!r} is not a batch ETag", field="If-Match"
         )
@@ -206,7 +215,7 @@ async def _read_json_body(request: Request, state: ApiState) -> bytes:
         field="body",
     )
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is not None and _is_number(declared) and int(declared) > limit:
         raise too_large
     chunks: list[bytes] = []
     size = 0
@@ -280,7 +289,7 @@ async def list_batches(
     """List the tenant's batches, newest first, a page at a time."""
     before_id = None
     if cursor is not None:
-        if not cursor.isdigit() or len(cursor) > 18:
+        if not _is_number(cursor) or len(cursor) > 18:
             raise ApiError(
                 422, "invalid_request", "cursor: not a cursor from this API", field="cursor"
             )

@@ -32,10 +32,11 @@ def _event_id(batch: Batch) -> str:
 
 def _parse_event_id(value: str | None) -> tuple[int, int, int] | None:
     # An id this server did not write is ignored: the stream starts from the current state.
+    # ASCII digits only: isdigit() alone accepts "²", which int() refuses.
     if not value:
         return None
     parts = value.strip().split("-")
-    if len(parts) != 3 or not all(p.isdigit() and len(p) < 19 for p in parts):
+    if len(parts) != 3 or not all(p.isascii() and p.isdigit() and len(p) < 19 for p in parts):
         return None
     return (int(parts[0]), int(parts[1]), int(parts[2]))
 
