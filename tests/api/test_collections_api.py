@@ -93,3 +93,18 @@ async def test_a_copy_is_its_tenants_only(start_api: StartApi) -> None:
             assert (await acme.get(f"/v1/collections/copies/{batch_id}")).status_code == 200
             assert (await globex.get(f"/v1/collections/copies/{batch_id}")).status_code == 404
             assert (await globex.get("/v1/collections/copies/99999999")).status_code == 404
+
+
+@pytest.mark.asyncio
+async def test_the_same_idempotency_key_names_the_same_copy(api: RunningApi) -> None:
+    await _seed(api, "src", 10, "dst", "other")
+    async with api.client(headers={"Idempotency-Key": "copy-1"}) as client:
+        body = {"target": "dst", "item_ids": "all"}
+        first = await client.post("/v1/collections/src/copy", json=body)
+        again = await client.post("/v1/collections/src/copy", json=body)
+        changed = await client.post(
+            "/v1/collections/src/copy", json={"target": "other", "item_ids": "all"}
+        )
+    assert (first.status_code, again.status_code) == (201, 200)
+    assert first.json()["id"] == again.json()["id"]
+    assert changed.status_code == 409, changed.text

@@ -50,6 +50,7 @@ __all__ = [
     "install",
     "seed_items",
     "submit_copy",
+    "submit_copy_or_find",
 ]
 
 TASK = "pgbatch.collection_copy"
@@ -131,7 +132,13 @@ async def copy_collection_shard(items: list[Item], ctx: ShardContext) -> list[Ou
     return [_OK] * len(items)
 
 
-async def submit_copy(
+async def submit_copy(app: App, **options: Any) -> Batch:
+    """Submit a copy (see `submit_copy_or_find` for the options); return its batch."""
+    batch, _ = await submit_copy_or_find(app, **options)
+    return batch
+
+
+async def submit_copy_or_find(
     app: App,
     *,
     source: str,
@@ -142,8 +149,11 @@ async def submit_copy(
     keys_per_item: int = KEYS_PER_ITEM,
     shard_size: int | None = None,
     priority: int = 0,
-) -> Batch:
+) -> tuple[Batch, bool]:
     """Submit a copy of `item_ids` (None: all items) from `source` into `target`.
+
+    Return the batch and whether this call created it (False: the idempotency key named
+    the same copy, submitted before).
 
     Items are ranges of `keys_per_item` keys; a shard holds `shard_size` of them (the
     task's, RANGES_PER_SHARD, by default). Raise InvalidBatchError naming the field
@@ -187,7 +197,7 @@ async def submit_copy(
                 {"source": source, "target": target, "ids": ids[start : start + keys_per_item]}
                 for start in range(0, len(ids), keys_per_item)
             ]
-    return await app.submit(
+    return await app.submit_or_find(
         TASK,
         items,
         shard_size=shard_size,

@@ -68,7 +68,7 @@ async def copy_collection(
 ) -> BatchOut:
     """Start a copy: a batch whose shards are key ranges of the source, copied at commit."""
     app = api_state(request).app
-    batch = await copies.submit_copy(
+    batch, created = await copies.submit_copy_or_find(
         app,
         source=source,
         target=copy.target,
@@ -77,6 +77,7 @@ async def copy_collection(
         idempotency_key=idempotency_key,
         priority=copy.priority,
     )
+    response.status_code = 201 if created else 200
     response.headers["Location"] = f"/v1/batches/{batch.id}"
     response.headers["ETag"] = f'"{batch.version}"'
     return batch_out(batch)
