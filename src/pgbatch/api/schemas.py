@@ -11,6 +11,7 @@ from pgbatch.db.batches import BatchInsight
 from pgbatch.models import Batch, BatchStatus
 
 __all__ = [
+    "NAME_PATTERN",
     "BatchList",
     "BatchOut",
     "BatchPatch",
@@ -22,6 +23,9 @@ __all__ = [
 ]
 
 INT32 = 2**31
+# Names (task, queue, callback) are stored as PostgreSQL text, which cannot hold NUL: a
+# name with one is refused as input (422), not left to fail in the database (500).
+NAME_PATTERN = r"^[^\x00]*$"
 
 
 class _Strict(BaseModel):
@@ -36,14 +40,16 @@ class BatchOptions(_Strict):
     max_attempts: int | None = Field(default=None, ge=1, le=1000)
     lease_ttl_s: float | None = Field(default=None, gt=0, le=86_400)
     priority: int = Field(default=0, ge=-INT32, lt=INT32)
-    queue: str | None = Field(default=None, min_length=1, max_length=200)
-    on_complete: str | None = Field(default=None, min_length=1, max_length=200)
+    queue: str | None = Field(default=None, min_length=1, max_length=200, pattern=NAME_PATTERN)
+    on_complete: str | None = Field(
+        default=None, min_length=1, max_length=200, pattern=NAME_PATTERN
+    )
 
 
 class BatchSubmit(BatchOptions):
     """A submission with its items inline (for large batches, POST NDJSON instead)."""
 
-    task: str = Field(min_length=1, max_length=200)
+    task: str = Field(min_length=1, max_length=200, pattern=NAME_PATTERN)
     items: list[Any]
 
 

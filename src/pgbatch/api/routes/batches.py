@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from pgbatch.api.errors import ApiError
 from pgbatch.api.schemas import (
+    NAME_PATTERN,
     BatchList,
     BatchOut,
     BatchPatch,
@@ -128,13 +129,15 @@ async def submit_batch(
     idempotency_key: Annotated[
         str | None, Header(alias="Idempotency-Key", min_length=1, max_length=200)
     ] = None,
-    task: Annotated[str | None, Query(min_length=1, max_length=200)] = None,
+    task: Annotated[str | None, Query(min_length=1, max_length=200, pattern=NAME_PATTERN)] = None,
     shard_size: Annotated[int | None, Query(ge=1, le=1_000_000)] = None,
     max_attempts: Annotated[int | None, Query(ge=1, le=1000)] = None,
     lease_ttl_s: Annotated[float | None, Query(gt=0, le=86_400)] = None,
     priority: Annotated[int | None, Query(ge=-(2**31), lt=2**31)] = None,
-    queue: Annotated[str | None, Query(min_length=1, max_length=200)] = None,
-    on_complete: Annotated[str | None, Query(min_length=1, max_length=200)] = None,
+    queue: Annotated[str | None, Query(min_length=1, max_length=200, pattern=NAME_PATTERN)] = None,
+    on_complete: Annotated[
+        str | None, Query(min_length=1, max_length=200, pattern=NAME_PATTERN)
+    ] = None,
 ) -> BatchOut:
     """Submit a batch: a JSON body with its items, or NDJSON items streamed to the database."""
     state = api_state(request)
@@ -278,7 +281,7 @@ async def list_batches(
     request: Request,
     tenant: Tenant,
     status: BatchStatus | None = None,
-    task: Annotated[str | None, Query(min_length=1, max_length=200)] = None,
+    task: Annotated[str | None, Query(min_length=1, max_length=200, pattern=NAME_PATTERN)] = None,
     created_after: datetime | None = None,
     created_before: datetime | None = None,
     cursor: Annotated[
