@@ -29,8 +29,9 @@ NAME_PATTERN = r"^[^\x00]*$"
 
 
 class _Strict(BaseModel):
-    # An unknown field is a client's typo: say so instead of ignoring it.
-    model_config = ConfigDict(extra="forbid")
+    # An unknown field is a client's typo: say so instead of ignoring it. Types are
+    # strict too: `"priority": true` or `"shard_size": "10"` is a mistake, not a number.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class BatchOptions(_Strict):

@@ -163,14 +163,22 @@ async def submit_batch(
             )
         body = await _read_json_body(request, state)
         try:
-            submit = BatchSubmit.model_validate_json(body)
+            # orjson, as for NDJSON: one strict JSON parser for items either way (pydantic's
+            # accepts NaN and Infinity, and 1e400 as inf: items stored as null, silently).
+            document = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise ApiError(
+                422, "invalid_request", f"body: not valid JSON ({exc})", field="body"
+            ) from None
+        try:
+            submit = BatchSubmit.model_validate(document)
         except ValidationError as exc:
             first = exc.errors()[0]
-            field = ".".join(str(p) for p in first["loc"]) or None
+            field = ".".join(str(p) for p in first["loc"]) or "body"
             raise ApiError(
                 422,
                 "invalid_request",
-                f"{field}: {first['msg']}" if field else first["msg"],
+                f"{field}: {first['msg']}",
                 field=field,
             ) from None
         if len(submit.items) > state.settings.api_max_items:
