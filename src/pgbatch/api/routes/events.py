@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Header, Request, Response
@@ -24,6 +24,24 @@ EVENT_STREAM = "text/event-stream"
 # Tell EventSource how long to wait before reconnecting after a dropped stream.
 RETRY_MS = 1000
 _SSE_HEADERS = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+
+
+def _event_schema(*, with_id: bool) -> dict[str, Any]:
+    """Return the OpenAPI schema of one event of a stream (OpenAPI 3.1: `schema` is an event).
+
+    Its data is a batch, as JSON.
+    """
+    properties: dict[str, Any] = {
+        "event": {"type": "string", "enum": ["progress", "end"]},
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "contentSchema": {"$ref": "#/components/schemas/BatchOut"},
+        },
+    }
+    if with_id:
+        properties["id"] = {"type": "string", "pattern": "^[0-9]+-[0-9]+-[0-9]+$"}
+    return {"type": "object", "properties": properties, "required": list(properties)}
 
 
 def _event_id(batch: Batch) -> str:
@@ -57,7 +75,7 @@ def _frame(event: str, batch: Batch, *, with_id: bool = True) -> bytes:
                 "description": "`progress` events (data: the batch) as it changes, throttled; a "
                 "final `end` event when it ends, then the stream closes. Event ids resume with "
                 "Last-Event-ID.",
-                "content": {EVENT_STREAM: {"schema": {"type": "string"}}},
+                "content": {EVENT_STREAM: {"schema": _event_schema(with_id=True)}},
             },
             204: {"description": "The batch had ended and Last-Event-ID shows its end was seen."},
         },
@@ -121,7 +139,7 @@ async def _batch_stream(
             200: {
                 "description": "`progress` events (data: a batch) for every batch of the tenant "
                 "that changes, throttled per batch. No ids: read GET /v1/batches first.",
-                "content": {EVENT_STREAM: {"schema": {"type": "string"}}},
+                "content": {EVENT_STREAM: {"schema": _event_schema(with_id=False)}},
             }
         }
     ),
