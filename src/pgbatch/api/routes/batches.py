@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -11,7 +12,7 @@ from typing import Annotated, Any, Literal
 import orjson
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
-from pydantic import ValidationError
+from pydantic import BeforeValidator, ValidationError
 
 from pgbatch.api.errors import ApiError
 from pgbatch.api.schemas import (
@@ -284,14 +285,29 @@ async def _ndjson_items(request: Request, state: ApiState) -> AsyncIterator[Any]
         yield parse(buffer)
 
 
+# What the OpenAPI document promises for created_after/before (format: date-time).
+_RFC3339 = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?"
+    r"([Zz]|[+-][0-9]{2}:[0-9]{2})"
+)
+
+
+def _rfc3339(value: object) -> object:
+    """Refuse what pydantic would also read as a datetime (a number of seconds since the
+    epoch, a bare date, a time without its offset) but the API does not document."""
+    if isinstance(value, str) and not _RFC3339.fullmatch(value):
+        raise ValueError("expected an RFC 3339 date-time with an offset, e.g. 2024-05-01T12:00:00Z")
+    return value
+
+
 @router.get("/batches", response_model=BatchList, responses=ERRORS())
 async def list_batches(
     request: Request,
     tenant: Tenant,
     status: BatchStatus | None = None,
     task: Annotated[str | None, Query(min_length=1, max_length=200, pattern=NAME_PATTERN)] = None,
-    created_after: datetime | None = None,
-    created_before: datetime | None = None,
+    created_after: Annotated[datetime | None, BeforeValidator(_rfc3339)] = None,
+    created_before: Annotated[datetime | None, BeforeValidator(_rfc3339)] = None,
     cursor: Annotated[
         str | None, Query(description="`next_cursor` of the previous page.", max_length=40)
     ] = None,
