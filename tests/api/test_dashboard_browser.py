@@ -247,3 +247,30 @@ async def test_the_page_asks_for_a_token_and_then_shows_the_tenants_batches(
             await expect(form).to_have_count(0)
             await expect(rows).to_have_count(2)
             assert errors == []
+
+
+@pytest.mark.asyncio
+async def test_older_batches_are_a_page_away_and_filters_ask_the_api(
+    api: RunningApi, browser: Browser
+) -> None:
+    async with api.client() as client:
+        for n in range(53):
+            await submit(client, "echo", [n])
+        flaky = await submit(client, "flaky", ["raise"])
+        await api.app.wait(flaky, timeout_s=10)
+
+    page, errors = await open_page(browser, f"{api.base_url}/")
+    await list_ready(page)
+    rows = page.get_by_test_id("batch-row")
+    await expect(rows).to_have_count(50)  # the first page
+    await expect(rows.first).to_have_attribute("data-batch-id", str(flaky))
+    await page.get_by_test_id("load-more").click()
+    await expect(rows).to_have_count(54)
+    await expect(page.get_by_test_id("load-more")).to_be_hidden()
+
+    await page.get_by_test_id("filter-failed").check()
+    await expect(rows).to_have_count(1)
+    await expect(page).to_have_url(re.compile(r"#/\?status=failed$"))
+    await page.get_by_test_id("filter-task").fill("no-such-task")
+    await expect(page.get_by_test_id("empty")).to_contain_text("No batches match")
+    assert errors == []

@@ -140,7 +140,7 @@ export function mountList(root, query, ctx) {
   const taskInput = h("input", {
     id: "task-filter",
     type: "search",
-    placeholder: "any task",
+    placeholder: "exact name",
     value: filter.task,
     autocomplete: "off",
     "data-testid": "filter-task",
@@ -175,16 +175,16 @@ export function mountList(root, query, ctx) {
     return oldest;
   }
 
+  /** Show a snapshot: `live` from the stream, else from a page the API gave. */
   function upsert(batch, { live }) {
     const row = rows.get(batch.id);
     if (row) {
       row.update(batch);
       return;
     }
-    // A batch that stops matching keeps its row until the next read; a new one is
-    // only shown when it matches and is not on a page that is not loaded.
-    if (!matches(batch)) return;
-    if (nextCursor !== null && batch.id < oldestId()) return;
+    // From the stream, a batch that stops matching keeps its row until the next read,
+    // and a new one is only shown when it matches and is not on a page not loaded yet.
+    if (live && (!matches(batch) || (nextCursor !== null && batch.id < oldestId()))) return;
     const added = new Row(batch, meter);
     rows.set(batch.id, added);
     const after = [...tbody.children].find((tr) => Number(tr.dataset.batchId) < batch.id);
@@ -257,7 +257,7 @@ export function mountList(root, query, ctx) {
     empty.replaceChildren(
       h("p", { class: "empty-title" }, filtered ? "No batches match these filters." : "No batches yet."),
       filtered
-        ? h("p", {}, "New ones that match will appear here as soon as they start.")
+        ? h("p", {}, "New ones that match will appear here live.")
         : h(
             "p",
             {},
@@ -265,7 +265,7 @@ export function mountList(root, query, ctx) {
             h("code", {}, "POST /v1/batches"),
             " or ",
             h("code", {}, "pgbatch submit TASK items.ndjson"),
-            "; it appears here the moment it starts.",
+            "; it appears here live.",
           ),
     );
   }
