@@ -2,7 +2,7 @@
 // SVG from the insight (the server counts finished shards per bucket; buckets where
 // nothing finished are missing there, and are drawn here as empty).
 
-import { count, duration, rate } from "./components.js";
+import { duration, plural, rate } from "./components.js";
 import { h, svg } from "./dom.js";
 
 const WIDTH = 640;
@@ -75,7 +75,7 @@ export function throughputChart(insight) {
   );
   const columns = bars.map((b, i) => {
     const top = y(b.items);
-    const label = `${clock.format(b.at)}: ${count(b.items)} items (${rate(b.items / bucketS)})`;
+    const label = `${clock.format(b.at)}: ${plural(b.items, "item")} (${rate(b.items / bucketS)})`;
     return svg(
       "rect",
       {
@@ -102,7 +102,7 @@ export function throughputChart(insight) {
   );
   const span = (lastAt - bars[0].at) / 1000;
   const summary =
-    `Items finished per ${duration(bucketS)}: ${count(total)} items over ${duration(span)}, ` +
+    `Items finished per ${duration(bucketS)}: ${plural(total, "item")} over ${duration(span)}, ` +
     `peak ${rate(peak / bucketS)}.`;
   return h(
     "figure",
