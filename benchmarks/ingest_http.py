@@ -52,6 +52,7 @@ import os
 import re
 import shutil
 import socket
+import statistics
 import sys
 import tempfile
 import uuid
@@ -117,8 +118,8 @@ TARGET_RATIO = 2.0  # issue 3, through HTTP
 SERVER_START_TIMEOUT_S = 60.0
 # A request that takes longer than this is a hung server, not a figure.
 REQUEST_TIMEOUT_S = 30.0
-# py-spy's sampling rate: twice its default, for about 1,000 samples in a 10 s mode.
-PROFILE_RATE_HZ = 200
+# py-spy's sampling rate (its default): about 700 samples in a 10 s mode.
+PROFILE_RATE_HZ = 100
 # Where the server's CPU went: a sample counts for the first of these that matches its
 # innermost frames (leaf first); frames of no category (stdlib helpers such as
 # contextlib, enum, typing) count for their caller's.
@@ -135,10 +136,11 @@ PROFILE_CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("asyncio event loop (and anyio)", ("/asyncio/", "/uvloop/", "/anyio/")),
     ("logging", ("/logging/",)),
 )
-# Only the thread that holds the GIL: the event loop's Python work, not the pool's idle
-# threads; and without stopping the server at each sample (the default blocks it, which
-# slowed the writer's server by half here).
-PROFILE_OPTIONS = ("--gil", "--nonblocking")
+# Only the thread that holds the GIL: the event loop's Python work, not the idle threads
+# of anyio's pool. py-spy stops the server for each sample (the default): without that
+# (--nonblocking) a third of the stacks came back cut short, but the stop costs the
+# server time, so the profiled run's docs/s is printed and not counted as a figure.
+PROFILE_OPTIONS = ("--gil",)
 PROFILE_TOP_FUNCTIONS = 15
 # Stages of a request, each named by functions of its frames (FastAPI 0.165, Starlette
 # 1.10, uvicorn 0.54 and psycopg 3.3 as installed; other versions may name them
@@ -398,6 +400,13 @@ class ModeFigures:
     statuses: dict[int, int]
     loop: str
 
+    @property
+    def other_cores(self) -> float:
+        """Return the cores that processes other than these three kept busy (noise)."""
+        return max(
+            0.0, self.machine_cores - self.server_cores - self.postgres_cores - self.client_cores
+        )
+
     def line(self) -> str:
         """Return the figures as printed lines."""
         return (
@@ -407,8 +416,8 @@ class ModeFigures:
             f" {self.postgres_cpu_per_doc_s * 1e6:4.0f} us, client"
             f" {self.client_cpu_per_doc_s * 1e6:4.0f} us\n"
             f"{'':<9} cores busy: server {self.server_cores:.2f}, PostgreSQL"
-            f" {self.postgres_cores:.2f}, client {self.client_cores:.2f}, machine"
-            f" {self.machine_cores:.2f}   written {self.written}, rejected {self.rejected},"
+            f" {self.postgres_cores:.2f}, client {self.client_cores:.2f}, others"
+            f" {self.other_cores:.2f}   written {self.written}, rejected {self.rejected},"
             f" conflicts {self.conflicts}   ({self.route}, pool {self.pool}, {self.loop} loop)"
         )
 
@@ -649,11 +658,36 @@ def print_profile(mode: str, summary: dict[str, Any], seconds: float) -> None:
 # -- the run ------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class Round:
+    """Both modes, one after the other: their figures and the writer's stats."""
+
+    writer: ModeFigures
+    baseline: ModeFigures
+    writer_stats: dict[str, Any]
+
+    @property
+    def ratio(self) -> float:
+        """Return the writer's docs/s over the baseline's."""
+        return (
+            self.writer.docs_per_s / self.baseline.docs_per_s if self.baseline.docs_per_s else 0.0
+        )
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else math.nan
+
+
+def _cpu(figures: ModeFigures) -> float:
+    return figures.server_cpu_per_doc_s + figures.postgres_cpu_per_doc_s
+
+
 async def run(
     conninfo_server: str,
     *,
     clients: int,
     seconds: float,
+    rounds: int,
     options: RunOptions,
     whole_server: bool,
     profile: bool,
@@ -665,19 +699,33 @@ async def run(
             print(line)
         print(
             f"{clients} HTTP/1.1 keep-alive clients ({options.client}) against uvicorn on {HOST}, "
-            f"{seconds:.0f} s per mode; loop={options.loop} http={options.http} "
-            f"access log {'on' if options.access_log else 'off'}; CPU of PostgreSQL: "
+            f"{seconds:.0f} s per mode, {rounds} round(s); loop={options.loop} "
+            f"http={options.http} access log {'on' if options.access_log else 'off'}"
+            + (f", server path {options.extra_path}" if options.extra_path else "")
+            + "; CPU of PostgreSQL: "
             + ("the whole server" if whole_server else "this database's backends")
-            + "\n"
         )
         run_args: dict[str, Any] = {
             "clients": clients, "seconds": seconds, "options": options,
             "whole_server": whole_server,
         }  # fmt: skip
-        writer, writer_stats = await run_mode(conninfo, "writer", **run_args)
-        print(writer.line())
-        baseline, _ = await run_mode(conninfo, "baseline", **run_args)
-        print(baseline.line())
+        measured: list[Round] = []
+        for number in range(1, rounds + 1):
+            writer, writer_stats = await run_mode(conninfo, "writer", **run_args)
+            baseline, _ = await run_mode(conninfo, "baseline", **run_args)
+            measured.append(Round(writer, baseline, writer_stats))
+            stats = writer_stats.get("stats") or {}
+            print(f"\nround {number}: ratio {measured[-1].ratio:.2f}x")
+            print(writer.line())
+            print(baseline.line())
+            print(
+                f"{'':<9} writer flushes: {stats.get('flushes', 0)} (/metrics says "
+                f"{writer_stats.get('metrics_flushes')}), mean "
+                f"{stats.get('items', 0) / max(stats.get('flushes', 0), 1):.1f} documents, "
+                f"flush p50 {fmt_ms(stats.get('flush_p50_s', 0.0))}, "
+                f"p99 {fmt_ms(stats.get('flush_p99_s', 0.0))}, retries {stats.get('retries')}, "
+                f"max queue depth {stats.get('max_queue_depth')}"
+            )
         profiles: dict[str, Any] = {}
         if profile:
             for mode in MODES:
@@ -688,49 +736,70 @@ async def run(
                 print_profile(mode, summary, seconds)
                 profiles[mode] = {"figures": asdict(figures), "path": str(path), **summary}
 
-    ratio = writer.docs_per_s / baseline.docs_per_s if baseline.docs_per_s else math.inf
-    stats = writer_stats.get("stats") or {}
-    sizes = {int(k): v for k, v in stats.get("flush_sizes", {}).items()}
-    distribution = size_distribution(sizes)
+    sizes: Counter[int] = Counter()
+    for done in measured:
+        stats = done.writer_stats.get("stats") or {}
+        sizes.update({int(k): v for k, v in stats.get("flush_sizes", {}).items()})
+    distribution = size_distribution(dict(sizes))
+    flushes = sum(sizes.values())
     print(
-        f"\nwriter flushes: {stats.get('flushes', 0)} "
-        f"(/metrics says {writer_stats.get('metrics_flushes')}), mean "
-        f"{stats.get('items', 0) / max(stats.get('flushes', 0), 1):.1f} documents, "
-        f"flush p50 {fmt_ms(stats.get('flush_p50_s', 0.0))}, "
-        f"p99 {fmt_ms(stats.get('flush_p99_s', 0.0))}, retries {stats.get('retries')}, "
-        f"max queue depth {stats.get('max_queue_depth')}"
-    )
-    print(
-        "flush sizes (share of documents):  "
+        f"\nflush sizes (share of documents, {flushes} flushes, mean "
+        f"{sum(k * v for k, v in sizes.items()) / max(flushes, 1):.1f}):  "
         + "  ".join(f"{r['sizes']}: {r['items_pct']:.0f}%" for r in distribution)
     )
-    lost = writer.missing_acknowledged + baseline.missing_acknowledged
+    lost = sum(r.writer.missing_acknowledged + r.baseline.missing_acknowledged for r in measured)
     print(f"acknowledged (201) but not stored: {lost}")
-
-    def cpu(f: ModeFigures) -> float:
-        return f.server_cpu_per_doc_s + f.postgres_cpu_per_doc_s
-
+    writers = [r.writer for r in measured]
+    baselines = [r.baseline for r in measured]
+    summary_rows = {}
+    for mode, figures in (("writer", writers), ("baseline", baselines)):
+        row = {
+            "docs_per_s": _median([f.docs_per_s for f in figures]),
+            "p50_s": _median([f.p50_s for f in figures]),
+            "p99_s": _median([f.p99_s for f in figures]),
+            "server_cpu_per_doc_s": _median([f.server_cpu_per_doc_s for f in figures]),
+            "postgres_cpu_per_doc_s": _median([f.postgres_cpu_per_doc_s for f in figures]),
+            "client_cpu_per_doc_s": _median([f.client_cpu_per_doc_s for f in figures]),
+        }
+        summary_rows[mode] = row
+        if rounds > 1:
+            print(
+                f"median {mode:<9} {fmt_int(row['docs_per_s']):>7} docs/s   p50 "
+                f"{fmt_ms(row['p50_s'])}   p99 {fmt_ms(row['p99_s'])}   CPU/doc: server "
+                f"{row['server_cpu_per_doc_s'] * 1e6:.0f} us, PostgreSQL "
+                f"{row['postgres_cpu_per_doc_s'] * 1e6:.0f} us"
+            )
+    ratios = [r.ratio for r in measured]
+    ratio = _median(ratios)
+    cpu_ratio = _median([_cpu(r.baseline) / _cpu(r.writer) for r in measured])
     print(
-        f"\nratio writer / baseline through HTTP: {ratio:.2f}x   "
-        f"target >= {TARGET_RATIO:.0f}x: {verdict(ratio >= TARGET_RATIO)}"
+        f"\nratio writer / baseline through HTTP: {ratio:.2f}x"
+        + (f" (median; rounds {', '.join(f'{x:.2f}' for x in ratios)})" if rounds > 1 else "")
+        + f"   target >= {TARGET_RATIO:.0f}x: {verdict(ratio >= TARGET_RATIO)}"
     )
-    print(
-        f"server + PostgreSQL CPU per document: writer {cpu(writer) * 1e6:.0f} us, "
-        f"baseline {cpu(baseline) * 1e6:.0f} us ({cpu(baseline) / cpu(writer):.2f}x)"
-    )
+    print(f"server + PostgreSQL CPU per document, baseline / writer: {cpu_ratio:.2f}x")
     if lost:
         raise SystemExit(f"{lost} acknowledged documents are not stored")
     return {
         "server": asdict(info),
         "clients": clients,
         "seconds_per_mode": seconds,
-        "server_options": asdict(options),
-        "modes": [asdict(writer), asdict(baseline)],
+        "rounds": [
+            {
+                "writer": asdict(r.writer),
+                "baseline": asdict(r.baseline),
+                "ratio": r.ratio,
+                "writer_stats": r.writer_stats,
+            }
+            for r in measured
+        ],
+        "median": summary_rows,
+        "options": asdict(options),
         "ratio": ratio,
+        "cpu_ratio": cpu_ratio,
         "target_ratio": TARGET_RATIO,
-        "writer_stats": stats,
-        "metrics_flushes": writer_stats.get("metrics_flushes"),
         "flush_size_distribution": distribution,
+        "flush_sizes": dict(sorted(sizes.items())),
         "profiles": profiles,
     }
 
@@ -740,6 +809,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--seconds", type=float, default=SECONDS_PER_MODE)
     parser.add_argument("--clients", type=int, default=CLIENTS)
+    parser.add_argument(
+        "--rounds", type=int, default=1,
+        help="run writer then baseline this many times; the ratio is the median of the rounds'",
+    )  # fmt: skip
     parser.add_argument("--database-url", default=None)
     parser.add_argument(
         "--private-server",
@@ -786,6 +859,7 @@ def main(argv: list[str] | None = None) -> None:
                 url,
                 clients=args.clients,
                 seconds=args.seconds,
+                rounds=args.rounds,
                 options=options,
                 whole_server=args.private_server,
                 profile=args.profile,
