@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import logging
+
+import httpx
 import pytest
 
-from tests.api.conftest import RunningApi
+from tests.api.conftest import RunningApi, StartApi
 
 
 @pytest.mark.asyncio
@@ -21,3 +25,59 @@ async def test_submit_run_and_read_results(api: RunningApi) -> None:
             '{"seq":1,"ok":true,"output":2,"error":null}',
             '{"seq":2,"ok":true,"output":3,"error":null}',
         ]
+
+
+@pytest.mark.asyncio
+async def test_a_link_downloads_csv_and_the_token_is_not_logged(
+    start_api: StartApi,
+) -> None:
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    access_log = logging.getLogger("uvicorn.access")
+    async with start_api(tenants=("acme",)) as api:
+        async with api.client("acme") as client:
+            created = await client.post("/v1/batches", json={"task": "echo", "items": ["a,b"]})
+            batch_id = created.json()["id"]
+            await api.app.wait(batch_id, timeout_s=30)
+        token = api.tokens["acme"]
+        # A plain link: no headers at all, the token and the format in the query.
+        level = access_log.level
+        # After the server started: uvicorn's logging set-up replaces the logger's handlers.
+        access_log.addHandler(handler)
+        access_log.setLevel(logging.INFO)  # the test server logs warnings only
+        try:
+            async with httpx.AsyncClient(base_url=api.base_url) as browser:
+                answer = await browser.get(
+                    f"/v1/batches/{batch_id}/results?format=csv&access_token={token}"
+                )
+        finally:
+            access_log.removeHandler(handler)
+            access_log.setLevel(level)
+    assert answer.status_code == 200, answer.text
+    assert answer.text.splitlines() == ["seq,ok,output,error", '0,true,"""a,b""",']
+    assert any("access_token=***" in line for line in seen), seen
+    assert not any(token in line for line in seen), seen
+
+
+@pytest.mark.asyncio
+async def test_a_priority_change_reaches_the_event_stream(api: RunningApi) -> None:
+    async with api.client() as client:
+        created = await client.post("/v1/batches", json={"task": "gated", "items": [1]})
+        batch_id = created.json()["id"]
+        async with client.stream("GET", f"/v1/batches/{batch_id}/events") as stream:
+            lines = stream.aiter_lines()
+            versions = []
+            async for line in lines:
+                if line.startswith("data: "):
+                    versions.append(json.loads(line[6:])["version"])
+                    if len(versions) == 1:
+                        patched = await client.patch(
+                            f"/v1/batches/{batch_id}",
+                            json={"priority": 5},
+                            headers={"If-Match": created.headers["ETag"]},
+                        )
+                        assert patched.status_code == 200, patched.text
+                    else:
+                        break
+    assert versions[1] == versions[0] + 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from collections.abc import AsyncIterator
 from importlib import resources
 
@@ -23,8 +24,6 @@ from pgbatch.errors import ConfigurationError
 from pgbatch.workloads import collections as copies
 
 __all__ = ["check_bind", "create_api", "server"]
-
-_log = logging.getLogger(__name__)
 
 
 def create_api(app: App, *, worker: Worker | None = None) -> FastAPI:
@@ -72,6 +71,21 @@ def create_api(app: App, *, worker: Worker | None = None) -> FastAPI:
     api.mount("/static", StaticFiles(directory=str(static)), name="static")
     api.add_middleware(MetricsMiddleware, metrics=metrics)
     return api
+
+
+class _HideTokens(logging.Filter):
+    """Mask `access_token=` in access-log lines: a token must not end up in a log file."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                _TOKEN_IN_QUERY.sub(r"\1***", a) if isinstance(a, str) else a for a in record.args
+            )
+        return True
+
+
+_TOKEN_IN_QUERY = re.compile(r"(access_token=)[^&\s]*")
+logging.getLogger("uvicorn.access").addFilter(_HideTokens())
 
 
 def check_bind(host: str, tokens: TokenTable) -> None:

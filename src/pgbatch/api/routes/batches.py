@@ -27,7 +27,7 @@ from pgbatch.api.schemas import (
     batch_out,
     insight_out,
 )
-from pgbatch.api.state import ApiState, Tenant, api_state
+from pgbatch.api.state import ApiState, Tenant, TenantOrQueryToken, api_state
 from pgbatch.db.batches import BatchFilter
 from pgbatch.errors import InvalidBatchError
 from pgbatch.models import Batch, BatchStatus
@@ -406,7 +406,8 @@ async def batch_insight(request: Request, tenant: Tenant, batch_id: int) -> Insi
         404,
         extra={
             200: {
-                "description": "One result per item in order: NDJSON, or CSV (Accept: text/csv).",
+                "description": "One result per item in order: NDJSON, or CSV (Accept: text/csv, "
+                "or ?format=csv).",
                 "content": {
                     NDJSON: {"schema": {"type": "string"}},
                     "text/csv": {"schema": {"type": "string"}},
@@ -418,17 +419,21 @@ async def batch_insight(request: Request, tenant: Tenant, batch_id: int) -> Insi
 )
 async def batch_results(
     request: Request,
-    tenant: Tenant,
+    tenant: TenantOrQueryToken,
     batch_id: int,
     status: Annotated[
         Literal["all", "ok", "error"], Query(description="Only failures, or only successes.")
     ] = "all",
+    format: Annotated[
+        Literal["ndjson", "csv"] | None,
+        Query(description="Overrides Accept, so that a plain link can download CSV."),
+    ] = None,
     accept: Annotated[str | None, Header()] = None,
 ) -> StreamingResponse:
     """Stream the batch's results a page at a time (memory stays flat for any size)."""
     app = api_state(request).app
     await app.get_batch(_check_id(batch_id), tenant=tenant)  # 404 before the stream starts
-    as_csv = "text/csv" in (accept or "")
+    as_csv = format == "csv" if format is not None else "text/csv" in (accept or "")
     rows = app.results(batch_id, errors_only=status == "error", tenant=tenant)
 
     async def ndjson() -> AsyncIterator[bytes]:

@@ -242,7 +242,8 @@ WITH shards AS (
 UPDATE pgbatch.batches
 SET priority = %(priority)s, version = version + 1
 WHERE id = %(batch_id)s
-RETURNING version;
+-- Watchers see the new version (and ETag) at once.
+RETURNING version, pg_notify('pgbatch_progress', id::text)::text;
 
 -- name: batch_requeue_failed_shards
 -- Dead shards, and done shards holding error results, go back to the queue; their error
