@@ -179,23 +179,26 @@ export function mountDetail(root, batchId, ctx) {
   document.title = `Batch #${batchId} · pgbatch`;
 
   function resultLinks() {
-    // A link cannot carry the Authorization header: with a token, point at the API.
+    // A link cannot send headers: the token (if any) and the format go in the query.
     const base = `v1/batches/${batchId}/results`;
-    if (token()) {
-      return h(
-        "p",
-        { class: "hint" },
-        "Results: ",
-        h("code", {}, `curl -H "Authorization: Bearer $TOKEN" ${new URL(base, location.href)}`),
-      );
-    }
+    const link = (params) => {
+      const query = new URLSearchParams(params);
+      if (token()) query.set("access_token", token());
+      return `${base}?${query}`;
+    };
     return h(
       "p",
-      { class: "hint" },
-      "Results (NDJSON): ",
-      h("a", { href: base, download: `batch-${batchId}.ndjson` }, "all items"),
+      { class: "hint", "data-testid": "result-links" },
+      "Results: ",
+      h("a", { href: link({}), download: `batch-${batchId}.ndjson` }, "NDJSON"),
       " · ",
-      h("a", { href: `${base}?status=error`, download: `batch-${batchId}-errors.ndjson` }, "failed items"),
+      h("a", { href: link({ format: "csv" }), download: `batch-${batchId}.csv` }, "CSV"),
+      " · ",
+      h(
+        "a",
+        { href: link({ status: "error", format: "csv" }), download: `batch-${batchId}-errors.csv` },
+        "failed items (CSV)",
+      ),
     );
   }
 
