@@ -17,6 +17,11 @@ from pgbatch.db.queries import query
 __all__ = ["ApiMetrics", "MetricsMiddleware"]
 
 FLUSH_SIZE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+# The method label takes these values; any other token a client sends counts as "other",
+# or each invented method would add a series (labels must stay bounded).
+HTTP_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
+)
 
 
 class ApiMetrics:
@@ -135,6 +140,7 @@ class MetricsMiddleware:
         finally:
             route: Any = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
-            self.metrics.request_seconds.labels(scope["method"], template, str(status)).observe(
+            method = scope["method"] if scope["method"] in HTTP_METHODS else "other"
+            self.metrics.request_seconds.labels(method, template, str(status)).observe(
                 time.perf_counter() - started
             )
