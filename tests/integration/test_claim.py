@@ -141,3 +141,21 @@ async def test_claim_respects_priority_queue_and_limit(app: pgbatch.App) -> None
     assert sorted(s.batch_id for s in first) == sorted([high.id] * 3 + [low.id])
     assert [s.batch_id for s in rest] == [low.id] * 2  # the other queue is not served
     assert all(s.items and s.attempts == 1 for s in first + rest)
+
+
+@pytest.mark.asyncio
+async def test_the_first_claim_starts_the_batch_once(app: pgbatch.App) -> None:
+    register_noop(app)
+    batch = await app.submit("t", range(4), shard_size=1)
+    assert (batch.status, batch.started_at) == (pgbatch.BatchStatus.PENDING, None)
+    async with app.db.connection() as conn:
+        first = await claim_shards(conn, worker_id="w", queues=["default"], tasks=["t"], limit=1)
+        started = await app.get_batch(batch.id)
+        more = await claim_shards(conn, worker_id="w", queues=["default"], tasks=["t"], limit=3)
+    again = await app.get_batch(batch.id)
+    assert (len(first), len(more)) == (1, 3)
+    assert started.status is pgbatch.BatchStatus.RUNNING
+    assert started.started_at is not None
+    # Started once: later claims neither move the version nor the start time.
+    assert (again.version, again.started_at) == (started.version, started.started_at)
+    assert started.version == batch.version + 1

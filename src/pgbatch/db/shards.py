@@ -132,7 +132,7 @@ async def _claim_from_queue(
     shards = []
     for row in await cur.fetchall():
         shard_id, batch_id, task, epoch, attempts, max_attempts, ttl, cancelled = row[:8]
-        first_seq, seqs, payloads = row[8:]
+        first_seq, seqs, payloads = row[8:11]
         values = orjson.loads(payloads) if payloads else []
         # A first run holds the whole contiguous range; a retried shard lists its seqs.
         positions = seqs if seqs is not None else range(first_seq, first_seq + len(values))

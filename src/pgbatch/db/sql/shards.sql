@@ -23,9 +23,24 @@ WITH claimed AS (
         FOR UPDATE SKIP LOCKED)
     RETURNING s.id, s.batch_id, s.task, s.first_seq, s.last_seq, s.lease_epoch, s.attempts,
               s.max_attempts, s.lease_ttl_s, s.retried
+), pending AS (
+    -- The first claim of a pending batch starts it, so it shows "running" while its first
+    -- shards run. Later claims find it running and lock nothing; rows in id order, as the
+    -- completer locks them (invariant 6).
+    SELECT b.id FROM pgbatch.batches b
+    WHERE b.id IN (SELECT batch_id FROM claimed) AND b.status = 'pending'
+    ORDER BY b.id
+    FOR NO KEY UPDATE
+), started AS (
+    UPDATE pgbatch.batches b
+    SET status = 'running', started_at = coalesce(b.started_at, now()), version = b.version + 1
+    FROM pending p
+    WHERE b.id = p.id AND b.status = 'pending'
+    RETURNING pg_notify('pgbatch_progress', b.id::text)
 )
 SELECT c.id, c.batch_id, c.task, c.lease_epoch, c.attempts, c.max_attempts, c.lease_ttl_s,
-       b.status = 'cancelled' AS batch_cancelled, c.first_seq, i.seqs, i.payloads
+       b.status = 'cancelled' AS batch_cancelled, c.first_seq, i.seqs, i.payloads,
+       (SELECT count(*) FROM started) AS batches_started
 FROM claimed c
 JOIN pgbatch.batches b ON b.id = c.batch_id
 CROSS JOIN LATERAL (
