@@ -34,7 +34,7 @@ export function buckets(insight, nowMs = Date.now()) {
   const stepMs = bucketS * 1000;
   const finished = new Map(throughput.map((p) => [floorTo(Date.parse(p.at), stepMs), p.items]));
   const starts = [...finished.keys()];
-  // From the submission: the wait before the first shard finished shows as empty bars.
+  // From the submission: the wait before the first shards finished shows as empty bars.
   const begin = Date.parse(batch.created_at);
   const end = batch.finished_at ? Date.parse(batch.finished_at) : nowMs;
   let first = floorTo(Math.min(begin, ...starts), stepMs);

@@ -149,7 +149,7 @@ export function rate(perSecond) {
 
 /**
  * Return the seconds since the batch was submitted, until it ended or now. (The API's
- * `started_at` is when its first shard finished, so it would hide the wait before.)
+ * `started_at` is its first claim, so it would hide the wait in the queue before.)
  */
 export function elapsed(batch) {
   const end = batch.finished_at ? Date.parse(batch.finished_at) : Date.now();

@@ -25,9 +25,9 @@ import { h, setText } from "./dom.js";
 // The insight is read at most this often however fast events arrive (it counts shards
 // and scans throughput: cheap, but not for every event of a fast batch).
 const INSIGHT_MIN_INTERVAL_MS = 1000;
-// Claiming a shard sends no event (a batch turns "running" only when its first shard
-// finishes), so while the batch is open and quiet its insight is also re-read this often,
-// to keep the running shards honest. Like the server's own fallback poll (5 s).
+// Only a batch's first claim sends an event (it turns the batch "running"); later claims
+// and lease expiries do not, so while the batch is open and quiet its insight is also
+// re-read this often, to keep the running shards honest. Like the server's fallback poll.
 const INSIGHT_IDLE_MS = 5000;
 const TICK_MS = 1000;
 const SHARD_STATES = ["queued", "running", "done", "dead", "cancelled"];
