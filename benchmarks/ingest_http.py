@@ -530,6 +530,7 @@ async def run_mode(
         before = cpu_sample([process.pid, me, *postgres])
         profiler = None
         if profile_to is not None:
+            profile_to.unlink(missing_ok=True)
             profiler = await spawn(
                 [_py_spy(), "record", "--pid", str(process.pid), "--rate", str(PROFILE_RATE_HZ),
                  "--duration", str(math.ceil(seconds)), "--format", "raw", "--full-filenames",
@@ -542,8 +543,8 @@ async def run_mode(
         )
         postgres = sorted({*postgres, *await _postgres_pids(conninfo, whole_server)})
         after = cpu_sample([process.pid, me, *postgres])
-        if profiler is not None:
-            await profiler.wait()
+        if profiler is not None and await profiler.wait() != 0:
+            print(f"py-spy failed (it needs ptrace rights); see {profile_to.with_suffix('.log')}")
         stats = (await client.get("/bench/writer-stats")).json()
         metrics = (await client.get("/metrics")).text
     async with Database(conninfo, max_size=1) as db:
@@ -732,6 +733,8 @@ async def run(
                 path = RESULTS_DIR / f"ingest_http_{mode}.pyspy.txt"
                 figures, _ = await run_mode(conninfo, mode, profile_to=path, **run_args)
                 print(f"\n(profiled) {figures.line()}")
+                if not path.exists():
+                    continue
                 summary = summarise_profile(path)
                 print_profile(mode, summary, seconds)
                 profiles[mode] = {"figures": asdict(figures), "path": str(path), **summary}
@@ -845,6 +848,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.serve is not None:
         serve(args.serve, loop=args.loop, http=args.http, access_log=args.access_log)
         return
+    if args.profile:
+        _py_spy()  # before any run: fail at once without it
     options = RunOptions(args.loop, args.http, args.access_log, args.server_path, args.client)
     with contextlib.ExitStack() as stack:
         if args.private_server:
