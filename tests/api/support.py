@@ -86,21 +86,24 @@ async def sse_events(response: httpx.Response) -> AsyncIterator[SseEvent]:
     """Parse a `text/event-stream` response into events, as EventSource does.
 
     Comments (keep-alives) and blocks without data (the `retry:` line) dispatch nothing.
-    Ends when the server closes the stream.
+    Ends when the server closes the stream; fails when no event came for STREAM_TIMEOUT_S
+    (keep-alives do not count).
     """
     assert response.status_code == 200, response.status_code
     assert response.headers["content-type"].startswith("text/event-stream"), response.headers
     event, event_id, data = "message", None, []
     lines = response.aiter_lines()
+    deadline = asyncio.get_running_loop().time() + STREAM_TIMEOUT_S
     while True:
         try:
-            async with asyncio.timeout(STREAM_TIMEOUT_S):
+            async with asyncio.timeout_at(deadline):
                 line = await anext(lines)
         except StopAsyncIteration:
             return
         if line == "":
             if data:
                 yield SseEvent(event, orjson.loads("\n".join(data)), event_id)
+                deadline = asyncio.get_running_loop().time() + STREAM_TIMEOUT_S
             event, event_id, data = "message", None, []
             continue
         if line.startswith(":"):
