@@ -3,7 +3,7 @@ document, same run.
 
 Run from the repository root:
 
-    .venv/bin/python benchmarks/ingest_http.py [--seconds 10] [--clients 64]
+    .venv/bin/python benchmarks/ingest_http.py [--seconds 10] [--clients 64] [--rounds 1]
         [--database-url URL | --private-server] [--profile]
         [--loop auto|asyncio|uvloop] [--http auto|h11|httptools] [--server-path DIR]
         [--access-log] [--client raw|httpx]
@@ -21,8 +21,9 @@ so the clients' CPU does not count against its event loop. It serves pgbatch's o
 The clients are 64 keep-alive HTTP/1.1 connections in this process (a minimal client of
 its own: httpx costs 30 times the CPU, see `Connection`), each posting one document of
 the examples/documents.py workload (with references) and waiting for its answer before
-the next. Each mode runs for a bounded time on the same database, the
-document tables made anew in between:
+the next. Each mode runs for a bounded time on the same database, the document tables
+made anew in between, writer then baseline, `--rounds` times (the ratio is the median of
+the rounds'; docs/performance.md runs 3):
 
 - writer: `POST /v1/documents` (DocumentWriter at its defaults), the app's default pool
   (6 connections, what `pgbatch serve` gets);
@@ -196,7 +197,7 @@ def create_bench_api(app: pgbatch.App) -> FastAPI:
         except InvalidDocumentError as exc:
             raise ApiError(422, "invalid_document", str(exc), field="identity") from None
         post = posters.get("baseline")
-        if post is None:
+        if post is None:  # the app's pool exists only once the server has started
             post = posters["baseline"] = baseline_poster(state.app.db)
         try:
             outcome = await post(item)
