@@ -97,13 +97,12 @@ from examples.documents import DocumentItem, baseline_poster, run_ingest
 from pgbatch.api.auth import DEFAULT_TENANT
 from pgbatch.api.errors import ApiError
 from pgbatch.api.routes.batches import ERRORS
-from pgbatch.api.routes.documents import WRITER_KEY, DocumentIn, DocumentOut
+from pgbatch.api.routes.documents import WRITER_KEY, DocumentOut, write_document
 from pgbatch.api.server import create_api
 from pgbatch.api.state import Tenant, api_state
 from pgbatch.db.database import Database
 from pgbatch.db.embedded import embedded_url, stop_embedded
-from pgbatch.writer import DocumentWriter, document_item
-from pgbatch.writer.errors import InvalidDocumentError, WriteFailedError
+from pgbatch.writer import DocumentWriter
 from pgbatch.writer.models import WriteOutcome, WriteStatus
 
 CLIENTS = 64
@@ -180,47 +179,18 @@ def create_bench_api(app: pgbatch.App) -> FastAPI:
     posters: dict[str, Callable[[DocumentItem], Awaitable[WriteOutcome[uuid.UUID]]]] = {}
 
     @router.post("/documents", status_code=201, response_model=DocumentOut, responses=ERRORS(409))
-    async def post_document_baseline(
-        request: Request, response: Response, tenant: Tenant, document: DocumentIn
-    ) -> DocumentOut:
-        """Write one document in a transaction of its own; the contract of POST /v1/documents."""
-        state = api_state(request)
+    async def post_document_baseline(request: Request, tenant: Tenant) -> Response:
+        """Write one document in a transaction of its own; the contract of POST /v1/documents.
+
+        The same parsing and answering code as the real route (`write_document`): only the
+        write differs.
+        """
         if tenant != DEFAULT_TENANT:  # the benchmark's server has no tokens
             raise ApiError(422, "invalid_document", "the baseline serves the default tenant")
-        try:
-            item = document_item(
-                document.identity,
-                document.body,
-                references=document.references,
-                partition=document.partition,
-            )
-        except InvalidDocumentError as exc:
-            raise ApiError(422, "invalid_document", str(exc), field="identity") from None
         post = posters.get("baseline")
         if post is None:  # the app's pool exists only once the server has started
-            post = posters["baseline"] = baseline_poster(state.app.db)
-        try:
-            outcome = await post(item)
-        except WriteFailedError as exc:
-            raise ApiError(503, "write_failed", str(exc), headers={"Retry-After": "1"}) from None
-        state.metrics.writer_items.labels(str(outcome.status)).inc()
-        if outcome.status is WriteStatus.WRITTEN:
-            response.headers["Location"] = f"/v1/documents/{item.key}"
-            return DocumentOut(key=str(item.key), identity=document.identity)
-        if outcome.status is WriteStatus.CONFLICT:
-            raise ApiError(409, "conflict", outcome.reason or "write conflict; post again")
-        if outcome.missing or outcome.blocked_by:
-            raise ApiError(
-                409,
-                "missing_references",
-                outcome.reason or "some references do not exist",
-                field="references",
-                details={
-                    "missing": sorted(str(k) for k in outcome.missing),
-                    "blocked_by": sorted(str(k) for k in outcome.blocked_by),
-                },
-            )
-        raise ApiError(422, "invalid_document", outcome.reason or "the document was rejected")
+            post = posters["baseline"] = baseline_poster(api_state(request).app.db)
+        return await write_document(request, tenant, post)
 
     stats_router = APIRouter(prefix="/bench", tags=["benchmark"])
 

@@ -50,6 +50,10 @@ class Settings(BaseSettings):
     api_max_json_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
     api_max_items: int = Field(default=10_000_000, ge=1)
     api_max_item_bytes: int = Field(default=1024 * 1024, ge=64)
+    # The document writer behind POST /v1/documents (docs/writer.md has the trade-off):
+    # a flush waits at most this long for company, and holds at most this many documents.
+    writer_max_delay_ms: float = Field(default=2.0, ge=0)
+    writer_max_batch: int = Field(default=256, ge=1)
     # Server-Sent Events: at most one progress event per batch per this many seconds.
     sse_min_interval_s: float = Field(default=0.25, gt=0)
     # A comment line on an idle stream this often keeps proxies from closing it.

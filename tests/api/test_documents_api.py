@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 
+import httpx
 import pytest
 
 from pgbatch.writer import document_key
@@ -20,8 +21,10 @@ def _doc(kind: str, ident: str, *refs: tuple[str, str]) -> dict[str, object]:
 
 
 @pytest.mark.asyncio
-async def test_concurrent_posts_that_reference_each_other_all_commit(api: RunningApi) -> None:
-    # A cycle of three and a chain, posted at the same moment: they meet in one flush.
+async def test_concurrent_posts_that_reference_each_other_all_commit(start_api: StartApi) -> None:
+    # A cycle of three and a chain, posted at the same moment: they can only all commit if
+    # they meet in one flush (a reference outside the flush must already exist), so the
+    # flush waits long enough for every request to arrive.
     docs = [
         _doc("node", "a", ("node", "b")),
         _doc("node", "b", ("node", "c")),
@@ -29,9 +32,15 @@ async def test_concurrent_posts_that_reference_each_other_all_commit(api: Runnin
         *[_doc("chain", str(n), ("chain", str(n + 1))) for n in range(20)],
         _doc("chain", "20"),
     ]
-    async with api.client() as client:
+    async with start_api(writer_max_delay_ms=500) as api, api.client() as client:
         answers = await asyncio.gather(*(client.post("/v1/documents", json=d) for d in docs))
-    assert [a.status_code for a in answers] == [201] * len(docs), [a.text for a in answers]
+        assert [a.status_code for a in answers] == [201] * len(docs), [a.text for a in answers]
+        await _check_stored(api, docs, answers)
+
+
+async def _check_stored(
+    api: RunningApi, docs: list[dict[str, object]], answers: list[httpx.Response]
+) -> None:
     expected = {str(document_key(d["identity"])) for d in docs}  # type: ignore[arg-type]
     assert {a.json()["key"] for a in answers} == expected
     async with api.app.db.connection() as conn:
