@@ -54,6 +54,7 @@ bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/peers.py
 	$(BIN)/python benchmarks/throughput.py
 	$(BIN)/python benchmarks/ingest.py --private-server
+	$(BIN)/python benchmarks/ingest_http.py --private-server --rounds 3
 	$(BIN)/python benchmarks/collection_copy.py
 	$(BIN)/python benchmarks/api_results.py
 
