@@ -65,7 +65,13 @@ async def test_ndjson_submit_streams_items_with_options_in_the_query(api: Runnin
     async with api.client() as client:
         created = await client.post(
             "/v1/batches",
-            params={"task": "echo", "shard_size": 500, "priority": -3, "max_attempts": 4},
+            params={
+                "task": "echo",
+                "shard_size": 500,
+                "priority": -3,
+                "max_attempts": 4,
+                "lease_ttl_s": "2.5e1",
+            },
             content=in_chunks(body, 997),
             headers=NDJSON,
         )
@@ -73,6 +79,7 @@ async def test_ndjson_submit_streams_items_with_options_in_the_query(api: Runnin
         batch = created.json()
         assert (batch["total_items"], batch["total_shards"]) == (len(items), 6)
         assert (batch["priority"], batch["max_attempts"], batch["shard_size"]) == (-3, 4, 500)
+        assert batch["lease_ttl_s"] == 25.0
         await api.app.wait(batch["id"], timeout_s=30)
         results = await client.get(f"/v1/batches/{batch['id']}/results")
     lines = [orjson.loads(line) for line in results.text.splitlines()]

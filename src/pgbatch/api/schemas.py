@@ -3,26 +3,54 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+import re
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from pgbatch.db.batches import BatchInsight
 from pgbatch.models import Batch, BatchStatus
 
 __all__ = [
     "NAME_PATTERN",
+    "BatchId",
     "BatchList",
     "BatchOut",
     "BatchPatch",
     "BatchSubmit",
     "ErrorOut",
     "InsightOut",
+    "IntegerText",
+    "NumberText",
     "RetryOut",
     "batch_out",
 ]
 
 INT32 = 2**31
+# Numbers in a path or query string, as the OpenAPI document's integer and number types
+# read: pydantic alone would also take " 1", "1_0", "+1" and "1.0" as the integer 1.
+_INTEGER_TEXT = re.compile(r"-?[0-9]+")
+_NUMBER_TEXT = re.compile(r"-?[0-9]+(\.[0-9]+)?([eE][+-]?[0-9]+)?")
+
+
+def _integer_text(value: object) -> object:
+    if isinstance(value, str) and not _INTEGER_TEXT.fullmatch(value):
+        raise ValueError("expected an integer in digits, such as 42")
+    return value
+
+
+def _number_text(value: object) -> object:
+    if isinstance(value, str) and not _NUMBER_TEXT.fullmatch(value):
+        raise ValueError("expected a number in digits, such as 2.5")
+    return value
+
+
+# Validators for an int or float parameter of a path or query string.
+IntegerText = BeforeValidator(_integer_text)
+NumberText = BeforeValidator(_number_text)
+# A batch id in a path.
+BatchId = Annotated[int, IntegerText]
+
 # Names (task, queue, callback) are stored as PostgreSQL text, which cannot hold NUL: a
 # name with one is refused as input (422), not left to fail in the database (500).
 NAME_PATTERN = r"^[^\x00]*$"

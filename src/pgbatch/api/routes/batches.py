@@ -17,12 +17,15 @@ from pydantic import BeforeValidator, ValidationError
 from pgbatch.api.errors import ApiError
 from pgbatch.api.schemas import (
     NAME_PATTERN,
+    BatchId,
     BatchList,
     BatchOut,
     BatchPatch,
     BatchSubmit,
     ErrorOut,
     InsightOut,
+    IntegerText,
+    NumberText,
     RetryOut,
     batch_out,
     insight_out,
@@ -131,10 +134,10 @@ async def submit_batch(
         str | None, Header(alias="Idempotency-Key", min_length=1, max_length=200)
     ] = None,
     task: Annotated[str | None, Query(min_length=1, max_length=200, pattern=NAME_PATTERN)] = None,
-    shard_size: Annotated[int | None, Query(ge=1, le=1_000_000)] = None,
-    max_attempts: Annotated[int | None, Query(ge=1, le=1000)] = None,
-    lease_ttl_s: Annotated[float | None, Query(gt=0, le=86_400)] = None,
-    priority: Annotated[int | None, Query(ge=-(2**31), lt=2**31)] = None,
+    shard_size: Annotated[int | None, Query(ge=1, le=1_000_000), IntegerText] = None,
+    max_attempts: Annotated[int | None, Query(ge=1, le=1000), IntegerText] = None,
+    lease_ttl_s: Annotated[float | None, Query(gt=0, le=86_400), NumberText] = None,
+    priority: Annotated[int | None, Query(ge=-(2**31), lt=2**31), IntegerText] = None,
     queue: Annotated[str | None, Query(min_length=1, max_length=200, pattern=NAME_PATTERN)] = None,
     on_complete: Annotated[
         str | None, Query(min_length=1, max_length=200, pattern=NAME_PATTERN)
@@ -311,7 +314,7 @@ async def list_batches(
     cursor: Annotated[
         str | None, Query(description="`next_cursor` of the previous page.", max_length=40)
     ] = None,
-    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    limit: Annotated[int, Query(ge=1, le=500), IntegerText] = 50,
 ) -> BatchList:
     """List the tenant's batches, newest first, a page at a time."""
     before_id = None
@@ -336,7 +339,7 @@ async def list_batches(
 
 @router.get("/batches/{batch_id}", response_model=BatchOut, responses=ERRORS(404))
 async def get_batch(
-    request: Request, response: Response, tenant: Tenant, batch_id: int
+    request: Request, response: Response, tenant: Tenant, batch_id: BatchId
 ) -> BatchOut:
     """Read a batch; its ETag is its version, for If-Match on updates."""
     batch = await api_state(request).app.get_batch(_check_id(batch_id), tenant=tenant)
@@ -354,7 +357,7 @@ async def update_batch(
     request: Request,
     response: Response,
     tenant: Tenant,
-    batch_id: int,
+    batch_id: BatchId,
     patch: BatchPatch,
     if_match: Annotated[str | None, Header(alias="If-Match", max_length=100)] = None,
 ) -> BatchOut:
@@ -380,7 +383,7 @@ async def retry_batch(
     request: Request,
     response: Response,
     tenant: Tenant,
-    batch_id: int,
+    batch_id: BatchId,
     if_match: Annotated[str | None, Header(alias="If-Match", max_length=100)] = None,
 ) -> RetryOut:
     """Re-queue the dead shards and the shards with failed items (If-Match optional)."""
@@ -394,7 +397,7 @@ async def retry_batch(
 
 
 @router.get("/batches/{batch_id}/insight", response_model=InsightOut, responses=ERRORS(404))
-async def batch_insight(request: Request, tenant: Tenant, batch_id: int) -> InsightOut:
+async def batch_insight(request: Request, tenant: Tenant, batch_id: BatchId) -> InsightOut:
     """The batch with its shard states, throughput over time and error samples."""
     batch, insight = await api_state(request).app.insight(_check_id(batch_id), tenant=tenant)
     return insight_out(batch, insight)
@@ -420,7 +423,7 @@ async def batch_insight(request: Request, tenant: Tenant, batch_id: int) -> Insi
 async def batch_results(
     request: Request,
     tenant: TenantOrQueryToken,
-    batch_id: int,
+    batch_id: BatchId,
     status: Annotated[
         Literal["all", "ok", "error"], Query(description="Only failures, or only successes.")
     ] = "all",

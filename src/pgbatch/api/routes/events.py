@@ -11,7 +11,7 @@ from fastapi.responses import StreamingResponse
 
 from pgbatch.api.progress import HubClosedError, Subscription, progress_key
 from pgbatch.api.routes.batches import ERRORS
-from pgbatch.api.schemas import batch_out
+from pgbatch.api.schemas import BatchId, batch_out
 from pgbatch.api.state import ApiState, TenantOrQueryToken, api_state
 from pgbatch.errors import BatchNotFoundError
 from pgbatch.models import Batch
@@ -84,7 +84,7 @@ def _frame(event: str, batch: Batch, *, with_id: bool = True) -> bytes:
 async def batch_events(
     request: Request,
     tenant: TenantOrQueryToken,
-    batch_id: int,
+    batch_id: BatchId,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=100)] = None,
 ) -> Response:
     """Push the batch's progress as it changes (from NOTIFY, not polling) until it ends."""
