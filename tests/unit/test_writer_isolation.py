@@ -6,6 +6,7 @@ import asyncio
 import uuid
 from collections.abc import Sequence
 
+import orjson
 import psycopg
 import pytest
 from hypothesis import given
@@ -14,6 +15,7 @@ from psycopg import errors as pg_errors
 
 from pgbatch.engine.group_commit import isolate_failures, nearest_rank
 from pgbatch.writer import InvalidDocumentError, WriteItem, document_item, document_key
+from pgbatch.writer.documents import DOCUMENT_NAMESPACE
 from pgbatch.writer.flush import _generations, is_item_error
 
 
@@ -103,6 +105,18 @@ def test_a_document_key_is_a_stable_uuid5_of_the_identity() -> None:
     )
     assert item.key == key and item.references == {document_key({"type": "school", "id": 7})}
     assert item.payload.type == "student" and item.partition == "default"
+
+
+@given(
+    st.dictionaries(st.text(), st.one_of(st.text(), st.integers(-(2**63), 2**63 - 1)), max_size=4),
+    st.text(),
+)
+def test_a_document_key_is_exactly_uuid5_of_the_canonical_identity(
+    fields: dict[str, str | int], kind: str
+) -> None:
+    identity = {**fields, "type": kind or "t"}
+    canonical = orjson.dumps(identity, option=orjson.OPT_SORT_KEYS).decode()
+    assert document_key(identity) == uuid.uuid5(DOCUMENT_NAMESPACE, canonical)
 
 
 @pytest.mark.parametrize(

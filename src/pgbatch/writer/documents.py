@@ -8,6 +8,8 @@ references, under the same rule: every reference must point at a document.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -43,6 +45,16 @@ DOCUMENT_NAMESPACE = uuid.UUID("6377e603-2131-48fb-a260-3fca85e99356")
 # between documents posted at the same moment resolve only inside one flush, so only
 # callers who know their documents' partitions (tenant, school …) should spread them.
 DEFAULT_PARTITION = "default"
+# Keys of recently seen canonical identities. A document's references name a few
+# documents over and over (a teacher, a school), and uuid.uuid5 costs 4 µs a call, more
+# than the rest of building a reference; 65,536 entries are a few MiB.
+KEY_CACHE_SIZE = 65_536
+
+# SHA-1 state after the namespace's bytes: each key hashes only its name on top of it.
+_NAMESPACE_SHA1 = hashlib.sha1(DOCUMENT_NAMESPACE.bytes, usedforsecurity=False)
+# RFC 4122 version 5 and variant bits of the 128-bit key (what uuid.uuid5 sets).
+_VERSION_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))
+_VERSION_5 = (0x5000 << 64) | (0x8000 << 48)
 
 Identity = Mapping[str, str | int]
 
@@ -61,9 +73,18 @@ def _canonical(identity: Identity) -> str:
     return orjson.dumps(identity, option=orjson.OPT_SORT_KEYS).decode()
 
 
+@functools.lru_cache(maxsize=KEY_CACHE_SIZE)
+def _key_of(canonical: str) -> uuid.UUID:
+    """Return uuid.uuid5(DOCUMENT_NAMESPACE, canonical), twice as fast (a test compares them)."""
+    sha1 = _NAMESPACE_SHA1.copy()
+    sha1.update(canonical.encode())
+    number = int.from_bytes(sha1.digest()[:16])
+    return uuid.UUID(int=(number & _VERSION_CLEAR) | _VERSION_5)
+
+
 def document_key(identity: Identity) -> uuid.UUID:
     """Return the key of the document with this identity: a UUIDv5 of its canonical JSON."""
-    return uuid.uuid5(DOCUMENT_NAMESPACE, _canonical(identity))
+    return _key_of(_canonical(identity))
 
 
 def document_item(
@@ -80,7 +101,7 @@ def document_item(
     except TypeError as exc:
         raise InvalidDocumentError(f"the body is not JSON-serialisable: {exc}") from exc
     return WriteItem(
-        key=uuid.uuid5(DOCUMENT_NAMESPACE, canonical),
+        key=_key_of(canonical),
         payload=DocumentRow(str(identity["type"]), canonical, body_json),
         references=frozenset(document_key(ref) for ref in references),
         partition=DEFAULT_PARTITION if partition is None else partition,
