@@ -136,6 +136,7 @@ class ThreadedApi:
             await app.submit("echo", [1], tenant="someone-else"),
         ]
         self.batch_ids = [b.id for b in seeded]
+        assert self.batch_ids == SEEDED_IDS, "the fuzzer aims at these ids"
         await app.cancel(seeded[4].id)
         for batch in (seeded[0], seeded[1], seeded[2], seeded[4], seeded[5]):
             await app.wait(batch.id, timeout_s=30)
