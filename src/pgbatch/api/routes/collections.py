@@ -8,7 +8,7 @@ from fastapi import APIRouter, Header, Path, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from pgbatch.api.routes.batches import ERRORS
-from pgbatch.api.schemas import BatchOut, batch_out
+from pgbatch.api.schemas import BatchId, BatchOut, batch_out
 from pgbatch.api.state import Tenant, api_state
 from pgbatch.errors import BatchNotFoundError
 from pgbatch.models import BatchStatus
@@ -84,7 +84,7 @@ async def copy_collection(
 
 
 @router.get("/copies/{batch_id}", response_model=CopyReportOut, responses=ERRORS(404))
-async def copy_report(request: Request, tenant: Tenant, batch_id: int) -> CopyReportOut:
+async def copy_report(request: Request, tenant: Tenant, batch_id: BatchId) -> CopyReportOut:
     """Read a copy's progress and its inserted / already-present counts."""
     if not 0 < batch_id < 2**63:
         raise BatchNotFoundError(f"no batch with id {batch_id}")
