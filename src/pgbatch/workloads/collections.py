@@ -132,9 +132,30 @@ async def copy_collection_shard(items: list[Item], ctx: ShardContext) -> list[Ou
     return [_OK] * len(items)
 
 
-async def submit_copy(app: App, **options: Any) -> Batch:
-    """Submit a copy (see `submit_copy_or_find` for the options); return its batch."""
-    batch, _ = await submit_copy_or_find(app, **options)
+async def submit_copy(
+    app: App,
+    *,
+    source: str,
+    target: str,
+    item_ids: Sequence[str] | None,
+    tenant: str = "default",
+    idempotency_key: str | None = None,
+    keys_per_item: int = KEYS_PER_ITEM,
+    shard_size: int | None = None,
+    priority: int = 0,
+) -> Batch:
+    """Submit a copy (the options of `submit_copy_or_find`); return its batch."""
+    batch, _ = await submit_copy_or_find(
+        app,
+        source=source,
+        target=target,
+        item_ids=item_ids,
+        tenant=tenant,
+        idempotency_key=idempotency_key,
+        keys_per_item=keys_per_item,
+        shard_size=shard_size,
+        priority=priority,
+    )
     return batch
 
 
