@@ -111,6 +111,15 @@ def worker(
     drain_timeout_s: Annotated[
         float, typer.Option(min=0, help="On SIGTERM, wait this long for in-flight shards.")
     ] = 30.0,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            min=0, max=65535, help="Serve Prometheus metrics of this worker on this port."
+        ),
+    ] = None,
+    metrics_host: Annotated[str, typer.Option(help="Address of the metrics server.")] = (
+        "127.0.0.1"
+    ),
 ) -> None:
     """Run a worker until SIGTERM (drains gracefully; a second SIGTERM stops at once)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -122,6 +131,16 @@ def worker(
     async def run() -> None:
         work = app.worker(concurrency=concurrency, queues=queue)
         work.drain_timeout_s = drain_timeout_s
+        if metrics_port is not None:
+            from pgbatch.metrics import serve_worker_metrics
+
+            try:
+                httpd, _ = serve_worker_metrics(work, host=metrics_host, port=metrics_port)
+            except OSError as exc:
+                _fail(f"cannot serve metrics on {metrics_host}:{metrics_port}: {exc}", 2)
+            err_console.print(
+                f"metrics: http://{metrics_host}:{httpd.server_port}/", highlight=False
+            )
         loop = asyncio.get_running_loop()
         signals = 0
 

@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import HistogramMetricFamily, Metric
-from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pgbatch.app import App
 from pgbatch.db.queries import query
+from pgbatch.metrics import FlushSizeCollector
 
 __all__ = ["ApiMetrics", "MetricsMiddleware"]
 
-FLUSH_SIZE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 # The method label takes these values; any other token a client sends counts as "other",
 # or each invented method would add a series (labels must stay bounded).
 HTTP_METHODS = frozenset(
@@ -55,7 +53,7 @@ class ApiMetrics:
             registry=r,
         )
         self._flush_sources: dict[str, Callable[[], Mapping[int, int]]] = {}
-        r.register(_FlushSizeCollector(self._flush_sources))
+        r.register(FlushSizeCollector(self._flush_sources))
         self.writer_items = Counter(
             "pgbatch_writer_writes", "Document writes by outcome.", ["outcome"], registry=r
         )
@@ -90,29 +88,6 @@ class ApiMetrics:
         self._previous = (now, total)
         self.sse_streams.set(sse_streams)
         return generate_latest(self.registry)
-
-
-class _FlushSizeCollector(Collector):
-    """Turn the committers' flush-size counts into one Prometheus histogram at scrape time."""
-
-    def __init__(self, sources: Mapping[str, Callable[[], Mapping[int, int]]]) -> None:
-        self._sources = sources
-
-    def collect(self) -> Iterable[Metric]:
-        family = HistogramMetricFamily(
-            "pgbatch_flush_size",
-            "Items per group-commit flush, by committer (writer: documents; completer: shards).",
-            labels=["committer"],
-        )
-        for name, read in self._sources.items():
-            sizes = dict(read())
-            buckets = []
-            for bound in FLUSH_SIZE_BUCKETS:
-                buckets.append((str(float(bound)), sum(n for s, n in sizes.items() if s <= bound)))
-            buckets.append(("+Inf", sum(sizes.values())))
-            total = float(sum(s * n for s, n in sizes.items()))
-            family.add_metric([name], buckets, total)
-        yield family
 
 
 class MetricsMiddleware:
