@@ -185,6 +185,7 @@ async def test_metrics_show_shards_items_takeovers_and_latency_by_route(
         for path in ("/v1/batches/123456", "/v1/batches/654321", f"/v1/batches/{ok_id}"):
             await client.get(path)
         await client.get("/no/such/path/42")
+        await client.get("/openapi.json")
         for invented in ("FOO1", "FOO2", "QUERY"):
             assert_error(await client.request(invented, "/v1/batches"), 405)
         response = await client.get("/metrics")
@@ -210,6 +211,7 @@ async def test_metrics_show_shards_items_takeovers_and_latency_by_route(
     assert "/v1/batches/{batch_id}" in routes
     assert "/v1/batches" in routes
     assert "unmatched" in routes
+    assert "/openapi.json" in routes  # a route without parameters is labelled by its path
     assert not any("123456" in r or "654321" in r or "/no/such" in r for r in routes), routes
     methods = {
         dict(labels)["method"]

@@ -93,9 +93,14 @@ class ApiMetrics:
 class MetricsMiddleware:
     """Time every HTTP request by its route template (not its raw path: bounded labels)."""
 
-    def __init__(self, app: ASGIApp, metrics: ApiMetrics) -> None:
+    def __init__(
+        self, app: ASGIApp, metrics: ApiMetrics, fixed_paths: frozenset[str] = frozenset()
+    ) -> None:
         self.app = app
         self.metrics = metrics
+        # Routes without parameters that do not name themselves in the scope (the OpenAPI
+        # document, the docs pages): their path is their template, a bounded label.
+        self.fixed_paths = fixed_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -114,7 +119,9 @@ class MetricsMiddleware:
             await self.app(scope, receive, record_status)
         finally:
             route: Any = scope.get("route")
-            template = getattr(route, "path", None) or "unmatched"
+            template = getattr(route, "path", None) or (
+                scope["path"] if scope["path"] in self.fixed_paths else "unmatched"
+            )
             method = scope["method"] if scope["method"] in HTTP_METHODS else "other"
             self.metrics.request_seconds.labels(method, template, str(status)).observe(
                 time.perf_counter() - started

@@ -69,7 +69,10 @@ def create_api(app: App, *, worker: Worker | None = None) -> FastAPI:
         api.include_router(collections.router)
     static = resources.files("pgbatch.api").joinpath("static")
     api.mount("/static", StaticFiles(directory=str(static)), name="static")
-    api.add_middleware(MetricsMiddleware, metrics=metrics)
+    fixed_paths = frozenset(
+        path for route in api.routes if "{" not in (path := getattr(route, "path", "{"))
+    )
+    api.add_middleware(MetricsMiddleware, metrics=metrics, fixed_paths=fixed_paths)
     return api
 
 
