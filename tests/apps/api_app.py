@@ -53,3 +53,8 @@ def build_app(settings: pgbatch.Settings) -> tuple[pgbatch.App, asyncio.Event]:
         return [pgbatch.ok(None) for _ in items]
 
     return app, gate
+
+
+# For `pgbatch serve --app tests.apps.api_app:app` in a process of its own (settings from
+# the environment, DATABASE_URL included); nothing connects until the server starts.
+app, _ = build_app(pgbatch.Settings())
