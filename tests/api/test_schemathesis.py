@@ -248,6 +248,8 @@ def test_the_fuzzed_document_is_the_one_served(fuzzed_api: ThreadedApi) -> None:
     assert served.json() == DOCUMENT
 
 
+# Raised inside schemathesis' own strategies (its negative-data generation), not ours.
+@pytest.mark.filterwarnings("ignore:Do not use the `random` module inside strategies")
 @schema.parametrize()
 def test_api_conforms_to_its_openapi(case: schemathesis.Case, fuzzed_api: ThreadedApi) -> None:
     case.call_and_validate(base_url=fuzzed_api.base_url, checks=CHECKS)
