@@ -120,32 +120,8 @@ class BatchOut(BaseModel):
 
 
 def batch_out(batch: Batch) -> BatchOut:
-    """Return the API view of a batch."""
-    return BatchOut(
-        id=batch.id,
-        task=batch.task,
-        queue=batch.queue,
-        priority=batch.priority,
-        status=batch.status,
-        shard_size=batch.shard_size,
-        max_attempts=batch.max_attempts,
-        lease_ttl_s=batch.lease_ttl_s,
-        total_items=batch.total_items,
-        items_done=batch.items_done,
-        items_ok=batch.items_ok,
-        items_failed=batch.items_failed,
-        total_shards=batch.total_shards,
-        shards_done=batch.shards_done,
-        shards_dead=batch.shards_dead,
-        run_no=batch.run_no,
-        on_complete=batch.on_complete,
-        idempotency_key=batch.idempotency_key,
-        version=batch.version,
-        created_at=batch.created_at,
-        started_at=batch.started_at,
-        finished_at=batch.finished_at,
-        is_final=batch.is_final,
-    )
+    """Return the API view of a batch (its fields and its items_done / is_final properties)."""
+    return BatchOut.model_validate(batch, from_attributes=True)
 
 
 class BatchList(BaseModel):

@@ -89,15 +89,4 @@ async def copy_report(request: Request, tenant: Tenant, batch_id: BatchId) -> Co
     if not 0 < batch_id < 2**63:
         raise BatchNotFoundError(f"no batch with id {batch_id}")
     report = await copies.copy_report(api_state(request).app, batch_id, tenant=tenant)
-    return CopyReportOut(
-        batch_id=report.batch_id,
-        source=report.source,
-        target=report.target,
-        status=report.status,
-        finished=report.finished,
-        ranges_done=report.ranges_done,
-        ranges_total=report.ranges_total,
-        inserted=report.inserted,
-        already_present=report.already_present,
-        not_in_source=report.not_in_source,
-    )
+    return CopyReportOut.model_validate(report, from_attributes=True)
