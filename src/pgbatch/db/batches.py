@@ -33,6 +33,7 @@ __all__ = [
     "SubmitResult",
     "batch_insight",
     "cancel_batch",
+    "check_batch_id",
     "get_batch",
     "get_batches",
     "list_batches",
@@ -49,6 +50,7 @@ COPY_CHUNK_ITEMS = 500
 # included) instead of a COPY: what matters for small batches is latency, and COPY costs
 # four round trips.
 SMALL_BATCH_ITEMS = 1_000
+BIGINT_MAX = 2**63 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,10 +268,22 @@ def batch_from_row(row: dict[str, Any]) -> Batch:
     return Batch(**{**row, "status": BatchStatus(row["status"])})
 
 
+def check_batch_id(batch_id: int) -> int:
+    """Return `batch_id`, or raise BatchNotFoundError if no bigint id could be it.
+
+    Ids come from clients (paths, CLI arguments): one beyond bigint would otherwise reach
+    PostgreSQL and fail as an out-of-range error instead of "no such batch".
+    """
+    if not 0 < batch_id <= BIGINT_MAX:
+        raise BatchNotFoundError(f"no batch with id {batch_id}")
+    return batch_id
+
+
 async def get_batch(
     conn: psycopg.AsyncConnection[Any], batch_id: int, *, tenant: str | None = None
 ) -> Batch:
     """Return the batch (of `tenant`, when given), or raise BatchNotFoundError."""
+    check_batch_id(batch_id)
     async with conn.cursor(row_factory=dict_row) as cur:
         await cur.execute(query("batch_get"), {"batch_id": batch_id, "tenant": tenant})
         row = await cur.fetchone()
@@ -360,6 +374,7 @@ async def _lock_batch(
     expected_version: int | None,
     tenant: str | None,
 ) -> tuple[BatchStatus, bool]:
+    check_batch_id(batch_id)
     row = await (
         await conn.execute(query("batch_get_for_update"), {"batch_id": batch_id, "tenant": tenant})
     ).fetchone()

@@ -342,14 +342,8 @@ async def get_batch(
     request: Request, response: Response, tenant: Tenant, batch_id: BatchId
 ) -> BatchOut:
     """Read a batch; its ETag is its version, for If-Match on updates."""
-    batch = await api_state(request).app.get_batch(_check_id(batch_id), tenant=tenant)
+    batch = await api_state(request).app.get_batch(batch_id, tenant=tenant)
     return _with_etag(response, batch)
-
-
-def _check_id(batch_id: int) -> int:
-    if not 0 < batch_id < 2**63:
-        raise ApiError(404, "batch_not_found", f"no batch with id {batch_id}")
-    return batch_id
 
 
 @router.patch("/batches/{batch_id}", response_model=BatchOut, responses=ERRORS(404, 409, 412, 428))
@@ -362,7 +356,6 @@ async def update_batch(
     if_match: Annotated[str | None, Header(alias="If-Match", max_length=100)] = None,
 ) -> BatchOut:
     """Change the priority and/or cancel (`"status": "cancelled"`); needs If-Match."""
-    _check_id(batch_id)
     expected = _expected_version(if_match, required=True)
     if patch.priority is None and patch.status is None:
         raise ApiError(
@@ -387,7 +380,6 @@ async def retry_batch(
     if_match: Annotated[str | None, Header(alias="If-Match", max_length=100)] = None,
 ) -> RetryOut:
     """Re-queue the dead shards and the shards with failed items (If-Match optional)."""
-    _check_id(batch_id)
     app = api_state(request).app
     expected = _expected_version(if_match, required=False)
     requeued = await app.retry(batch_id, expected_version=expected, tenant=tenant)
@@ -399,7 +391,7 @@ async def retry_batch(
 @router.get("/batches/{batch_id}/insight", response_model=InsightOut, responses=ERRORS(404))
 async def batch_insight(request: Request, tenant: Tenant, batch_id: BatchId) -> InsightOut:
     """The batch with its shard states, throughput over time and error samples."""
-    batch, insight = await api_state(request).app.insight(_check_id(batch_id), tenant=tenant)
+    batch, insight = await api_state(request).app.insight(batch_id, tenant=tenant)
     return insight_out(batch, insight)
 
 
@@ -435,7 +427,7 @@ async def batch_results(
 ) -> StreamingResponse:
     """Stream the batch's results a page at a time (memory stays flat for any size)."""
     app = api_state(request).app
-    await app.get_batch(_check_id(batch_id), tenant=tenant)  # 404 before the stream starts
+    await app.get_batch(batch_id, tenant=tenant)  # 404 before the stream starts
     as_csv = format == "csv" if format is not None else "text/csv" in (accept or "")
     rows = app.results(batch_id, errors_only=status == "error", tenant=tenant)
 

@@ -13,7 +13,7 @@ from pgbatch.api.progress import HubClosedError, Subscription, progress_key
 from pgbatch.api.routes.batches import ERRORS
 from pgbatch.api.schemas import BatchId, batch_out
 from pgbatch.api.state import ApiState, TenantOrQueryToken, api_state
-from pgbatch.errors import BatchNotFoundError
+from pgbatch.db.batches import check_batch_id
 from pgbatch.models import Batch
 
 __all__ = ["router"]
@@ -89,8 +89,8 @@ async def batch_events(
 ) -> Response:
     """Push the batch's progress as it changes (from NOTIFY, not polling) until it ends."""
     state = api_state(request)
-    if not 0 < batch_id < 2**63:
-        raise BatchNotFoundError(f"no batch with id {batch_id}")
+    # An id no batch can have never enters the hub (its reads would fail on it).
+    check_batch_id(batch_id)
     # Subscribe before reading, so a change between the two is not missed.
     sub = state.hub.subscribe(tenant, batch_id)
     try:
