@@ -6,6 +6,7 @@ import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
+from fastapi import Header
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from pgbatch.db.batches import BatchInsight
@@ -19,6 +20,8 @@ __all__ = [
     "BatchPatch",
     "BatchSubmit",
     "ErrorOut",
+    "IdempotencyKeyHeader",
+    "IfMatchHeader",
     "InsightOut",
     "IntegerText",
     "NumberText",
@@ -50,6 +53,11 @@ IntegerText = BeforeValidator(_integer_text)
 NumberText = BeforeValidator(_number_text)
 # A batch id in a path.
 BatchId = Annotated[int, IntegerText]
+# The request headers several routes take (the length bounds those of the database).
+IdempotencyKeyHeader = Annotated[
+    str | None, Header(alias="Idempotency-Key", min_length=1, max_length=200)
+]
+IfMatchHeader = Annotated[str | None, Header(alias="If-Match", max_length=100)]
 
 # Names (task, queue, callback) are stored as PostgreSQL text, which cannot hold NUL: a
 # name with one is refused as input (422), not left to fail in the database (500).

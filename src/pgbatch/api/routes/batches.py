@@ -23,6 +23,8 @@ from pgbatch.api.schemas import (
     BatchPatch,
     BatchSubmit,
     ErrorOut,
+    IdempotencyKeyHeader,
+    IfMatchHeader,
     InsightOut,
     IntegerText,
     NumberText,
@@ -130,9 +132,7 @@ async def submit_batch(
     request: Request,
     response: Response,
     tenant: Tenant,
-    idempotency_key: Annotated[
-        str | None, Header(alias="Idempotency-Key", min_length=1, max_length=200)
-    ] = None,
+    idempotency_key: IdempotencyKeyHeader = None,
     task: Annotated[str | None, Query(min_length=1, max_length=200, pattern=NAME_PATTERN)] = None,
     shard_size: Annotated[int | None, Query(ge=1, le=1_000_000), IntegerText] = None,
     max_attempts: Annotated[int | None, Query(ge=1, le=1000), IntegerText] = None,
@@ -353,7 +353,7 @@ async def update_batch(
     tenant: Tenant,
     batch_id: BatchId,
     patch: BatchPatch,
-    if_match: Annotated[str | None, Header(alias="If-Match", max_length=100)] = None,
+    if_match: IfMatchHeader = None,
 ) -> BatchOut:
     """Change the priority and/or cancel (`"status": "cancelled"`); needs If-Match."""
     expected = _expected_version(if_match, required=True)
@@ -377,7 +377,7 @@ async def retry_batch(
     response: Response,
     tenant: Tenant,
     batch_id: BatchId,
-    if_match: Annotated[str | None, Header(alias="If-Match", max_length=100)] = None,
+    if_match: IfMatchHeader = None,
 ) -> RetryOut:
     """Re-queue the dead shards and the shards with failed items (If-Match optional)."""
     app = api_state(request).app

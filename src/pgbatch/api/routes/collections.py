@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Header, Path, Request, Response
+from fastapi import APIRouter, Path, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from pgbatch.api.routes.batches import ERRORS
-from pgbatch.api.schemas import BatchId, BatchOut, batch_out
+from pgbatch.api.schemas import BatchId, BatchOut, IdempotencyKeyHeader, batch_out
 from pgbatch.api.state import Tenant, api_state
 from pgbatch.models import BatchStatus
 from pgbatch.workloads import collections as copies
@@ -61,9 +61,7 @@ async def copy_collection(
     tenant: Tenant,
     source: CollectionId,
     copy: CopyRequest,
-    idempotency_key: Annotated[
-        str | None, Header(alias="Idempotency-Key", min_length=1, max_length=200)
-    ] = None,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> BatchOut:
     """Start a copy: a batch whose shards are key ranges of the source, copied at commit."""
     app = api_state(request).app

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
 import orjson
@@ -103,30 +103,57 @@ async def batch_events(
         state.hub.unsubscribe(sub)
         return Response(status_code=204)
     return StreamingResponse(
-        _batch_stream(state, sub, batch, seen), media_type=EVENT_STREAM, headers=_SSE_HEADERS
+        _stream(state, sub, [batch], _batch_frames(seen)),
+        media_type=EVENT_STREAM,
+        headers=_SSE_HEADERS,
     )
 
 
-async def _batch_stream(
-    state: ApiState, sub: Subscription, batch: Batch, seen: tuple[int, int, int] | None
+# Turns what arrived into frames, and says whether the stream is over.
+Render = Callable[[list[Batch]], tuple[list[bytes], bool]]
+
+
+def _batch_frames(seen: tuple[int, int, int] | None) -> Render:
+    """Frame a batch's newest snapshot if it is newer than what the client saw; end at its end."""
+
+    def render(arrived: list[Batch]) -> tuple[list[bytes], bool]:
+        nonlocal seen
+        current = arrived[-1] if arrived else None
+        if current is None or (seen is not None and progress_key(current) <= seen):
+            return [], False
+        seen = progress_key(current)
+        if current.is_final:
+            return [_frame("end", current)], True
+        return [_frame("progress", current)], False
+
+    return render
+
+
+def _tenant_frames(arrived: list[Batch]) -> tuple[list[bytes], bool]:
+    """Frame every snapshot that arrived; the tenant's feed never ends by itself."""
+    frames = [_frame("end" if b.is_final else "progress", b, with_id=False) for b in arrived]
+    return frames, False
+
+
+async def _stream(
+    state: ApiState, sub: Subscription, first: list[Batch], render: Render
 ) -> AsyncIterator[bytes]:
+    """Send what `sub` receives, framed by `render`, with keep-alives, until it is over."""
     try:
         yield f"retry: {RETRY_MS}\n\n".encode()
-        current: Batch | None = batch
+        arrived = first
         while True:
-            if current is not None and (seen is None or progress_key(current) > seen):
-                seen = progress_key(current)
-                if current.is_final:
-                    yield _frame("end", current)
-                    return
-                yield _frame("progress", current)
+            frames, over = render(arrived)
+            for frame in frames:
+                yield frame
+            if over:
+                return
             try:
                 arrived = await sub.next(state.settings.sse_keepalive_s)
             except HubClosedError:
                 return
             if not arrived:
                 yield b": keep-alive\n\n"
-            current = arrived[-1] if arrived else None
     finally:
         state.hub.unsubscribe(sub)
 
@@ -148,20 +175,6 @@ async def tenant_events(request: Request, tenant: TenantOrQueryToken) -> Streami
     """Push every change of the tenant's batches (the dashboard's list page uses this)."""
     state = api_state(request)
     sub = state.hub.subscribe(tenant, None)
-
-    async def stream() -> AsyncIterator[bytes]:
-        try:
-            yield f"retry: {RETRY_MS}\n\n".encode()
-            while True:
-                try:
-                    arrived = await sub.next(state.settings.sse_keepalive_s)
-                except HubClosedError:
-                    return
-                if not arrived:
-                    yield b": keep-alive\n\n"
-                for batch in arrived:
-                    yield _frame("end" if batch.is_final else "progress", batch, with_id=False)
-        finally:
-            state.hub.unsubscribe(sub)
-
-    return StreamingResponse(stream(), media_type=EVENT_STREAM, headers=_SSE_HEADERS)
+    return StreamingResponse(
+        _stream(state, sub, [], _tenant_frames), media_type=EVENT_STREAM, headers=_SSE_HEADERS
+    )
