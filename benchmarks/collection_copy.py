@@ -34,19 +34,13 @@ import psycopg
 
 import pgbatch
 from benchmarks.harness import (
-    RESULTS_DIR,
+    WorkerProcesses,
     bench_database,
-    child_env,
     connect,
     fmt_int,
-    listening_processes,
-    python,
     require_local,
     server_info,
     server_url,
-    spawn,
-    stop_processes,
-    wait_until,
     write_results,
 )
 from pgbatch.db import collections as copies_db
@@ -58,7 +52,6 @@ DEFAULT_ASSOCIATIONS = 1_000_000
 DEFAULT_WORKERS = 2
 # Shards in flight per worker: 8 shards of 10,000 keys is one flush of ~80,000 rows.
 DEFAULT_CONCURRENCY = 8
-WORKER_READY_TIMEOUT_S = 60.0
 COPY_TIMEOUT_S = 600.0
 SOURCE, TARGET, BASELINE_TARGET = "source", "target", "baseline-target"
 PARALLEL_TARGET = "parallel-target"
@@ -179,42 +172,6 @@ async def pgbatch_copy(
     return Timing(elapsed, report.inserted, report.already_present), report, submitted
 
 
-class Workers:
-    """`pgbatch worker` processes running this module's app, started and stopped around a run."""
-
-    def __init__(self, conninfo: str, *, count: int, concurrency: int) -> None:
-        self.conninfo = conninfo
-        self.count = count
-        self.concurrency = concurrency
-        self.processes: list[asyncio.subprocess.Process] = []
-
-    async def __aenter__(self) -> Workers:
-        command = [
-            python(), "-m", "pgbatch", "worker",
-            "--app", "benchmarks.collection_copy:app", "--concurrency", str(self.concurrency),
-        ]  # fmt: skip
-        for index in range(self.count):
-            log = RESULTS_DIR / "logs" / f"worker-copy-{index}.log"
-            env = child_env(self.conninfo, f"bench-copy-{index}")
-            self.processes.append(await spawn(command, env=env, log=log))
-        try:
-            await wait_until(self._ready, timeout_s=WORKER_READY_TIMEOUT_S, what="workers ready")
-        except BaseException:
-            await stop_processes(self.processes)
-            raise
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await stop_processes(self.processes)
-
-    async def _ready(self) -> bool:
-        for process in self.processes:
-            if process.returncode is not None:
-                raise RuntimeError(f"a worker exited with {process.returncode}; see its log")
-        # Listening means the worker is up and claims on NOTIFY.
-        return await listening_processes(self.conninfo, "bench-copy-") >= self.count
-
-
 def _line(label: str, timing: Timing, baseline: Timing | None = None) -> str:
     ratio = f"  ratio {timing.per_s / baseline.per_s:.2f}" if baseline else ""
     return (
@@ -242,7 +199,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             async with await connect(conninfo) as conn:
                 # Index-only scans of the source for both sides need a fresh visibility map.
                 await conn.execute("VACUUM ANALYZE collection_items")
-            async with Workers(conninfo, count=args.workers, concurrency=args.concurrency):
+            async with WorkerProcesses(
+                conninfo,
+                app="benchmarks.collection_copy:app",
+                count=args.workers,
+                concurrency=args.concurrency,
+                label="copy",
+            ):
                 print(
                     f"{args.workers} worker processes x {args.concurrency} shards in flight; "
                     f"items of {args.keys_per_item} keys, "

@@ -33,6 +33,7 @@ __all__ = [
     "ROOT",
     "CpuSample",
     "ServerInfo",
+    "WorkerProcesses",
     "bench_database",
     "child_env",
     "connect",
@@ -61,6 +62,8 @@ STOP_TIMEOUT_S = 30.0
 _LOOPBACK_HOSTS = ("localhost", "127.", "::1")
 # Per-process CPU times come in clock ticks (1/100 s on Linux).
 CPU_TICK_S = 0.01
+# Worker processes start (imports, pool, LISTEN) well within this.
+WORKER_READY_TIMEOUT_S = 60.0
 
 
 def server_url(explicit: str | None) -> str:
@@ -347,3 +350,60 @@ def child_env(conninfo: str, application_name: str | None = None) -> dict[str, s
 def python() -> str:
     """Return the interpreter running this benchmark (the venv's)."""
     return sys.executable
+
+
+class WorkerProcesses:
+    """`pgbatch worker` processes of `app` on the bench database, around a run."""
+
+    def __init__(
+        self, conninfo: str, *, app: str, count: int, concurrency: int, label: str
+    ) -> None:
+        self.conninfo = conninfo
+        self.app = app
+        self.count = count
+        self.concurrency = concurrency
+        self.label = label
+        self.processes: list[asyncio.subprocess.Process] = []
+
+    async def __aenter__(self) -> WorkerProcesses:
+        command = [
+            python(), "-m", "pgbatch", "worker",
+            "--app", self.app, "--concurrency", str(self.concurrency),
+        ]  # fmt: skip
+        for index in range(self.count):
+            log = RESULTS_DIR / "logs" / f"worker-{self.label}-{index}.log"
+            env = child_env(self.conninfo, f"{self._name_prefix}{index}")
+            self.processes.append(await spawn(command, env=env, log=log))
+        try:
+            await wait_until(
+                self._all_listening, timeout_s=WORKER_READY_TIMEOUT_S, what="workers listening"
+            )
+        except BaseException:
+            await stop_processes(self.processes)
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await stop_processes(self.processes)
+        failed = [p.returncode for p in self.processes if p.returncode not in (0, None)]
+        if failed:
+            print(f"  warning: a worker exited with {failed}; see {RESULTS_DIR / 'logs'}")
+
+    @property
+    def _name_prefix(self) -> str:
+        return f"bench-{self.label}-"
+
+    async def _all_listening(self) -> bool:
+        for process in self.processes:
+            if process.returncode is not None:
+                raise RuntimeError(
+                    f"worker exited with {process.returncode}; see {RESULTS_DIR / 'logs'}"
+                )
+        # A worker is ready once its LISTEN connection is up: it then claims on NOTIFY.
+        listening = await listening_processes(self.conninfo, self._name_prefix)
+        return listening >= len(self.processes)
+
+    @property
+    def pids(self) -> list[int]:
+        """Return the worker processes' ids."""
+        return [p.pid for p in self.processes]

@@ -34,21 +34,19 @@ from benchmarks.apps import NOOP_TASK, WAKEUP_TASK, make_app
 from benchmarks.harness import (
     RESULTS_DIR,
     ServerInfo,
+    WorkerProcesses,
     bench_database,
     child_env,
     connect,
     cpu_sample,
     fmt_int,
     fmt_ms,
-    listening_processes,
     percentile,
     python,
     require_local,
     server_info,
     server_pids,
     server_url,
-    spawn,
-    stop_processes,
     verdict,
     wait_until,
     write_results,
@@ -85,7 +83,8 @@ CEILING_CHUNK_ROWS = 10_000
 PARKED_QUEUE = "bench-parked"
 SUBMIT_SHARD_SIZE = 100
 BATCH_TIMEOUT_S = 600.0
-WORKER_READY_TIMEOUT_S = 60.0
+# The app every worker process runs.
+APP = "benchmarks.apps:app"
 
 # Targets from the issue: ratios to the same-run ceilings.
 TARGET_E2E_VS_COPY = 0.5
@@ -295,59 +294,6 @@ async def measure_shard_overhead(app: App, shard_size: int) -> OverheadFigures:
 # -- end to end with worker processes ---------------------------------------------------------
 
 
-class WorkerProcesses:
-    """`pgbatch worker` processes on the bench database, started and stopped around a run."""
-
-    def __init__(self, conninfo: str, *, concurrency: int, label: str) -> None:
-        self.conninfo = conninfo
-        self.concurrency = concurrency
-        self.label = label
-        self.processes: list[asyncio.subprocess.Process] = []
-
-    async def __aenter__(self) -> WorkerProcesses:
-        command = [
-            python(), "-m", "pgbatch", "worker",
-            "--app", "benchmarks.apps:app", "--concurrency", str(self.concurrency),
-        ]  # fmt: skip
-        for index in range(WORKER_PROCESSES):
-            log = RESULTS_DIR / "logs" / f"worker-{self.label}-{index}.log"
-            env = child_env(self.conninfo, f"{self._name_prefix}{index}")
-            self.processes.append(await spawn(command, env=env, log=log))
-        try:
-            await wait_until(
-                self._all_listening, timeout_s=WORKER_READY_TIMEOUT_S, what="workers listening"
-            )
-        except BaseException:
-            await stop_processes(self.processes)
-            raise
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await stop_processes(self.processes)
-        failed = [p.returncode for p in self.processes if p.returncode not in (0, None)]
-        if failed:
-            print(f"  warning: a worker exited with {failed}; see {RESULTS_DIR / 'logs'}")
-
-    @property
-    def _name_prefix(self) -> str:
-        return f"bench-{self.label}-"
-
-    async def _all_listening(self) -> bool:
-        for process in self.processes:
-            if process.returncode is not None:
-                raise RuntimeError(
-                    f"worker exited with {process.returncode}; see {RESULTS_DIR / 'logs'}"
-                )
-        # A worker is ready once its LISTEN connection is up: it then claims on NOTIFY.
-        listening = await listening_processes(self.conninfo, self._name_prefix)
-        return listening >= len(self.processes)
-
-    @property
-    def pids(self) -> list[int]:
-        """Return the worker processes' ids."""
-        return [p.pid for p in self.processes]
-
-
 async def _transactions(conninfo: str) -> int:
     async with await connect(conninfo) as conn:
         await conn.execute("SELECT pg_stat_clear_snapshot()")
@@ -420,7 +366,9 @@ async def measure_end_to_end(
 ) -> EndToEndFigures:
     """Submit `items` items at `shard_size` to idle workers; time until the batch finishes."""
     concurrency = CONCURRENCY[shard_size]
-    async with WorkerProcesses(conninfo, concurrency=concurrency, label=f"s{shard_size}") as pool:
+    async with WorkerProcesses(
+        conninfo, app=APP, count=WORKER_PROCESSES, concurrency=concurrency, label=f"s{shard_size}"
+    ) as pool:
         transactions_before = await _transactions(conninfo)
         watched = [*pool.pids, os.getpid(), *await server_pids(conninfo)]
         before = cpu_sample(watched)
@@ -513,7 +461,9 @@ async def sample_wakeups(app: App, samples: int) -> WakeupSamples:
 
 async def measure_wakeup(app: App, conninfo: str) -> WakeupFigures:
     """Start idle `pgbatch worker` processes and sample their wake-up latency."""
-    async with WorkerProcesses(conninfo, concurrency=WAKEUP_CONCURRENCY, label="wakeup"):
+    async with WorkerProcesses(
+        conninfo, app=APP, count=WORKER_PROCESSES, concurrency=WAKEUP_CONCURRENCY, label="wakeup"
+    ):
         sampled = await sample_wakeups(app, WAKEUP_SAMPLES)
     return WakeupFigures(
         samples=len(sampled.wakes),
