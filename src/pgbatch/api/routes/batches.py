@@ -35,7 +35,7 @@ from pgbatch.api.schemas import (
 from pgbatch.api.state import ApiState, Tenant, TenantOrQueryToken, api_state
 from pgbatch.db.batches import BatchFilter
 from pgbatch.errors import InvalidBatchError
-from pgbatch.models import Batch, BatchStatus
+from pgbatch.models import Batch, BatchStatus, Outcome
 
 __all__ = ["ERRORS", "router"]
 
@@ -426,16 +426,22 @@ async def batch_results(
     accept: Annotated[str | None, Header()] = None,
 ) -> StreamingResponse:
     """Stream the batch's results a page at a time (memory stays flat for any size)."""
-    app = api_state(request).app
-    await app.get_batch(batch_id, tenant=tenant)  # 404 before the stream starts
     as_csv = format == "csv" if format is not None else "text/csv" in (accept or "")
-    rows = app.results(batch_id, errors_only=status == "error", tenant=tenant)
+    rows = api_state(request).app.results(batch_id, errors_only=status == "error", tenant=tenant)
+    # The first row is read here: results() looks the batch up first, so an unknown (or
+    # another tenant's) batch is a 404 before the stream starts.
+    first = await anext(rows, None)
+
+    async def selected() -> AsyncIterator[tuple[int, Outcome]]:
+        row = first
+        while row is not None:
+            if status != "ok" or row[1].ok:
+                yield row
+            row = await anext(rows, None)
 
     async def ndjson() -> AsyncIterator[bytes]:
         lines: list[bytes] = []
-        async for seq, outcome in rows:
-            if status == "ok" and not outcome.ok:
-                continue
+        async for seq, outcome in selected():
             lines.append(
                 orjson.dumps(
                     {"seq": seq, "ok": outcome.ok, "output": outcome.output, "error": outcome.error}
@@ -451,9 +457,7 @@ async def batch_results(
         out = io.StringIO()
         writer = csv.writer(out)
         writer.writerow(["seq", "ok", "output", "error"])
-        async for seq, outcome in rows:
-            if status == "ok" and not outcome.ok:
-                continue
+        async for seq, outcome in selected():
             output = "" if outcome.output is None else orjson.dumps(outcome.output).decode()
             writer.writerow([seq, "true" if outcome.ok else "false", output, outcome.error or ""])
             if out.tell() > 64 * 1024:
