@@ -73,9 +73,13 @@ class ApiMetrics:
             status_rows = await (await conn.execute(query("metrics_batches"))).fetchall()
         assert row is not None
         queued, running, done, dead, ok, failed, takeovers = (int(v) for v in row)
-        for state, value in (("queued", queued), ("running", running), ("done", done)):
+        for state, value in (
+            ("queued", queued),
+            ("running", running),
+            ("done", done),
+            ("dead", dead),
+        ):
             self.shards.labels(state).set(value)
-        self.shards.labels("dead").set(dead)
         self.items_finished.labels("ok").set(ok)
         self.items_finished.labels("failed").set(failed)
         for status, count in status_rows:
