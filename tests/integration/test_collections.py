@@ -427,10 +427,9 @@ async def test_in_a_worker_a_failing_statement_retries_only_its_shard(app: pgbat
 
 @pytest.mark.asyncio
 async def test_the_example_runs_as_a_script_and_copies_twice(database_url: str) -> None:
-    # As a script its folder leads sys.path, where it would shadow `collections`.
     process = await asyncio.create_subprocess_exec(
         sys.executable,
-        str(REPO_ROOT / "examples" / "collections.py"),
+        str(REPO_ROOT / "examples" / "collection_copy.py"),
         "--associations", "2000", "--database-url", database_url,
         cwd=REPO_ROOT / "examples",
         env=subprocess_env(database_url),
@@ -444,5 +443,5 @@ async def test_the_example_runs_as_a_script_and_copies_twice(database_url: str) 
 
 
 def test_the_example_app_is_loadable_by_the_worker_command() -> None:
-    module = importlib.import_module("examples.collections")
+    module = importlib.import_module("examples.collection_copy")
     assert copies.TASK in module.app.tasks

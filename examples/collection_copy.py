@@ -1,6 +1,6 @@
 """Copy a collection of companies into another one, deduplicated, as a pgbatch batch.
 
-    .venv/bin/python examples/collections.py [--associations 200000] [--concurrency 8]
+    .venv/bin/python examples/collection_copy.py [--associations 200000] [--concurrency 8]
         [--database-url URL]
 
 It seeds the collection "example-source" with N associations, runs a worker in this
@@ -8,19 +8,10 @@ process, copies the source into "example-target" with live "x of n" progress, pr
 how long it took and how many associations were inserted or already present, then copies
 again: the second copy inserts nothing. Without DATABASE_URL it uses the embedded server.
 
-Workers elsewhere can run the same task: `pgbatch worker --app examples.collections:app`.
+Workers elsewhere can run the same task: `pgbatch worker --app examples.collection_copy:app`.
 """
 
 from __future__ import annotations
-
-import os
-import sys
-
-# Run as a script, this file's folder comes first on sys.path, and this file would then
-# shadow the standard library's `collections` for every later import: the repository
-# root goes there instead.
-if __name__ == "__main__":
-    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import argparse
 import asyncio
@@ -36,7 +27,7 @@ TARGET = "example-target"
 DEFAULT_ASSOCIATIONS = 200_000
 WORKER_READY_TIMEOUT_S = 60.0
 
-# The app `pgbatch worker --app examples.collections:app` runs (DATABASE_URL, else embedded).
+# The app `pgbatch worker --app examples.collection_copy:app` runs (DATABASE_URL, else embedded).
 app = pgbatch.App()
 copies.install(app)
 
