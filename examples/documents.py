@@ -39,7 +39,7 @@ from pgbatch.writer import (
     document_item,
 )
 from pgbatch.writer.documents import DocumentRow, DocumentSink
-from pgbatch.writer.flush import FlushCounters, write_flush
+from pgbatch.writer.flush import FlushCounters, FlushPath, write_flush
 
 __all__ = ["IngestResult", "Post", "Workload", "baseline_poster", "main", "run_ingest"]
 
@@ -140,17 +140,19 @@ class IngestResult:
         return self.written / self.seconds if self.seconds else 0.0
 
 
-def baseline_poster(db: Database) -> Poster:
+def baseline_poster(db: Database, path: FlushPath = FlushPath.STATEMENT_BY_STATEMENT) -> Poster:
     """Return a poster that commits each document in its own transaction (no group commit).
 
-    It runs the writer's own flush with one item: the same statements, the same retries,
-    one BEGIN … COMMIT per document.
+    It runs the writer's own flush with one item, the same retries, one transaction per
+    document. By default statement by statement (BEGIN, existence query, upsert,
+    references, COMMIT), as a request handler writes one document; with
+    `FlushPath.ONE_STATEMENT`, the writer's single statement in an implicit transaction.
     """
     sink = DocumentSink()
     counters = FlushCounters()
 
     async def post(item: DocumentItem) -> WriteOutcome[uuid.UUID]:
-        return (await write_flush(db, sink, [item], counters))[0]
+        return (await write_flush(db, sink, [item], counters, path=path))[0]
 
     return post
 

@@ -72,11 +72,13 @@ class GatedSink(DocumentSink):
         self.barrier = barrier
         self.attempts = 0
 
-    async def write_items(self, conn: psycopg.AsyncConnection[Any], items: Sequence[Item]) -> None:
+    async def write_flush(
+        self, conn: psycopg.AsyncConnection[Any], items: Sequence[Item]
+    ) -> Collection[uuid.UUID] | None:
         self.attempts += 1
         if self.barrier is not None and self.attempts == 1:
-            await self.barrier.wait()  # both writers' transactions are open: go together
-        await super().write_items(conn, items)
+            await self.barrier.wait()  # both writers are about to write: go together
+        return await super().write_flush(conn, items)
 
 
 @pytest.mark.asyncio
@@ -113,14 +115,19 @@ class ReverseLockingSink(DocumentSink):
         self.barrier = barrier
         self.attempts = 0
 
-    async def write_items(self, conn: psycopg.AsyncConnection[Any], items: Sequence[Item]) -> None:
+    async def write_flush(
+        self, conn: psycopg.AsyncConnection[Any], items: Sequence[Item]
+    ) -> Collection[uuid.UUID] | None:
         self.attempts += 1
-        if self.attempts == 1:
+        if self.attempts > 1:
+            return await super().write_flush(conn, items)
+        # The fast path is one implicit transaction: hold the locks in an explicit one.
+        async with conn.transaction():
             lock = "SELECT 1 FROM documents WHERE key = %s FOR UPDATE"
             await conn.execute(lock, (self.order[0],))
             await self.barrier.wait()  # each writer holds its first row: now cross over
             await conn.execute(lock, (self.order[1],))
-        await super().write_items(conn, items)
+            return await super().write_flush(conn, items)
 
 
 @pytest.mark.asyncio
@@ -152,6 +159,73 @@ async def test_an_injected_deadlock_is_retried_and_every_caller_is_written(
     assert await stored_keys(db) == {one.key, two.key}
 
 
+class UncommittedSink(DocumentSink):
+    """A sink whose first flush writes inside an explicit transaction left open until released."""
+
+    def __init__(self) -> None:
+        self.written = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def write_flush(
+        self, conn: psycopg.AsyncConnection[Any], items: Sequence[Item]
+    ) -> Collection[uuid.UUID] | None:
+        async with conn.transaction():
+            found = await super().write_flush(conn, items)
+            self.written.set()
+            await self.release.wait()
+        return found
+
+
+async def references_of(db: Database, parent: uuid.UUID) -> set[uuid.UUID]:
+    """Return the targets `parent` references."""
+    async with db.connection() as conn:
+        cur = await conn.execute(
+            "SELECT target FROM document_references WHERE parent = %s", (parent,)
+        )
+        return {row[0] for row in await cur.fetchall()}
+
+
+async def wait_for_a_lock_wait(db: Database) -> None:
+    """Return once some backend of this database waits for a lock."""
+    async with db.connection() as conn:
+        for _ in range(500):
+            cur = await conn.execute(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            )
+            row = await cur.fetchone()
+            if row and row[0]:
+                return
+            await asyncio.sleep(0.01)
+    raise AssertionError("no backend ever waited for a lock")
+
+
+@pytest.mark.asyncio
+async def test_concurrent_reposts_of_one_key_leave_only_the_last_ones_references(
+    db: Database, database_url: str
+) -> None:
+    # Two processes post the same identity at once with different references: the later
+    # upsert waits for the earlier transaction, and must then replace the references that
+    # transaction committed (invisible to a snapshot taken before the wait).
+    async with Writer(db, DocumentSink(), max_batch=2, max_delay_ms=NEVER_MS) as setup:
+        await asyncio.gather(setup.write(doc(1)), setup.write(doc(2)))
+    first_sink = UncommittedSink()
+    async with (
+        Database(database_url, max_size=2) as db_a,
+        Database(database_url, max_size=2) as db_b,
+        Writer(db_a, first_sink, max_batch=1, max_delay_ms=0) as first,
+        Writer(db_b, DocumentSink(), max_batch=1, max_delay_ms=0) as second,
+    ):
+        first_post = asyncio.create_task(first.write(doc(9, 1)))
+        await first_sink.written.wait()
+        second_post = asyncio.create_task(second.write(doc(9, 2)))
+        await wait_for_a_lock_wait(db)  # the second upsert waits for the first commit
+        first_sink.release.set()
+        outcomes = await asyncio.gather(first_post, second_post)
+    assert [o.status for o in outcomes] == [WriteStatus.WRITTEN] * 2
+    assert await references_of(db, doc(9).key) == {doc(2).key}
+
+
 class AlwaysFailingSink(DocumentSink):
     """A sink whose write fails with a server-raised SQLSTATE every time."""
 
@@ -159,11 +233,14 @@ class AlwaysFailingSink(DocumentSink):
         self.sqlstate = sqlstate
         self.attempts = 0
 
-    async def write_items(self, conn: psycopg.AsyncConnection[Any], items: Sequence[Item]) -> None:
+    async def write_flush(
+        self, conn: psycopg.AsyncConnection[Any], items: Sequence[Item]
+    ) -> Collection[uuid.UUID] | None:
         self.attempts += 1
         await conn.execute(
             f"DO $$ BEGIN RAISE EXCEPTION 'injected' USING ERRCODE = '{self.sqlstate}'; END $$"
         )
+        return None
 
 
 @pytest.mark.asyncio
@@ -183,11 +260,11 @@ async def test_conflicts_that_outlast_the_retries_become_conflict_outcomes(
 
 
 class BrokenSink(DocumentSink):
-    """A sink whose existence query fails as if the database went away."""
+    """A sink whose write fails as if the database went away."""
 
-    async def existing(
-        self, conn: psycopg.AsyncConnection[Any], keys: Sequence[uuid.UUID]
-    ) -> Collection[uuid.UUID]:
+    async def write_flush(
+        self, conn: psycopg.AsyncConnection[Any], items: Sequence[Item]
+    ) -> Collection[uuid.UUID] | None:
         raise psycopg.OperationalError("server closed the connection unexpectedly")
 
 
@@ -213,7 +290,9 @@ class HeldSink(DocumentSink):
         self.in_flight: dict[str, int] = {}
         self.most_in_flight: dict[str, int] = {}
 
-    async def write_items(self, conn: psycopg.AsyncConnection[Any], items: Sequence[Item]) -> None:
+    async def write_flush(
+        self, conn: psycopg.AsyncConnection[Any], items: Sequence[Item]
+    ) -> Collection[uuid.UUID] | None:
         partition = items[0].partition
         self.in_flight[partition] = self.in_flight.get(partition, 0) + 1
         self.most_in_flight[partition] = max(
@@ -223,7 +302,7 @@ class HeldSink(DocumentSink):
             if partition == self.held_partition:
                 self.holding.set()
                 await self.release.wait()
-            await super().write_items(conn, items)
+            return await super().write_flush(conn, items)
         finally:
             self.in_flight[partition] -= 1
 

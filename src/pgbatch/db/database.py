@@ -112,10 +112,28 @@ class Database:
 
         `work` may run more than once, so it must not keep state between attempts.
         """
+        return await self._run_retrying(work, transaction=True)
+
+    async def run_autocommit(
+        self, work: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]]
+    ) -> T:
+        """Run `work` on an autocommit connection, retrying like `run_in_transaction`.
+
+        Each statement of `work` is its own implicit transaction: no BEGIN and COMMIT
+        round trips, for work that is one statement or whose statements stand alone.
+        """
+        return await self._run_retrying(work, transaction=False)
+
+    async def _run_retrying(
+        self, work: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]], *, transaction: bool
+    ) -> T:
         for attempt in range(1, TX_RETRY_ATTEMPTS + 1):
             try:
-                async with self.pool.connection() as conn, conn.transaction():
-                    return await work(conn)
+                async with self.pool.connection() as conn:
+                    if not transaction:
+                        return await work(conn)
+                    async with conn.transaction():
+                        return await work(conn)
             except RETRYABLE_ERRORS as exc:
                 if attempt == TX_RETRY_ATTEMPTS:
                     raise

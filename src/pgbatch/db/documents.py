@@ -26,7 +26,26 @@ class DocumentRow:
 
 
 class DocumentSink:
-    """Write flushes of documents: one upsert, one reference replacement, one existence query."""
+    """Write flushes of documents through the functions of documents.sql."""
+
+    async def write_flush(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        items: Sequence[WriteItem[uuid.UUID, DocumentRow]],
+    ) -> Collection[uuid.UUID] | None:
+        """Write the documents and their references in one call unless a reference is missing.
+
+        Returns None when written; otherwise nothing was written, and the return holds
+        which of the referenced keys are documents.
+        """
+        cur = await conn.execute(
+            query("documents_write_flush"),
+            {**_document_arrays(items), **_reference_arrays(items)},
+            prepare=True,
+        )
+        row = await cur.fetchone()
+        found: list[uuid.UUID] | None = row[0] if row else None
+        return None if found is None else set(found)
 
     async def existing(
         self, conn: psycopg.AsyncConnection[Any], keys: Sequence[uuid.UUID]
@@ -41,17 +60,7 @@ class DocumentSink:
         items: Sequence[WriteItem[uuid.UUID, DocumentRow]],
     ) -> None:
         """Upsert the documents, in key order."""
-        await conn.execute(
-            query("documents_upsert_many"),
-            {
-                "keys": [item.key for item in items],
-                "partitions": [item.partition for item in items],
-                "types": [item.payload.type for item in items],
-                "identities": [item.payload.identity_json for item in items],
-                "bodies": [item.payload.body_json for item in items],
-            },
-            prepare=True,
-        )
+        await conn.execute(query("documents_upsert_many"), _document_arrays(items), prepare=True)
 
     async def write_references(
         self,
@@ -59,29 +68,42 @@ class DocumentSink:
         items: Sequence[WriteItem[uuid.UUID, DocumentRow]],
     ) -> None:
         """Make the references of these documents exactly the ones they carry now."""
-        # Not sorted here: the statement inserts the pairs ORDER BY parent, target, and
-        # sorting UUID pairs in Python (a Python-level comparison each) cost more client
-        # CPU than building the three arrays.
-        ref_parents: list[uuid.UUID] = []
-        ref_targets: list[uuid.UUID] = []
-        for item in items:
-            for target in item.references:
-                ref_parents.append(item.key)
-                ref_targets.append(target)
         await conn.execute(
             query("document_references_replace_many"),
-            {
-                "parents": [item.key for item in items],
-                "ref_parents": ref_parents,
-                "ref_targets": ref_targets,
-            },
+            {"parents": [item.key for item in items], **_reference_arrays(items)},
             prepare=True,
         )
 
 
+def _document_arrays(items: Sequence[WriteItem[uuid.UUID, DocumentRow]]) -> dict[str, list[Any]]:
+    return {
+        "keys": [item.key for item in items],
+        "partitions": [item.partition for item in items],
+        "types": [item.payload.type for item in items],
+        "identities": [item.payload.identity_json for item in items],
+        "bodies": [item.payload.body_json for item in items],
+    }
+
+
+def _reference_arrays(
+    items: Sequence[WriteItem[uuid.UUID, DocumentRow]],
+) -> dict[str, list[uuid.UUID]]:
+    # Not sorted here: the statement inserts the pairs ORDER BY parent, target, and
+    # sorting UUID pairs in Python (a Python-level comparison each) cost more client
+    # CPU than building the arrays.
+    ref_parents: list[uuid.UUID] = []
+    ref_targets: list[uuid.UUID] = []
+    for item in items:
+        for target in item.references:
+            ref_parents.append(item.key)
+            ref_targets.append(target)
+    return {"ref_parents": ref_parents, "ref_targets": ref_targets}
+
+
 async def create_document_tables(db: Database) -> None:
-    """Create the documents tables if they are missing (idempotent, safe to race)."""
+    """Create the documents tables and their write functions (idempotent, safe to race)."""
     async with db.connection() as conn, conn.transaction():
         # Serialise the DDL: several processes starting at once would race on it.
         await conn.execute(query("documents_lock_ddl"))
         await conn.execute(query("documents_create_tables"))
+        await conn.execute(query("documents_create_functions"))

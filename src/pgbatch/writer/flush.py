@@ -4,18 +4,23 @@ The pipeline of a flush, each step in its own function:
 
 1. `_generations`: a key that appears twice in a flush (two callers posting the same
    document) is written in a later transaction, so each version commits in arrival order.
-2. `_attempt` (fast path): one existence query for every referenced key, the fixpoint
-   of `resolve`, then one statement per table for all accepted items.
-3. `_attempt` (isolating), only when the fast path failed for a reason of one item (a
-   constraint, bad data): the same writes bisected inside savepoints; a failing item is
-   rejected alone, and so are the items of the flush that depend on it.
+2. `_write_in_one_statement` (fast path): the sink's `write_flush`, one statement on an
+   autocommit connection, checks every referenced key in one query and writes all items
+   and their references; one round trip, one implicit transaction. Only when a
+   reference is missing does it write nothing and report which keys exist; then the
+   fixpoint of `resolve` picks the items to keep and they are written the same way.
+3. `_write_statement_by_statement`: an explicit transaction with the existence query,
+   the items, then their references. When the fast path failed for a reason of one
+   item (a constraint, bad data), the same writes run bisected inside savepoints: a
+   failing item is rejected alone, and so are the items of the flush that depend on it.
 4. Deadlocks and serialization failures rerun the transaction with jittered backoff
-   (`Database.run_in_transaction`); when they outlast the retries every item of the
-   transaction gets a CONFLICT outcome, never an exception.
+   (`Database.run_in_transaction`, `run_autocommit`); when they outlast the retries
+   every item of the transaction gets a CONFLICT outcome, never an exception.
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic
@@ -28,7 +33,7 @@ from pgbatch.writer.models import Key, Payload, WriteItem, WriteOutcome, WriteSt
 from pgbatch.writer.resolve import Resolution, referenced_keys, resolve
 from pgbatch.writer.sink import Sink
 
-__all__ = ["FlushCounters", "is_item_error", "write_flush"]
+__all__ = ["FlushCounters", "FlushPath", "is_item_error", "write_flush"]
 
 # SQLSTATE classes that blame the data of one item rather than the flush: data exceptions
 # (22: bad JSON, a NUL byte, a value out of range), integrity violations (23: check,
@@ -36,6 +41,18 @@ __all__ = ["FlushCounters", "is_item_error", "write_flush"]
 ITEM_ERROR_CLASSES = frozenset({"22", "23", "54"})
 
 WRITTEN: WriteOutcome[Any] = WriteOutcome(WriteStatus.WRITTEN)
+
+
+class FlushPath(enum.Enum):
+    """How a flush's transaction writes its items."""
+
+    # The sink's write_flush: one statement, one implicit transaction (the writer's path).
+    ONE_STATEMENT = "one statement"
+    # BEGIN, existence query, items, references, COMMIT: how a request handler writes one
+    # document in its own transaction (the benchmark's baseline).
+    STATEMENT_BY_STATEMENT = "statement by statement"
+    # Statement by statement, each write bisected inside savepoints to find bad items.
+    ISOLATING = "isolating"
 
 
 @dataclass(slots=True)
@@ -60,6 +77,8 @@ async def write_flush(
     sink: Sink[Key, Payload],
     items: Sequence[WriteItem[Key, Payload]],
     counters: FlushCounters,
+    *,
+    path: FlushPath = FlushPath.ONE_STATEMENT,
 ) -> list[WriteOutcome[Key]]:
     """Write one flush and return each item's outcome, in the order of `items`.
 
@@ -69,7 +88,7 @@ async def write_flush(
     outcomes: list[WriteOutcome[Key]] = [WRITTEN] * len(items)
     for generation in _generations(items):
         batch = [items[i] for i in generation]
-        by_key = await _write_generation(db, sink, batch, counters)
+        by_key = await _write_generation(db, sink, batch, counters, path)
         for index in generation:
             outcomes[index] = by_key[items[index].key]
     for outcome in outcomes:
@@ -108,13 +127,15 @@ async def _write_generation(
     sink: Sink[Key, Payload],
     batch: Sequence[WriteItem[Key, Payload]],
     counters: FlushCounters,
+    path: FlushPath,
 ) -> dict[Key, WriteOutcome[Key]]:
     excluded: dict[Key, WriteOutcome[Key]] = {}
-    isolating = False
     # Each round either commits or excludes at least one more item, so this ends.
     while True:
-        round_ = _Round(sink, batch, dict(excluded), isolating=isolating)
+        round_ = _Round(sink, batch, dict(excluded), path)
         try:
+            if path is FlushPath.ONE_STATEMENT:
+                return await db.run_autocommit(round_)
             return await db.run_in_transaction(round_)
         except RETRYABLE_ERRORS as exc:
             first_line = str(exc).strip().split("\n")[0]
@@ -126,37 +147,73 @@ async def _write_generation(
         except _ItemsFailed as failed:
             excluded.update(failed.failures)
         except psycopg.Error as exc:
-            if isolating or not is_item_error(exc):
+            if path is FlushPath.ISOLATING or not is_item_error(exc):
                 raise
-            isolating = True
+            path = FlushPath.ISOLATING
             counters.isolations += 1
         finally:
             counters.retries += max(0, round_.attempts - 1)
 
 
 class _Round(Generic[Key, Payload]):
-    """One transaction of a generation, as `run_in_transaction` reruns it after a deadlock."""
+    """One transaction of a generation, as the database helpers rerun it after a deadlock."""
 
     def __init__(
         self,
         sink: Sink[Key, Payload],
         batch: Sequence[WriteItem[Key, Payload]],
         excluded: Mapping[Key, WriteOutcome[Key]],
-        *,
-        isolating: bool,
+        path: FlushPath,
     ) -> None:
         self.sink = sink
         self.batch = batch
         self.excluded = excluded
-        self.isolating = isolating
+        self.path = path
         self.attempts = 0
 
     async def __call__(self, conn: psycopg.AsyncConnection[Any]) -> dict[Key, WriteOutcome[Key]]:
         self.attempts += 1
-        return await _attempt(conn, self.sink, self.batch, self.excluded, isolating=self.isolating)
+        if self.path is FlushPath.ONE_STATEMENT:
+            return await _write_in_one_statement(conn, self.sink, self.batch, self.excluded)
+        return await _write_statement_by_statement(
+            conn, self.sink, self.batch, self.excluded, isolating=self.path is FlushPath.ISOLATING
+        )
 
 
-async def _attempt(
+async def _write_in_one_statement(
+    conn: psycopg.AsyncConnection[Any],
+    sink: Sink[Key, Payload],
+    batch: Sequence[WriteItem[Key, Payload]],
+    excluded: Mapping[Key, WriteOutcome[Key]],
+) -> dict[Key, WriteOutcome[Key]]:
+    """Write the batch with the sink's one statement; on a missing reference, keep what can be.
+
+    Each statement is its own transaction, and one that finds a missing reference wrote
+    nothing, so a second statement for the items that can be kept stands alone.
+    """
+    if excluded:
+        resolution = resolve(batch, frozenset(referenced_keys(batch)), excluded)
+    else:  # every reference assumed satisfiable until the statement says otherwise
+        resolution = Resolution(tuple(sorted(batch, key=_key_of)), {})
+    # Only deletions can make a second statement find a key missing again: each time,
+    # the items that reference it are dropped, so this ends.
+    for _ in range(len(batch) + 1):
+        if not resolution.accepted:
+            break
+        existing = await sink.write_flush(conn, resolution.accepted)
+        if existing is None:
+            break
+        resolution = resolve(batch, existing, excluded)
+    else:
+        raise RuntimeError("references kept going missing between statements")
+    return _outcomes(resolution, {})
+
+
+def _key_of(item: WriteItem[Key, Payload]) -> Key:
+    return item.key
+
+
+async def _write_statement_by_statement(
     conn: psycopg.AsyncConnection[Any],
     sink: Sink[Key, Payload],
     batch: Sequence[WriteItem[Key, Payload]],
@@ -164,7 +221,7 @@ async def _attempt(
     *,
     isolating: bool,
 ) -> dict[Key, WriteOutcome[Key]]:
-    """Run one transaction's worth of a generation (it may run again after a deadlock)."""
+    """Run one explicit transaction's worth of a generation (it may run again after a deadlock)."""
     keys = referenced_keys(batch)
     existing: Collection[Key] = frozenset(await sink.existing(conn, keys)) if keys else ()
     resolution = resolve(batch, existing, excluded)

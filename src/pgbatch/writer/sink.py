@@ -13,13 +13,27 @@ __all__ = ["Sink"]
 
 
 class Sink(Protocol[Key, Payload]):
-    """Write one flush set-based, in the writer's transaction.
+    """Write one flush set-based, on the connection the writer lends.
 
-    The writer owns the transaction, the retries, the reference resolution and the
+    The writer owns the transactions, the retries, the reference resolution and the
     isolation of failing items; a sink only runs statements. Items always arrive in key
-    order, and every method must be all-or-nothing for the items it gets (one statement
-    per table), so the writer can retry it on a subset inside a savepoint.
+    order, and every method must be all-or-nothing for the items it gets, so the writer
+    can rerun it on a subset. `write_flush` is the fast path: one statement on an
+    autocommit connection, so one implicit transaction. The three others run inside the
+    writer's explicit transaction when it isolates a failing item, each in a savepoint.
     """
+
+    async def write_flush(
+        self, conn: psycopg.AsyncConnection[Any], items: Sequence[WriteItem[Key, Payload]]
+    ) -> Collection[Key] | None:
+        """Write the items and their references, unless a reference cannot be satisfied.
+
+        A reference is satisfied when its key exists or is one of `items`' keys. Return
+        None when written. Otherwise write nothing and return which of the referenced
+        keys exist (the answer of `existing`). One set-based existence check for the
+        whole flush, then the writes, in one statement (one round trip).
+        """
+        ...
 
     async def existing(
         self, conn: psycopg.AsyncConnection[Any], keys: Sequence[Key]
