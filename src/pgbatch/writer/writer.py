@@ -20,18 +20,21 @@ from pgbatch.writer.sink import Sink
 __all__ = ["DEFAULT_LANES", "DEFAULT_MAX_BATCH", "DEFAULT_MAX_DELAY_MS", "Writer"]
 
 # A flush takes at most this many items. It caps one flush's duration and lock hold time:
-# t(256) = a + 256·v measured 15-20 ms for documents with two references (docs/writer.md),
+# t(256) = a + 256·v measured 12-16 ms for documents with two references (docs/writer.md),
 # so even a full flush plus the one before it fits the 50 ms p99 budget.
 DEFAULT_MAX_BATCH = 256
-# The oldest waiting item is flushed after at most this long. Under load a lane's next
-# flush fills while the previous one commits, so this only matters when traffic is light:
-# there it is the latency a caller pays for company, of the order of one flush (~1-2 ms).
-DEFAULT_MAX_DELAY_MS = 2.0
-# Transactions in flight at once, one per lane. Measured with 64 callers (docs/writer.md):
-# 4 lanes beat 1 and 2 (flushes overlap) and 6 and 8 (each flush then carries so few
-# items that its fixed cost dominates). Each lane holds one pooled connection while it
-# flushes; the default pool of 6 leaves room for the rest of the process.
-DEFAULT_LANES = 4
+# The oldest waiting item is flushed after at most this long. 0: a free lane flushes
+# whatever waits at once, and items that arrive during a flush form the next one, so
+# flushes grow with the load by themselves. Waiting for company only helps at light
+# load, where it buys less CPU per item with latency; under load every wait is a pause
+# of the lane (2 ms cost 20-25% of the throughput, docs/writer.md).
+DEFAULT_MAX_DELAY_MS = 0.0
+# Transactions in flight at once, one per lane. Measured with 64 callers on 2 cores
+# (docs/writer.md): 3 lanes beat 1 (no overlap of one flush's commit with the next
+# one's work) and 4 (each flush then carries so few items that its fixed cost
+# dominates). Each lane holds one pooled connection while it flushes; the default pool
+# of 6 leaves room for the rest of the process.
+DEFAULT_LANES = 3
 
 
 class Writer(Generic[Key, Payload]):
