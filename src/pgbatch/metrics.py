@@ -1,4 +1,4 @@
-"""Prometheus pieces shared by the API and worker processes: flush sizes, worker counters."""
+"""Prometheus pieces shared by API and worker processes: flush sizes, writer and worker stats."""
 
 from __future__ import annotations
 
@@ -9,16 +9,23 @@ from typing import TYPE_CHECKING
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from pgbatch.engine.worker import Worker
+    from pgbatch.writer.models import WriterStats
 
 __all__ = [
     "FLUSH_SIZE_BUCKETS",
     "FlushSizeCollector",
     "WorkerCollector",
+    "WriterCollector",
     "serve_worker_metrics",
 ]
 
@@ -48,6 +55,50 @@ class FlushSizeCollector(Collector):
             buckets.append(("+Inf", sum(sizes.values())))
             family.add_metric([name], buckets, float(sum(s * n for s, n in sizes.items())))
         yield family
+
+
+class WriterCollector(Collector):
+    """A group-commit writer's flush latency, queue depth, flushes, retries and isolations."""
+
+    def __init__(self, read: Callable[[], WriterStats]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterable[Metric]:
+        """Yield the writer's stats, read once per scrape."""
+        stats = self._read()
+        latency = GaugeMetricFamily(
+            "pgbatch_writer_flush_seconds",
+            "Duration of the writer's recent flushes (up to 2,048 per lane), by quantile.",
+            labels=["quantile"],
+        )
+        for quantile, seconds in (
+            ("0.5", stats.flush_p50_s),
+            ("0.99", stats.flush_p99_s),
+            ("1", stats.flush_max_s),
+        ):
+            latency.add_metric([quantile], seconds)
+        yield latency
+        yield GaugeMetricFamily(
+            "pgbatch_writer_queue_depth", "Writes waiting for a flush now.", value=stats.queue_depth
+        )
+        yield GaugeMetricFamily(
+            "pgbatch_writer_max_queue_depth",
+            "The most writes seen waiting in one lane at once.",
+            value=stats.max_queue_depth,
+        )
+        yield CounterMetricFamily(
+            "pgbatch_writer_flushes", "Flushes (transactions) of the writer.", value=stats.flushes
+        )
+        yield CounterMetricFamily(
+            "pgbatch_writer_retries",
+            "Flush transactions rerun after a deadlock or serialization failure.",
+            value=stats.retries,
+        )
+        yield CounterMetricFamily(
+            "pgbatch_writer_isolations",
+            "Flushes whose fast path failed and that isolated the failing items.",
+            value=stats.isolations,
+        )
 
 
 class WorkerCollector(Collector):

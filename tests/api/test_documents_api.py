@@ -137,3 +137,14 @@ async def test_metrics_show_both_committers_flush_sizes(api: RunningApi) -> None
     # 10 documents in at least one writer flush; the batch's shard in a completer flush.
     assert counts['committer="writer"'] >= 1, text
     assert counts['committer="completer"'] >= 1, text
+    # The writer's own stats: as many flushes as its histogram counts, a latency, a queue.
+    values = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("pgbatch_writer_")
+    }
+    assert values["pgbatch_writer_flushes_total"] == counts['committer="writer"'], text
+    assert values['pgbatch_writer_flush_seconds{quantile="0.99"}'] > 0, text
+    assert values["pgbatch_writer_queue_depth"] == 0, text
+    assert values["pgbatch_writer_retries_total"] == 0, text
+    assert values['pgbatch_writer_writes_total{outcome="written"}'] == 10, text

@@ -11,7 +11,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pgbatch.app import App
 from pgbatch.db.queries import query
-from pgbatch.metrics import FlushSizeCollector
+from pgbatch.metrics import FlushSizeCollector, WriterCollector
+from pgbatch.writer.models import WriterStats
 
 __all__ = ["ApiMetrics", "MetricsMiddleware"]
 
@@ -65,6 +66,11 @@ class ApiMetrics:
     ) -> None:
         """Export a group committer's flush-size distribution (size → number of flushes)."""
         self._flush_sources[committer] = flush_sizes
+
+    def add_writer(self, stats: Callable[[], WriterStats]) -> None:
+        """Export the document writer's stats: flush sizes, latency, queue depth, retries."""
+        self.add_flush_source("writer", lambda: stats().flush_sizes)
+        self.registry.register(WriterCollector(stats))
 
     async def render(self, app: App, *, sse_streams: int) -> bytes:
         """Refresh the database gauges and return the text exposition."""

@@ -76,7 +76,7 @@ async def _writer(state: ApiState) -> DocumentWriter:
         )
         started.start()
         state.extras[WRITER_KEY] = started
-        state.metrics.add_flush_source("writer", lambda: started.stats.flush_sizes)
+        state.metrics.add_writer(lambda: started.stats)
         return started
 
 
