@@ -87,8 +87,8 @@ FLUSH_COST_SIZES = (1, 16, 64, 256, 1024)
 FLUSH_COST_DOCUMENTS = 4096  # per size: enough flushes for a stable median
 # --sweep: (lanes, max_batch, max_delay_ms) points, each run for --sweep-seconds.
 SWEEP = (
-    (1, 256, 2.0), (2, 256, 2.0), (4, 256, 0.0), (4, 256, 2.0), (4, 256, 10.0),
-    (8, 256, 2.0), (4, 16, 2.0), (4, 64, 2.0),
+    (1, 256, 0.0), (2, 256, 0.0), (3, 256, 0.0), (4, 256, 0.0), (6, 256, 0.0),
+    (3, 256, 2.0), (3, 256, 10.0), (3, 16, 0.0), (3, 64, 0.0),
 )  # fmt: skip
 
 
