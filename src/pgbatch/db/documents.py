@@ -9,6 +9,7 @@ from typing import Any
 
 import psycopg
 
+from pgbatch.db.arrays import TextArray, UuidArray
 from pgbatch.db.database import Database
 from pgbatch.db.queries import query
 from pgbatch.writer.models import WriteItem
@@ -51,7 +52,9 @@ class DocumentSink:
         self, conn: psycopg.AsyncConnection[Any], keys: Sequence[uuid.UUID]
     ) -> Collection[uuid.UUID]:
         """Return which of `keys` are documents."""
-        cur = await conn.execute(query("documents_existing"), {"keys": list(keys)}, prepare=True)
+        cur = await conn.execute(
+            query("documents_existing"), {"keys": UuidArray(keys)}, prepare=True
+        )
         return {row[0] for row in await cur.fetchall()}
 
     async def write_items(
@@ -70,18 +73,18 @@ class DocumentSink:
         """Make the references of these documents exactly the ones they carry now."""
         await conn.execute(
             query("document_references_replace_many"),
-            {"parents": [item.key for item in items], **_reference_arrays(items)},
+            {"parents": UuidArray([item.key for item in items]), **_reference_arrays(items)},
             prepare=True,
         )
 
 
 def _document_arrays(items: Sequence[WriteItem[uuid.UUID, DocumentRow]]) -> dict[str, list[Any]]:
     return {
-        "keys": [item.key for item in items],
-        "partitions": [item.partition for item in items],
-        "types": [item.payload.type for item in items],
-        "identities": [item.payload.identity_json for item in items],
-        "bodies": [item.payload.body_json for item in items],
+        "keys": UuidArray([item.key for item in items]),
+        "partitions": TextArray([item.partition for item in items]),
+        "types": TextArray([item.payload.type for item in items]),
+        "identities": TextArray([item.payload.identity_json for item in items]),
+        "bodies": TextArray([item.payload.body_json for item in items]),
     }
 
 
@@ -91,8 +94,8 @@ def _reference_arrays(
     # Not sorted here: the statement inserts the pairs ORDER BY parent, target, and
     # sorting UUID pairs in Python (a Python-level comparison each) cost more client
     # CPU than building the arrays.
-    ref_parents: list[uuid.UUID] = []
-    ref_targets: list[uuid.UUID] = []
+    ref_parents = UuidArray()
+    ref_targets = UuidArray()
     for item in items:
         for target in item.references:
             ref_parents.append(item.key)
