@@ -121,7 +121,14 @@ def test_a_document_key_is_exactly_uuid5_of_the_canonical_identity(
 
 @pytest.mark.parametrize(
     "identity",
-    [{"id": "x"}, {"type": ""}, {"type": "t", "id": 1.5}, {"type": "t", "id": True}, ["t"]],
+    [
+        {"id": "x"},
+        {"type": ""},
+        {"type": "t", "id": 1.5},
+        {"type": "t", "id": True},
+        ["t"],
+        {"type": "t", "id": "\ud800"},  # a lone surrogate: not text PostgreSQL can store
+    ],
 )
 def test_malformed_identities_are_refused_before_queueing(identity: object) -> None:
     with pytest.raises(InvalidDocumentError):
@@ -131,3 +138,11 @@ def test_malformed_identities_are_refused_before_queueing(identity: object) -> N
 def test_a_body_that_is_not_json_is_refused_before_queueing() -> None:
     with pytest.raises(InvalidDocumentError, match="JSON"):
         document_item({"type": "t", "id": "1"}, {"when": object()})
+
+
+def test_a_partition_that_is_not_text_is_refused_before_queueing() -> None:
+    # Encoded in the flush, it would have failed the flush of every other caller.
+    with pytest.raises(InvalidDocumentError, match="partition"):
+        document_item({"type": "t", "id": "1"}, {}, partition="\udcff")
+    with pytest.raises(InvalidDocumentError, match="partition"):
+        document_item({"type": "t", "id": "1"}, {}, partition=7)  # type: ignore[arg-type]

@@ -70,7 +70,10 @@ def _canonical(identity: Identity) -> str:
             raise InvalidDocumentError(f"identity fields are strings or integers: {identity!r}")
         if not isinstance(value, str | int):
             raise InvalidDocumentError(f"identity fields are strings or integers: {identity!r}")
-    return orjson.dumps(identity, option=orjson.OPT_SORT_KEYS).decode()
+    try:
+        return orjson.dumps(identity, option=orjson.OPT_SORT_KEYS).decode()
+    except orjson.JSONEncodeError as exc:  # a lone surrogate, say
+        raise InvalidDocumentError(f"the identity is not valid text: {exc}") from exc
 
 
 @functools.lru_cache(maxsize=KEY_CACHE_SIZE)
@@ -96,6 +99,8 @@ def document_item(
 ) -> WriteItem[uuid.UUID, DocumentRow]:
     """Return the writer item of one document; raise InvalidDocumentError if it cannot be."""
     canonical = _canonical(identity)
+    if partition is not None and not _is_text(partition):
+        raise InvalidDocumentError(f"the partition must be a string of valid text: {partition!r}")
     try:
         body_json = orjson.dumps(body).decode()
     except TypeError as exc:
@@ -106,6 +111,16 @@ def document_item(
         references=frozenset(document_key(ref) for ref in references),
         partition=DEFAULT_PARTITION if partition is None else partition,
     )
+
+
+def _is_text(value: object) -> bool:
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class DocumentWriter(Writer[uuid.UUID, DocumentRow]):
