@@ -8,7 +8,7 @@ import pytest
 
 import pgbatch
 from pgbatch.db.copy import encode_json, encode_result_rows, encode_table_rows
-from pgbatch.db.queries import parse_queries, query
+from pgbatch.db.queries import expand_includes, parse_queries, query
 from pgbatch.sizing import suggest_shard_size
 
 
@@ -17,6 +17,21 @@ def test_parse_queries_splits_on_headers() -> None:
     assert parse_queries(text) == {"a": "SELECT 1", "b": "-- why\nSELECT 2"}
     with pytest.raises(ValueError, match="twice"):
         parse_queries("-- name: a\nSELECT 1;\n-- name: a\nSELECT 2;")
+
+
+def test_includes_are_expanded_and_bad_ones_refused() -> None:
+    queries = {"a": "WITH x AS (SELECT 1),\n-- include: tail", "tail": "SELECT * FROM x"}
+    assert expand_includes(queries)["a"] == "WITH x AS (SELECT 1),\nSELECT * FROM x"
+    with pytest.raises(ValueError, match="does not exist"):
+        expand_includes({"a": "-- include: nope"})
+    with pytest.raises(ValueError, match="includes itself"):
+        expand_includes({"a": "-- include: b", "b": "-- include: a"})
+
+
+def test_the_submit_statements_share_their_sealed_answer() -> None:
+    for name in ("batch_seal", "batch_submit_small"):
+        assert "-- include:" not in query(name)
+        assert query(name).count("INSERT INTO pgbatch.shards") == 1
 
 
 def test_every_packaged_query_loads_and_unknown_names_fail() -> None:

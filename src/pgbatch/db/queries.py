@@ -1,4 +1,8 @@
-"""Load every query from the `sql/*.sql` files into a name → query map."""
+"""Load every query from the `sql/*.sql` files into a name → query map.
+
+A line `-- include: other` inside a query is replaced by the text of the query `other`,
+so statements that share a part (a CTE and the answer built on it) write it once.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +10,12 @@ import re
 from functools import cache
 from importlib import resources
 
-__all__ = ["parse_queries", "query"]
+__all__ = ["expand_includes", "parse_queries", "query"]
 
 _HEADER = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
+_INCLUDE = re.compile(r"^[ \t]*-- include: (\w+)[ \t]*$", re.MULTILINE)
+# Includes nest at most this deep: deeper means a cycle.
+MAX_INCLUDE_DEPTH = 8
 
 
 def parse_queries(text: str) -> dict[str, str]:
@@ -25,6 +32,24 @@ def parse_queries(text: str) -> dict[str, str]:
     return queries
 
 
+def expand_includes(queries: dict[str, str]) -> dict[str, str]:
+    """Return the queries with every `-- include: name` line replaced by that query's text."""
+
+    def expand(name: str, depth: int) -> str:
+        if depth > MAX_INCLUDE_DEPTH:
+            raise ValueError(f"query {name!r} includes itself, or nests too deep")
+
+        def replace(match: re.Match[str]) -> str:
+            included = match.group(1)
+            if included not in queries:
+                raise ValueError(f"query {name!r} includes {included!r}, which does not exist")
+            return expand(included, depth + 1)
+
+        return _INCLUDE.sub(replace, queries[name])
+
+    return {name: expand(name, 0) for name in queries}
+
+
 @cache
 def _all_queries() -> dict[str, str]:
     merged: dict[str, str] = {}
@@ -35,7 +60,7 @@ def _all_queries() -> dict[str, str]:
             if name in merged:
                 raise ValueError(f"query {name!r} is defined in two files")
             merged[name] = body
-    return merged
+    return expand_includes(merged)
 
 
 def query(name: str) -> str:

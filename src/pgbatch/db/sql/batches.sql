@@ -14,9 +14,8 @@ SELECT id, payload_hash FROM pgbatch.batches
 WHERE tenant = %(tenant)s AND idempotency_key = %(idempotency_key)s;
 
 -- name: batch_seal
--- Once every item is written: record the totals, create the shards set-based (contiguous
--- seq ranges), finish an empty batch at once with its callback, wake the workers and
--- return the batch, all in one round trip.
+-- Once every item is written: record the totals, then the shards, the callback of an
+-- empty batch and the wake-up of _batch_sealed_answer, all in one round trip.
 WITH sealed AS (
     UPDATE pgbatch.batches
     SET total_items  = %(total_items)s,
@@ -27,31 +26,8 @@ WITH sealed AS (
         finished_at  = CASE WHEN %(total_shards)s = 0 THEN now() END
     WHERE id = %(batch_id)s
     RETURNING *
-), shards AS (
-    INSERT INTO pgbatch.shards
-        (batch_id, shard_no, first_seq, last_seq, task, queue, priority, max_attempts,
-         lease_ttl_s)
-    SELECT b.id, g, g::bigint * b.shard_size,
-           least((g + 1)::bigint * b.shard_size, b.total_items) - 1,
-           b.task, b.queue, b.priority, b.max_attempts, b.lease_ttl_s
-    FROM sealed b, generate_series(0, b.total_shards - 1) AS g
-), callback AS (
-    INSERT INTO pgbatch.callbacks (batch_id, run_no, name, batch_status)
-    SELECT id, run_no, on_complete, status FROM sealed
-    WHERE total_shards = 0 AND on_complete IS NOT NULL
-    ON CONFLICT (batch_id, run_no) DO NOTHING
-    RETURNING 1
-)
-SELECT id, tenant, task, queue, priority, status, shard_size, max_attempts, lease_ttl_s,
-       total_items, total_shards, shards_done, shards_dead, items_ok, items_failed,
-       run_no, on_complete, idempotency_key, version, created_at, started_at, finished_at,
-       -- NOTIFY is delivered at commit; these columns only make the calls happen.
-       CASE WHEN total_shards > 0 THEN pg_notify('pgbatch_shards', queue)::text END
-           AS notified_shards,
-       CASE WHEN EXISTS (SELECT 1 FROM callback) THEN pg_notify('pgbatch_callbacks', '')::text
-       END AS notified_callbacks,
-       pg_notify('pgbatch_progress', id::text)::text AS notified_progress
-FROM sealed;
+),
+-- include: _batch_sealed_answer
 
 -- name: batch_submit_small
 -- A short list of items in one statement: the batch, its items, shards and (if empty) its
@@ -76,7 +52,14 @@ WITH sealed AS (
     INSERT INTO pgbatch.items (batch_id, seq, payload)
     SELECT b.id, e.ord - 1, e.payload
     FROM sealed b, json_array_elements(%(items)s::json) WITH ORDINALITY AS e(payload, ord)
-), shards AS (
+),
+-- include: _batch_sealed_answer
+
+-- name: _batch_sealed_answer
+-- The end of batch_seal and batch_submit_small, after their CTE "sealed" (the batch row
+-- with its totals): create its shards set-based (contiguous seq ranges), finish an empty
+-- batch at once with its callback, wake the workers and return the batch.
+shards AS (
     INSERT INTO pgbatch.shards
         (batch_id, shard_no, first_seq, last_seq, task, queue, priority, max_attempts,
          lease_ttl_s)
@@ -88,11 +71,13 @@ WITH sealed AS (
     INSERT INTO pgbatch.callbacks (batch_id, run_no, name, batch_status)
     SELECT id, run_no, on_complete, status FROM sealed
     WHERE total_shards = 0 AND on_complete IS NOT NULL
+    ON CONFLICT (batch_id, run_no) DO NOTHING
     RETURNING 1
 )
 SELECT id, tenant, task, queue, priority, status, shard_size, max_attempts, lease_ttl_s,
        total_items, total_shards, shards_done, shards_dead, items_ok, items_failed,
        run_no, on_complete, idempotency_key, version, created_at, started_at, finished_at,
+       -- NOTIFY is delivered at commit; these columns only make the calls happen.
        CASE WHEN total_shards > 0 THEN pg_notify('pgbatch_shards', queue)::text END
            AS notified_shards,
        CASE WHEN EXISTS (SELECT 1 FROM callback) THEN pg_notify('pgbatch_callbacks', '')::text
