@@ -80,8 +80,7 @@ ORDER BY chunk;
 -- The at-commit statement of one shard of a copy of whole key ranges: insert the source's
 -- keys in [first, last] of each range into the target, skipping those already there, and
 -- record the counts under (batch, shard). It runs in the shard's completion transaction,
--- so the epoch fence decides whether any of it happens. Keys are inserted in key order:
--- two copies into one target lock keys in one order.
+-- so the epoch fence decides whether any of it happens.
 WITH span AS (
     SELECT * FROM unnest(%(firsts)s::text[], %(lasts)s::text[]) AS r(first_id, last_id)
 ), matched AS MATERIALIZED (
@@ -89,16 +88,10 @@ WITH span AS (
     FROM span r
     JOIN collection_items s
       ON s.collection_id = %(source)s AND s.item_id BETWEEN r.first_id AND r.last_id
-), inserted AS (
-    INSERT INTO collection_items (collection_id, item_id)
-    SELECT %(target)s, m.item_id FROM matched m
-    ORDER BY m.item_id
-    ON CONFLICT DO NOTHING
-    RETURNING 1
-)
-INSERT INTO collection_copy_stats (batch_id, shard_id, inserted, already_present, not_in_source)
-SELECT %(batch_id)s, %(shard_id)s, i.n, m.n - i.n, 0
-FROM (SELECT count(*) AS n FROM inserted) AS i, (SELECT count(*) AS n FROM matched) AS m;
+), absent AS (
+    SELECT 0::bigint AS n  -- a range holds only what the source has
+),
+-- include: _collection_copy_insert_and_count
 
 -- name: collection_copy_ids
 -- The at-commit statement of one shard of a copy of listed keys: as collection_copy_ranges,
@@ -107,7 +100,16 @@ WITH matched AS MATERIALIZED (
     SELECT s.item_id
     FROM collection_items s
     WHERE s.collection_id = %(source)s AND s.item_id = ANY(%(ids)s::text[])
-), inserted AS (
+), absent AS (
+    SELECT cardinality(%(ids)s::text[]) - (SELECT count(*) FROM matched) AS n
+),
+-- include: _collection_copy_insert_and_count
+
+-- name: _collection_copy_insert_and_count
+-- The end of both copy statements, after their CTEs "matched" (the source keys to copy)
+-- and "absent" (how many asked-for keys the source lacks). Keys are inserted in key
+-- order: two copies into one target lock keys in one order.
+inserted AS (
     INSERT INTO collection_items (collection_id, item_id)
     SELECT %(target)s, m.item_id FROM matched m
     ORDER BY m.item_id
@@ -115,8 +117,9 @@ WITH matched AS MATERIALIZED (
     RETURNING 1
 )
 INSERT INTO collection_copy_stats (batch_id, shard_id, inserted, already_present, not_in_source)
-SELECT %(batch_id)s, %(shard_id)s, i.n, m.n - i.n, cardinality(%(ids)s::text[]) - m.n
-FROM (SELECT count(*) AS n FROM inserted) AS i, (SELECT count(*) AS n FROM matched) AS m;
+SELECT %(batch_id)s, %(shard_id)s, i.n, m.n - i.n, a.n
+FROM (SELECT count(*) AS n FROM inserted) AS i, (SELECT count(*) AS n FROM matched) AS m,
+     absent AS a;
 
 -- name: collection_copy_counts
 SELECT coalesce(sum(inserted), 0)::bigint,
