@@ -10,8 +10,8 @@ document, so every post should be written.
     .venv/bin/python -m examples.documents [--mode writer|baseline] [--clients 64]
         [--seconds 10] [--database-url URL] [--print-acks]
 
-`--mode baseline` commits each document in its own transaction with the very same
-statements; `--print-acks` prints "ack <key>" on stdout the moment a post is
+`--mode baseline` commits each document in its own transaction, statement by statement
+(BEGIN, existence query, upsert, references, COMMIT); `--print-acks` prints "ack <key>" on stdout the moment a post is
 acknowledged (the crash test reads it). The figures go to stderr.
 """
 
