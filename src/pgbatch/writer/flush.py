@@ -174,7 +174,8 @@ class _Round(Generic[Key, Payload]):
     async def __call__(self, conn: psycopg.AsyncConnection[Any]) -> dict[Key, WriteOutcome[Key]]:
         self.attempts += 1
         if self.path is FlushPath.ONE_STATEMENT:
-            return await _write_in_one_statement(conn, self.sink, self.batch, self.excluded)
+            # Items are only ever excluded by isolating, which never returns to this path.
+            return await _write_in_one_statement(conn, self.sink, self.batch)
         return await _write_statement_by_statement(
             conn, self.sink, self.batch, self.excluded, isolating=self.path is FlushPath.ISOLATING
         )
@@ -184,17 +185,14 @@ async def _write_in_one_statement(
     conn: psycopg.AsyncConnection[Any],
     sink: Sink[Key, Payload],
     batch: Sequence[WriteItem[Key, Payload]],
-    excluded: Mapping[Key, WriteOutcome[Key]],
 ) -> dict[Key, WriteOutcome[Key]]:
     """Write the batch with the sink's one statement; on a missing reference, keep what can be.
 
     Each statement is its own transaction, and one that finds a missing reference wrote
     nothing, so a second statement for the items that can be kept stands alone.
     """
-    if excluded:
-        resolution = resolve(batch, frozenset(referenced_keys(batch)), excluded)
-    else:  # every reference assumed satisfiable until the statement says otherwise
-        resolution = Resolution(tuple(sorted(batch, key=_key_of)), {})
+    # Every reference is assumed satisfiable until the statement says otherwise.
+    resolution: Resolution[Key, Payload] = Resolution(tuple(sorted(batch, key=_key_of)), {})
     # Only deletions can make a second statement find a key missing again: each time,
     # the items that reference it are dropped, so this ends.
     for _ in range(len(batch) + 1):
@@ -203,7 +201,7 @@ async def _write_in_one_statement(
         existing = await sink.write_flush(conn, resolution.accepted)
         if existing is None:
             break
-        resolution = resolve(batch, existing, excluded)
+        resolution = resolve(batch, existing)
     else:
         raise RuntimeError("references kept going missing between statements")
     return _outcomes(resolution, {})
