@@ -19,8 +19,9 @@ class Sink(Protocol[Key, Payload]):
     isolation of failing items; a sink only runs statements. Items always arrive in key
     order, and every method must be all-or-nothing for the items it gets, so the writer
     can rerun it on a subset. `write_flush` is the fast path: one statement on an
-    autocommit connection, so one implicit transaction. The three others run inside the
-    writer's explicit transaction when it isolates a failing item, each in a savepoint.
+    autocommit connection, so one implicit transaction. The three others run one by one
+    inside an explicit transaction: when the writer isolates a failing item (each write
+    in savepoints), and on `FlushPath.STATEMENT_BY_STATEMENT`.
     """
 
     async def write_flush(
