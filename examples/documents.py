@@ -11,8 +11,9 @@ document, so every post should be written.
         [--seconds 10] [--database-url URL] [--print-acks]
 
 `--mode baseline` commits each document in its own transaction, statement by statement
-(BEGIN, existence query, upsert, references, COMMIT); `--print-acks` prints "ack <key>" on stdout the moment a post is
-acknowledged (the crash test reads it). The figures go to stderr.
+(BEGIN, existence query, upsert, references, COMMIT); `--print-acks` prints "ack <key>"
+on stdout the moment a post is acknowledged (the crash test reads it). The figures go
+to stderr.
 """
 
 from __future__ import annotations
