@@ -354,3 +354,15 @@ async def test_backpressure_bounds_the_queue_and_stop_flushes_everything_accepte
     assert len(await stored_keys(db)) == 40
     with pytest.raises(WriterClosedError):
         await writer.write(doc(99))
+
+
+@pytest.mark.asyncio
+async def test_tables_without_the_write_functions_say_how_to_add_them(db: Database) -> None:
+    async with db.connection() as conn:
+        await conn.execute("DROP FUNCTION documents_write_flush")
+    async with Writer(db, DocumentSink(), max_batch=1, max_delay_ms=0) as writer:
+        with pytest.raises(WriteFailedError, match="create_document_tables"):
+            await writer.write(doc(1))
+    await create_document_tables(db)  # puts the function back
+    async with Writer(db, DocumentSink(), max_batch=1, max_delay_ms=0) as writer:
+        assert (await writer.write(doc(1))).written

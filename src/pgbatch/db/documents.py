@@ -12,6 +12,7 @@ import psycopg
 from pgbatch.db.arrays import TextArray, UuidArray
 from pgbatch.db.database import Database
 from pgbatch.db.queries import query
+from pgbatch.writer.errors import WriteFailedError
 from pgbatch.writer.models import WriteItem
 
 __all__ = ["DocumentRow", "DocumentSink", "create_document_tables"]
@@ -39,11 +40,17 @@ class DocumentSink:
         Returns None when written; otherwise nothing was written, and the return holds
         which of the referenced keys are documents.
         """
-        cur = await conn.execute(
-            query("documents_write_flush"),
-            {**_document_arrays(items), **_reference_arrays(items)},
-            prepare=True,
-        )
+        try:
+            cur = await conn.execute(
+                query("documents_write_flush"),
+                {**_document_arrays(items), **_reference_arrays(items)},
+                prepare=True,
+            )
+        except psycopg.errors.UndefinedFunction as exc:
+            raise WriteFailedError(
+                "the documents tables have no write functions (tables made by an older "
+                "pgbatch?): call create_document_tables(db) once, then post again"
+            ) from exc
         row = await cur.fetchone()
         found: list[uuid.UUID] | None = row[0] if row else None
         return None if found is None else set(found)
