@@ -78,27 +78,39 @@ class WriterCollector(Collector):
         ):
             latency.add_metric([quantile], seconds)
         yield latency
-        yield GaugeMetricFamily(
-            "pgbatch_writer_queue_depth", "Writes waiting for a flush now.", value=stats.queue_depth
-        )
-        yield GaugeMetricFamily(
-            "pgbatch_writer_max_queue_depth",
-            "The most writes seen waiting in one lane at once.",
-            value=stats.max_queue_depth,
-        )
-        yield CounterMetricFamily(
-            "pgbatch_writer_flushes", "Flushes (transactions) of the writer.", value=stats.flushes
-        )
-        yield CounterMetricFamily(
-            "pgbatch_writer_retries",
-            "Flush transactions rerun after a deadlock or serialization failure.",
-            value=stats.retries,
-        )
-        yield CounterMetricFamily(
-            "pgbatch_writer_isolations",
-            "Flushes whose fast path failed and that isolated the failing items.",
-            value=stats.isolations,
-        )
+        for family, name, help_text, value in (
+            (
+                GaugeMetricFamily,
+                "queue_depth",
+                "Writes waiting for a flush now.",
+                stats.queue_depth,
+            ),
+            (
+                GaugeMetricFamily,
+                "max_queue_depth",
+                "The most writes seen waiting in one lane at once.",
+                stats.max_queue_depth,
+            ),
+            (
+                CounterMetricFamily,
+                "flushes",
+                "Flushes (transactions) of the writer.",
+                stats.flushes,
+            ),
+            (
+                CounterMetricFamily,
+                "retries",
+                "Flush transactions rerun after a deadlock or serialization failure.",
+                stats.retries,
+            ),
+            (
+                CounterMetricFamily,
+                "isolations",
+                "Flushes whose fast path failed and that isolated the failing items.",
+                stats.isolations,
+            ),
+        ):
+            yield family(f"pgbatch_writer_{name}", help_text, value=value)
 
 
 class WorkerCollector(Collector):
