@@ -15,7 +15,9 @@ from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from pgbatch.app import App
 from pgbatch.errors import PgbatchError
@@ -46,7 +48,8 @@ AppOption = Annotated[
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
-    err_console.print(f"[red]error:[/] {message}")
+    # Messages quote user input (task names, file lines, errors): never read as markup.
+    err_console.print(f"[red]error:[/] {escape(message)}")
     raise typer.Exit(code)
 
 
@@ -92,7 +95,7 @@ def _batch_table(batches: list[Batch]) -> Table:
     for b in batches:
         table.add_row(
             str(b.id),
-            b.task,
+            Text(b.task),  # a user's string: a plain Text, so Rich reads no markup in it
             str(b.status),
             f"{b.items_done}/{b.total_items}",
             str(b.items_ok),
@@ -230,7 +233,12 @@ def status(
                     samples.append(f"  item {seq}: {outcome.error}")
                     if len(samples) == 5:
                         break
-                console.print("error samples:\n" + "\n".join(samples))
+                console.print(
+                    "error samples:\n" + "\n".join(samples),
+                    markup=False,
+                    highlight=False,
+                    soft_wrap=True,
+                )
 
     _run(_closing(app, run()))
 

@@ -305,3 +305,42 @@ async def test_bad_input_fails_cleanly_and_writes_nothing(
     assert await _batch_count(database_url) == 0
     (items,) = await fetch_one(database_url, "SELECT count(*) FROM pgbatch.items")
     assert items == 0
+
+
+# Strings a user controls (task names, handler errors) that Rich would read as markup:
+# an unbalanced closing tag made `status` die with a MarkupError, a balanced one vanished.
+HOSTILE_TASK = "[bold]x[/bold]"
+HOSTILE_ERROR = "boom [/red] [link=http://evil.example]click[/link] [bold]"
+
+
+@pytest.mark.asyncio
+async def test_status_prints_user_strings_as_they_are(database_url: str) -> None:
+    import pgbatch
+    from tests.conftest import settings_for
+
+    app = pgbatch.App(settings=settings_for(database_url))
+
+    @app.task(name=HOSTILE_TASK, max_attempts=1)
+    async def failing(items: list[pgbatch.Item], _: pgbatch.ShardContext) -> list[pgbatch.Outcome]:
+        return [pgbatch.error(HOSTILE_ERROR) for _ in items]
+
+    async with app:
+        batch = await app.submit(HOSTILE_TASK, [{"n": 1}, {"n": 2}])
+        worker = app.worker(concurrency=2)
+        running = asyncio.create_task(worker.run())
+        try:
+            final = await app.wait(batch.id, timeout_s=FINISH_S)
+        finally:
+            worker.request_stop()
+            await asyncio.wait_for(running, 30)
+    assert final.items_failed == 2
+
+    listed = await run_cli("status", database_url=database_url)
+    assert listed.code == 0, listed.output
+    assert HOSTILE_TASK in listed.stdout, listed.stdout
+
+    shown = await run_cli("status", str(batch.id), database_url=database_url)
+    assert shown.code == 0, shown.output
+    assert "Traceback" not in shown.output, shown.output
+    assert HOSTILE_TASK in shown.stdout, shown.stdout
+    assert HOSTILE_ERROR in shown.stdout, shown.stdout
