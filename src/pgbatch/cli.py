@@ -43,8 +43,33 @@ err_console = Console(stderr=True)
 
 AppOption = Annotated[
     str | None,
-    typer.Option("--app", "-a", help="Your app as module:attribute, e.g. examples.llm_batch:app."),
+    typer.Option(
+        "--app",
+        "-a",
+        envvar="PGBATCH_APP",
+        help="Your app as module:attribute, e.g. examples.llm_batch:app.",
+    ),
 ]
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        console.print(f"pgbatch {version('pgbatch')}", highlight=False)
+        raise typer.Exit()
+
+
+@cli.callback()
+def _options(
+    _version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Run very large batches of work durably on PostgreSQL."""
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:

@@ -344,3 +344,19 @@ async def test_status_prints_user_strings_as_they_are(database_url: str) -> None
     assert "Traceback" not in shown.output, shown.output
     assert HOSTILE_TASK in shown.stdout, shown.stdout
     assert HOSTILE_ERROR in shown.stdout, shown.stdout
+
+
+@pytest.mark.asyncio
+async def test_version_and_the_app_from_the_environment(database_url: str, tmp_path: Path) -> None:
+    from importlib.metadata import version
+
+    shown = await run_cli("--version", database_url=database_url)
+    assert shown.code == 0, shown.output
+    assert shown.stdout.strip() == f"pgbatch {version('pgbatch')}"
+
+    # PGBATCH_APP stands in for --app on every command that takes one.
+    path = _items_file(tmp_path, 3)
+    result = await run_cli("submit", "slow", str(path), database_url=database_url,
+                           env={"PGBATCH_APP": CHAOS_APP})  # fmt: skip
+    assert result.code == 0, result.output
+    assert SUBMITTED.search(result.stdout), result.output
