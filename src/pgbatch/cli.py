@@ -97,13 +97,34 @@ def load_app(spec: str | None) -> App:
     return app
 
 
-def _run(coro: Coroutine[Any, Any, T]) -> T:
+def _existing_app() -> App:
+    """Return the App of a command that reads or changes batches that must already exist.
+
+    Such a command run in the wrong folder must not start a new, empty embedded server
+    there and report that the batch does not exist.
+    """
+    from pgbatch.config import Settings
+    from pgbatch.db.embedded import embedded_exists
+
+    settings = Settings()
+    if not settings.database_url and not embedded_exists(settings.data_dir):
+        _fail(
+            f"no database: DATABASE_URL is not set and {settings.data_dir.resolve()} holds no "
+            "embedded server. Run this from the folder that holds your .pgbatch, or set "
+            "PGBATCH_DATA_DIR or DATABASE_URL",
+            2,
+        )
+    return App(settings=settings)
+
+
+def _run(coro: Coroutine[Any, Any, T], *, on_interrupt: str = "interrupted") -> T:
     try:
         return asyncio.run(coro)
     except PgbatchError as exc:
         _fail(str(exc))
     except KeyboardInterrupt:
-        _fail("interrupted", 130)
+        err_console.print(escape(on_interrupt))
+        raise typer.Exit(130) from None
 
 
 async def _closing(app: App, coro: Coroutine[Any, Any, T]) -> T:
@@ -244,7 +265,7 @@ def status(
     limit: Annotated[int, typer.Option(min=1)] = 20,
 ) -> None:
     """Show one batch, or the most recent ones."""
-    app = App()
+    app = _existing_app()
 
     async def run() -> None:
         if batch_id is None:
@@ -273,7 +294,7 @@ def watch(batch_id: Annotated[int, typer.Argument()]) -> None:
     """Show a live progress bar until the batch ends."""
     from pgbatch.progress import watch_batch
 
-    app = App()
+    app = _existing_app()
 
     async def run() -> None:
         await app.get_batch(batch_id)  # an unknown id is an error before any bar is drawn
@@ -282,13 +303,17 @@ def watch(batch_id: Annotated[int, typer.Argument()]) -> None:
             f"batch {batch_id} {final.status}: {final.items_ok} ok, {final.items_failed} failed"
         )
 
-    _run(_closing(app, run()))
+    _run(
+        _closing(app, run()),
+        on_interrupt=f"stopped watching; batch {batch_id} keeps running "
+        f"(`pgbatch watch {batch_id}` to watch again, `pgbatch cancel {batch_id}` to stop it)",
+    )
 
 
 @cli.command()
 def cancel(batch_id: Annotated[int, typer.Argument()]) -> None:
     """Cancel a batch: queued shards stop, running shards stop at their next heartbeat."""
-    app = App()
+    app = _existing_app()
     if _run(_closing(app, app.cancel(batch_id))):
         console.print(f"batch {batch_id} cancelled")
     else:
@@ -298,7 +323,7 @@ def cancel(batch_id: Annotated[int, typer.Argument()]) -> None:
 @cli.command()
 def retry(batch_id: Annotated[int, typer.Argument()]) -> None:
     """Re-queue a batch's dead shards and shards with failed items."""
-    app = App()
+    app = _existing_app()
     count = _run(_closing(app, app.retry(batch_id)))
     console.print(f"batch {batch_id}: {count} shards re-queued")
 
@@ -351,7 +376,7 @@ def sizing(
     from pgbatch.db.verify import measure_commit_latency_s
     from pgbatch.sizing import suggest_shard_size
 
-    app = App()
+    app = _existing_app()
 
     async def measure() -> float:
         await app.open()

@@ -360,3 +360,53 @@ async def test_version_and_the_app_from_the_environment(database_url: str, tmp_p
                            env={"PGBATCH_APP": CHAOS_APP})  # fmt: skip
     assert result.code == 0, result.output
     assert SUBMITTED.search(result.stdout), result.output
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("command", [["status"], ["status", "1"], ["watch", "1"], ["cancel", "1"],
+                                     ["retry", "1"]])  # fmt: skip
+async def test_a_read_command_in_the_wrong_folder_creates_no_server(
+    database_url: str, tmp_path: Path, command: list[str]
+) -> None:
+    empty = tmp_path / "not-here"
+    result = await run_cli(*command, database_url=database_url,
+                           env={"DATABASE_URL": "", "PGBATCH_DATA_DIR": str(empty)})  # fmt: skip
+    _assert_clean_failure(result, str(empty), "DATABASE_URL")
+    assert not empty.exists(), "a new embedded server was created in the wrong folder"
+
+
+@pytest.mark.asyncio
+async def test_ctrl_c_in_watch_says_the_batch_keeps_running(
+    database_url: str, tmp_path: Path
+) -> None:
+    import signal
+    import sys
+
+    from tests.helpers import REPO_ROOT, subprocess_env
+
+    batch_id = await _submit(database_url, "slow", _items_file(tmp_path, 4))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "pgbatch", "watch", str(batch_id), cwd=REPO_ROOT,
+        env=subprocess_env(database_url), stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+
+    # No worker runs, so the batch stays pending: watch is waiting once it listens.
+    async def listening() -> bool:
+        (count,) = await fetch_one(
+            database_url,
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND query LIKE 'LISTEN%%'",
+        )
+        return bool(count)
+
+    await wait_until(listening, FINISH_S)
+    process.send_signal(signal.SIGINT)
+    _, stderr = await asyncio.wait_for(process.communicate(), FINISH_S)
+    assert process.returncode == 130
+    assert f"batch {batch_id} keeps running" in stderr.decode()
+    assert "Traceback" not in stderr.decode()
+    (status,) = await fetch_one(
+        database_url, "SELECT status FROM pgbatch.batches WHERE id = %s", (batch_id,)
+    )
+    assert status == "pending"

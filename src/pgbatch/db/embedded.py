@@ -9,13 +9,18 @@ from pathlib import Path
 
 from pgbatch.errors import ConfigurationError
 
-__all__ = ["embedded_url"]
+__all__ = ["embedded_exists", "embedded_url", "stop_embedded"]
 
 _log = logging.getLogger(__name__)
 
 # postmaster.pid holds the start time in whole seconds, and process creation times are
 # read from /proc at clock-tick resolution: two seconds covers both roundings.
 PID_START_TOLERANCE_S = 2.0
+
+
+def embedded_exists(data_dir: Path) -> bool:
+    """Tell whether `data_dir` holds an embedded server's data (running or not)."""
+    return (data_dir.expanduser() / "pg" / "PG_VERSION").is_file()
 
 
 def embedded_url(data_dir: Path) -> str:
