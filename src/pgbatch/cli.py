@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib
 import json
 import logging
@@ -13,6 +14,7 @@ from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
+import orjson
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -26,6 +28,9 @@ from pgbatch.models import Batch
 __all__ = ["cli", "load_app", "main"]
 
 T = TypeVar("T")
+
+# `status BATCH_ID` shows this many failed items.
+ERROR_SAMPLES = 5
 
 cli = typer.Typer(
     help="Run very large batches of work durably on PostgreSQL.",
@@ -50,6 +55,24 @@ AppOption = Annotated[
         help="Your app as module:attribute, e.g. examples.llm_batch:app.",
     ),
 ]
+
+
+JsonOption = Annotated[
+    bool, typer.Option("--json", help="Print JSON (one document) instead of text, for scripts.")
+]
+
+
+def _print_json(document: Any) -> None:
+    # Plain stdout, not Rich: a script parses these bytes, so no markup, colour or wrapping.
+    sys.stdout.write(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
+def _batch_json(batch: Batch) -> dict[str, Any]:
+    """Return a batch as the API shows it (its fields, `items_done`, ISO 8601 times)."""
+    document = dataclasses.asdict(batch)
+    document["status"] = str(batch.status)
+    document["items_done"] = batch.items_done
+    return document
 
 
 def _print_version(value: bool) -> None:
@@ -263,24 +286,35 @@ def submit(
 def status(
     batch_id: Annotated[int | None, typer.Argument(help="A batch id; omit to list recent.")] = None,
     limit: Annotated[int, typer.Option(min=1)] = 20,
+    as_json: JsonOption = False,
 ) -> None:
     """Show one batch, or the most recent ones."""
     app = _existing_app()
 
     async def run() -> None:
         if batch_id is None:
-            console.print(_batch_table(await app.list_batches(limit=limit)))
+            batches = await app.list_batches(limit=limit)
+            if as_json:
+                _print_json([_batch_json(b) for b in batches])
+            else:
+                console.print(_batch_table(batches))
         else:
             batch = await app.get_batch(batch_id)
-            console.print(_batch_table([batch]))
+            samples: list[tuple[int, str | None]] = []
             if batch.items_failed:
-                samples = []
                 async for seq, outcome in app.results(batch_id, errors_only=True):
-                    samples.append(f"  item {seq}: {outcome.error}")
-                    if len(samples) == 5:
+                    samples.append((seq, outcome.error))
+                    if len(samples) == ERROR_SAMPLES:
                         break
+            if as_json:
+                errors = [{"seq": seq, "error": message} for seq, message in samples]
+                _print_json({**_batch_json(batch), "error_samples": errors})
+                return
+            console.print(_batch_table([batch]))
+            if samples:
+                lines = [f"  item {seq}: {message}" for seq, message in samples]
                 console.print(
-                    "error samples:\n" + "\n".join(samples),
+                    "error samples:\n" + "\n".join(lines),
                     markup=False,
                     highlight=False,
                     soft_wrap=True,
@@ -311,21 +345,71 @@ def watch(batch_id: Annotated[int, typer.Argument()]) -> None:
 
 
 @cli.command()
-def cancel(batch_id: Annotated[int, typer.Argument()]) -> None:
+def cancel(batch_id: Annotated[int, typer.Argument()], as_json: JsonOption = False) -> None:
     """Cancel a batch: queued shards stop, running shards stop at their next heartbeat."""
     app = _existing_app()
-    if _run(_closing(app, app.cancel(batch_id))):
+    cancelled = _run(_closing(app, app.cancel(batch_id)))
+    if as_json:
+        _print_json({"batch_id": batch_id, "cancelled": cancelled})
+    elif cancelled:
         console.print(f"batch {batch_id} cancelled")
     else:
         console.print(f"batch {batch_id} had already ended; nothing changed")
 
 
 @cli.command()
-def retry(batch_id: Annotated[int, typer.Argument()]) -> None:
+def retry(batch_id: Annotated[int, typer.Argument()], as_json: JsonOption = False) -> None:
     """Re-queue a batch's dead shards and shards with failed items."""
     app = _existing_app()
     count = _run(_closing(app, app.retry(batch_id)))
-    console.print(f"batch {batch_id}: {count} shards re-queued")
+    if as_json:
+        _print_json({"batch_id": batch_id, "requeued_shards": count})
+    else:
+        console.print(f"batch {batch_id}: {count} shards re-queued")
+
+
+@cli.command()
+def results(
+    batch_id: Annotated[int, typer.Argument()],
+    errors: Annotated[bool, typer.Option("--errors", help="Only the failed items.")] = False,
+    result_format: Annotated[
+        str, typer.Option("--format", help="ndjson (one JSON object a line) or csv.")
+    ] = "ndjson",
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write to this file, not stdout.")
+    ] = None,
+) -> None:
+    """Print a batch's results in item order: NDJSON {seq, ok, output, error}, or CSV."""
+    from pgbatch.export import encode_results
+
+    if result_format not in ("ndjson", "csv"):
+        _fail(f"--format must be ndjson or csv, not {result_format!r}", 2)
+    app = _existing_app()
+
+    async def run() -> None:
+        await app.get_batch(batch_id)  # an unknown id fails before a file is created
+        chunks = encode_results(
+            app.results(batch_id, errors_only=errors),
+            "csv" if result_format == "csv" else "ndjson",
+        )
+        if output is None:
+            async for chunk in chunks:
+                sys.stdout.buffer.write(chunk)
+            sys.stdout.buffer.flush()
+            return
+        # Written beside the target and renamed at the end: an interrupted export leaves
+        # no half file under the name a script waits for.
+        partial = output.with_name(output.name + ".partial")
+        try:
+            with partial.open("wb") as sink:
+                async for chunk in chunks:
+                    sink.write(chunk)
+            partial.replace(output)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+
+    _run(_closing(app, run()))
 
 
 @cli.command()

@@ -410,3 +410,75 @@ async def test_ctrl_c_in_watch_says_the_batch_keeps_running(
         database_url, "SELECT status FROM pgbatch.batches WHERE id = %s", (batch_id,)
     )
     assert status == "pending"
+
+
+@pytest.mark.asyncio
+async def test_json_output_and_results_export(database_url: str, tmp_path: Path) -> None:
+    import csv
+    import io
+
+    import pgbatch
+    from tests.conftest import settings_for
+
+    app = pgbatch.App(settings=settings_for(database_url))
+
+    @app.task(name="half_fail", max_attempts=1)
+    async def half_fail(
+        items: list[pgbatch.Item], _: pgbatch.ShardContext
+    ) -> list[pgbatch.Outcome]:
+        return [
+            pgbatch.ok({"twice": item.value["n"] * 2})
+            if item.value["n"] % 2 == 0
+            else pgbatch.error(f"odd, {HOSTILE_ERROR}")
+            for item in items
+        ]
+
+    async with app:
+        batch = await app.submit("half_fail", [{"n": n} for n in range(10)], shard_size=1)
+        worker = app.worker(concurrency=4)
+        running = asyncio.create_task(worker.run())
+        try:
+            await app.wait(batch.id, timeout_s=FINISH_S)
+        finally:
+            worker.request_stop()
+            await asyncio.wait_for(running, 30)
+
+    shown = await run_cli("status", str(batch.id), "--json", database_url=database_url)
+    assert shown.code == 0, shown.output
+    document = json.loads(shown.stdout)
+    assert (document["id"], document["task"], document["items_ok"], document["items_failed"]) == (
+        batch.id, "half_fail", 5, 5,
+    )  # fmt: skip
+    assert [s["seq"] for s in document["error_samples"]] == [1, 3, 5, 7, 9]
+    assert document["error_samples"][0]["error"] == f"odd, {HOSTILE_ERROR}"
+    listed = json.loads((await run_cli("status", "--json", database_url=database_url)).stdout)
+    assert [b["id"] for b in listed] == [batch.id]
+
+    exported = await run_cli("results", str(batch.id), database_url=database_url)
+    assert exported.code == 0, exported.output
+    lines = [json.loads(line) for line in exported.stdout.splitlines()]
+    assert [line["seq"] for line in lines] == list(range(10))
+    assert lines[4] == {"seq": 4, "ok": True, "output": {"twice": 8}, "error": None}
+    assert lines[3]["ok"] is False and lines[3]["error"] == f"odd, {HOSTILE_ERROR}"
+
+    target = tmp_path / "errors.csv"
+    written = await run_cli("results", str(batch.id), "--errors", "--format", "csv",
+                            "-o", str(target), database_url=database_url)  # fmt: skip
+    assert written.code == 0, written.output
+    rows = list(csv.reader(io.StringIO(target.read_text())))
+    assert rows[0] == ["seq", "ok", "output", "error"]
+    assert [row[0] for row in rows[1:]] == ["1", "3", "5", "7", "9"]
+    assert rows[1][1:] == ["false", "", f"odd, {HOSTILE_ERROR}"]
+    assert not (tmp_path / "errors.csv.partial").exists()
+
+    cancelled = await run_cli("cancel", str(batch.id), "--json", database_url=database_url)
+    assert json.loads(cancelled.stdout) == {"batch_id": batch.id, "cancelled": False}
+    retried = await run_cli("retry", str(batch.id), "--json", database_url=database_url)
+    assert json.loads(retried.stdout) == {"batch_id": batch.id, "requeued_shards": 5}
+
+    refused = await run_cli("results", str(batch.id), "--format", "xml", database_url=database_url)
+    _assert_clean_failure(refused, "--format")
+    missing = await run_cli("results", "424242", "-o", str(tmp_path / "none.ndjson"),
+                            database_url=database_url)  # fmt: skip
+    _assert_clean_failure(missing, "424242")
+    assert not (tmp_path / "none.ndjson").exists()
