@@ -36,7 +36,6 @@ cli = typer.Typer(
     help="Run very large batches of work durably on PostgreSQL.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
 )
 db_cli = typer.Typer(help="The embedded PostgreSQL server.", no_args_is_help=True)
 cli.add_typer(db_cli, name="db")
@@ -255,8 +254,11 @@ def submit(
     idempotency_key: Annotated[str | None, typer.Option()] = None,
     on_complete: Annotated[str | None, typer.Option(help="Callback name.")] = None,
     watch: Annotated[bool, typer.Option(help="Show progress until it ends.")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Submit a batch of items for a task."""
+    if watch and as_json:
+        _fail("--watch and --json do not go together: --json prints the batch once", 2)
     if app_spec is None:
         _fail("submit needs --app module:attribute naming your pgbatch.App", 2)
     if items != "-" and not Path(items).is_file():
@@ -273,6 +275,9 @@ def submit(
             idempotency_key=idempotency_key,
             on_complete=on_complete,
         )
+        if as_json:
+            _print_json(_batch_json(batch))
+            return
         console.print(f"batch {batch.id}: {batch.total_items} items in {batch.total_shards} shards")
         if watch:
             from pgbatch.progress import watch_batch

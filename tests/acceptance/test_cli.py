@@ -361,10 +361,17 @@ async def test_version_and_the_app_from_the_environment(database_url: str, tmp_p
     assert result.code == 0, result.output
     assert SUBMITTED.search(result.stdout), result.output
 
+    scripted = await run_cli("submit", "slow", str(path), "--json", "--shard-size", "2",
+                             database_url=database_url, env={"PGBATCH_APP": CHAOS_APP})  # fmt: skip
+    assert scripted.code == 0, scripted.output
+    document = json.loads(scripted.stdout)
+    assert (document["task"], document["total_items"], document["total_shards"]) == ("slow", 3, 2)
+    assert document["status"] == "pending"
+
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize("command", [["status"], ["status", "1"], ["watch", "1"], ["cancel", "1"],
-                                     ["retry", "1"]])  # fmt: skip
+                                     ["retry", "1"], ["results", "1"]])  # fmt: skip
 async def test_a_read_command_in_the_wrong_folder_creates_no_server(
     database_url: str, tmp_path: Path, command: list[str]
 ) -> None:
@@ -482,3 +489,20 @@ async def test_json_output_and_results_export(database_url: str, tmp_path: Path)
                             database_url=database_url)  # fmt: skip
     _assert_clean_failure(missing, "424242")
     assert not (tmp_path / "none.ndjson").exists()
+
+
+def test_shell_completion_offers_commands_and_options() -> None:
+    import subprocess
+    import sys
+
+    script = Path(sys.executable).parent / "pgbatch"
+
+    def complete(words: str) -> list[str]:
+        env = {"_PGBATCH_COMPLETE": "complete_bash", "COMP_WORDS": words,
+               "COMP_CWORD": str(len(words.split()) - 1), "PATH": str(script.parent)}  # fmt: skip
+        done = subprocess.run([str(script)], env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.split()
+
+    assert complete("pgbatch sta") == ["status"]
+    assert complete("pgbatch results 1 --fo") == ["--format"]
