@@ -274,3 +274,25 @@ async def test_older_batches_are_a_page_away_and_filters_ask_the_api(
     await page.get_by_test_id("filter-task").fill("no-such-task")
     await expect(page.get_by_test_id("empty")).to_contain_text("No batches match")
     assert errors == []
+
+
+@pytest.mark.asyncio
+async def test_the_list_keeps_progress_and_counts_in_view_at_phone_width(
+    api: RunningApi, browser: Browser, tmp_path: Path
+) -> None:
+    async with api.client() as client:
+        batch_id = await submit(client, "echo", list(range(12)))
+    page = await browser.new_page(viewport={"width": 360, "height": 740})
+    page.set_default_timeout(EXPECT_TIMEOUT_MS)
+    await page.goto(f"{api.base_url}/")
+    await list_ready(page)
+    row = page.locator(f'[data-testid="batch-row"][data-batch-id="{batch_id}"]')
+    await expect(row.get_by_test_id("counts")).to_have_text("12 of 12")
+    # In view means inside the viewport, not behind a horizontal scroll of the table.
+    for part in (row.get_by_role("progressbar"), row.get_by_test_id("counts"),
+                 row.get_by_test_id("status-badge"), row.get_by_test_id("batch-link")):  # fmt: skip
+        await expect(part).to_be_visible()
+        box = await part.bounding_box()
+        assert box is not None and box["width"] > 0
+        assert 0 <= box["x"] and box["x"] + box["width"] <= 360, (await part.inner_html(), box)
+    await screenshot(page, tmp_path, "dashboard-phone.png")

@@ -52,7 +52,7 @@ class Row {
       },
       h("th", { scope: "row" }, h("a", { href, "data-testid": "batch-link" }, `#${batch.id}`)),
       h("td", { class: "task" }, batch.task),
-      h("td", {}, this.badge),
+      h("td", { class: "status-cell" }, this.badge),
       h("td", { class: "progress-cell" }, h("div", { class: "progress-line" }, this.bar.el, this.percent)),
       h("td", { class: "num items" }, this.counts, this.failed),
       this.pace,
