@@ -1,0 +1,1 @@
+"""LLM batches in the OpenAI batch format: request files, usage and cost, a fake upstream."""
