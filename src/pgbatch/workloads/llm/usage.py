@@ -14,6 +14,7 @@ __all__ = [
     "Price",
     "Usage",
     "cache_key",
+    "completion_cap",
     "estimate_tokens",
     "parse_prices",
     "usage_of",
@@ -107,6 +108,15 @@ def _text_tokens(value: Any) -> int:
     return 0
 
 
+def completion_cap(body: Mapping[str, Any]) -> int:
+    """Return the most tokens the request lets its answer have (a default when unset)."""
+    for name in ("max_completion_tokens", "max_output_tokens", "max_tokens"):
+        value = body.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return DEFAULT_COMPLETION_TOKENS
+
+
 def estimate_tokens(url: str, body: Mapping[str, Any]) -> int:
     """Estimate the tokens a request may use, its answer's cap included (reserve before)."""
     if url == "/v1/embeddings":
@@ -125,17 +135,12 @@ def estimate_tokens(url: str, body: Mapping[str, Any]) -> int:
         prompt = _text_tokens(body.get("input")) + _text_tokens(body.get("instructions"))
     else:
         prompt = _text_tokens(body.get("prompt"))
-    cap = None
-    for name in ("max_completion_tokens", "max_output_tokens", "max_tokens"):
-        value = body.get(name)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            cap = value
-            break
+    cap = completion_cap(body)
     choices = body.get("n")
     answers = (
         choices if isinstance(choices, int) and not isinstance(choices, bool) and choices > 0 else 1
     )
-    return max(1, prompt) + (DEFAULT_COMPLETION_TOKENS if cap is None else cap) * answers
+    return max(1, prompt) + cap * answers
 
 
 def usage_of(body: Any) -> Usage:
