@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 import pytest
 
-from pgbatch.workloads.llm.fake_upstream import FakeLimits, FakeUpstream
+from pgbatch.workloads.llm.fake_upstream import FakeLimits, FakeUpstream, serving
 from pgbatch.workloads.llm.results import is_error_line, result_line
 from pgbatch.workloads.llm.upstream import (
     MAX_RETRY_AFTER_S,
@@ -65,11 +65,13 @@ async def test_what_can_and_cannot_be_retried() -> None:
 @pytest.mark.asyncio
 async def test_no_answer_is_a_retryable_reply_not_an_exception() -> None:
     fake = FakeUpstream()
-    client = on_fake(fake, timeout_s=0.2)
-    try:
-        hung = await client.send(CHAT, {**BODY, "messages": [{"content": "[fake:hang]"}]})
-    finally:
-        await client.aclose()
+    async with serving(fake) as base_url:
+        client = UpstreamClient(UpstreamConfig(base_url=base_url, timeout_s=0.3))
+        try:
+            hung = await client.send(CHAT, {**BODY, "messages": [{"content": "[fake:hang]"}]})
+            assert (await client.send(CHAT, BODY)).ok, "the slot of the timed-out request leaked"
+        finally:
+            await client.aclose()
     assert hung.status_code is None and hung.retryable and "timeout" in (hung.failure or "")
 
     with socket.socket() as probe:
@@ -114,9 +116,12 @@ def test_retry_after_in_every_form_upstreams_send() -> None:
 
 
 def test_configuration_is_checked() -> None:
-    for bad, fragment in (({"base_url": "localhost:8000"}, "base_url"),
-                          ({"base_url": "http://x", "timeout_s": 0}, "timeout_s"),
-                          ({"base_url": "http://x", "max_concurrency": 0}, "max_concurrency")):  # fmt: skip
+    bad_configs: list[tuple[dict[str, Any], str]] = [
+        ({"base_url": "localhost:8000"}, "base_url"),
+        ({"base_url": "http://x", "timeout_s": 0}, "timeout_s"),
+        ({"base_url": "http://x", "max_concurrency": 0}, "max_concurrency"),
+    ]
+    for bad, fragment in bad_configs:
         with pytest.raises(ValueError, match=fragment):
             UpstreamConfig(**bad)
     assert UpstreamConfig("http://h:1/v1").endpoint_url(CHAT) == "http://h:1/v1/chat/completions"

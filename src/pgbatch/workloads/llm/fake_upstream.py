@@ -13,15 +13,17 @@ Markers in a prompt steer one request: `[fake:400]` answers 400, `[fake:500]` 50
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import random
 import time
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -30,7 +32,7 @@ from starlette.routing import Route
 from pgbatch.workloads.llm.requests import ENDPOINTS
 from pgbatch.workloads.llm.usage import cache_key, completion_cap, estimate_tokens
 
-__all__ = ["FakeLimits", "FakeUpstream", "Served"]
+__all__ = ["FakeLimits", "FakeUpstream", "Served", "serving"]
 
 WINDOW_S = 60.0
 EMBEDDING_DIMENSIONS = 8
@@ -187,6 +189,28 @@ class FakeUpstream:
         window.admitted.append((now, tokens))
         window.tokens += tokens
         return None
+
+
+@contextlib.asynccontextmanager
+async def serving(fake: FakeUpstream, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[str]:
+    """Serve the fake over real HTTP on `host` (any free port by default); yield its …/v1 URL."""
+    config = uvicorn.Config(
+        fake.app, host=host, port=port, log_level="warning", lifespan="off",
+        # A `[fake:hang]` request never ends: shutting down must not wait for it.
+        timeout_graceful_shutdown=1,
+    )  # fmt: skip
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            if task.done():
+                task.result()  # the bind failed: raise its error
+            await asyncio.sleep(0.01)
+        bound = server.servers[0].sockets[0].getsockname()
+        yield f"http://{host}:{bound[1]}/v1"
+    finally:
+        server.should_exit = True
+        await task
 
 
 def _json(status: int, body: Any, *, request_id: str | None = None) -> Response:
