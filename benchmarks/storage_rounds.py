@@ -1,0 +1,127 @@
+"""Does pgbatch stay fast as finished work accumulates? Rounds of one-item-shard batches.
+
+Run from the repository root:
+
+    .venv/bin/python benchmarks/storage_rounds.py [--rounds 8] [--shards 50000] [--database-url URL]
+
+Runs the same no-op batch of `--shards` one-item shards `--rounds` times, one after the
+other, in one database, with two `pgbatch worker` processes at concurrency 256 (the
+setting of the storage issue's table). Prints per round: jobs/s, its ratio to round 1
+(the baseline, measured in the same run on the same database), and the size of
+`pgbatch.shards`, `pgbatch.items` and `pgbatch.results`; then the median ratio of rounds
+2..N to round 1 and the worst. Flat storage means ratios near 1.0 and sizes that stop
+growing once retention applies. Writes benchmarks/results/storage_rounds.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.apps import NOOP_TASK, make_app
+from benchmarks.harness import (
+    WorkerProcesses,
+    bench_database,
+    connect,
+    fmt_int,
+    require_local,
+    server_info,
+    server_url,
+    write_results,
+)
+
+APP = "benchmarks.apps:app"
+WORKER_PROCESSES = 2
+CONCURRENCY = 256
+BATCH_TIMEOUT_S = 1800.0
+TABLES = ("shards", "items", "results")
+
+
+@dataclass(frozen=True, slots=True)
+class Round:
+    """One round: its drain speed and the tables' sizes after it."""
+
+    number: int
+    shards: int
+    seconds: float
+    jobs_per_s: float
+    sizes_mb: dict[str, float]
+
+
+async def table_sizes_mb(conninfo: str) -> dict[str, float]:
+    """Return the total size (heap, indexes, TOAST) of pgbatch's per-item tables in MB."""
+    async with await connect(conninfo) as conn:
+        sizes = {}
+        for table in TABLES:
+            cur = await conn.execute(
+                "SELECT pg_total_relation_size(%s::regclass)", (f"pgbatch.{table}",)
+            )
+            row = await cur.fetchone()
+            sizes[table] = round((row[0] if row else 0) / 1e6, 1)
+        return sizes
+
+
+async def run(url: str, rounds: int, shards: int) -> list[Round]:
+    """Drain `rounds` batches of `shards` one-item shards; return each round's figures."""
+    results: list[Round] = []
+    async with bench_database(url, "storage") as conninfo:
+        app = make_app(conninfo)
+        async with app:
+            async with WorkerProcesses(
+                conninfo, app=APP, count=WORKER_PROCESSES, concurrency=CONCURRENCY, label="rounds"
+            ):
+                for number in range(1, rounds + 1):
+                    started = time.time()
+                    batch = await app.submit(NOOP_TASK, [None] * shards, shard_size=1)
+                    final = await app.wait(batch.id, timeout_s=BATCH_TIMEOUT_S)
+                    if final.items_ok != shards or final.finished_at is None:
+                        raise RuntimeError(f"round {number} ended {final.status}")
+                    seconds = final.finished_at.timestamp() - started
+                    sizes_mb = await table_sizes_mb(conninfo)
+                    figures = Round(number, shards, round(seconds, 2), round(shards / seconds),
+                                    sizes_mb)  # fmt: skip
+                    results.append(figures)
+                    ratio = figures.jobs_per_s / results[0].jobs_per_s
+                    sizes = "  ".join(f"{t} {mb:7.1f} MB" for t, mb in figures.sizes_mb.items())
+                    print(f"  round {number}: {fmt_int(figures.jobs_per_s):>8} jobs/s  "
+                          f"x{ratio:4.2f} of round 1   {sizes}", flush=True)  # fmt: skip
+    return results
+
+
+def main() -> None:
+    """Parse arguments, run the rounds, print the summary and write the results file."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--shards", type=int, default=50_000)
+    parser.add_argument("--database-url", default=None)
+    args = parser.parse_args()
+    if args.rounds < 2 or args.shards < 1:
+        parser.error("--rounds must be >= 2 and --shards >= 1")
+    url = server_url(args.database_url)
+    require_local(url)
+    info = asyncio.run(server_info(url))
+    print(f"storage rounds: {args.rounds} x {args.shards} one-item shards, "
+          f"{WORKER_PROCESSES} workers x {CONCURRENCY}")  # fmt: skip
+    for line in info.describe():
+        print(f"  {line}")
+    rounds = asyncio.run(run(url, args.rounds, args.shards))
+    ratios = [r.jobs_per_s / rounds[0].jobs_per_s for r in rounds[1:]]
+    print(f"  rounds 2..{args.rounds} vs round 1: median x{statistics.median(ratios):.2f}, "
+          f"worst x{min(ratios):.2f}")  # fmt: skip
+    path = write_results("storage_rounds", {
+        "server": asdict(info), "rounds": [asdict(r) for r in rounds],
+        "median_ratio_to_round_1": statistics.median(ratios), "worst_ratio": min(ratios),
+    })  # fmt: skip
+    print(f"  wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
