@@ -214,7 +214,9 @@ HUGE = "123456789012345678901234567890"
 async def test_a_document_with_a_number_json_cannot_hold_exactly_is_422(
     api: RunningApi, literal: str, field: str
 ) -> None:
-    raw = '{"identity": {"type": "s", "id": "1"}, "body": {"x": %s}}' % literal
+    raw = '{"identity": {"type": "s", "id": "1"}, "body": {"x": LITERAL}}'.replace(
+        "LITERAL", literal
+    )
     async with api.client() as client:
         answer = await client.post(
             "/v1/documents", content=raw, headers={"Content-Type": "application/json"}
@@ -259,7 +261,7 @@ async def test_the_largest_64_bit_integers_are_kept_exactly(api: RunningApi) -> 
     async with api.client() as client:
         batch = await client.post(
             "/v1/batches",
-            content=('{"task": "echo", "items": [%s]}' % ", ".join(map(str, values))).encode(),
+            content=b'{"task": "echo", "items": [%s]}' % ", ".join(map(str, values)).encode(),
             headers={"Content-Type": "application/json"},
         )
         assert batch.status_code == 201, batch.text
