@@ -205,12 +205,25 @@ async def submit_batch(
             f"Content-Type must be application/json or {NDJSON}, not {content_type!r}",
             field="Content-Type",
         )
+    _refuse_internal(state, task_name)
     batch, created = await state.app.submit_or_find(
         task_name, items, idempotency_key=idempotency_key, tenant=tenant, **options
     )
     response.status_code = 201 if created else 200
     response.headers["Location"] = f"/v1/batches/{batch.id}"
     return _with_etag(response, batch)
+
+
+def _refuse_internal(state: ApiState, task_name: str) -> None:
+    """Refuse a task only a workload submits, after its own checks (e.g. a collection copy)."""
+    spec = state.app.tasks.get(task_name)
+    if spec is not None and spec.internal:
+        raise ApiError(
+            422,
+            "internal_task",
+            f"task {task_name!r} is internal: submit it through its own route",
+            field="task",
+        )
 
 
 def _too_many_items(state: ApiState) -> ApiError:
