@@ -18,7 +18,13 @@ import orjson
 
 from pgbatch import json_values
 from pgbatch.db.database import Database
-from pgbatch.db.documents import DocumentRow, DocumentSink, create_document_tables
+from pgbatch.db.documents import (
+    DocumentRow,
+    DocumentSink,
+    StoredDocument,
+    create_document_tables,
+    get_document,
+)
 from pgbatch.writer.errors import InvalidDocumentError
 from pgbatch.writer.models import WriteItem, WriteOutcome
 from pgbatch.writer.writer import (
@@ -35,9 +41,11 @@ __all__ = [
     "DocumentSink",
     "DocumentWriter",
     "Identity",
+    "StoredDocument",
     "create_document_tables",
     "document_item",
     "document_key",
+    "get_document",
 ]
 
 # The namespace of every document key. Fixed forever: changing it changes every key.

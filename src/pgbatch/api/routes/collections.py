@@ -8,6 +8,7 @@ from fastapi import APIRouter, Path, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from pgbatch.api.errors import ApiError
+from pgbatch.api.media import JSON_BODY
 from pgbatch.api.routes.batches import ERRORS
 from pgbatch.api.schemas import BatchId, BatchOut, IdempotencyKeyHeader, batch_out
 from pgbatch.api.state import Tenant, api_state
@@ -58,6 +59,7 @@ class CopyReportOut(BaseModel):
         415,
         extra={200: {"model": BatchOut, "description": "The copy the Idempotency-Key names."}},
     ),
+    dependencies=[JSON_BODY],
 )
 async def copy_collection(
     request: Request,
