@@ -33,11 +33,14 @@ async def test_a_hand_made_copy_batch_reads_and_writes_only_its_tenants_collecti
     await copies.seed_items(app, "secret", 50, tenant="globex")
     await copies.create_collection(app, "inbox", tenant="globex")
     await copies.create_collection(app, "dst", tenant="acme")
+    await copies.create_collection(app, "mine", tenant="acme")
+    await copies.seed_items(app, "mine", 5, tenant="acme")
     items = [
         {"source": "secret", "target": "dst", "first": "a", "last": "z"},
         {"source": "secret", "target": "dst", "ids": ["company-000000001"]},
     ]
-    into_theirs = [{"source": "secret", "target": "inbox", "first": "a", "last": "z"}]
+    # acme's own source, into globex's "inbox" (a collection acme does not have).
+    into_theirs = [{"source": "mine", "target": "inbox", "first": "a", "last": "z"}]
     async with running(app):
         for batch_items in (items[:1], items[1:], into_theirs):
             batch = await app.submit(copies.TASK, batch_items, tenant="acme")
@@ -46,6 +49,7 @@ async def test_a_hand_made_copy_batch_reads_and_writes_only_its_tenants_collecti
             assert (report.inserted, report.already_present) == (0, 0), report
     assert await _keys(app, "acme", "dst") == set()
     assert await _keys(app, "globex", "inbox") == set()
+    assert await _keys(app, "acme", "inbox") == set()  # no rows for a collection never made
     assert len(await _keys(app, "globex", "secret")) == 50
 
 
