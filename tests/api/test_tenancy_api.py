@@ -276,3 +276,12 @@ async def test_the_largest_64_bit_integers_are_kept_exactly(api: RunningApi) -> 
         read = await client.get(doc.headers["Location"])
     assert [orjson.loads(line)["output"] for line in results.text.splitlines()] == values
     assert read.json()["body"] == {"n": 2**64 - 1}
+
+
+@pytest.mark.asyncio
+async def test_without_a_token_a_non_json_body_is_401_before_415(start_api: StartApi) -> None:
+    async with start_api(tenants=TENANTS) as api, api.client() as anonymous:
+        answer = await anonymous.post(
+            "/v1/documents", content=b"{}", headers={"Content-Type": "text/plain"}
+        )
+    assert_error(answer, 401, field="Authorization")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import Depends, Request
 
 from pgbatch.api.errors import ApiError
+from pgbatch.api.state import Tenant
 
 __all__ = ["JSON_BODY", "is_json", "require_json"]
 
@@ -21,9 +22,11 @@ def is_json(content_type: str | None) -> bool:
     return kind == "application" and (subtype == "json" or subtype.endswith("+json"))
 
 
-async def require_json(request: Request) -> None:
+async def require_json(request: Request, _: Tenant) -> None:
     """Refuse a request body that is not declared as JSON, before anything parses it."""
     # `async def`: FastAPI runs a plain `def` dependency in a worker thread (see state.py).
+    # It depends on the tenant so that a request without a valid token gets its 401 first
+    # (FastAPI resolves the tenant once per request, for this and the route alike).
     content_type = request.headers.get("content-type")
     if not is_json(content_type):
         raise ApiError(
