@@ -57,8 +57,9 @@ SOURCE, TARGET, BASELINE_TARGET = "source", "target", "baseline-target"
 PARALLEL_TARGET = "parallel-target"
 # The baseline: what a user without pgbatch would run, one statement in one transaction.
 _SELECT_SQL = (
-    "INSERT INTO collection_items (collection_id, item_id) "
-    "SELECT %(target)s, item_id FROM collection_items WHERE collection_id = %(source)s "
+    "INSERT INTO collection_items (tenant, collection_id, item_id) "
+    "SELECT tenant, %(target)s, item_id FROM collection_items "
+    "WHERE tenant = 'default' AND collection_id = %(source)s "
 )
 BASELINE_SQL = _SELECT_SQL + "ON CONFLICT DO NOTHING"
 # The same statement over one key range: the parallel ceiling runs one per worker at once.
@@ -100,7 +101,7 @@ async def _checkpoint(conninfo: str) -> None:
 async def _reset(bench: pgbatch.App, conninfo: str, target: str, expected: int) -> None:
     """Check that `target` holds `expected` items, then empty it and vacuum the table."""
     async with bench.db.connection() as conn:
-        count = await copies_db.count_collection_items(conn, target)
+        count = await copies_db.count_collection_items(conn, "default", target)
     if count != expected:
         raise RuntimeError(f"{target} holds {count} items, not {expected}")
     await copies.delete_collection(bench, target)
@@ -126,9 +127,9 @@ async def parallel_ceiling(bench: pgbatch.App, conninfo: str, statements: int) -
     the ceiling for pgbatch with as many workers.
     """
     async with bench.db.connection() as conn:
-        total = await copies_db.count_collection_items(conn, SOURCE)
+        total = await copies_db.count_collection_items(conn, "default", SOURCE)
         ranges = await copies_db.plan_copy_ranges(
-            conn, SOURCE, keys_per_range=-(-total // statements)
+            conn, "default", SOURCE, keys_per_range=-(-total // statements)
         )
     await _checkpoint(conninfo)
     conns = [await connect(conninfo) for _ in ranges]

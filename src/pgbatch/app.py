@@ -71,8 +71,13 @@ class App:
         lease_ttl_s: float = DEFAULT_LEASE_TTL_S,
         timeout_s: float | None = None,
         queue: str = "default",
+        internal: bool = False,
     ) -> Callable[[Handler], Handler]:
-        """Register an async handler `(items, ctx) -> outcomes` as a task."""
+        """Register an async handler `(items, ctx) -> outcomes` as a task.
+
+        An `internal` task is one a workload submits after its own checks: the HTTP API
+        refuses to submit it.
+        """
         _check_options(shard_size, max_attempts, lease_ttl_s, queue)
         if timeout_s is not None and timeout_s <= 0:
             raise InvalidBatchError("timeout_s must be positive", field="timeout_s")
@@ -80,7 +85,7 @@ class App:
         def register(fn: Handler) -> Handler:
             task_name = name or fn.__name__
             self.tasks[task_name] = TaskSpec(
-                task_name, fn, shard_size, max_attempts, lease_ttl_s, timeout_s, queue
+                task_name, fn, shard_size, max_attempts, lease_ttl_s, timeout_s, queue, internal
             )
             return fn
 

@@ -58,8 +58,8 @@ class UnknownTaskError(InvalidBatchError):
 class ItemNotSerializableError(InvalidBatchError):
     """An item cannot be stored as JSON; `seq` is its position in the input."""
 
-    def __init__(self, message: str, *, seq: int) -> None:
-        super().__init__(message, field="items")
+    def __init__(self, message: str, *, seq: int, field: str = "items") -> None:
+        super().__init__(message, field=field)
         self.seq = seq
 
 

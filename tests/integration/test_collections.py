@@ -171,8 +171,11 @@ async def test_an_empty_source_is_an_empty_batch_finished_at_once(app: pgbatch.A
 @pytest.mark.asyncio
 async def test_the_copy_runs_for_its_tenant_and_the_report_is_scoped(app: pgbatch.App) -> None:
     register_noop(app)
-    await _setup(app, "src", "dst")
-    await copies.seed_items(app, "src", 5)
+    copies.install(app)
+    await copies.create_tables(app)
+    for collection in ("src", "dst"):
+        assert await copies.create_collection(app, collection, tenant="acme")
+    await copies.seed_items(app, "src", 5, tenant="acme")
     batch = await copies.submit_copy(
         app, source="src", target="dst", item_ids=None, tenant="acme", idempotency_key="k1"
     )

@@ -14,6 +14,7 @@ import orjson
 import psycopg
 from psycopg.rows import dict_row
 
+from pgbatch import json_values
 from pgbatch.db.copy import encode_json
 from pgbatch.db.queries import query
 from pgbatch.errors import (
@@ -108,6 +109,11 @@ class _ItemEncoder:
         except TypeError:
             self._raise_for_first_bad(items)
             raise
+        # orjson writes NaN and ±Infinity as null: only an item whose JSON holds a null
+        # can hide one, so only those are walked (a null in a string costs a walk, no more).
+        for offset, payload in enumerate(payloads):
+            if b"null" in payload:
+                self._check_value(items[offset], self.count + offset)
         # The hash covers each payload and a newline, whatever the chunk boundaries.
         self.digest.update(b"\n".join(payloads))
         self.digest.update(b"\n")
@@ -131,9 +137,21 @@ class _ItemEncoder:
                 orjson.dumps(item)
             except TypeError as exc:
                 seq = self.count + offset
+                self._check_value(item, seq)  # an integer beyond 64 bits: name where
                 raise ItemNotSerializableError(
                     f"item {seq} cannot be stored as JSON: {exc}", seq=seq
                 ) from None
+
+    @staticmethod
+    def _check_value(item: Any, seq: int) -> None:
+        try:
+            json_values.check_value(item, ("items", seq))
+        except json_values.JsonValueError as exc:
+            raise ItemNotSerializableError(
+                f"item {seq} cannot be stored as JSON: {exc}",
+                seq=seq,
+                field=json_values.field_of(exc.path),
+            ) from None
 
 
 async def _chunks(items: Iterable[Any] | AsyncIterable[Any], encoder: _ItemEncoder) -> Any:

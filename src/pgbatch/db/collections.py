@@ -46,40 +46,47 @@ async def create_collection_tables(conn: psycopg.AsyncConnection[Any]) -> None:
 
 
 async def create_collection(
-    conn: psycopg.AsyncConnection[Any], collection_id: str, *, name: str | None = None
+    conn: psycopg.AsyncConnection[Any], tenant: str, collection_id: str, *, name: str | None = None
 ) -> bool:
-    """Create a collection; return False if it already existed."""
-    cur = await conn.execute(query("collection_create"), {"id": collection_id, "name": name})
+    """Create `tenant`'s collection; return False if it already existed."""
+    cur = await conn.execute(
+        query("collection_create"), {"tenant": tenant, "id": collection_id, "name": name}
+    )
     return cur.rowcount == 1
 
 
-async def delete_collection(conn: psycopg.AsyncConnection[Any], collection_id: str) -> bool:
-    """Delete a collection and its items; return False if there was no such collection."""
-    cur = await conn.execute(query("collection_delete"), {"id": collection_id})
+async def delete_collection(
+    conn: psycopg.AsyncConnection[Any], tenant: str, collection_id: str
+) -> bool:
+    """Delete `tenant`'s collection and its items; return False if it had no such one."""
+    cur = await conn.execute(query("collection_delete"), {"tenant": tenant, "id": collection_id})
     return cur.rowcount == 1
 
 
 async def existing_collections(
-    conn: psycopg.AsyncConnection[Any], collection_ids: Sequence[str]
+    conn: psycopg.AsyncConnection[Any], tenant: str, collection_ids: Sequence[str]
 ) -> set[str]:
-    """Return which of `collection_ids` are collections."""
-    cur = await conn.execute(query("collections_existing"), {"ids": list(collection_ids)})
+    """Return which of `collection_ids` are `tenant`'s collections."""
+    cur = await conn.execute(
+        query("collections_existing"), {"tenant": tenant, "ids": list(collection_ids)}
+    )
     return {row[0] for row in await cur.fetchall()}
 
 
 async def add_collection_items(
-    conn: psycopg.AsyncConnection[Any], collection_id: str, item_ids: Sequence[str]
+    conn: psycopg.AsyncConnection[Any], tenant: str, collection_id: str, item_ids: Sequence[str]
 ) -> int:
-    """Add items to a collection (present ones are skipped); return how many were new."""
+    """Add items to `tenant`'s collection (present ones are skipped); return how many were new."""
     cur = await conn.execute(
         query("collection_items_add"),
-        {"collection_id": collection_id, "item_ids": list(item_ids)},
+        {"tenant": tenant, "collection_id": collection_id, "item_ids": list(item_ids)},
     )
     return cur.rowcount
 
 
 async def generate_collection_items(
     conn: psycopg.AsyncConnection[Any],
+    tenant: str,
     collection_id: str,
     count: int,
     *,
@@ -89,25 +96,36 @@ async def generate_collection_items(
     """Add `count` synthetic items `<prefix><n>` server-side; return how many were new."""
     cur = await conn.execute(
         query("collection_items_generate"),
-        {"collection_id": collection_id, "count": count, "prefix": prefix, "first": first},
+        {
+            "tenant": tenant,
+            "collection_id": collection_id,
+            "count": count,
+            "prefix": prefix,
+            "first": first,
+        },
     )
     return cur.rowcount
 
 
-async def count_collection_items(conn: psycopg.AsyncConnection[Any], collection_id: str) -> int:
-    """Return how many items the collection holds."""
-    cur = await conn.execute(query("collection_items_count"), {"collection_id": collection_id})
+async def count_collection_items(
+    conn: psycopg.AsyncConnection[Any], tenant: str, collection_id: str
+) -> int:
+    """Return how many items `tenant`'s collection holds."""
+    cur = await conn.execute(
+        query("collection_items_count"), {"tenant": tenant, "collection_id": collection_id}
+    )
     row = await cur.fetchone()
     assert row is not None
     return int(row[0])
 
 
 async def plan_copy_ranges(
-    conn: psycopg.AsyncConnection[Any], source: str, *, keys_per_range: int
+    conn: psycopg.AsyncConnection[Any], tenant: str, source: str, *, keys_per_range: int
 ) -> list[tuple[str, str]]:
     """Cut the source's keys into ranges of `keys_per_range` keys; return (first, last) each."""
     cur = await conn.execute(
-        query("collection_copy_plan_ranges"), {"source": source, "keys": keys_per_range}
+        query("collection_copy_plan_ranges"),
+        {"tenant": tenant, "source": source, "keys": keys_per_range},
     )
     return [(first, last) for first, last in await cur.fetchall()]
 
@@ -120,7 +138,10 @@ def copy_ranges_statement(
     target: str,
     ranges: Sequence[tuple[str, str]],
 ) -> CommitStatement:
-    """Return the at-commit statement that copies the source's keys in `ranges` (inclusive)."""
+    """Return the at-commit statement that copies the source's keys in `ranges` (inclusive).
+
+    Both collections are the batch's tenant's: the statement reads the tenant from the batch.
+    """
     return CommitStatement(
         query("collection_copy_ranges"),
         {

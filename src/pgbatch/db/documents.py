@@ -15,7 +15,13 @@ from pgbatch.db.queries import query
 from pgbatch.writer.errors import WriteFailedError
 from pgbatch.writer.models import WriteItem
 
-__all__ = ["DocumentRow", "DocumentSink", "create_document_tables"]
+__all__ = [
+    "DocumentRow",
+    "DocumentSink",
+    "StoredDocument",
+    "create_document_tables",
+    "get_document",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +31,16 @@ class DocumentRow:
     type: str
     identity_json: str
     body_json: str
+
+
+@dataclass(frozen=True, slots=True)
+class StoredDocument:
+    """A committed document as read back: its identity, body and referenced identities."""
+
+    key: uuid.UUID
+    identity: dict[str, Any]
+    body: dict[str, Any]
+    references: list[dict[str, Any]]
 
 
 class DocumentSink:
@@ -117,3 +133,21 @@ async def create_document_tables(db: Database) -> None:
         await conn.execute(query("documents_lock_ddl"))
         await conn.execute(query("documents_create_tables"))
         await conn.execute(query("documents_create_functions"))
+
+
+async def get_document(
+    db: Database, key: uuid.UUID, *, tenant: str, default_tenant: str
+) -> StoredDocument | None:
+    """Return `tenant`'s document `key`, or None (no such key, or another tenant's)."""
+    async with db.connection() as conn:
+        try:
+            cur = await conn.execute(
+                query("document_get"),
+                {"key": key, "tenant": tenant, "default_tenant": default_tenant},
+            )
+        except psycopg.errors.UndefinedTable:
+            return None  # no document was ever posted: the tables are made on first post
+        row = await cur.fetchone()
+    if row is None:
+        return None
+    return StoredDocument(row[0], row[1], row[2], row[3])

@@ -21,7 +21,11 @@ list) into a target is a pgbatch batch:
 
 "All" means the keys the source holds when the copy is submitted: the ranges are fixed
 then (a key added later inside a range is copied too, one outside every range is not).
-Collections are not scoped to a tenant; the copy's batch is.
+Collections are their tenant's (issue 9): every key starts with the tenant, a copy reads
+and writes only its batch's tenant's collections (its statement takes the tenant from the
+batch, not from the items), and another tenant's collection answers like a missing one.
+The copy task is internal: the public batch route refuses it, so a copy always passes
+submit_copy's checks there.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ __all__ = [
     "KEYS_PER_ITEM",
     "RANGES_PER_SHARD",
     "TASK",
+    "CollectionNotFoundError",
     "CopyReport",
     "add_items",
     "copy_collection_shard",
@@ -69,6 +74,10 @@ MAX_KEY_CHARS = 200
 _OK = ok(None)
 
 
+class CollectionNotFoundError(InvalidBatchError):
+    """The tenant has no collection of that name (another tenant's one reads the same)."""
+
+
 @dataclass(frozen=True, slots=True)
 class CopyReport:
     """What a copy did so far: its progress and the keys inserted and already present."""
@@ -96,7 +105,8 @@ def install(app: App, *, shard_size: int = RANGES_PER_SHARD) -> None:
     """
     if TASK in app.tasks:
         return
-    app.task(TASK, shard_size=shard_size)(copy_collection_shard)
+    # Internal: its items name collections, which only submit_copy checks against the tenant.
+    app.task(TASK, shard_size=shard_size, internal=True)(copy_collection_shard)
     app.on_open(create_tables)
 
 
@@ -179,7 +189,9 @@ async def submit_copy_or_find(
     Items are ranges of `keys_per_item` keys; a shard holds `shard_size` of them (the
     task's, RANGES_PER_SHARD, by default). Raise InvalidBatchError naming the field
     ("source", "target", "item_ids", "keys_per_item", ...) when the input is wrong;
-    nothing is written then. A copy of an empty source is an empty batch, finished at once.
+    nothing is written then; CollectionNotFoundError (an InvalidBatchError) when `tenant`
+    has no such source or target. A copy of an empty source is an empty batch, finished at
+    once.
     """
     _check_key(source, "source")
     _check_key(target, "target")
@@ -202,13 +214,15 @@ async def submit_copy_or_find(
         )
     await app.open()
     async with app.db.connection() as conn:
-        existing = await queries.existing_collections(conn, [source, target])
+        existing = await queries.existing_collections(conn, tenant, [source, target])
         for name, collection in (("source", source), ("target", target)):
             if collection not in existing:
-                raise InvalidBatchError(f"no collection {collection!r}", field=name)
+                raise CollectionNotFoundError(f"no collection {collection!r}", field=name)
         items: list[dict[str, Any]]
         if ids is None:
-            ranges = await queries.plan_copy_ranges(conn, source, keys_per_range=keys_per_item)
+            ranges = await queries.plan_copy_ranges(
+                conn, tenant, source, keys_per_range=keys_per_item
+            )
             items = [
                 {"source": source, "target": target, "first": first, "last": last}
                 for first, last in ranges
@@ -254,33 +268,44 @@ async def copy_report(app: App, batch_id: int, *, tenant: str | None = None) -> 
     )
 
 
-async def create_collection(app: App, collection_id: str, *, name: str | None = None) -> bool:
-    """Create a collection; return False if it already existed."""
+async def create_collection(
+    app: App, collection_id: str, *, name: str | None = None, tenant: str = "default"
+) -> bool:
+    """Create `tenant`'s collection; return False if it already existed."""
     _check_key(collection_id, "collection_id")
+    _check_key(tenant, "tenant")
     await app.open()
     async with app.db.connection() as conn:
-        return await queries.create_collection(conn, collection_id, name=name)
+        return await queries.create_collection(conn, tenant, collection_id, name=name)
 
 
-async def delete_collection(app: App, collection_id: str) -> bool:
-    """Delete a collection and its items; return False if there was no such collection."""
+async def delete_collection(app: App, collection_id: str, *, tenant: str = "default") -> bool:
+    """Delete `tenant`'s collection and its items; return False if it had no such one."""
     await app.open()
     async with app.db.connection() as conn:
-        return await queries.delete_collection(conn, collection_id)
+        return await queries.delete_collection(conn, tenant, collection_id)
 
 
-async def add_items(app: App, collection_id: str, item_ids: Iterable[str]) -> int:
-    """Add items to an existing collection (present ones are skipped); return how many were new."""
+async def add_items(
+    app: App, collection_id: str, item_ids: Iterable[str], *, tenant: str = "default"
+) -> int:
+    """Add items to `tenant`'s collection (present ones are skipped); return how many were new."""
     ids = _sorted_ids(item_ids)
     await app.open()
     async with app.db.connection() as conn:
-        if collection_id not in await queries.existing_collections(conn, [collection_id]):
-            raise InvalidBatchError(f"no collection {collection_id!r}", field="collection_id")
-        return await queries.add_collection_items(conn, collection_id, ids)
+        if collection_id not in await queries.existing_collections(conn, tenant, [collection_id]):
+            raise CollectionNotFoundError(f"no collection {collection_id!r}", field="collection_id")
+        return await queries.add_collection_items(conn, tenant, collection_id, ids)
 
 
 async def seed_items(
-    app: App, collection_id: str, count: int, *, prefix: str = "company-", first: int = 0
+    app: App,
+    collection_id: str,
+    count: int,
+    *,
+    prefix: str = "company-",
+    first: int = 0,
+    tenant: str = "default",
 ) -> int:
     """Add `count` synthetic items `<prefix><n>` (n zero-padded) server-side, for demos."""
     if count < 0:
@@ -288,7 +313,7 @@ async def seed_items(
     await app.open()
     async with app.db.connection() as conn:
         return await queries.generate_collection_items(
-            conn, collection_id, count, prefix=prefix, first=first
+            conn, tenant, collection_id, count, prefix=prefix, first=first
         )
 
 

@@ -16,8 +16,15 @@ from typing import Any
 
 import orjson
 
+from pgbatch import json_values
 from pgbatch.db.database import Database
-from pgbatch.db.documents import DocumentRow, DocumentSink, create_document_tables
+from pgbatch.db.documents import (
+    DocumentRow,
+    DocumentSink,
+    StoredDocument,
+    create_document_tables,
+    get_document,
+)
 from pgbatch.writer.errors import InvalidDocumentError
 from pgbatch.writer.models import WriteItem, WriteOutcome
 from pgbatch.writer.writer import (
@@ -34,9 +41,11 @@ __all__ = [
     "DocumentSink",
     "DocumentWriter",
     "Identity",
+    "StoredDocument",
     "create_document_tables",
     "document_item",
     "document_key",
+    "get_document",
 ]
 
 # The namespace of every document key. Fixed forever: changing it changes every key.
@@ -104,13 +113,26 @@ def document_item(
     try:
         body_json = orjson.dumps(body).decode()
     except TypeError as exc:
-        raise InvalidDocumentError(f"the body is not JSON-serialisable: {exc}") from exc
+        _check_body(body)  # an integer beyond 64 bits: say where
+        raise InvalidDocumentError(
+            f"the body is not JSON-serialisable: {exc}", field="body"
+        ) from exc
+    if "null" in body_json:
+        # orjson writes NaN and ±Infinity as null: only a body with a null can hide one.
+        _check_body(body)
     return WriteItem(
         key=_key_of(canonical),
         payload=DocumentRow(str(identity["type"]), canonical, body_json),
         references=frozenset(document_key(ref) for ref in references),
         partition=DEFAULT_PARTITION if partition is None else partition,
     )
+
+
+def _check_body(body: Any) -> None:
+    try:
+        json_values.check_value(body, ("body",))
+    except json_values.JsonValueError as exc:
+        raise InvalidDocumentError(str(exc), field=json_values.field_of(exc.path)) from None
 
 
 def _is_text(value: object) -> bool:

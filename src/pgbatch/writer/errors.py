@@ -27,4 +27,11 @@ class WriteFailedError(PgbatchError):
 
 
 class InvalidDocumentError(PgbatchError, ValueError):
-    """A document cannot be written as given (identity or body); the message says why."""
+    """A document cannot be written as given (identity or body); the message says why.
+
+    `field` names the offending part when it is known ("body.price"), for an API to report.
+    """
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field

@@ -14,7 +14,9 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BeforeValidator, ValidationError
 
+from pgbatch import json_values
 from pgbatch.api.errors import ApiError
+from pgbatch.api.media import JSON_BODY
 from pgbatch.api.schemas import (
     NAME_PATTERN,
     BatchId,
@@ -168,11 +170,16 @@ async def submit_batch(
         body = await _read_json_body(request, state)
         try:
             # orjson, as for NDJSON: one strict JSON parser for items either way (pydantic's
-            # accepts NaN and Infinity, and 1e400 as inf: items stored as null, silently).
-            document = orjson.loads(body)
+            # accepts NaN and Infinity, and 1e400 as inf: items stored as null, silently);
+            # json_values also refuses the integers orjson would round to a float.
+            document = json_values.loads(body)
         except orjson.JSONDecodeError as exc:
             raise ApiError(
                 422, "invalid_request", f"body: not valid JSON ({exc})", field="body"
+            ) from None
+        except json_values.JsonValueError as exc:
+            raise ApiError(
+                422, "invalid_request", str(exc), field=json_values.field_of(exc.path) or "body"
             ) from None
         try:
             submit = BatchSubmit.model_validate(document)
@@ -205,12 +212,25 @@ async def submit_batch(
             f"Content-Type must be application/json or {NDJSON}, not {content_type!r}",
             field="Content-Type",
         )
+    _refuse_internal(state, task_name)
     batch, created = await state.app.submit_or_find(
         task_name, items, idempotency_key=idempotency_key, tenant=tenant, **options
     )
     response.status_code = 201 if created else 200
     response.headers["Location"] = f"/v1/batches/{batch.id}"
     return _with_etag(response, batch)
+
+
+def _refuse_internal(state: ApiState, task_name: str) -> None:
+    """Refuse a task only a workload submits, after its own checks (e.g. a collection copy)."""
+    spec = state.app.tasks.get(task_name)
+    if spec is not None and spec.internal:
+        raise ApiError(
+            422,
+            "internal_task",
+            f"task {task_name!r} is internal: submit it through its own route",
+            field="task",
+        )
 
 
 def _too_many_items(state: ApiState) -> ApiError:
@@ -259,10 +279,15 @@ async def _ndjson_items(request: Request, state: ApiState) -> AsyncIterator[Any]
                 field="items",
             )
         try:
-            return orjson.loads(line)
+            return json_values.loads(line)
         except orjson.JSONDecodeError as exc:
             raise InvalidBatchError(
                 f"line {line_no}: not valid JSON ({exc})", field="items"
+            ) from None
+        except json_values.JsonValueError as exc:
+            path = ("items", count - 1, *exc.path)  # count - 1: this item's seq
+            raise InvalidBatchError(
+                f"line {line_no}: {exc}", field=json_values.field_of(path)
             ) from None
 
     async for chunk in request.stream():
@@ -346,7 +371,12 @@ async def get_batch(
     return _with_etag(response, batch)
 
 
-@router.patch("/batches/{batch_id}", response_model=BatchOut, responses=ERRORS(404, 409, 412, 428))
+@router.patch(
+    "/batches/{batch_id}",
+    response_model=BatchOut,
+    responses=ERRORS(404, 409, 412, 415, 428),
+    dependencies=[JSON_BODY],
+)
 async def update_batch(
     request: Request,
     response: Response,

@@ -7,6 +7,8 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Path, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from pgbatch.api.errors import ApiError
+from pgbatch.api.media import JSON_BODY
 from pgbatch.api.routes.batches import ERRORS
 from pgbatch.api.schemas import BatchId, BatchOut, IdempotencyKeyHeader, batch_out
 from pgbatch.api.state import Tenant, api_state
@@ -52,8 +54,12 @@ class CopyReportOut(BaseModel):
     status_code=201,
     response_model=BatchOut,
     responses=ERRORS(
-        409, extra={200: {"model": BatchOut, "description": "The copy the Idempotency-Key names."}}
+        404,
+        409,
+        415,
+        extra={200: {"model": BatchOut, "description": "The copy the Idempotency-Key names."}},
     ),
+    dependencies=[JSON_BODY],
 )
 async def copy_collection(
     request: Request,
@@ -65,15 +71,21 @@ async def copy_collection(
 ) -> BatchOut:
     """Start a copy: a batch whose shards are key ranges of the source, copied at commit."""
     app = api_state(request).app
-    batch, created = await copies.submit_copy_or_find(
-        app,
-        source=source,
-        target=copy.target,
-        item_ids=None if copy.item_ids == "all" else copy.item_ids,
-        tenant=tenant,
-        idempotency_key=idempotency_key,
-        priority=copy.priority,
-    )
+    try:
+        batch, created = await copies.submit_copy_or_find(
+            app,
+            source=source,
+            target=copy.target,
+            item_ids=None if copy.item_ids == "all" else copy.item_ids,
+            tenant=tenant,
+            idempotency_key=idempotency_key,
+            priority=copy.priority,
+        )
+    except copies.CollectionNotFoundError as exc:
+        if exc.field != "source":
+            raise  # a target in the body is an invalid request: 422, as for any field
+        # The collection in the path is the resource: 404, the same for another tenant's.
+        raise ApiError(404, "collection_not_found", str(exc), field="source") from None
     response.status_code = 201 if created else 200
     response.headers["Location"] = f"/v1/batches/{batch.id}"
     response.headers["ETag"] = f'"{batch.version}"'

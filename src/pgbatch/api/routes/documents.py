@@ -11,16 +11,18 @@ import orjson
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
+from pgbatch import json_values
 from pgbatch.api.auth import DEFAULT_TENANT
 from pgbatch.api.errors import ApiError
+from pgbatch.api.media import JSON_BODY
 from pgbatch.api.routes.batches import ERRORS
 from pgbatch.api.state import ApiState, Tenant, api_state
 from pgbatch.writer import DocumentWriter, create_document_tables, document_item
-from pgbatch.writer.documents import DocumentRow
+from pgbatch.writer.documents import DocumentRow, get_document
 from pgbatch.writer.errors import InvalidDocumentError, WriteFailedError, WriterClosedError
 from pgbatch.writer.models import WriteItem, WriteOutcome, WriteStatus
 
-__all__ = ["DocumentIn", "DocumentOut", "router", "write_document"]
+__all__ = ["DocumentIn", "DocumentOut", "StoredDocumentOut", "router", "write_document"]
 
 router = APIRouter(prefix="/v1", tags=["documents"])
 
@@ -57,6 +59,15 @@ class DocumentOut(BaseModel):
     identity: dict[str, str | int]
 
 
+class StoredDocumentOut(BaseModel):
+    """A document as stored: its identity (with its tenant), body and references."""
+
+    key: str
+    identity: dict[str, str | int]
+    body: dict[str, Any]
+    references: list[dict[str, str | int]]
+
+
 async def _writer(state: ApiState) -> DocumentWriter:
     # Started on first use: a server that never ingests documents creates no tables.
     writer = state.extras.get(WRITER_KEY)
@@ -80,16 +91,22 @@ async def _writer(state: ApiState) -> DocumentWriter:
         return started
 
 
-def _scoped(identity: dict[str, str | int], tenant: str) -> dict[str, str | int]:
-    # Keys are global; with several tenants the tenant is part of every identity, so one
-    # tenant's document can never overwrite, or be referenced by, another's.
+def _scoped(identity: dict[str, str | int], tenant: str, field: str) -> dict[str, str | int]:
+    # Keys are global, so the caller's tenant is part of every identity: a "tenant" member
+    # for every tenant but the default one, whose identities never have one. A "tenant"
+    # from the body is refused unless it repeats the caller's own: otherwise the default
+    # tenant (no token, or a token whose tenant is named "default") could post
+    # {"tenant": "acme"} and overwrite or reference acme's documents (issue 9).
+    if "tenant" in identity and (tenant == DEFAULT_TENANT or identity["tenant"] != tenant):
+        raise ApiError(
+            422,
+            "invalid_document",
+            f"{field}.tenant: a document belongs to the caller's tenant; "
+            'leave "tenant" out of identities',
+            field=f"{field}.tenant",
+        )
     if tenant == DEFAULT_TENANT:
         return identity
-    claimed = identity.get("tenant", tenant)
-    if claimed != tenant:
-        raise ApiError(
-            422, "invalid_document", "identity.tenant names another tenant", field="identity"
-        )
     return {**identity, "tenant": tenant}
 
 
@@ -99,8 +116,10 @@ def _scoped(identity: dict[str, str | int], tenant: str) -> dict[str, str | int]
     response_model=DocumentOut,
     responses=ERRORS(
         409,
+        415,
         extra={503: {"description": "The write could not be committed; posting again is safe."}},
     ),
+    dependencies=[JSON_BODY],
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -128,8 +147,10 @@ async def write_document(request: Request, tenant: str, write: Write) -> Respons
     # is called once per document, and the framework's generic path was most of its CPU.
     state = api_state(request)
     document = _parse(await request.body())
-    identity = _scoped(document.identity, tenant)
-    references = [_scoped(ref, tenant) for ref in document.references]
+    identity = _scoped(document.identity, tenant, "identity")
+    references = [
+        _scoped(ref, tenant, f"references.{n}") for n, ref in enumerate(document.references)
+    ]
     try:
         item = document_item(
             identity,
@@ -138,7 +159,7 @@ async def write_document(request: Request, tenant: str, write: Write) -> Respons
             partition=document.partition or (None if tenant == DEFAULT_TENANT else tenant),
         )
     except InvalidDocumentError as exc:
-        raise ApiError(422, "invalid_document", str(exc), field="identity") from None
+        raise ApiError(422, "invalid_document", str(exc), field=exc.field or "identity") from None
     try:
         outcome = await write(item)
     except (WriteFailedError, WriterClosedError) as exc:
@@ -168,9 +189,45 @@ async def write_document(request: Request, tenant: str, write: Write) -> Respons
 
 
 def _parse(body: bytes) -> DocumentIn:
+    # orjson, as for batch items: pydantic's JSON parser reads NaN, Infinity and 1e400 as
+    # floats that would be stored as null; json_values refuses integers beyond 64 bits.
     try:
-        return DocumentIn.model_validate_json(body)
+        parsed = json_values.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(
+            422, "invalid_request", f"body: not valid JSON ({exc})", field="body"
+        ) from None
+    except json_values.JsonValueError as exc:
+        field = json_values.field_of(exc.path) or "body"
+        raise ApiError(422, "invalid_request", str(exc), field=field) from None
+    try:
+        return DocumentIn.model_validate(parsed)
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first["loc"]) or "body"
         raise ApiError(422, "invalid_request", f"{field}: {first['msg']}", field=field) from None
+
+
+@router.get(
+    "/documents/{key}",
+    response_model=StoredDocumentOut,
+    responses=ERRORS(404),
+)
+async def get_stored_document(request: Request, tenant: Tenant, key: uuid.UUID) -> Response:
+    """Read one of the tenant's documents (the Location of its POST); 404 for another's."""
+    state = api_state(request)
+    stored = await get_document(state.app.db, key, tenant=tenant, default_tenant=DEFAULT_TENANT)
+    if stored is None:
+        # The same answer for a key nobody posted and for another tenant's document.
+        raise ApiError(404, "document_not_found", f"no document {key}")
+    return Response(
+        orjson.dumps(
+            {
+                "key": str(stored.key),
+                "identity": stored.identity,
+                "body": stored.body,
+                "references": stored.references,
+            }
+        ),
+        media_type="application/json",
+    )

@@ -6,20 +6,27 @@
 SELECT pg_advisory_xact_lock(hashtext('pgbatch_collections_tables'));
 
 -- name: collections_create_tables
--- Idempotent. collection_items has no foreign key to collections on purpose: a copy of a
--- million associations would run a million referential checks, each locking the same
--- collections row; the workload checks that both collections exist when a copy is
--- submitted. collection_copy_stats gets one row per completed shard of a copy, written by
--- the shard's own fenced statement: no row is shared by two shards, so no row is hot.
+-- Idempotent. Every key starts with the tenant: collections are a tenant's own (issue 9),
+-- so two tenants may both have a "companies" and neither can name the other's.
+-- collection_items has no foreign key to collections on purpose: a copy of a million
+-- associations would run a million referential checks, each locking the same collections
+-- row; the workload checks that both collections exist when a copy is submitted, and the
+-- copy's statement inserts only into a target its batch's tenant has.
+-- collection_copy_stats gets one row per completed shard of a copy, written by the
+-- shard's own fenced statement: no row is shared by two shards, so no row is hot. It is
+-- keyed by batch, and a batch is its tenant's already.
 CREATE TABLE IF NOT EXISTS collections (
-    id         text COLLATE "C" PRIMARY KEY,
+    tenant     text COLLATE "C" NOT NULL,
+    id         text COLLATE "C" NOT NULL,
     name       text,
-    created_at timestamptz NOT NULL DEFAULT now()
+    created_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (tenant, id)
 );
 CREATE TABLE IF NOT EXISTS collection_items (
+    tenant        text COLLATE "C" NOT NULL,
     collection_id text COLLATE "C" NOT NULL,
     item_id       text COLLATE "C" NOT NULL,
-    PRIMARY KEY (collection_id, item_id)
+    PRIMARY KEY (tenant, collection_id, item_id)
 );
 CREATE TABLE IF NOT EXISTS collection_copy_stats (
     batch_id        bigint NOT NULL,
@@ -29,40 +36,72 @@ CREATE TABLE IF NOT EXISTS collection_copy_stats (
     not_in_source   bigint NOT NULL,
     PRIMARY KEY (batch_id, shard_id)
 );
+-- Tables made before collections had tenants: add the column (the existing rows become
+-- the 'default' tenant's, where the library and an unauthenticated API put them) and
+-- rebuild the primary key with the tenant first. The default is dropped again, so a
+-- statement that forgets the tenant fails instead of writing into 'default'.
+DO $upgrade$
+DECLARE
+    t    text;
+    keys text;
+    pkey text;
+BEGIN
+    FOREACH t IN ARRAY ARRAY['collections', 'collection_items'] LOOP
+        IF NOT EXISTS (
+            SELECT 1 FROM pg_attribute
+            WHERE attrelid = t::regclass AND attname = 'tenant' AND NOT attisdropped
+        ) THEN
+            keys := CASE t WHEN 'collections' THEN 'tenant, id'
+                           ELSE 'tenant, collection_id, item_id' END;
+            SELECT conname INTO pkey FROM pg_constraint
+            WHERE conrelid = t::regclass AND contype = 'p';
+            EXECUTE format(
+                'ALTER TABLE %I ADD COLUMN tenant text COLLATE "C" NOT NULL DEFAULT ''default''',
+                t);
+            EXECUTE format('ALTER TABLE %I ALTER COLUMN tenant DROP DEFAULT', t);
+            IF pkey IS NOT NULL THEN
+                EXECUTE format('ALTER TABLE %I DROP CONSTRAINT %I', t, pkey);
+            END IF;
+            EXECUTE format('ALTER TABLE %I ADD PRIMARY KEY (%s)', t, keys);
+        END IF;
+    END LOOP;
+END
+$upgrade$;
 
 -- name: collection_create
-INSERT INTO collections (id, name) VALUES (%(id)s, %(name)s)
-ON CONFLICT (id) DO NOTHING
+INSERT INTO collections (tenant, id, name) VALUES (%(tenant)s, %(id)s, %(name)s)
+ON CONFLICT (tenant, id) DO NOTHING
 RETURNING id;
 
 -- name: collection_delete
 -- The collection and its items, in one statement (the items have no foreign key to cascade).
 WITH items AS (
-    DELETE FROM collection_items WHERE collection_id = %(id)s
+    DELETE FROM collection_items WHERE tenant = %(tenant)s AND collection_id = %(id)s
 )
-DELETE FROM collections WHERE id = %(id)s
+DELETE FROM collections WHERE tenant = %(tenant)s AND id = %(id)s
 RETURNING id;
 
 -- name: collections_existing
-SELECT id FROM collections WHERE id = ANY(%(ids)s::text[]);
+SELECT id FROM collections WHERE tenant = %(tenant)s AND id = ANY(%(ids)s::text[]);
 
 -- name: collection_items_add
 -- Sorted, so that two concurrent adds lock keys in one order (invariant 6).
-INSERT INTO collection_items (collection_id, item_id)
-SELECT %(collection_id)s, u.item_id FROM unnest(%(item_ids)s::text[]) AS u(item_id)
+INSERT INTO collection_items (tenant, collection_id, item_id)
+SELECT %(tenant)s, %(collection_id)s, u.item_id FROM unnest(%(item_ids)s::text[]) AS u(item_id)
 ORDER BY u.item_id
 ON CONFLICT DO NOTHING;
 
 -- name: collection_items_generate
 -- Synthetic items "<prefix><n>", n zero-padded to 9 digits so key order is numeric order.
-INSERT INTO collection_items (collection_id, item_id)
-SELECT %(collection_id)s, %(prefix)s || lpad(n::text, 9, '0')
+INSERT INTO collection_items (tenant, collection_id, item_id)
+SELECT %(tenant)s, %(collection_id)s, %(prefix)s || lpad(n::text, 9, '0')
 FROM generate_series(%(first)s::bigint, %(first)s::bigint + %(count)s::bigint - 1) AS n
-ORDER BY 2
+ORDER BY 3
 ON CONFLICT DO NOTHING;
 
 -- name: collection_items_count
-SELECT count(*) FROM collection_items WHERE collection_id = %(collection_id)s;
+SELECT count(*) FROM collection_items
+WHERE tenant = %(tenant)s AND collection_id = %(collection_id)s;
 
 -- name: collection_copy_plan_ranges
 -- Cut the source's keys, in key order, into ranges of "keys" keys; return each range's
@@ -71,7 +110,7 @@ SELECT min(item_id), max(item_id)
 FROM (
     SELECT item_id, (row_number() OVER (ORDER BY item_id) - 1) / %(keys)s::bigint AS chunk
     FROM collection_items
-    WHERE collection_id = %(source)s
+    WHERE tenant = %(tenant)s AND collection_id = %(source)s
 ) AS numbered
 GROUP BY chunk
 ORDER BY chunk;
@@ -81,13 +120,17 @@ ORDER BY chunk;
 -- keys in [first, last] of each range into the target, skipping those already there, and
 -- record the counts under (batch, shard). It runs in the shard's completion transaction,
 -- so the epoch fence decides whether any of it happens.
-WITH span AS (
+WITH
+-- include: _collection_copy_scope
+, span AS (
     SELECT * FROM unnest(%(firsts)s::text[], %(lasts)s::text[]) AS r(first_id, last_id)
 ), matched AS MATERIALIZED (
     SELECT s.item_id
     FROM span r
+    CROSS JOIN scope sc
     JOIN collection_items s
-      ON s.collection_id = %(source)s AND s.item_id BETWEEN r.first_id AND r.last_id
+      ON s.tenant = sc.tenant AND s.collection_id = %(source)s
+     AND s.item_id BETWEEN r.first_id AND r.last_id
 ), absent AS (
     SELECT 0::bigint AS n  -- a range holds only what the source has
 ),
@@ -96,30 +139,47 @@ WITH span AS (
 -- name: collection_copy_ids
 -- The at-commit statement of one shard of a copy of listed keys: as collection_copy_ranges,
 -- and the listed keys that the source does not hold are counted as not_in_source.
-WITH matched AS MATERIALIZED (
+WITH
+-- include: _collection_copy_scope
+, matched AS MATERIALIZED (
     SELECT s.item_id
-    FROM collection_items s
-    WHERE s.collection_id = %(source)s AND s.item_id = ANY(%(ids)s::text[])
+    FROM collection_items s, scope sc
+    WHERE s.tenant = sc.tenant AND s.collection_id = %(source)s
+      AND s.item_id = ANY(%(ids)s::text[])
 ), absent AS (
     SELECT cardinality(%(ids)s::text[]) - (SELECT count(*) FROM matched) AS n
 ),
 -- include: _collection_copy_insert_and_count
+
+-- name: _collection_copy_scope
+-- The start of both copy statements: the tenant of the copy's batch, and whether that
+-- tenant has the target. The statement re-checks what submit_copy checked, whatever its
+-- items say (a batch of the internal task made by hand): it reads only that tenant's
+-- source and inserts only into that tenant's existing target.
+scope AS MATERIALIZED (
+    SELECT b.tenant,
+           EXISTS (SELECT 1 FROM collections c
+                   WHERE c.tenant = b.tenant AND c.id = %(target)s) AS has_target
+    FROM pgbatch.batches b
+    WHERE b.id = %(batch_id)s
+)
 
 -- name: _collection_copy_insert_and_count
 -- The end of both copy statements, after their CTEs "matched" (the source keys to copy)
 -- and "absent" (how many asked-for keys the source lacks). Keys are inserted in key
 -- order: two copies into one target lock keys in one order.
 inserted AS (
-    INSERT INTO collection_items (collection_id, item_id)
-    SELECT %(target)s, m.item_id FROM matched m
+    INSERT INTO collection_items (tenant, collection_id, item_id)
+    SELECT sc.tenant, %(target)s, m.item_id FROM matched m, scope sc
+    WHERE sc.has_target
     ORDER BY m.item_id
     ON CONFLICT DO NOTHING
     RETURNING 1
 )
 INSERT INTO collection_copy_stats (batch_id, shard_id, inserted, already_present, not_in_source)
-SELECT %(batch_id)s, %(shard_id)s, i.n, m.n - i.n, a.n
+SELECT %(batch_id)s, %(shard_id)s, i.n, CASE WHEN t.has THEN m.n - i.n ELSE 0 END, a.n
 FROM (SELECT count(*) AS n FROM inserted) AS i, (SELECT count(*) AS n FROM matched) AS m,
-     absent AS a;
+     absent AS a, (SELECT coalesce(bool_or(has_target), false) AS has FROM scope) AS t;
 
 -- name: collection_copy_counts
 SELECT coalesce(sum(inserted), 0)::bigint,

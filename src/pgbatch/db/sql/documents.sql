@@ -127,3 +127,16 @@ SELECT documents_replace_references(%(parents)b::uuid[], %(ref_parents)b::uuid[]
 
 -- name: documents_lock_ddl
 SELECT pg_advisory_xact_lock(hashtext('pgbatch_documents_tables'));
+
+-- name: document_get
+-- One tenant's document, with the identities of the documents it references (in key
+-- order). A document's tenant is its identity's "tenant" member, the default tenant's
+-- when it has none: the API adds that member for every other tenant and refuses it from
+-- the default one, so the two kinds of identity never meet (issue 9).
+SELECT d.key, d.identity, d.body,
+       (SELECT coalesce(jsonb_agg(t.identity ORDER BY r.target), '[]'::jsonb)
+        FROM document_references r JOIN documents t ON t.key = r.target
+        WHERE r.parent = d.key) AS refs
+FROM documents d
+WHERE d.key = %(key)s
+  AND coalesce(d.identity ->> 'tenant', %(default_tenant)s) = %(tenant)s;
