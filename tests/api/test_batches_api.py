@@ -194,6 +194,10 @@ BAD_JSON_SUBMISSIONS: list[tuple[Any, str]] = [
     ({"task": "echo", "items": [1], "shard_size": 1.5}, "shard_size"),
     ({"task": "echo", "items": [1], "max_attempts": 0}, "max_attempts"),
     ({"task": "echo", "items": [1], "lease_ttl_s": -1}, "lease_ttl_s"),
+    # The library's bounds (pgbatch.limits), so HTTP and App.submit refuse the same.
+    ({"task": "echo", "items": [1], "lease_ttl_s": 1e-6}, "lease_ttl_s"),
+    ({"task": "echo", "items": [1], "lease_ttl_s": 86_401}, "lease_ttl_s"),
+    ({"task": "echo", "items": [1], "max_attempts": 1001}, "max_attempts"),
     ({"task": "echo", "items": [1], "priority": 2**31}, "priority"),
     ({"task": "echo", "items": [1], "priority": "high"}, "priority"),
     ({"task": "echo", "items": [1], "priority": True}, "priority"),

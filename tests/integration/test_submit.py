@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 import pgbatch
+from pgbatch.limits import MAX_LEASE_TTL_S, MAX_MAX_ATTEMPTS, MAX_SHARD_SIZE, MIN_LEASE_TTL_S
 from tests.helpers import register_noop
 
 COUNT_ROWS = """
@@ -139,6 +140,13 @@ def _bad_items() -> Iterator[Any]:
         ({"shard_size": True}, pgbatch.InvalidBatchError, "shard_size"),
         ({"max_attempts": 0}, pgbatch.InvalidBatchError, "max_attempts"),
         ({"lease_ttl_s": 0}, pgbatch.InvalidBatchError, "lease_ttl_s"),
+        # Issue 9: a lease no heartbeat can renew killed every shard of a healthy handler.
+        ({"lease_ttl_s": 1e-6}, pgbatch.InvalidBatchError, "lease_ttl_s"),
+        ({"lease_ttl_s": MIN_LEASE_TTL_S / 2}, pgbatch.InvalidBatchError, "lease_ttl_s"),
+        ({"lease_ttl_s": MAX_LEASE_TTL_S * 2}, pgbatch.InvalidBatchError, "lease_ttl_s"),
+        ({"lease_ttl_s": float("nan")}, pgbatch.InvalidBatchError, "lease_ttl_s"),
+        ({"max_attempts": MAX_MAX_ATTEMPTS + 1}, pgbatch.InvalidBatchError, "max_attempts"),
+        ({"shard_size": MAX_SHARD_SIZE + 1}, pgbatch.InvalidBatchError, "shard_size"),
         ({"on_complete": "nope"}, pgbatch.InvalidBatchError, "on_complete"),
         ({"idempotency_key": ""}, pgbatch.InvalidBatchError, "idempotency_key"),
         ({"items": "abc"}, pgbatch.InvalidBatchError, "items"),
