@@ -268,6 +268,7 @@ class App:
             on_complete=on_complete,
             idempotency_key=idempotency_key,
             tenant=tenant,
+            max_shard_bytes=self.settings.max_shard_bytes,
         )
 
     async def get_batch(self, batch_id: int, *, tenant: str | None = None) -> Batch:
