@@ -128,15 +128,18 @@ async def claim_shards(
     limit: int,
     cursor: ClaimCursor | None = None,
     fair: bool = True,
+    into: list[ClaimedShard] | None = None,
 ) -> list[ClaimedShard]:
     """Claim up to `limit` queued shards with their pending items, queues in the order given.
 
     Fair (the default): each queue is shared between its tenants round by round, resuming
     after the tenant `cursor` says was served last. `fair=False` is the priority-only
-    claim, kept as the baseline of benchmarks/tenant_fairness.py.
+    claim, kept as the baseline of benchmarks/tenant_fairness.py. Each statement commits
+    on its own: shards are appended to `into` as they are claimed, so a caller whose
+    later statement fails still holds (and runs) the shards already claimed.
     """
     cursor = cursor if cursor is not None else ClaimCursor()
-    shards: list[ClaimedShard] = []
+    shards: list[ClaimedShard] = into if into is not None else []
     for queue in queues:
         params = {"worker_id": worker_id, "queue": queue, "tasks": list(tasks)}
         got: list[ClaimedShard] = []
@@ -146,14 +149,16 @@ async def claim_shards(
                 conn, "shard_claim", {**params, "limit": limit - len(shards), "after_tenant": after}
             )
             cursor.advance(queue, got)
-        if len(shards) + len(got) < limit:
+            shards.extend(got)
+        if len(shards) < limit:
             # A short fair claim tops up in priority order: free slots never idle while
             # claimable work is queued (a tenant offered less than its share, or some of
             # its shards were locked by another claimer).
-            got += await _claim(
-                conn, "shard_claim_by_priority", {**params, "limit": limit - len(shards) - len(got)}
+            shards.extend(
+                await _claim(
+                    conn, "shard_claim_by_priority", {**params, "limit": limit - len(shards)}
+                )
             )
-        shards.extend(got)
         if len(shards) >= limit:
             break
     return shards

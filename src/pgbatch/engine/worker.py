@@ -257,6 +257,8 @@ class Worker:
         1 GB) fails every claim that takes it, which wedged the queue for every tenant.
         A failed claim that is not a lost connection falls back to one shard at a time.
         """
+        # Shards claimed before a statement failed are committed: keep and run them.
+        shards: list[ClaimedShard] = []
         try:
             return await claim_shards(
                 conn,
@@ -265,13 +267,32 @@ class Worker:
                 tasks=tasks,
                 limit=limit,
                 cursor=self._claim_cursor,
+                into=shards,
             )
         except psycopg.Error as exc:
             if _is_connection_loss(conn, exc):
                 raise
             _log.warning("claim failed (%s); claiming one shard at a time", exc)
-        shards: list[ClaimedShard] = []
+        try:
+            await self._claim_one_by_one(conn, tasks, limit, shards)
+        except psycopg.Error as exc:
+            if _is_connection_loss(conn, exc):
+                raise
+            # The fallback itself failed: keep what it claimed, try again next round.
+            _log.warning("claiming one shard at a time failed: %s", exc)
+        return shards
+
+    async def _claim_one_by_one(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        tasks: list[str],
+        limit: int,
+        shards: list[ClaimedShard],
+    ) -> None:
+        """Claim the shards a claim would take one at a time; bury those that fail alone."""
         for queue in self.queues:
+            if len(shards) >= limit:
+                break
             candidates = await claim_candidates(
                 conn, queue=queue, tasks=tasks, limit=limit - len(shards), cursor=self._claim_cursor
             )
@@ -287,9 +308,6 @@ class Worker:
                     continue
                 if shard is not None:
                     shards.append(shard)
-            if len(shards) >= limit:
-                break
-        return shards
 
     async def _bury(
         self, conn: psycopg.AsyncConnection[Any], shard_id: int, exc: psycopg.Error
