@@ -13,6 +13,7 @@ from pgbatch.errors import (
     ItemNotSerializableError,
     MigrationError,
     PgbatchError,
+    ShardTooLargeError,
     StaleVersionError,
     UnknownTaskError,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "Settings",
     "ShardContext",
     "ShardStatus",
+    "ShardTooLargeError",
     "StaleVersionError",
     "UnknownTaskError",
     "Worker",

@@ -16,6 +16,7 @@ from pgbatch.db.database import Database, resolve_url
 from pgbatch.db.migrations import migrate
 from pgbatch.db.queries import query
 from pgbatch.errors import InvalidBatchError, InvalidStateError, UnknownTaskError
+from pgbatch.limits import MAX_LEASE_TTL_S, MAX_MAX_ATTEMPTS, MAX_SHARD_SIZE, MIN_LEASE_TTL_S
 from pgbatch.models import Batch, Outcome
 from pgbatch.tasks import (
     DEFAULT_LEASE_TTL_S,
@@ -272,6 +273,7 @@ class App:
             on_complete=on_complete,
             idempotency_key=idempotency_key,
             tenant=tenant,
+            max_shard_bytes=self.settings.max_shard_bytes,
         )
 
     async def get_batch(self, batch_id: int, *, tenant: str | None = None) -> Batch:
@@ -490,21 +492,25 @@ def _check_options(
         raise InvalidBatchError(
             f"shard_size must be a positive integer, got {shard_size!r}", field="shard_size"
         )
-    if shard_size > 1_000_000:
-        raise InvalidBatchError("shard_size must be at most 1000000", field="shard_size")
-    if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
+    if shard_size > MAX_SHARD_SIZE:
+        raise InvalidBatchError(f"shard_size must be at most {MAX_SHARD_SIZE}", field="shard_size")
+    if (
+        isinstance(max_attempts, bool)
+        or not isinstance(max_attempts, int)
+        or not 1 <= max_attempts <= MAX_MAX_ATTEMPTS
+    ):
         raise InvalidBatchError(
-            f"max_attempts must be an integer of at least 1, got {max_attempts!r}",
+            f"max_attempts must be an integer from 1 to {MAX_MAX_ATTEMPTS}, got {max_attempts!r}",
             field="max_attempts",
         )
     if (
         isinstance(lease_ttl_s, bool)
         or not isinstance(lease_ttl_s, int | float)
-        or not lease_ttl_s > 0
-        or lease_ttl_s == float("inf")
+        or not MIN_LEASE_TTL_S <= lease_ttl_s <= MAX_LEASE_TTL_S
     ):
         raise InvalidBatchError(
-            f"lease_ttl_s must be a positive number of seconds, got {lease_ttl_s!r}",
+            f"lease_ttl_s must be from {MIN_LEASE_TTL_S} to {MAX_LEASE_TTL_S:.0f} seconds, "
+            f"got {lease_ttl_s!r}",
             field="lease_ttl_s",
         )
     if not isinstance(queue, str) or not queue:

@@ -7,6 +7,8 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from pgbatch.limits import DEFAULT_MAX_SHARD_BYTES
+
 __all__ = ["Settings"]
 
 
@@ -61,3 +63,8 @@ class Settings(BaseSettings):
     sse_min_interval_s: float = Field(default=0.25, gt=0)
     # A comment line on an idle stream this often keeps proxies from closing it.
     sse_keepalive_s: float = Field(default=15.0, gt=0)
+
+    # -- limits ----------------------------------------------------------------------------
+    # Total JSON bytes of one shard's items, checked at submit (App.submit and the API):
+    # the claim reads a shard as one value, capped at 1 GB by PostgreSQL (pgbatch.limits).
+    max_shard_bytes: int = Field(default=DEFAULT_MAX_SHARD_BYTES, ge=1024, le=512 * 1024 * 1024)

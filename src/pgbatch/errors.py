@@ -5,7 +5,8 @@ PgbatchError
 ├── MigrationError            the schema cannot be brought up to date
 ├── InvalidBatchError         a submission is malformed; nothing was written
 │   ├── UnknownTaskError      the task name is not registered
-│   └── ItemNotSerializableError
+│   ├── ItemNotSerializableError
+│   └── ShardTooLargeError    a shard's items hold more bytes than max_shard_bytes
 ├── IdempotencyConflictError  same idempotency key, different payload
 ├── BatchNotFoundError
 ├── StaleVersionError         optimistic update against an old version
@@ -23,6 +24,7 @@ __all__ = [
     "ItemNotSerializableError",
     "MigrationError",
     "PgbatchError",
+    "ShardTooLargeError",
     "StaleVersionError",
     "UnknownTaskError",
 ]
@@ -61,6 +63,19 @@ class ItemNotSerializableError(InvalidBatchError):
     def __init__(self, message: str, *, seq: int, field: str = "items") -> None:
         super().__init__(message, field=field)
         self.seq = seq
+
+
+class ShardTooLargeError(InvalidBatchError):
+    """One shard's items hold more JSON bytes than `limit_bytes`; use a smaller shard_size.
+
+    A worker reads a shard's items as one value, which PostgreSQL caps at 1 GB: a shard
+    past that could never be claimed, so it is refused at submit.
+    """
+
+    def __init__(self, message: str, *, limit_bytes: int, shard_no: int) -> None:
+        super().__init__(message, field="items")
+        self.limit_bytes = limit_bytes
+        self.shard_no = shard_no
 
 
 class IdempotencyConflictError(PgbatchError):

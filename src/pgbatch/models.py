@@ -95,6 +95,8 @@ class ClaimedShard:
     lease_ttl_s: float
     items: tuple[Item, ...] = field(default=())
     batch_cancelled: bool = False
+    # Its batch's tenant: the fair claim's round-robin resumes after the last one served.
+    tenant: str = "default"
 
 
 @dataclass(frozen=True, slots=True)

@@ -194,6 +194,10 @@ BAD_JSON_SUBMISSIONS: list[tuple[Any, str]] = [
     ({"task": "echo", "items": [1], "shard_size": 1.5}, "shard_size"),
     ({"task": "echo", "items": [1], "max_attempts": 0}, "max_attempts"),
     ({"task": "echo", "items": [1], "lease_ttl_s": -1}, "lease_ttl_s"),
+    # The library's bounds (pgbatch.limits), so HTTP and App.submit refuse the same.
+    ({"task": "echo", "items": [1], "lease_ttl_s": 1e-6}, "lease_ttl_s"),
+    ({"task": "echo", "items": [1], "lease_ttl_s": 86_401}, "lease_ttl_s"),
+    ({"task": "echo", "items": [1], "max_attempts": 1001}, "max_attempts"),
     ({"task": "echo", "items": [1], "priority": 2**31}, "priority"),
     ({"task": "echo", "items": [1], "priority": "high"}, "priority"),
     ({"task": "echo", "items": [1], "priority": True}, "priority"),
@@ -592,3 +596,33 @@ async def test_results_of_a_large_batch_come_in_order_in_both_formats(api: Runni
         rows = list(csv.reader(io.StringIO(as_csv.text, newline="")))[1:]
         assert [int(r[0]) for r in rows] == list(range(n))
         assert [orjson.loads(r[2]) for r in rows] == [f"item,{i}" for i in range(n)]
+
+
+@pytest.mark.asyncio
+async def test_a_shard_over_max_shard_bytes_answers_413_naming_the_limit(
+    start_api: StartApi,
+) -> None:
+    # Issue 9: 1,100 lines of 1 MiB in one shard were accepted, and no claim could read it.
+    # The same check at a small bound: shards of 10 items of ~500 bytes are over 4 KiB.
+    limit = 4096
+    items = [{"pad": "x" * 500, "n": n} for n in range(30)]
+    async with start_api(max_shard_bytes=limit, worker=False) as api:
+        async with api.client() as client:
+            streamed = await client.post(
+                "/v1/batches",
+                params={"task": "echo", "shard_size": 10},
+                content=in_chunks(ndjson(items), 1000),
+                headers=NDJSON,
+            )
+            inline = await client.post(
+                "/v1/batches", json={"task": "echo", "items": items, "shard_size": 10}
+            )
+            for response in (streamed, inline):
+                error = assert_error(response, 413, code="shard_too_large", field="items")
+                assert str(limit) in error["message"], error
+                assert "shard_size" in error["message"], error
+            await assert_nothing_written(api)
+            fits = await client.post(
+                "/v1/batches", json={"task": "echo", "items": items, "shard_size": 5}
+            )
+            assert fits.status_code == 201, fits.text

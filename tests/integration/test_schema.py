@@ -79,3 +79,60 @@ async def test_ten_processes_migrating_at_once_apply_each_migration_once(
     finally:
         for conn in conns:
             await conn.close()
+
+
+@pytest.mark.asyncio
+async def test_a_database_at_0002_with_queued_work_upgrades_in_place_to_0003(
+    empty_database: str,
+) -> None:
+    # 0003 adds shards.tenant: existing shards must take their batch's tenant and stay
+    # claimable by the fair claim, with nothing else changed.
+    from pgbatch.db.shards import claim_shards
+
+    async with await psycopg.AsyncConnection.connect(empty_database, autocommit=True) as conn:
+        assert await migrate(conn, target_version=2) == [1, 2]
+        for tenant in ("acme", "default"):
+            await conn.execute(
+                """
+                WITH b AS (
+                    INSERT INTO pgbatch.batches (tenant, task, shard_size, max_attempts,
+                                                 lease_ttl_s, total_items, total_shards)
+                    VALUES (%(tenant)s, 't', 2, 3, 30, 4, 2) RETURNING id
+                ), i AS (
+                    INSERT INTO pgbatch.items (batch_id, seq, payload)
+                    SELECT b.id, g, to_json(%(tenant)s || g) FROM b, generate_series(0, 3) g
+                )
+                INSERT INTO pgbatch.shards (batch_id, shard_no, first_seq, last_seq, task,
+                                            queue, priority, max_attempts, lease_ttl_s)
+                SELECT b.id, g, g * 2, g * 2 + 1, 't', 'default', 0, 3, 30
+                FROM b, generate_series(0, 1) g
+                """,
+                {"tenant": tenant},
+            )
+        before = await (await conn.execute("SELECT * FROM pgbatch.shards ORDER BY id")).fetchall()
+
+        assert await migrate(conn) == [3]
+
+        rows = await (
+            await conn.execute(
+                "SELECT s.tenant, b.tenant FROM pgbatch.shards s"
+                " JOIN pgbatch.batches b ON b.id = s.batch_id ORDER BY s.id"
+            )
+        ).fetchall()
+        assert rows == [("acme", "acme")] * 2 + [("default", "default")] * 2
+        after = await (
+            await conn.execute(
+                "SELECT id, batch_id, shard_no, first_seq, last_seq, task, queue, priority,"
+                " status, attempts, max_attempts, lease_ttl_s, lease_epoch, lease_expires_at,"
+                " worker_id, retried, run_after, last_error, finished_at"
+                " FROM pgbatch.shards ORDER BY id"
+            )
+        ).fetchall()
+        assert after == before
+        shards = await claim_shards(conn, worker_id="w", queues=["default"], tasks=["t"], limit=10)
+        assert sorted((s.tenant, [i.value for i in s.items]) for s in shards) == [
+            ("acme", ["acme0", "acme1"]),
+            ("acme", ["acme2", "acme3"]),
+            ("default", ["default0", "default1"]),
+            ("default", ["default2", "default3"]),
+        ]

@@ -10,6 +10,8 @@ from typing import Any
 import pytest
 
 import pgbatch
+from pgbatch.limits import MAX_LEASE_TTL_S, MAX_MAX_ATTEMPTS, MAX_SHARD_SIZE, MIN_LEASE_TTL_S
+from tests.conftest import settings_for
 from tests.helpers import register_noop
 
 COUNT_ROWS = """
@@ -139,6 +141,13 @@ def _bad_items() -> Iterator[Any]:
         ({"shard_size": True}, pgbatch.InvalidBatchError, "shard_size"),
         ({"max_attempts": 0}, pgbatch.InvalidBatchError, "max_attempts"),
         ({"lease_ttl_s": 0}, pgbatch.InvalidBatchError, "lease_ttl_s"),
+        # Issue 9: a lease no heartbeat can renew killed every shard of a healthy handler.
+        ({"lease_ttl_s": 1e-6}, pgbatch.InvalidBatchError, "lease_ttl_s"),
+        ({"lease_ttl_s": MIN_LEASE_TTL_S / 2}, pgbatch.InvalidBatchError, "lease_ttl_s"),
+        ({"lease_ttl_s": MAX_LEASE_TTL_S * 2}, pgbatch.InvalidBatchError, "lease_ttl_s"),
+        ({"lease_ttl_s": float("nan")}, pgbatch.InvalidBatchError, "lease_ttl_s"),
+        ({"max_attempts": MAX_MAX_ATTEMPTS + 1}, pgbatch.InvalidBatchError, "max_attempts"),
+        ({"shard_size": MAX_SHARD_SIZE + 1}, pgbatch.InvalidBatchError, "shard_size"),
         ({"on_complete": "nope"}, pgbatch.InvalidBatchError, "on_complete"),
         ({"idempotency_key": ""}, pgbatch.InvalidBatchError, "idempotency_key"),
         ({"items": "abc"}, pgbatch.InvalidBatchError, "items"),
@@ -197,3 +206,42 @@ async def test_submit_streams_without_holding_the_items(app: pgbatch.App) -> Non
     assert batch.total_items == count
     # ~12 MB of item payloads went through; a streaming submit keeps a chunk at a time.
     assert peak < 8 * 1024 * 1024, f"peak {peak / 1e6:.1f} MB"
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("streamed", [False, True], ids=["list", "generator-copy"])
+async def test_a_shard_over_max_shard_bytes_is_refused_and_writes_nothing(
+    database_url: str, streamed: bool
+) -> None:
+    # Issue 9: a shard whose items the claim cannot read as one value wedged the queue.
+    # 2,000 items of ~200 bytes; shards of 10 are ~2 KB, one shard of 50 fat items is not.
+    limit = 4096
+    app = pgbatch.App(settings=settings_for(database_url, max_shard_bytes=limit))
+    register_noop(app)
+    await app.open()
+    try:
+
+        def items() -> Iterator[Any]:
+            for n in range(2000):
+                yield {"n": n, "pad": "x" * (2000 if 1500 <= n < 1502 else 180)}
+
+        # 1,000 items in a list take the one-statement path; the generator takes COPY.
+        source: Any = items() if streamed else [*list(items())[:990], *list(items())[1500:1510]]
+        with pytest.raises(pgbatch.ShardTooLargeError) as raised:
+            await app.submit("t", source, shard_size=10)
+        assert isinstance(raised.value, pgbatch.InvalidBatchError)
+        assert raised.value.field == "items"
+        assert raised.value.limit_bytes == limit
+        assert str(limit) in str(raised.value) and "PGBATCH_MAX_SHARD_BYTES" in str(raised.value)
+        assert raised.value.shard_no == (150 if streamed else 99)
+        assert await _counts(app) == (0, 0, 0, 0)
+        # The same items in shards that fit are accepted; a shard exactly at the bound too.
+        batch = await app.submit("t", items(), shard_size=2)
+        assert batch.total_items == 2000
+        exact = limit - 1  # one payload plus its comma
+        body = "y" * (exact - len(b'""'))
+        assert (await app.submit("t", [body], shard_size=1)).total_items == 1
+        with pytest.raises(pgbatch.ShardTooLargeError):
+            await app.submit("t", [body + "y"], shard_size=1)
+    finally:
+        await app.close()

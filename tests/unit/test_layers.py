@@ -29,6 +29,7 @@ LAYERS: dict[str, tuple[str, int]] = {
     "pgbatch.export": ("base", BASE),
     "pgbatch.metrics": ("base", BASE),
     "pgbatch.json_values": ("base", BASE),
+    "pgbatch.limits": ("base", BASE),
     "pgbatch.db": ("db", DB),
     "pgbatch.engine.group_commit": ("commit", COMMIT),
     "pgbatch.engine": ("engine", RUNTIME),

@@ -15,6 +15,7 @@ from pgbatch.errors import (
     IdempotencyConflictError,
     InvalidBatchError,
     InvalidStateError,
+    ShardTooLargeError,
     StaleVersionError,
 )
 
@@ -113,6 +114,11 @@ def install_error_handlers(api: FastAPI) -> None:
     @api.exception_handler(InvalidBatchError)
     async def invalid_batch(_: Request, exc: InvalidBatchError) -> JSONResponse:
         return _respond(422, "invalid_batch", str(exc), exc.field)
+
+    @api.exception_handler(ShardTooLargeError)
+    async def shard_too_large(_: Request, exc: ShardTooLargeError) -> JSONResponse:
+        # 413, as for the other size limits; the message names the limit, as theirs do.
+        return _respond(413, "shard_too_large", str(exc), exc.field)
 
     @api.exception_handler(BatchNotFoundError)
     async def not_found(_: Request, exc: BatchNotFoundError) -> JSONResponse:

@@ -10,6 +10,7 @@ from fastapi import Header
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from pgbatch.db.batches import BatchInsight
+from pgbatch.limits import MAX_LEASE_TTL_S, MAX_MAX_ATTEMPTS, MAX_SHARD_SIZE, MIN_LEASE_TTL_S
 from pgbatch.models import Batch, BatchStatus
 
 __all__ = [
@@ -73,9 +74,10 @@ class _Strict(BaseModel):
 class BatchOptions(_Strict):
     """Options of a submission; unset ones take the task's defaults."""
 
-    shard_size: int | None = Field(default=None, ge=1, le=1_000_000)
-    max_attempts: int | None = Field(default=None, ge=1, le=1000)
-    lease_ttl_s: float | None = Field(default=None, gt=0, le=86_400)
+    # The bounds are the library's (pgbatch.limits): HTTP and App.submit refuse the same.
+    shard_size: int | None = Field(default=None, ge=1, le=MAX_SHARD_SIZE)
+    max_attempts: int | None = Field(default=None, ge=1, le=MAX_MAX_ATTEMPTS)
+    lease_ttl_s: float | None = Field(default=None, ge=MIN_LEASE_TTL_S, le=MAX_LEASE_TTL_S)
     priority: int = Field(default=0, ge=-INT32, lt=INT32)
     queue: str | None = Field(default=None, min_length=1, max_length=200, pattern=NAME_PATTERN)
     on_complete: str | None = Field(

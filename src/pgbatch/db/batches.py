@@ -23,8 +23,10 @@ from pgbatch.errors import (
     InvalidBatchError,
     InvalidStateError,
     ItemNotSerializableError,
+    ShardTooLargeError,
     StaleVersionError,
 )
+from pgbatch.limits import DEFAULT_MAX_SHARD_BYTES
 from pgbatch.models import Batch, BatchStatus
 
 __all__ = [
@@ -68,6 +70,8 @@ class BatchSpec:
     idempotency_key: str | None = None
     # Not part of the fingerprint: an idempotency key is already scoped to its tenant.
     tenant: str = "default"
+    # A bound of this server, not an option of the batch: not part of the fingerprint.
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
 
     def fingerprint(self) -> bytes:
         """Encode the options that make two submissions "the same payload"."""
@@ -100,6 +104,10 @@ class _ItemEncoder:
         self.batch_id = batch_id
         self.count = 0
         self.digest = hashlib.sha256(spec.fingerprint())
+        self.shard_size = spec.shard_size
+        self.max_shard_bytes = spec.max_shard_bytes
+        self._measured = 0  # items counted into shard sizes so far
+        self._shard_bytes = 0  # bytes of the shard the next item belongs to, so far
 
     def payloads(self, items: Sequence[Any]) -> list[bytes]:
         """Encode items as JSON and add them to the payload hash."""
@@ -114,10 +122,38 @@ class _ItemEncoder:
         for offset, payload in enumerate(payloads):
             if b"null" in payload:
                 self._check_value(items[offset], self.count + offset)
+        self._measure(payloads)
         # The hash covers each payload and a newline, whatever the chunk boundaries.
         self.digest.update(b"\n".join(payloads))
         self.digest.update(b"\n")
         return payloads
+
+    def _measure(self, payloads: Sequence[bytes]) -> None:
+        """Add payloads to their shards' sizes; raise ShardTooLargeError past the bound.
+
+        A shard's size is what the claim builds from it: its payloads and a comma each.
+        One sum per shard segment of the chunk, not a Python step per item.
+        """
+        start = 0
+        while start < len(payloads):
+            offset = self._measured % self.shard_size
+            if offset == 0:
+                self._shard_bytes = 0
+            end = min(len(payloads), start + self.shard_size - offset)
+            segment = payloads[start:end]
+            self._shard_bytes += sum(map(len, segment)) + len(segment)
+            self._measured += len(segment)
+            if self._shard_bytes > self.max_shard_bytes:
+                shard_no = (self._measured - 1) // self.shard_size
+                limit = self.max_shard_bytes
+                raise ShardTooLargeError(
+                    f"shard {shard_no} (items from {shard_no * self.shard_size}) holds more "
+                    f"than {limit} bytes of JSON (limit {limit}, PGBATCH_MAX_SHARD_BYTES): "
+                    "submit with a smaller shard_size",
+                    limit_bytes=limit,
+                    shard_no=shard_no,
+                )
+            start = end
 
     def encode(self, items: list[Any]) -> bytes:
         """Encode one chunk of items as COPY rows numbered from the running count."""

@@ -56,10 +56,17 @@ async def applied_versions(conn: psycopg.AsyncConnection[Any]) -> set[int]:
     return {row[0] for row in rows}
 
 
-async def migrate(conn: psycopg.AsyncConnection[Any]) -> list[int]:
-    """Apply every pending migration in one locked transaction; return the versions applied."""
+async def migrate(
+    conn: psycopg.AsyncConnection[Any], *, target_version: int | None = None
+) -> list[int]:
+    """Apply pending migrations in one locked transaction; return the versions applied.
+
+    `target_version` stops after that version (tests build an older schema with it).
+    """
     applied_now: list[int] = []
-    pending = available_migrations()
+    pending = [
+        m for m in available_migrations() if target_version is None or m.version <= target_version
+    ]
     if await applied_versions(conn) >= {m.version for m in pending}:
         return applied_now  # fast path: nothing to do, no lock taken
     async with conn.transaction():

@@ -61,6 +61,8 @@ CREATE TABLE pgbatch.items (
 CREATE TABLE pgbatch.shards (
     id               bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     batch_id         bigint      NOT NULL REFERENCES pgbatch.batches (id) ON DELETE CASCADE,
+    -- Its batch's tenant, copied so the claim can share a queue fairly between tenants.
+    tenant           text        NOT NULL,
     shard_no         integer     NOT NULL,
     first_seq        bigint      NOT NULL,
     last_seq         bigint      NOT NULL,
@@ -85,6 +87,9 @@ CREATE TABLE pgbatch.shards (
 
 -- The claim reads only queued shards in priority order: a partial index keeps it small.
 CREATE INDEX shards_claim_idx ON pgbatch.shards (queue, priority DESC, id) WHERE status = 'queued';
+-- The fair claim's loose scan over a queue's tenants, then each tenant's shards by priority.
+CREATE INDEX shards_tenant_claim_idx ON pgbatch.shards (queue, tenant, priority DESC, id)
+    WHERE status = 'queued';
 -- The lease rescuer reads only running shards by expiry.
 CREATE INDEX shards_lease_idx ON pgbatch.shards (lease_expires_at) WHERE status = 'running';
 

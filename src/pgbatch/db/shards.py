@@ -16,9 +16,13 @@ from pgbatch.db.queries import query
 from pgbatch.models import ClaimedShard, Item, Outcome, ShardStatus, TableRows
 
 __all__ = [
+    "ClaimCursor",
     "CommitStatement",
     "CompletionReport",
     "ShardCompletion",
+    "bury_shard",
+    "claim_candidates",
+    "claim_shard",
     "claim_shards",
     "complete_shards",
     "execute_statements",
@@ -95,6 +99,26 @@ class CompletionReport:
     callbacks_inserted: list[int] = field(default_factory=list)
 
 
+@dataclass(slots=True)
+class ClaimCursor:
+    """Where a claimer's round-robin over tenants resumes: the last tenant served, by queue.
+
+    One per worker: each worker takes turns through the tenants on its own, so claims are
+    fair whatever the number of workers, without a shared row to update on every claim.
+    """
+
+    after_tenant: dict[str, str] = field(default_factory=dict)
+
+    def advance(self, queue: str, served: Sequence[ClaimedShard]) -> None:
+        """Remember the tenant served last in this round, in the claim's rotation order."""
+        if not served:
+            return
+        before = self.after_tenant.get(queue, "")
+        tenants = sorted({shard.tenant for shard in served})
+        after = [t for t in tenants if t > before]
+        self.after_tenant[queue] = after[-1] if after else tenants[-1]
+
+
 async def claim_shards(
     conn: psycopg.AsyncConnection[Any],
     *,
@@ -102,37 +126,110 @@ async def claim_shards(
     queues: Sequence[str],
     tasks: Sequence[str],
     limit: int,
+    cursor: ClaimCursor | None = None,
+    fair: bool = True,
+    into: list[ClaimedShard] | None = None,
 ) -> list[ClaimedShard]:
-    """Claim up to `limit` queued shards with their pending items, queues in the order given."""
-    shards: list[ClaimedShard] = []
+    """Claim up to `limit` queued shards with their pending items, queues in the order given.
+
+    Fair (the default): each queue is shared between its tenants round by round, resuming
+    after the tenant `cursor` says was served last. `fair=False` is the priority-only
+    claim, kept as the baseline of benchmarks/tenant_fairness.py. Each statement commits
+    on its own: shards are appended to `into` as they are claimed, so a caller whose
+    later statement fails still holds (and runs) the shards already claimed.
+    """
+    cursor = cursor if cursor is not None else ClaimCursor()
+    shards: list[ClaimedShard] = into if into is not None else []
     for queue in queues:
-        shards.extend(
-            await _claim_from_queue(
-                conn, worker_id=worker_id, queue=queue, tasks=tasks, limit=limit - len(shards)
+        params = {"worker_id": worker_id, "queue": queue, "tasks": list(tasks)}
+        got: list[ClaimedShard] = []
+        if fair:
+            after = cursor.after_tenant.get(queue, "")
+            got = await _claim(
+                conn, "shard_claim", {**params, "limit": limit - len(shards), "after_tenant": after}
             )
-        )
+            cursor.advance(queue, got)
+            shards.extend(got)
+        if len(shards) < limit:
+            # A short fair claim tops up in priority order: free slots never idle while
+            # claimable work is queued (a tenant offered less than its share, or some of
+            # its shards were locked by another claimer).
+            shards.extend(
+                await _claim(
+                    conn, "shard_claim_by_priority", {**params, "limit": limit - len(shards)}
+                )
+            )
         if len(shards) >= limit:
             break
     return shards
 
 
-async def _claim_from_queue(
+async def claim_candidates(
     conn: psycopg.AsyncConnection[Any],
     *,
-    worker_id: str,
     queue: str,
     tasks: Sequence[str],
     limit: int,
-) -> list[ClaimedShard]:
+    cursor: ClaimCursor | None = None,
+) -> list[int]:
+    """Return the ids of the shards a fair claim of `queue` would take, claiming nothing."""
+    after = cursor.after_tenant.get(queue, "") if cursor is not None else ""
     cur = await conn.execute(
-        query("shard_claim"),
-        {"worker_id": worker_id, "queue": queue, "tasks": list(tasks), "limit": limit},
-        prepare=True,
+        query("shard_claim_candidates"),
+        {"queue": queue, "tasks": list(tasks), "limit": limit, "after_tenant": after},
     )
+    return [row[0] for row in await cur.fetchall()]
+
+
+async def claim_shard(
+    conn: psycopg.AsyncConnection[Any], *, worker_id: str, shard_id: int, tasks: Sequence[str]
+) -> ClaimedShard | None:
+    """Claim one named shard if it is still queued and claimable; None if it is not."""
+    shards = await _claim(
+        conn,
+        "shard_claim_one",
+        {"worker_id": worker_id, "shard_id": shard_id, "tasks": list(tasks)},
+    )
+    return shards[0] if shards else None
+
+
+async def bury_shard(conn: psycopg.AsyncConnection[Any], shard_id: int, *, error: str) -> bool:
+    """Mark a queued shard dead without reading its items, and count it once in its batch.
+
+    For a shard no claim can read (issue 9). Every item without a result fails with
+    `error`. Runs in the caller's transaction; False if the shard was no longer queued.
+    """
+    row = await (
+        await conn.execute(query("shard_bury"), {"shard_id": shard_id, "error": error})
+    ).fetchone()
+    if row is None:
+        return False
+    batch_id, items_failed = row
+    # Through the completions' counter statement, so the transaction that makes
+    # shards_done reach the total is the one that finishes the batch (invariant 3).
+    await conn.execute(
+        query("batch_add_progress"),
+        {
+            "batch_ids": [batch_id],
+            "shards": [1],
+            "dead": [1],
+            "ok": [0],
+            "failed": [items_failed],
+        },
+    )
+    await conn.execute(query("callback_notify"))
+    return True
+
+
+async def _claim(
+    conn: psycopg.AsyncConnection[Any], name: str, params: Mapping[str, Any]
+) -> list[ClaimedShard]:
+    cur = await conn.execute(query(name), params, prepare=True)
     shards = []
     for row in await cur.fetchall():
         shard_id, batch_id, task, epoch, attempts, max_attempts, ttl, cancelled = row[:8]
         first_seq, seqs, payloads = row[8:11]
+        tenant = row[12]
         values = orjson.loads(payloads) if payloads else []
         # A first run holds the whole contiguous range; a retried shard lists its seqs.
         positions = seqs if seqs is not None else range(first_seq, first_seq + len(values))
@@ -147,6 +244,7 @@ async def _claim_from_queue(
                 lease_ttl_s=ttl,
                 items=tuple(map(Item, positions, values)),
                 batch_cancelled=bool(cancelled),
+                tenant=tenant,
             )
         )
     return shards

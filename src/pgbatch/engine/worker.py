@@ -29,7 +29,11 @@ from pgbatch.db.callbacks import (
 from pgbatch.db.copy import copy_table_rows
 from pgbatch.db.database import Database
 from pgbatch.db.shards import (
+    ClaimCursor,
     ShardCompletion,
+    bury_shard,
+    claim_candidates,
+    claim_shard,
     claim_shards,
     execute_statements,
     heartbeat_shards,
@@ -58,6 +62,11 @@ CALLBACK_CLAIM_LIMIT = 4
 # A claim never asks for more shards than this, whatever the free slots: it bounds the
 # size of one claim statement's result (shards times items).
 MAX_CLAIM_SHARDS = 256
+# Errors of a claim that one shard's data can cause (the claim reads its items as one
+# value): data exceptions (22), program limits such as "string buffer exceeds maximum
+# allowed length" (54), internal errors and corruption (XX). Such a shard failing a claim
+# on its own is dead; any other error leaves it queued (it is not the shard's fault).
+SHARD_CLAIM_ERROR_CLASSES = ("22", "54", "XX")
 
 
 class _Phase(enum.Enum):
@@ -92,6 +101,8 @@ class WorkerStats:
     shards_dead: int = 0
     shards_released: int = 0
     shards_cancelled: int = 0
+    # Shards no claim could read (issue 9), marked dead with the claim's error.
+    shards_buried: int = 0
     leases_lost: int = 0
     callbacks_run: int = 0
     callbacks_failed: int = 0
@@ -132,6 +143,7 @@ class Worker:
         self._completer: Completer | None = None
         self._notifier: Notifier | None = None
         self._db: Database | None = None
+        self._claim_cursor = ClaimCursor()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -221,9 +233,7 @@ class Worker:
             limit = min(free, MAX_CLAIM_SHARDS)
             try:
                 async with self._db.connection() as conn:
-                    shards = await claim_shards(
-                        conn, worker_id=self.worker_id, queues=self.queues, tasks=tasks, limit=limit
-                    )
+                    shards = await self._claim(conn, tasks, limit)
             except psycopg.OperationalError as exc:
                 _log.warning("claim failed (%s); retrying after the poll interval", exc)
                 await self._wait_any(self._wake, timeout=self.settings.poll_interval_s)
@@ -237,6 +247,84 @@ class Worker:
                 self.claimed.clear()
             if len(shards) < limit:
                 await self._wait_any(self._wake, timeout=self.settings.poll_interval_s)
+
+    async def _claim(
+        self, conn: psycopg.AsyncConnection[Any], tasks: list[str], limit: int
+    ) -> list[ClaimedShard]:
+        """Claim up to `limit` shards; if the claim fails, isolate the shard that broke it.
+
+        A shard whose items the database cannot read (issue 9: a value past PostgreSQL's
+        1 GB) fails every claim that takes it, which wedged the queue for every tenant.
+        A failed claim that is not a lost connection falls back to one shard at a time.
+        """
+        # Shards claimed before a statement failed are committed: keep and run them.
+        shards: list[ClaimedShard] = []
+        try:
+            return await claim_shards(
+                conn,
+                worker_id=self.worker_id,
+                queues=self.queues,
+                tasks=tasks,
+                limit=limit,
+                cursor=self._claim_cursor,
+                into=shards,
+            )
+        except psycopg.Error as exc:
+            if _is_connection_loss(conn, exc):
+                raise
+            _log.warning("claim failed (%s); claiming one shard at a time", exc)
+        try:
+            await self._claim_one_by_one(conn, tasks, limit, shards)
+        except psycopg.Error as exc:
+            if _is_connection_loss(conn, exc):
+                raise
+            # The fallback itself failed: keep what it claimed, try again next round.
+            _log.warning("claiming one shard at a time failed: %s", exc)
+        return shards
+
+    async def _claim_one_by_one(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        tasks: list[str],
+        limit: int,
+        shards: list[ClaimedShard],
+    ) -> None:
+        """Claim the shards a claim would take one at a time; bury those that fail alone."""
+        for queue in self.queues:
+            if len(shards) >= limit:
+                break
+            candidates = await claim_candidates(
+                conn, queue=queue, tasks=tasks, limit=limit - len(shards), cursor=self._claim_cursor
+            )
+            for shard_id in candidates:
+                try:
+                    shard = await claim_shard(
+                        conn, worker_id=self.worker_id, shard_id=shard_id, tasks=tasks
+                    )
+                except psycopg.Error as exc:
+                    if _is_connection_loss(conn, exc):
+                        raise
+                    await self._bury(conn, shard_id, exc)
+                    continue
+                if shard is not None:
+                    shards.append(shard)
+
+    async def _bury(
+        self, conn: psycopg.AsyncConnection[Any], shard_id: int, exc: psycopg.Error
+    ) -> None:
+        """Mark dead a shard that fails a claim on its own, if the error can be its data's."""
+        if not (exc.sqlstate or "").startswith(SHARD_CLAIM_ERROR_CLASSES):
+            # Not the shard's fault (a resource limit, a timeout): it stays queued; the
+            # other shards were still claimed, so the queue moves on.
+            _log.warning("shard %d: claim failed (%s); left queued", shard_id, exc)
+            return
+        message = f"cannot be claimed: {type(exc).__name__}: {exc}"[:2000]
+        async with conn.transaction():
+            buried = await bury_shard(conn, shard_id, error=message)
+        if buried:
+            self.stats.shards_buried += 1
+            self.stats.shards_dead += 1
+            _log.error("shard %d is dead: it %s", shard_id, message)
 
     async def _wait_any(self, event: asyncio.Event, *, timeout: float | None) -> None:
         waiters = {
@@ -549,6 +637,13 @@ class Worker:
                         delay_s=self._backoff_s(callback.attempts),
                         max_attempts=self.settings.callback_max_attempts,
                     )
+
+
+def _is_connection_loss(conn: psycopg.AsyncConnection[Any], exc: psycopg.Error) -> bool:
+    """Tell whether `exc` is the database going away rather than an error of a statement."""
+    state = exc.sqlstate or ""
+    # 08: connection exceptions; 57P0x: the server is shutting down or restarting.
+    return conn.broken or conn.closed or state.startswith("08") or state.startswith("57P0")
 
 
 def _check_outcomes(outcomes: object, expected: int) -> str | None:

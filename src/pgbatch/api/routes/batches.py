@@ -37,6 +37,7 @@ from pgbatch.api.schemas import (
 from pgbatch.api.state import ApiState, Tenant, TenantOrQueryToken, api_state
 from pgbatch.db.batches import BatchFilter
 from pgbatch.errors import InvalidBatchError
+from pgbatch.limits import MAX_LEASE_TTL_S, MAX_MAX_ATTEMPTS, MAX_SHARD_SIZE, MIN_LEASE_TTL_S
 from pgbatch.models import Batch, BatchStatus, Outcome
 
 __all__ = ["ERRORS", "router"]
@@ -136,9 +137,11 @@ async def submit_batch(
     tenant: Tenant,
     idempotency_key: IdempotencyKeyHeader = None,
     task: Annotated[str | None, Query(min_length=1, max_length=200, pattern=NAME_PATTERN)] = None,
-    shard_size: Annotated[int | None, Query(ge=1, le=1_000_000), IntegerText] = None,
-    max_attempts: Annotated[int | None, Query(ge=1, le=1000), IntegerText] = None,
-    lease_ttl_s: Annotated[float | None, Query(gt=0, le=86_400), NumberText] = None,
+    shard_size: Annotated[int | None, Query(ge=1, le=MAX_SHARD_SIZE), IntegerText] = None,
+    max_attempts: Annotated[int | None, Query(ge=1, le=MAX_MAX_ATTEMPTS), IntegerText] = None,
+    lease_ttl_s: Annotated[
+        float | None, Query(ge=MIN_LEASE_TTL_S, le=MAX_LEASE_TTL_S), NumberText
+    ] = None,
     priority: Annotated[int | None, Query(ge=-(2**31), lt=2**31), IntegerText] = None,
     queue: Annotated[str | None, Query(min_length=1, max_length=200, pattern=NAME_PATTERN)] = None,
     on_complete: Annotated[

@@ -61,9 +61,9 @@ WITH sealed AS (
 -- batch at once with its callback, wake the workers and return the batch.
 shards AS (
     INSERT INTO pgbatch.shards
-        (batch_id, shard_no, first_seq, last_seq, task, queue, priority, max_attempts,
-         lease_ttl_s)
-    SELECT b.id, g, g::bigint * b.shard_size,
+        (batch_id, tenant, shard_no, first_seq, last_seq, task, queue, priority,
+         max_attempts, lease_ttl_s)
+    SELECT b.id, b.tenant, g, g::bigint * b.shard_size,
            least((g + 1)::bigint * b.shard_size, b.total_items) - 1,
            b.task, b.queue, b.priority, b.max_attempts, b.lease_ttl_s
     FROM sealed b, generate_series(0, b.total_shards - 1) AS g

@@ -1,28 +1,124 @@
 -- name: shard_claim
--- One statement claims at most %(limit)s queued shards of one queue (invariant 1): SKIP
--- LOCKED lets concurrent claimers pass each other, and every claim bumps lease_epoch, the
--- fencing token. One queue per statement lets the index give the priority order, so the
--- scan stops after the limit. Each claimed shard comes back as one row carrying its items
--- as one JSON array text (one parse per shard, not one row per item); a retried shard
--- skips the items that already have a result, so it also returns their seqs.
-WITH claimed AS (
+-- One statement claims at most %(limit)s queued shards of one queue (invariant 1), shared
+-- fairly between the tenants with queued work there: each tenant offers its best shards
+-- (highest priority first, then oldest), a share of ceil(limit / tenants) at most, and the
+-- claim takes them round by round: every tenant's first, then every tenant's second, ...,
+-- starting after %(after_tenant)s, the tenant the previous claim served last. So one
+-- tenant's flood, whatever its priority, cannot hold back another tenant's batch; priority
+-- orders a tenant's own work. The tenants come from a loose index scan (one index probe
+-- per tenant), so with one tenant the claim costs two probes more than a priority scan.
+-- SKIP LOCKED lets concurrent claimers pass each other; every claim bumps lease_epoch.
+WITH RECURSIVE
+-- include: _shard_claim_tenants
+, offered AS (
+    SELECT a.tenant, o.id,
+           row_number() OVER (PARTITION BY a.tenant ORDER BY o.priority DESC, o.id) AS round
+    FROM active a
+    CROSS JOIN LATERAL (
+        SELECT q.id, q.priority FROM pgbatch.shards q
+        WHERE q.status = 'queued'
+          AND q.queue = %(queue)s
+          AND q.tenant = a.tenant
+          AND q.task = ANY(%(tasks)s::text[])
+          AND q.run_after <= now()
+        ORDER BY q.priority DESC, q.id
+        LIMIT ceil(%(limit)s::numeric / a.n)::int
+        FOR UPDATE SKIP LOCKED
+    ) o
+), picked AS (
+    SELECT id FROM offered
+    ORDER BY round, tenant <= %(after_tenant)s, tenant
+    LIMIT %(limit)s
+),
+-- include: _shard_claim_answer
+
+-- name: shard_claim_by_priority
+-- The claim before tenants were shared fairly: the queue's highest priorities, whoever owns
+-- them. It tops up a fair claim that came back short (a tenant offered fewer shards than
+-- its share, or they were locked), so free slots are not left idle while work is queued;
+-- benchmarks/tenant_fairness.py measures it as the baseline.
+WITH picked AS (
+    SELECT q.id FROM pgbatch.shards q
+    WHERE q.status = 'queued'
+      AND q.queue = %(queue)s
+      AND q.task = ANY(%(tasks)s::text[])
+      AND q.run_after <= now()
+    ORDER BY q.priority DESC, q.id
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+),
+-- include: _shard_claim_answer
+
+-- name: shard_claim_one
+-- Claims one named shard, when a claim of many failed (issue 9: a shard whose items
+-- cannot be read fails every statement that reads it): the worker then claims its
+-- candidates one at a time, to find the one that fails and bury it.
+WITH picked AS (
+    SELECT q.id FROM pgbatch.shards q
+    WHERE q.id = %(shard_id)s
+      AND q.status = 'queued'
+      AND q.task = ANY(%(tasks)s::text[])
+      AND q.run_after <= now()
+    FOR UPDATE SKIP LOCKED
+),
+-- include: _shard_claim_answer
+
+-- name: shard_claim_candidates
+-- The shards a fair claim of this queue would take, without claiming them (read only).
+WITH RECURSIVE
+-- include: _shard_claim_tenants
+, offered AS (
+    SELECT a.tenant, o.id,
+           row_number() OVER (PARTITION BY a.tenant ORDER BY o.priority DESC, o.id) AS round
+    FROM active a
+    CROSS JOIN LATERAL (
+        SELECT q.id, q.priority FROM pgbatch.shards q
+        WHERE q.status = 'queued'
+          AND q.queue = %(queue)s
+          AND q.tenant = a.tenant
+          AND q.task = ANY(%(tasks)s::text[])
+          AND q.run_after <= now()
+        ORDER BY q.priority DESC, q.id
+        LIMIT %(limit)s
+    ) o
+)
+SELECT id FROM offered
+ORDER BY round, tenant <= %(after_tenant)s, tenant
+LIMIT %(limit)s;
+
+-- name: _shard_claim_tenants
+-- The start of a fair claim: the tenants with queued shards in this queue, found by a
+-- loose index scan on shards_tenant_claim_idx (one probe per tenant, whatever the number
+-- of shards), and how many they are.
+tenants AS (
+    (SELECT t.tenant FROM pgbatch.shards t
+     WHERE t.status = 'queued' AND t.queue = %(queue)s
+     ORDER BY t.tenant LIMIT 1)
+    UNION ALL
+    SELECT (SELECT t.tenant FROM pgbatch.shards t
+            WHERE t.status = 'queued' AND t.queue = %(queue)s AND t.tenant > r.tenant
+            ORDER BY t.tenant LIMIT 1)
+    FROM tenants r
+    WHERE r.tenant IS NOT NULL
+), active AS (
+    SELECT tenant, count(*) OVER () AS n FROM tenants WHERE tenant IS NOT NULL
+)
+
+-- name: _shard_claim_answer
+-- The end of every claim, after its CTE "picked" (the ids of the shards to claim, locked).
+-- Each claimed shard comes back as one row carrying its items as one JSON array text (one
+-- parse per shard, not one row per item); a retried shard skips the items that already
+-- have a result, so it also returns their seqs.
+claimed AS (
     UPDATE pgbatch.shards s
     SET status = 'running',
         lease_epoch = s.lease_epoch + 1,
         attempts = s.attempts + 1,
         lease_expires_at = now() + s.lease_ttl_s * interval '1 second',
         worker_id = %(worker_id)s
-    WHERE s.id IN (
-        SELECT q.id FROM pgbatch.shards q
-        WHERE q.status = 'queued'
-          AND q.queue = %(queue)s
-          AND q.task = ANY(%(tasks)s::text[])
-          AND q.run_after <= now()
-        ORDER BY q.priority DESC, q.id
-        LIMIT %(limit)s
-        FOR UPDATE SKIP LOCKED)
+    WHERE s.id IN (SELECT id FROM picked)
     RETURNING s.id, s.batch_id, s.task, s.first_seq, s.last_seq, s.lease_epoch, s.attempts,
-              s.max_attempts, s.lease_ttl_s, s.retried
+              s.max_attempts, s.lease_ttl_s, s.retried, s.tenant
 ), pending AS (
     -- The first claim of a pending batch starts it, so it shows "running" while its first
     -- shards run. Later claims find it running and lock nothing; rows in id order, as the
@@ -40,7 +136,7 @@ WITH claimed AS (
 )
 SELECT c.id, c.batch_id, c.task, c.lease_epoch, c.attempts, c.max_attempts, c.lease_ttl_s,
        b.status = 'cancelled' AS batch_cancelled, c.first_seq, i.seqs, i.payloads,
-       (SELECT count(*) FROM started) AS batches_started
+       (SELECT count(*) FROM started) AS batches_started, c.tenant
 FROM claimed c
 JOIN pgbatch.batches b ON b.id = c.batch_id
 CROSS JOIN LATERAL (
@@ -52,6 +148,32 @@ CROSS JOIN LATERAL (
             SELECT 1 FROM pgbatch.results r WHERE r.batch_id = it.batch_id AND r.seq = it.seq))
 ) i
 ORDER BY c.id;
+
+-- name: shard_bury
+-- A shard no claim can read is dead at once, with the claim's error, without reading its
+-- items: fenced on "still queued" (a shard another worker claimed meanwhile is not touched)
+-- and locked with SKIP LOCKED like a claim. Each item without a result gets the error as
+-- its result (invariant 4); the caller counts the shard once with batch_add_progress in
+-- the same transaction. Returns the batch and how many items failed.
+WITH buried AS (
+    UPDATE pgbatch.shards s
+    SET status = 'dead', last_error = %(error)s, finished_at = now(),
+        lease_epoch = s.lease_epoch + 1, attempts = s.attempts + 1,
+        lease_expires_at = NULL, worker_id = NULL
+    WHERE s.id = (SELECT q.id FROM pgbatch.shards q
+                  WHERE q.id = %(shard_id)s AND q.status = 'queued'
+                  FOR UPDATE SKIP LOCKED)
+    RETURNING s.id, s.batch_id, s.first_seq, s.last_seq
+), failed AS (
+    -- Seqs of a shard are its contiguous range: no need to read the items at all.
+    INSERT INTO pgbatch.results (batch_id, seq, ok, output, error)
+    SELECT b.batch_id, g, false, NULL, %(error)s
+    FROM buried b, generate_series(b.first_seq, b.last_seq) AS g
+    ORDER BY g
+    ON CONFLICT (batch_id, seq) DO NOTHING
+    RETURNING 1
+)
+SELECT b.batch_id, (SELECT count(*) FROM failed) AS items_failed FROM buried b;
 
 -- name: shard_heartbeat_many
 -- Renews the leases this worker still holds, fenced by epoch; a shard that does not come
