@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 import psycopg
 import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from tests.api.conftest import RunningApi, StartApi
 from tests.api.support import assert_error
@@ -23,6 +24,7 @@ from tests.helpers import wait_until
 # Long enough for any answer on a loaded 2-core machine; what broke took 30 s or forever.
 ANSWER_TIMEOUT_S = 10.0
 NDJSON = "application/x-ndjson"
+TENANTS = ("acme", "globex")
 
 
 # -- raw HTTP/1.1 over a socket ----------------------------------------------------------------
@@ -113,7 +115,9 @@ async def test_slow_uploads_hold_no_pooled_connection(start_api: StartApi) -> No
     lines = [b'{"n": %d}\n' % n for n in range(40)]
     body = b"".join(lines)
     async with (
-        start_api(tenants=("acme", "globex"), worker=False, api_max_uploads_per_tenant=16) as running,
+        start_api(
+            tenants=("acme", "globex"), worker=False, api_max_uploads_per_tenant=16
+        ) as running,
         running.client("globex", timeout=ANSWER_TIMEOUT_S) as globex,
         contextlib.AsyncExitStack() as stack,
     ):
@@ -122,9 +126,7 @@ async def test_slow_uploads_hold_no_pooled_connection(start_api: StartApi) -> No
         uploads = [await stack.enter_async_context(raw(running)) for _ in range(8)]
         for upload in uploads:
             await upload.send(ndjson_head(running, "acme", len(body)) + lines[0])
-        await wait_until(
-            lambda: api_state(running).uploads.active("acme") == 8, ANSWER_TIMEOUT_S
-        )
+        await wait_until(lambda: api_state(running).uploads.active("acme") == 8, ANSWER_TIMEOUT_S)
         for line in lines[1:20]:
             for upload in uploads:
                 await upload.send(line)
@@ -143,7 +145,9 @@ async def test_slow_uploads_hold_no_pooled_connection(start_api: StartApi) -> No
 @pytest.mark.asyncio
 async def test_concurrent_uploads_are_capped_per_tenant(start_api: StartApi) -> None:
     async with (
-        start_api(tenants=("acme", "globex"), worker=False, api_max_uploads_per_tenant=2) as running,
+        start_api(
+            tenants=("acme", "globex"), worker=False, api_max_uploads_per_tenant=2
+        ) as running,
         running.client("acme", timeout=ANSWER_TIMEOUT_S) as acme,
         running.client("globex", timeout=ANSWER_TIMEOUT_S) as globex,
         raw(running) as first,
@@ -236,7 +240,9 @@ async def test_a_busy_pool_is_503_promptly_and_keeps_the_connection(start_api: S
 
 
 async def _admin(running: RunningApi) -> psycopg.AsyncConnection[Any]:
-    return await psycopg.AsyncConnection.connect(running.app.db.url, autocommit=True)
+    # From another database: PostgreSQL cannot disallow connections to the current one.
+    url = make_conninfo(running.app.db.url, dbname="postgres")
+    return await psycopg.AsyncConnection.connect(url, autocommit=True)
 
 
 @pytest.mark.asyncio
@@ -247,14 +253,14 @@ async def test_a_lost_database_is_503_and_the_api_recovers_quickly(start_api: St
         await _admin(running) as admin,
     ):
         assert (await client.get("/v1/batches")).status_code == 200
-        name = (await (await admin.execute("SELECT current_database()")).fetchone() or [""])[0]
+        name = conninfo_to_dict(running.app.db.url)["dbname"]
         # What a restart looks like to the pool: every connection dropped, no new one for
         # a while. Longer than the default backoff's first steps (1 + 2 s).
         await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
         try:
             await admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                [name],
             )
             for _ in range(3):
                 down = await client.get("/v1/batches")
@@ -315,7 +321,9 @@ async def test_every_route_bounds_its_body_before_parsing(start_api: StartApi) -
     limit = 64 * 1024
     big = b'{"x": "' + b"a" * (limit + 10) + b'"}'
     async with (
-        start_api(worker=False, api_max_json_bytes=limit, api_max_upload_bytes=2 * limit) as running,
+        start_api(
+            worker=False, api_max_json_bytes=limit, api_max_upload_bytes=2 * limit
+        ) as running,
         running.client(timeout=ANSWER_TIMEOUT_S) as client,
     ):
         json_type = {"Content-Type": "application/json"}
@@ -455,4 +463,3 @@ async def test_an_error_answer_keeps_the_connection_alive(api: RunningApi) -> No
             assert headers.get("connection") != "close"
         await client.send(request_head("GET", "/healthz"))
         assert (await client.response())[0] == 200
-
