@@ -35,7 +35,8 @@ class ApiMetrics:
         self.cache_s = cache_s
         self._cached: tuple[float, bytes] | None = None
         self._computing = asyncio.Lock()
-        # How many scrapes were computed (not served from the cache): a test signal.
+        # Scrapes asked for, and those computed (not served from the cache): test signals.
+        self.scrapes = 0
         self.computations = 0
         r = self.registry
         self.request_seconds = Histogram(
@@ -87,6 +88,7 @@ class ApiMetrics:
 
     async def scrape(self, app: App, *, sse_streams: int) -> bytes:
         """Return the exposition: the cached one if fresh, else computed once for everyone."""
+        self.scrapes += 1
         fresh = self._fresh()
         if fresh is not None:
             return fresh
