@@ -358,6 +358,15 @@ async def test_every_route_bounds_its_body_before_parsing(start_api: StartApi) -
         error = assert_error(too_big, 413, code="body_too_large", field="body")
         assert str(2 * limit) in error["message"], error
 
+        async def lines_in_chunks() -> AsyncIterator[bytes]:
+            for _ in range(3):
+                yield lines
+
+        streamed = await client.post(
+            "/v1/batches?task=echo", content=lines_in_chunks(), headers=ndjson
+        )
+        assert_error(streamed, 413, code="body_too_large", field="body")
+
 
 # -- 8. /metrics -----------------------------------------------------------------------------------
 

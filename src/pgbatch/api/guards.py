@@ -128,7 +128,12 @@ class RequestGuard:
         try:
             if _has_body(scope):
                 if self._is_upload(scope):
-                    receive = self._streamed_body(scope, receive)
+                    limit = self.limits.upload_bytes
+                    if self._declared_too_large(scope, limit):
+                        # Refused before the route takes one of the tenant's upload slots.
+                        await _response(self._too_large(limit, True))(scope, receive, send)
+                        return
+                    receive = self._streamed_body(receive)
                 else:
                     try:
                         receive = await self._buffered_body(scope, receive)
@@ -252,14 +257,13 @@ class RequestGuard:
 
         return replaying
 
-    def _streamed_body(self, scope: Scope, receive: Receive) -> Receive:
+    def _streamed_body(self, receive: Receive) -> Receive:
         """Return a receive that enforces the upload limit and timeouts as the body streams.
 
         Raising from it ends the route's read with an ApiError (413/408), or a
         ClientDisconnect when the client left (answered 499 by the error handlers).
         """
         limit = self.limits.upload_bytes
-        declared_too_large = self._declared_too_large(scope, limit)
         deadline = asyncio.get_running_loop().time() + self.limits.total_s
         size = 0
         done = False
@@ -268,8 +272,6 @@ class RequestGuard:
             nonlocal size, done
             if done:
                 return await receive()
-            if declared_too_large:
-                raise self._too_large(limit, upload=True)
             try:
                 message, size = await self._next_chunk(receive, deadline, size, limit, True)
             except _BodyError as exc:
