@@ -10,13 +10,18 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
 from typing import Any
 from urllib.parse import urlsplit
 
 import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from starlette.requests import Request
 
+from pgbatch.api.errors import ApiError
+from pgbatch.api.routes import system
+from pgbatch.config import Settings
 from tests.api.conftest import RunningApi, StartApi
 from tests.api.support import assert_error
 from tests.helpers import wait_until
@@ -471,12 +476,34 @@ async def test_a_client_gone_mid_body_is_499_without_a_traceback(
 
 
 @pytest.mark.asyncio
-async def test_an_error_answer_keeps_the_connection_alive(api: RunningApi) -> None:
+async def test_an_error_answer_keeps_the_connection_alive(
+    api: RunningApi, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    # A bug of ours: answered 500 once, logged once, and the connection stays usable.
+    monkeypatch.setattr(api.app, "list_batches", broken)
     async with raw(api) as client:
-        for path in ("/v1/batches/999", "/nope", "/v1/batches?limit=x"):
+        for path in ("/v1/batches/999", "/nope", "/v1/batches?limit=x", "/v1/batches"):
             await client.send(request_head("GET", path))
-            status, headers, _ = await client.response()
-            assert status in (404, 422)
+            status, headers, body = await client.response()
+            assert status in (404, 422, 500), body
             assert headers.get("connection") != "close"
+        assert b'"internal_error"' in body
         await client.send(request_head("GET", "/healthz"))
         assert (await client.response())[0] == 200
+    tracebacks = [r for r in caplog.records if r.exc_info]
+    assert len(tracebacks) == 1, [r.getMessage() for r in tracebacks]
+
+
+def test_metrics_answer_only_loopback_peers_without_a_token() -> None:
+    state = SimpleNamespace(settings=Settings(metrics_token=None))
+    for peer, allowed in (("127.0.0.1", True), ("::1", True), ("10.0.0.5", False)):
+        request = Request({"type": "http", "headers": [], "client": (peer, 4321)})
+        if allowed:
+            system._check_scraper(request, state)  # type: ignore[arg-type]
+        else:
+            with pytest.raises(ApiError) as refused:
+                system._check_scraper(request, state)  # type: ignore[arg-type]
+            assert refused.value.status == 403
