@@ -28,7 +28,7 @@ from pgbatch.engine.worker import Worker
 from pgbatch.errors import ConfigurationError
 from pgbatch.workloads import collections as copies
 
-__all__ = ["check_bind", "create_api", "server"]
+__all__ = ["HeaderTimeoutH11Protocol", "check_bind", "create_api", "server"]
 
 
 def create_api(app: App, *, worker: Worker | None = None) -> FastAPI:
