@@ -175,6 +175,20 @@ async def test_concurrent_uploads_are_capped_per_tenant(start_api: StartApi) -> 
 
 
 @pytest.mark.asyncio
+async def test_an_overlong_upload_line_is_refused_before_the_body_ends(
+    start_api: StartApi,
+) -> None:
+    async with start_api(worker=False, api_max_item_bytes=64) as running:
+        async with raw(running) as upload:
+            # The body goes on (a million bytes declared), but its first line is too long
+            # already: the answer comes now, not once the spool holds the whole body.
+            await upload.send(ndjson_head(running, None, 1_000_000) + b'"' + b"z" * 200)
+            status, _, body = await upload.response()
+            assert status == 413, body
+            assert b'"item_too_large"' in body and b"64" in body
+
+
+@pytest.mark.asyncio
 async def test_a_stalled_body_is_answered_408(start_api: StartApi) -> None:
     async with start_api(worker=False, api_body_idle_timeout_s=0.5) as running:
         heads = [

@@ -205,7 +205,7 @@ async def submit_batch(
             )
         options = {k: v for k, v in query_options.items() if v is not None}
         async with state.uploads.slot(tenant):
-            with await _spool(request) as spool:
+            with await _spool(request, state.settings.api_max_item_bytes) as spool:
                 # Only now, with the whole body here, does the submission take a pooled
                 # connection: a client trickling its upload holds none (issue 9, item 5).
                 batch, created = await state.app.submit_or_find(
@@ -242,14 +242,34 @@ def _too_many_items(state: ApiState) -> ApiError:
     )
 
 
-async def _spool(request: Request) -> SpooledFile:
+def _item_too_large(line_no: int, max_line: int) -> ApiError:
+    return ApiError(
+        413,
+        "item_too_large",
+        f"line {line_no}: an item may be at most {max_line} bytes (limit {max_line})",
+        field="items",
+    )
+
+
+async def _spool(request: Request, max_line: int) -> SpooledFile:
     """Receive the whole upload into memory, then a temporary file past SPOOL_MEMORY_BYTES.
 
-    The request guard bounds its size (PGBATCH_API_MAX_UPLOAD_BYTES) and its read timeouts.
+    The request guard bounds its size (PGBATCH_API_MAX_UPLOAD_BYTES) and its read timeouts;
+    a line that grows past `max_line` is refused as it arrives, not spooled to its end.
     """
     spool: SpooledFile = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY_BYTES)
+    line_no, line_bytes = 1, 0
     try:
         async for chunk in request.stream():
+            # Counting newlines runs at memory speed; the full check is the parse's.
+            newlines = chunk.count(b"\n")
+            if newlines:
+                line_no += newlines
+                line_bytes = len(chunk) - chunk.rfind(b"\n") - 1
+            else:
+                line_bytes += len(chunk)
+            if line_bytes > max_line:
+                raise _item_too_large(line_no, max_line)
             # A write to a temporary file lands in the page cache: microseconds, not worth
             # a thread hop per chunk.
             spool.write(chunk)
@@ -270,12 +290,7 @@ async def _ndjson_items(spool: SpooledFile, state: ApiState) -> AsyncIterator[An
 
     def parse(line: bytes) -> Any:
         if len(line) > max_line:
-            raise ApiError(
-                413,
-                "item_too_large",
-                f"line {line_no}: an item may be at most {max_line} bytes (limit {max_line})",
-                field="items",
-            )
+            raise _item_too_large(line_no, max_line)
         try:
             return orjson.loads(line)
         except orjson.JSONDecodeError as exc:
