@@ -68,3 +68,30 @@ class Settings(BaseSettings):
     # Total JSON bytes of one shard's items, checked at submit (App.submit and the API):
     # the claim reads a shard as one value, capped at 1 GB by PostgreSQL (pgbatch.limits).
     max_shard_bytes: int = Field(default=DEFAULT_MAX_SHARD_BYTES, ge=1024, le=512 * 1024 * 1024)
+
+    # -- HTTP API hardening (issue 9) ----------------------------------------------------
+    # A client must send its request line and headers within this long (a connection that
+    # trickles them would otherwise be held forever). 10 s is generous for any real client.
+    api_header_timeout_s: float = Field(default=10.0, gt=0)
+    # A request body that sends nothing for this long is answered 408; a real client on a
+    # slow link still sends a packet every few seconds.
+    api_body_idle_timeout_s: float = Field(default=15.0, gt=0)
+    # ...and a whole body must arrive within this long (so trickling a byte now and then
+    # does not hold a slot forever): 1 GiB at 4 MB/s, about the spool limit below.
+    api_body_timeout_s: float = Field(default=300.0, gt=0)
+    # An NDJSON submission is spooled (memory, then a temporary file) before it takes a
+    # database connection, so it is bounded by this many bytes; every other body by
+    # api_max_json_bytes.
+    api_max_upload_bytes: int = Field(default=1024**3, ge=1024)
+    # At most this many NDJSON uploads of one tenant in progress per API process; more
+    # answer 429. Each holds a spool file and a slot in the submit path.
+    api_max_uploads_per_tenant: int = Field(default=4, ge=1)
+    # An API request waits at most this long for a pooled connection, then answers 503
+    # with Retry-After: a client retries sooner than a 30 s wait would tell it anything.
+    api_pool_timeout_s: float = Field(default=5.0, gt=0)
+    # A bearer token for GET /metrics (it shows every tenant's totals). Unset: /metrics
+    # answers loopback peers only.
+    metrics_token: str | None = None
+    # A scrape is computed at most once per this many seconds, one computation at a time;
+    # the rest are served from the cache (0: every scrape asks the database).
+    metrics_cache_s: float = Field(default=5.0, ge=0)

@@ -60,6 +60,8 @@ async def start_api(database_url: str) -> StartApi:
         if entries:
             overrides["api_tokens"] = ",".join(entries)
         overrides.setdefault("sse_min_interval_s", 0.05)
+        # Tests read /metrics right after what they count: no cached scrapes, unless asked.
+        overrides.setdefault("metrics_cache_s", 0)
         app, gate = build_app(settings_for(database_url, **overrides))
         work = app.worker(concurrency=8) if worker else None
         http = api_server(app, host="127.0.0.1", port=0, log_level="warning", worker=work)

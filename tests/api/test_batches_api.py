@@ -150,7 +150,7 @@ async def test_size_limits_answer_413_naming_the_limit(start_api: StartApi) -> N
             headers=NDJSON,
         )
         assert "64" in assert_error(long_line, 413, field="items")["message"]
-        # A line that never ends is refused once it passes the limit, not buffered whole.
+        # A line that never ends is refused once it passes the limit, not spooled whole.
         endless = await client.post(
             "/v1/batches",
             params={"task": "echo"},

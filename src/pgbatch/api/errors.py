@@ -8,7 +8,10 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from psycopg import errors as pg_errors
+from psycopg_pool import PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from pgbatch.errors import (
     BatchNotFoundError,
@@ -19,9 +22,15 @@ from pgbatch.errors import (
     StaleVersionError,
 )
 
-__all__ = ["ApiError", "error_body", "install_error_handlers"]
+__all__ = ["CLIENT_CLOSED", "ApiError", "error_body", "install_error_handlers"]
 
 _log = logging.getLogger(__name__)
+
+# nginx's "client closed request": the answer nobody reads to a client that left.
+CLIENT_CLOSED = 499
+# A client told the database is busy or away retries after this many seconds: long
+# enough not to hammer a recovering server, short against a restart (about a second).
+DATABASE_RETRY_AFTER_S = 1
 
 # FastAPI answers 400 with this detail when a JSON body cannot be decoded at all.
 FASTAPI_BODY_PARSE_ERROR = "There was an error parsing the body"
@@ -141,6 +150,43 @@ def install_error_handlers(api: FastAPI) -> None:
     @api.exception_handler(InvalidStateError)
     async def invalid_state(_: Request, exc: InvalidStateError) -> JSONResponse:
         return _respond(409, "invalid_state", str(exc))
+
+    @api.exception_handler(ClientDisconnect)
+    async def client_left(request: Request, _: ClientDisconnect) -> JSONResponse:
+        # Not our error and not worth a traceback: the client closed mid-body.
+        _log.info("client left during %s %s", request.method, request.url.path)
+        return _respond(CLIENT_CLOSED, "client_closed", "the client closed the connection")
+
+    retry_later = {"Retry-After": str(DATABASE_RETRY_AFTER_S)}
+
+    # The pool had no connection in time, or the server cancelled a statement that waited
+    # too long on a lock: the database is there, but busy. (Starlette picks the handler
+    # of the most specific class, so these win over OperationalError's below.)
+    async def database_busy(_: Request, exc: Exception) -> JSONResponse:
+        _log.warning("database busy: %s", exc)
+        return _respond(
+            503,
+            "database_busy",
+            "the database is busy; retry after a moment",
+            headers=retry_later,
+        )
+
+    for busy in (PoolTimeout, pg_errors.QueryCanceled, pg_errors.LockNotAvailable):
+        api.add_exception_handler(busy, database_busy)
+
+    async def database_unavailable(_: Request, exc: Exception) -> JSONResponse:
+        # A lost connection or a database that is restarting: transient, the client's
+        # retry is safe (a write answers success only after its commit).
+        _log.warning("database unavailable: %s", exc)
+        return _respond(
+            503,
+            "database_unavailable",
+            "the database is unavailable; retry after a moment",
+            headers=retry_later,
+        )
+
+    for unavailable in (pg_errors.OperationalError, pg_errors.InterfaceError):
+        api.add_exception_handler(unavailable, database_unavailable)
 
     @api.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:

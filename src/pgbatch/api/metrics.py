@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -26,8 +27,17 @@ HTTP_METHODS = frozenset(
 class ApiMetrics:
     """A registry per API instance (tests run several in one process)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, cache_s: float = 0.0) -> None:
         self.registry = CollectorRegistry()
+        # A scrape reads the whole shards and batches tables' counts: 16 scrapers asking
+        # each second slowed tenants' requests 100x (issue 9). One computation at a time,
+        # reused for cache_s seconds, bounds that cost whatever the number of scrapers.
+        self.cache_s = cache_s
+        self._cached: tuple[float, bytes] | None = None
+        self._computing = asyncio.Lock()
+        # Scrapes asked for, and those computed (not served from the cache): test signals.
+        self.scrapes = 0
+        self.computations = 0
         r = self.registry
         self.request_seconds = Histogram(
             "pgbatch_http_request_duration_seconds",
@@ -71,6 +81,32 @@ class ApiMetrics:
         """Export the document writer's stats: flush sizes, latency, queue depth, retries."""
         self.add_flush_source("writer", lambda: stats().flush_sizes)
         self.registry.register(WriterCollector(stats))
+
+    def expire(self) -> None:
+        """Drop the cached scrape: the next one is computed."""
+        self._cached = None
+
+    async def scrape(self, app: App, *, sse_streams: int) -> bytes:
+        """Return the exposition: the cached one if fresh, else computed once for everyone."""
+        self.scrapes += 1
+        fresh = self._fresh()
+        if fresh is not None:
+            return fresh
+        async with self._computing:
+            # Scrapers that waited on the lock take the result of the one that held it.
+            fresh = self._fresh()
+            if fresh is not None:
+                return fresh
+            body = await self.render(app, sse_streams=sse_streams)
+            self.computations += 1
+            self._cached = (time.monotonic(), body)
+            return body
+
+    def _fresh(self) -> bytes | None:
+        if self._cached is None or self.cache_s <= 0:
+            return None
+        at, body = self._cached
+        return body if time.monotonic() - at < self.cache_s else None
 
     async def render(self, app: App, *, sse_streams: int) -> bytes:
         """Refresh the database gauges and return the text exposition."""

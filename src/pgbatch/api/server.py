@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import re
 from collections.abc import AsyncIterator
 from importlib import resources
+from typing import Any
 
+import h11
 import uvicorn
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from pgbatch.api.auth import TokenTable, is_loopback
 from pgbatch.api.errors import install_error_handlers
+from pgbatch.api.guards import RequestGuard, UploadSlots
 from pgbatch.api.metrics import ApiMetrics, MetricsMiddleware
 from pgbatch.api.progress import ProgressHub
 from pgbatch.api.routes import batches, collections, documents, events, system
@@ -23,7 +28,7 @@ from pgbatch.engine.worker import Worker
 from pgbatch.errors import ConfigurationError
 from pgbatch.workloads import collections as copies
 
-__all__ = ["check_bind", "create_api", "server"]
+__all__ = ["HeaderTimeoutH11Protocol", "check_bind", "create_api", "server"]
 
 
 def create_api(app: App, *, worker: Worker | None = None) -> FastAPI:
@@ -33,11 +38,18 @@ def create_api(app: App, *, worker: Worker | None = None) -> FastAPI:
     """
     settings = app.settings
     tokens = TokenTable.parse(settings.api_tokens)
-    metrics = ApiMetrics()
+    metrics = ApiMetrics(cache_s=settings.metrics_cache_s)
     if worker is not None:
         metrics.add_flush_source("completer", worker.completion_flush_sizes)
     hub = ProgressHub(app, min_interval_s=settings.sse_min_interval_s)
-    state = ApiState(app=app, settings=settings, tokens=tokens, hub=hub, metrics=metrics)
+    state = ApiState(
+        app=app,
+        settings=settings,
+        tokens=tokens,
+        hub=hub,
+        metrics=metrics,
+        uploads=UploadSlots(settings.api_max_uploads_per_tenant),
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(api: FastAPI) -> AsyncIterator[None]:
@@ -72,6 +84,8 @@ def create_api(app: App, *, worker: Worker | None = None) -> FastAPI:
     fixed_paths = frozenset(
         path for route in api.routes if "{" not in (path := getattr(route, "path", "{"))
     )
+    # The guard runs inside the metrics middleware, so what it refuses is counted too.
+    api.add_middleware(RequestGuard, settings=settings, auth_enabled=tokens.enabled)
     api.add_middleware(MetricsMiddleware, metrics=metrics, fixed_paths=fixed_paths)
     return api
 
@@ -112,6 +126,81 @@ def server(
         log_level=log_level,
         # Event streams never end by themselves: give them this long, then close them.
         timeout_graceful_shutdown=2,
+        http=_with_header_timeout(app.settings.api_header_timeout_s),
         lifespan="on",
     )
     return uvicorn.Server(config)
+
+
+class HeaderTimeoutH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol, closing a connection whose client stops sending.
+
+    uvicorn has no such timeout: its keep-alive timer stops at a request's first byte, so
+    a client that trickled its headers held a connection forever (500 of them, in issue 9).
+    Here a request's head must arrive within `header_timeout_s`; and when the answer went
+    out before the body ended (a 413), the rest of the body is read and dropped for as long,
+    then the connection is closed ("lingering close": the client still reads the answer).
+    """
+
+    header_timeout_s = 10.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._drain_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        """Start the connection, and the clock for its first request's head."""
+        super().connection_made(transport)
+        self._arm_head_timer()
+
+    def data_received(self, data: bytes) -> None:
+        """Feed h11; time the head of each new request of a kept-alive connection."""
+        if self._head_timer is None and self.conn.their_state is h11.IDLE:
+            self._arm_head_timer()
+        super().data_received(data)
+        if self.conn.their_state is not h11.IDLE:
+            self._cancel(self._head_timer)
+            self._head_timer = None
+
+    def on_response_complete(self) -> None:
+        """Let uvicorn go on; bound the time spent reading a body nobody will use."""
+        super().on_response_complete()
+        if self.conn.their_state is h11.SEND_BODY and not self.transport.is_closing():
+            self._cancel(self._drain_timer)
+            cycle = self.cycle
+            self._drain_timer = self.loop.call_later(
+                self.header_timeout_s, self._drain_timed_out, cycle
+            )
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Stop the clocks, then let uvicorn clean up."""
+        self._cancel(self._head_timer)
+        self._cancel(self._drain_timer)
+        super().connection_lost(exc)
+
+    @staticmethod
+    def _cancel(timer: asyncio.TimerHandle | None) -> None:
+        if timer is not None:
+            timer.cancel()
+
+    def _arm_head_timer(self) -> None:
+        self._cancel(self._head_timer)
+        self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_timed_out)
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self.transport.close()
+
+    def _drain_timed_out(self, cycle: object) -> None:
+        self._drain_timer = None
+        if self.cycle is cycle and self.conn.their_state is h11.SEND_BODY:
+            self.transport.close()
+
+
+def _with_header_timeout(timeout_s: float) -> type[HeaderTimeoutH11Protocol]:
+    """Return the protocol class uvicorn instantiates per connection, with this timeout."""
+    return type(
+        "HeaderTimeoutH11Protocol", (HeaderTimeoutH11Protocol,), {"header_timeout_s": timeout_s}
+    )

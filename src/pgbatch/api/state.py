@@ -10,6 +10,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from pgbatch.api.auth import DEFAULT_TENANT, TokenTable
 from pgbatch.api.errors import ApiError
+from pgbatch.api.guards import UploadSlots
 from pgbatch.api.metrics import ApiMetrics
 from pgbatch.api.progress import ProgressHub
 from pgbatch.app import App
@@ -27,6 +28,7 @@ class ApiState:
     tokens: TokenTable
     hub: ProgressHub
     metrics: ApiMetrics
+    uploads: UploadSlots
     extras: dict[str, object] = field(default_factory=dict)
 
 

@@ -7,6 +7,7 @@ import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from typing import Any, TypeVar
 
 import orjson
@@ -14,12 +15,13 @@ import psycopg
 from psycopg import errors as pg_errors
 from psycopg.types.json import set_json_loads
 from psycopg_pool import AsyncConnectionPool
+from psycopg_pool.base import AttemptWithBackoff
 
 from pgbatch.config import Settings
 from pgbatch.db.embedded import embedded_url
 from pgbatch.errors import ConfigurationError
 
-__all__ = ["Database", "resolve_url"]
+__all__ = ["Database", "pool_wait_s", "resolve_url"]
 
 _log = logging.getLogger(__name__)
 
@@ -47,6 +49,55 @@ async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
     set_json_loads(orjson.loads, conn)
 
 
+# -- pool waits and reconnection (issue 9, items 5 and 13) -----------------------------------
+# How long the current task waits for a pooled connection; None is the pool's default
+# (30 s). The API sets it per request so a busy pool answers 503 within seconds, while
+# workers and the CLI keep the patient default.
+pool_wait_s: ContextVar[float | None] = ContextVar("pgbatch_pool_wait_s", default=None)
+
+# After a lost connection the pool tries again after this long, then backs off to at most
+# POOL_RECONNECT_MAX_S: psycopg_pool's 1, 2, 4 s... left the API failing for up to 7.5 s
+# after a restarted server was back, and one failed attempt costs only a refused connect.
+POOL_RECONNECT_FIRST_S = 0.1
+POOL_RECONNECT_MAX_S = 0.5
+
+
+class _QuickReconnect(AttemptWithBackoff):
+    """psycopg_pool's reconnection backoff, started short and capped."""
+
+    INITIAL_DELAY = POOL_RECONNECT_FIRST_S
+
+    def update_delay(self, now: float) -> None:
+        """Compute the next delay as psycopg_pool does, then cap it."""
+        super().update_delay(now)
+        self.delay = min(self.delay, POOL_RECONNECT_MAX_S)
+
+
+class _Pool(AsyncConnectionPool[psycopg.AsyncConnection[Any]]):
+    """The pool, reconnecting with `_QuickReconnect` (psycopg_pool has no option for it)."""
+
+    async def _add_connection(
+        self, attempt: AttemptWithBackoff | None, growing: bool = False
+    ) -> None:
+        await super()._add_connection(
+            attempt or _QuickReconnect(timeout=self.reconnect_timeout), growing
+        )
+
+
+async def _check_for_api_requests(conn: psycopg.AsyncConnection[Any]) -> None:
+    """Check a connection at checkout for an API request (one that set `pool_wait_s`).
+
+    A connection the server dropped (restart, idle kill) is then found and replaced for
+    one round trip instead of failing the request that drew it. Workers skip it: a round
+    trip per claim and per flush would cost their throughput, and they retry anyway.
+    """
+    if pool_wait_s.get() is not None:
+        await AsyncConnectionPool.check_connection(conn)
+
+
+# -- end of pool waits and reconnection ------------------------------------------------------
+
+
 class Database:
     """Own the pool of one process; every query of the engine goes through it."""
 
@@ -55,7 +106,7 @@ class Database:
     ) -> None:
         self.url = url
         self.connect_timeout_s = connect_timeout_s
-        self.pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] = AsyncConnectionPool(
+        self.pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] = _Pool(
             url,
             min_size=min_size,
             max_size=max_size,
@@ -63,6 +114,7 @@ class Database:
             configure=_configure,
             kwargs={"autocommit": True},
             name="pgbatch",
+            check=_check_for_api_requests,
         )
         self.tx_retries = 0
 
@@ -96,7 +148,7 @@ class Database:
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
         """Lend a pooled connection in autocommit mode."""
-        async with self.pool.connection() as conn:
+        async with self.pool.connection(timeout=pool_wait_s.get()) as conn:
             yield conn
 
     async def connect_dedicated(self) -> psycopg.AsyncConnection[Any]:
@@ -129,7 +181,7 @@ class Database:
     ) -> T:
         for attempt in range(1, TX_RETRY_ATTEMPTS + 1):
             try:
-                async with self.pool.connection() as conn:
+                async with self.pool.connection(timeout=pool_wait_s.get()) as conn:
                     if not transaction:
                         return await work(conn)
                     async with conn.transaction():
