@@ -213,6 +213,7 @@ async def submit_batch(
             raise ApiError(
                 422, "invalid_request", "task: required (a query parameter)", field="task"
             )
+        _refuse_internal(state, task)
         options = {k: v for k, v in query_options.items() if v is not None}
         async with state.uploads.slot(tenant):
             with await _spool(request, state.settings.api_max_item_bytes) as spool:
