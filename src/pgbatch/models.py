@@ -95,6 +95,13 @@ class ClaimedShard:
     lease_ttl_s: float
     items: tuple[Item, ...] = field(default=())
     batch_cancelled: bool = False
+    # Runs whose expired lease was not counted against max_attempts (invariant 7).
+    lease_refunds: int = 0
+
+    @property
+    def counted_attempts(self) -> int:
+        """Return the attempts that count against max_attempts: runs minus refunds."""
+        return self.attempts - self.lease_refunds
 
 
 @dataclass(frozen=True, slots=True)
