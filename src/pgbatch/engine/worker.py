@@ -184,6 +184,7 @@ class Worker:
         _log.info(
             "worker %s started: %d slots, queues %s", self.worker_id, self.concurrency, self.queues
         )
+        self._warn_about_short_leases()
         try:
             await self._claim_loop()
             await self._drain()
@@ -487,6 +488,22 @@ class Worker:
         # now, while the rows are free, or the leases lapse during a long outage.
         self.stats.completion_retries += 1
         await self._heartbeat_once()
+
+    def _warn_about_short_leases(self) -> None:
+        # A lease shorter than the session timeouts lapses while a flush still waits on a
+        # frozen session's lock (invariant 7): the shards rerun, refunded, but rerun.
+        bound_ms = max(
+            self.settings.session_lock_timeout_ms,
+            self.settings.session_idle_in_transaction_timeout_ms,
+        )
+        for spec in self.app.tasks.values():
+            if spec.lease_ttl_s * 1000 <= bound_ms:
+                _log.warning(
+                    "task %s: lease_ttl_s=%s is not above the session timeouts (%d ms); "
+                    "lower PGBATCH_SESSION_LOCK_TIMEOUT_MS and "
+                    "PGBATCH_SESSION_IDLE_IN_TRANSACTION_TIMEOUT_MS below the lease",
+                    spec.name, spec.lease_ttl_s, bound_ms,
+                )  # fmt: skip
 
     def _heartbeat_interval_s(self) -> float:
         ttls = [a.shard.lease_ttl_s for a in self._active.values()]
