@@ -1,4 +1,4 @@
-"""is_transient: which database errors are the infrastructure's, not the handler's."""
+"""is_transient (which database errors are the infrastructure's) and client keepalives."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 from psycopg import errors as pg_errors
 from psycopg_pool import PoolTimeout
 
-from pgbatch.db.sessions import is_transient
+from pgbatch.db.sessions import SessionTimeouts, is_transient
 
 
 @pytest.mark.parametrize(
@@ -45,3 +45,11 @@ def test_infrastructure_failures_are_transient(exc: Exception) -> None:
 )
 def test_other_failures_are_not(exc: Exception) -> None:
     assert not is_transient(exc)
+
+
+def test_client_keepalives_leave_what_the_url_sets_to_the_url() -> None:
+    timeouts = SessionTimeouts(tcp_keepalives_idle_s=10)
+    assert timeouts.connect_kwargs("postgresql://h/db")["keepalives_idle"] == 10
+    given = timeouts.connect_kwargs("postgresql://h/db?keepalives_idle=99")
+    assert "keepalives_idle" not in given and given["keepalives_count"] == 3
+    assert SessionTimeouts(tcp_keepalives_idle_s=0).connect_kwargs("postgresql://h/db") == {}

@@ -69,7 +69,7 @@ class Database:
             max_size=max_size,
             open=False,
             configure=self._configure_session,
-            kwargs={"autocommit": True, **self.timeouts.connect_kwargs()},
+            kwargs={"autocommit": True, **self.timeouts.connect_kwargs(url)},
             name="pgbatch",
         )
         self.tx_retries = 0
@@ -110,7 +110,7 @@ class Database:
     async def connect_dedicated(self) -> psycopg.AsyncConnection[Any]:
         """Open a connection outside the pool (LISTEN needs one that nobody else uses)."""
         conn = await psycopg.AsyncConnection.connect(
-            self.url, autocommit=True, **self.timeouts.connect_kwargs()
+            self.url, autocommit=True, **self.timeouts.connect_kwargs(self.url)
         )
         await self._configure_session(conn)
         return conn

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
 from pgbatch.config import Settings
 from pgbatch.db.queries import query
@@ -63,20 +64,23 @@ class SessionTimeouts:
     tcp_keepalives_interval_s: int = 5
     tcp_keepalives_count: int = 3
 
-    def connect_kwargs(self) -> dict[str, Any]:
+    def connect_kwargs(self, url: str) -> dict[str, Any]:
         """Return libpq parameters for the client side: keepalives on the client's socket.
 
         They let the client notice a server that vanished (a half-open session) instead
         of waiting forever on a read; the server's side is set by apply_session_timeouts.
+        A parameter the URL sets itself is left to the URL.
         """
         if not self.tcp_keepalives_idle_s:
             return {}
-        return {
+        wanted = {
             "keepalives": 1,
             "keepalives_idle": self.tcp_keepalives_idle_s,
             "keepalives_interval": self.tcp_keepalives_interval_s,
             "keepalives_count": self.tcp_keepalives_count,
         }
+        given = conninfo_to_dict(url)
+        return {key: value for key, value in wanted.items() if key not in given}
 
 
 async def apply_session_timeouts(
