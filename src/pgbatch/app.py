@@ -15,6 +15,7 @@ from pgbatch.db import batches as batch_queries
 from pgbatch.db.database import Database, resolve_url
 from pgbatch.db.migrations import migrate
 from pgbatch.db.queries import query
+from pgbatch.db.sessions import session_timeouts
 from pgbatch.errors import InvalidBatchError, InvalidStateError, UnknownTaskError
 from pgbatch.limits import MAX_LEASE_TTL_S, MAX_MAX_ATTEMPTS, MAX_SHARD_SIZE, MIN_LEASE_TTL_S
 from pgbatch.models import Batch, Outcome
@@ -126,6 +127,7 @@ class App:
                 url,
                 max_size=self.settings.pool_max_size,
                 connect_timeout_s=self.settings.connect_timeout_s,
+                timeouts=session_timeouts(self.settings),
             )
             await db.open()
             if self.auto_migrate:

@@ -95,3 +95,29 @@ class Settings(BaseSettings):
     # A scrape is computed at most once per this many seconds, one computation at a time;
     # the rest are served from the cache (0: every scrape asks the database).
     metrics_cache_s: float = Field(default=5.0, ge=0)
+
+    # -- session timeouts and infrastructure failures (invariant 7) -------------------------
+    # Every pgbatch connection waits at most this long for a row lock (0: forever). 2 s is
+    # long against a completion flush holding a batch row (ms) and short against the
+    # default 30 s lease: a flush stuck behind a frozen session gives up and retries, and
+    # a heartbeat never queues behind it. Migrations ignore it: they must wait.
+    session_lock_timeout_ms: int = Field(default=2_000, ge=0)
+    # The server ends a session left idle inside a transaction this long (its client
+    # frozen, paused or half-open), releasing its locks. Keep it below the shortest lease
+    # TTL; no pgbatch transaction waits on its client for more than milliseconds.
+    session_idle_in_transaction_timeout_ms: int = Field(default=5_000, ge=0)
+    # TCP keepalives on both ends: after idle + interval x count seconds without an answer
+    # (10 + 5 x 3 = 25 s, under the default lease) a half-open session is dropped.
+    # 0 for idle leaves the operating system's defaults (two hours on Linux).
+    tcp_keepalives_idle_s: int = Field(default=10, ge=0)
+    tcp_keepalives_interval_s: int = Field(default=5, ge=1)
+    tcp_keepalives_count: int = Field(default=3, ge=1)
+    # A completion flush that fails for a transient reason (lost connection, restart, lock
+    # or idle timeout) is retried with backoff for up to this long without spending an
+    # attempt; a minute covers a PostgreSQL restart or a failover. Then its shards' leases
+    # lapse and they are rerun.
+    completer_retry_max_s: float = Field(default=60.0, ge=0)
+    # A shard whose lease expired (its worker lost the database, froze or died) is
+    # requeued with its attempt refunded this many times; after that an expiry counts as
+    # a failed attempt, so a shard that kills every process that runs it still dies.
+    lease_free_reruns: int = Field(default=3, ge=0)

@@ -97,6 +97,13 @@ class ClaimedShard:
     batch_cancelled: bool = False
     # Its batch's tenant: the fair claim's round-robin resumes after the last one served.
     tenant: str = "default"
+    # Runs whose expired lease was not counted against max_attempts (invariant 7).
+    lease_refunds: int = 0
+
+    @property
+    def counted_attempts(self) -> int:
+        """Return the attempts that count against max_attempts: runs minus refunds."""
+        return self.attempts - self.lease_refunds
 
 
 @dataclass(frozen=True, slots=True)

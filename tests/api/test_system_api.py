@@ -165,6 +165,7 @@ async def test_metrics_show_shards_items_takeovers_and_latency_by_route(
         before = _samples((await client.get("/metrics")).text)
         assert before[("pgbatch_shards", (("state", "queued"),))] == 5
         assert before[("pgbatch_lease_takeovers", ())] == 0
+        assert before[("pgbatch_lease_refunds", ())] == 0
         # A worker that died holding a shard: its lease has expired; the rescuer takes over.
         async with running.app.db.connection() as conn:
             await conn.execute(
@@ -200,6 +201,7 @@ async def test_metrics_show_shards_items_takeovers_and_latency_by_route(
     assert after[("pgbatch_items_finished", (("outcome", "ok"),))] == 26
     assert after[("pgbatch_items_finished", (("outcome", "failed"),))] == 2
     assert after[("pgbatch_lease_takeovers", ())] == 1
+    assert after[("pgbatch_lease_refunds", ())] == 1  # a lapsed lease is not the handler's
     assert after[("pgbatch_batches", (("status", "succeeded"),))] == 1
     assert after[("pgbatch_batches", (("status", "failed"),))] == 1
     routes = {

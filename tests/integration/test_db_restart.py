@@ -97,3 +97,37 @@ async def test_a_batch_survives_a_database_restart(private_server: tuple[str, An
     assert check.every_item_has_one_result, check
     assert (check.callbacks_inserted, check.callbacks_done, callbacks) == (1, 1, [batch.id])
     await app.close()
+
+
+@pytest.mark.asyncio
+async def test_a_database_restart_costs_no_handler_attempt(private_server: tuple[str, Any]) -> None:
+    # One attempt only: any shard the restart charged (a lost completion, a lapsed lease,
+    # a failed claim) would die, and the batch would end `failed`.
+    url, restart = private_server
+    app = pgbatch.App(settings=settings_for(url))
+
+    @app.task(shard_size=10, lease_ttl_s=2, max_attempts=1)
+    async def once(items: list[pgbatch.Item], ctx: pgbatch.ShardContext) -> list[pgbatch.Outcome]:
+        await asyncio.sleep(0.01)
+        return [pgbatch.ok(i.value) for i in items]
+
+    await app.open()
+    worker = app.worker(concurrency=8)
+    running = asyncio.create_task(worker.run())
+    try:
+        batch = await app.submit("once", range(3000))
+
+        async def some_progress() -> bool:
+            return (await app.get_batch(batch.id)).shards_done >= 30
+
+        await wait_until(some_progress, 20)
+        await asyncio.to_thread(restart)
+        final = await app.wait(batch.id, timeout_s=120)
+    finally:
+        worker.request_stop()
+        await asyncio.wait_for(running, 60)
+    assert (final.status, final.shards_dead, final.items_ok) == ("succeeded", 0, 3000), worker.stats
+    async with await psycopg.AsyncConnection.connect(url) as conn:
+        check = await verify_batch(conn, batch.id)
+    assert check.every_item_has_one_result, check
+    await app.close()

@@ -12,7 +12,10 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
+from pgbatch.db.database import Database
 from pgbatch.db.migrations import applied_versions, available_migrations, migrate
+from pgbatch.db.sessions import SessionTimeouts
+from tests.helpers import fetch_one, wait_until
 
 CATALOG_QUERIES = {
     "columns": """
@@ -90,7 +93,7 @@ async def test_a_database_at_0002_with_queued_work_upgrades_in_place_to_0003(
     from pgbatch.db.shards import claim_shards
 
     async with await psycopg.AsyncConnection.connect(empty_database, autocommit=True) as conn:
-        assert await migrate(conn, target_version=2) == [1, 2]
+        assert await migrate(conn, up_to=2) == [1, 2]
         for tenant in ("acme", "default"):
             await conn.execute(
                 """
@@ -111,7 +114,7 @@ async def test_a_database_at_0002_with_queued_work_upgrades_in_place_to_0003(
             )
         before = await (await conn.execute("SELECT * FROM pgbatch.shards ORDER BY id")).fetchall()
 
-        assert await migrate(conn) == [3]
+        assert await migrate(conn, up_to=3) == [3]
 
         rows = await (
             await conn.execute(
@@ -136,3 +139,74 @@ async def test_a_database_at_0002_with_queued_work_upgrades_in_place_to_0003(
             ("default", ["default0", "default1"]),
             ("default", ["default2", "default3"]),
         ]
+
+
+async def _fill_at_0002(conn: psycopg.AsyncConnection[Any]) -> int:
+    """Write a batch, its items and a half-run shard as pgbatch 0002 stored them."""
+    cur = await conn.execute(
+        "INSERT INTO pgbatch.batches (tenant, task, shard_size, max_attempts, lease_ttl_s,"
+        " total_items, total_shards, status) VALUES ('acme', 't', 2, 3, 30, 2, 1, 'running')"
+        " RETURNING id"
+    )
+    row = await cur.fetchone()
+    assert row is not None
+    batch_id = int(row[0])
+    await conn.execute(
+        "INSERT INTO pgbatch.items (batch_id, seq, payload) VALUES (%s, 0, '{\"a\": 1}'),"
+        " (%s, 1, '[2]')",
+        (batch_id, batch_id),
+    )
+    await conn.execute(
+        "INSERT INTO pgbatch.shards (batch_id, shard_no, first_seq, last_seq, task, queue,"
+        " priority, max_attempts, lease_ttl_s, attempts, lease_epoch)"
+        " VALUES (%s, 0, 0, 1, 't', 'default', 0, 3, 30, 2, 2)",
+        (batch_id,),
+    )
+    return batch_id
+
+
+@pytest.mark.asyncio
+async def test_a_database_at_0002_with_data_upgrades_in_place_even_while_workers_hold_locks(
+    empty_database: str,
+) -> None:
+    async with await psycopg.AsyncConnection.connect(empty_database, autocommit=True) as conn:
+        assert await migrate(conn, up_to=2) == [1, 2]
+        batch_id = await _fill_at_0002(conn)
+    later = [m.version for m in available_migrations() if m.version > 2]
+    assert 4 in later
+    # A worker of the old version is mid-transaction on the shards table: the upgrade
+    # must wait for it, though every pgbatch session gives up a lock wait after 100 ms.
+    holder = await psycopg.AsyncConnection.connect(empty_database)
+    await holder.execute("SELECT count(*) FROM pgbatch.shards")
+    async with Database(empty_database, timeouts=SessionTimeouts(lock_timeout_ms=100)) as db:
+        async with db.connection() as conn:
+            upgrading = asyncio.create_task(migrate(conn))
+
+            async def waiting_past_the_lock_timeout() -> bool:
+                if upgrading.done():
+                    upgrading.result()  # a MigrationError (lock timeout) fails the test here
+                    raise AssertionError("the upgrade did not wait for the lock")
+                # Its own connection: pg_stat_activity is read once per transaction.
+                row = await fetch_one(
+                    empty_database,
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                    " AND clock_timestamp() - query_start > interval '500 ms'",
+                )
+                return bool(row and row[0])
+
+            try:
+                await wait_until(waiting_past_the_lock_timeout, 30)
+            finally:
+                await holder.rollback()
+                await holder.close()
+            assert await upgrading == later
+            cur = await conn.execute(
+                "SELECT b.tenant, b.status, s.attempts, s.lease_epoch, s.lease_refunds,"
+                " (SELECT json_agg(i.payload ORDER BY i.seq)::text FROM pgbatch.items i"
+                "  WHERE i.batch_id = b.id)"
+                " FROM pgbatch.batches b JOIN pgbatch.shards s ON s.batch_id = b.id"
+                " WHERE b.id = %s",
+                (batch_id,),
+            )
+            assert await cur.fetchone() == ("acme", "running", 2, 2, 0, '[{"a": 1}, [2]]')
+            assert await applied_versions(conn) == {m.version for m in available_migrations()}

@@ -268,15 +268,17 @@ async def test_an_expired_lease_is_rescued_and_a_crash_looping_shard_dies(
 
     crashed_once = await app.submit("t", range(2), shard_size=2)
     crashed_twice = await app.submit("t", range(2), shard_size=2)
+    free = app.settings.lease_free_reruns
     async with app.db.connection() as conn:
         # Workers that died holding the shards: once for the first batch, and on each
-        # of its attempts (the whole budget) for the second.
-        for batch, attempts in ((crashed_once, 1), (crashed_twice, 2)):
+        # of its attempts (the whole budget, free reruns of expired leases included)
+        # for the second.
+        for batch, attempts, refunds in ((crashed_once, 1, 0), (crashed_twice, 2 + free, free)):
             await conn.execute(
                 "UPDATE pgbatch.shards SET status = 'running', attempts = %s,"
-                " lease_epoch = %s, lease_expires_at = now() - interval '1 s'"
-                " WHERE batch_id = %s",
-                (attempts, attempts, batch.id),
+                " lease_refunds = %s, lease_epoch = %s,"
+                " lease_expires_at = now() - interval '1 s' WHERE batch_id = %s",
+                (attempts, refunds, attempts, batch.id),
             )
     async with running(app):
         first = await app.wait(crashed_once.id, timeout_s=20)
@@ -284,7 +286,7 @@ async def test_an_expired_lease_is_rescued_and_a_crash_looping_shard_dies(
     assert first.status == "succeeded"
     assert second.status == "failed"
     [(status, attempts, error)] = await _shards(app, crashed_twice.id)
-    assert (status, attempts) == ("dead", 3) and "lease expired" in error
+    assert (status, attempts) == ("dead", 3 + free) and "lease expired" in error
 
 
 @pytest.mark.asyncio

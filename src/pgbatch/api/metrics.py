@@ -63,6 +63,11 @@ class ApiMetrics:
             "Expired leases returned to the queue so another worker can take the shard over.",
             registry=r,
         )
+        self.lease_refunds = Gauge(
+            "pgbatch_lease_refunds",
+            "Expired leases requeued with the attempt refunded (infrastructure, not handler).",
+            registry=r,
+        )
         self._flush_sources: dict[str, Callable[[], Mapping[int, int]]] = {}
         r.register(FlushSizeCollector(self._flush_sources))
         self.writer_items = Counter(
@@ -114,7 +119,7 @@ class ApiMetrics:
             row = await (await conn.execute(query("metrics_snapshot"))).fetchone()
             status_rows = await (await conn.execute(query("metrics_batches"))).fetchall()
         assert row is not None
-        queued, running, done, dead, ok, failed, takeovers = (int(v) for v in row)
+        queued, running, done, dead, ok, failed, takeovers, refunds = (int(v) for v in row)
         for state, value in (
             ("queued", queued),
             ("running", running),
@@ -127,6 +132,7 @@ class ApiMetrics:
         for status, count in status_rows:
             self.batches.labels(status).set(count)
         self.lease_takeovers.set(takeovers)
+        self.lease_refunds.set(refunds)
         now, total = time.monotonic(), ok + failed
         if self._previous is not None and now > self._previous[0]:
             rate = max(0, total - self._previous[1]) / (now - self._previous[0])

@@ -19,6 +19,7 @@ from psycopg_pool.base import AttemptWithBackoff
 
 from pgbatch.config import Settings
 from pgbatch.db.embedded import embedded_url
+from pgbatch.db.sessions import SessionTimeouts, apply_session_timeouts
 from pgbatch.errors import ConfigurationError
 
 __all__ = ["Database", "pool_wait_s", "resolve_url"]
@@ -102,17 +103,24 @@ class Database:
     """Own the pool of one process; every query of the engine goes through it."""
 
     def __init__(
-        self, url: str, *, max_size: int = 6, min_size: int = 1, connect_timeout_s: float = 10.0
+        self,
+        url: str,
+        *,
+        max_size: int = 6,
+        min_size: int = 1,
+        connect_timeout_s: float = 10.0,
+        timeouts: SessionTimeouts | None = None,
     ) -> None:
         self.url = url
         self.connect_timeout_s = connect_timeout_s
+        self.timeouts = timeouts or SessionTimeouts()
         self.pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] = _Pool(
             url,
             min_size=min_size,
             max_size=max_size,
             open=False,
-            configure=_configure,
-            kwargs={"autocommit": True},
+            configure=self._configure_session,
+            kwargs={"autocommit": True, **self.timeouts.connect_kwargs(url)},
             name="pgbatch",
             check=_check_for_api_requests,
         )
@@ -153,8 +161,10 @@ class Database:
 
     async def connect_dedicated(self) -> psycopg.AsyncConnection[Any]:
         """Open a connection outside the pool (LISTEN needs one that nobody else uses)."""
-        conn = await psycopg.AsyncConnection.connect(self.url, autocommit=True)
-        await _configure(conn)
+        conn = await psycopg.AsyncConnection.connect(
+            self.url, autocommit=True, **self.timeouts.connect_kwargs(self.url)
+        )
+        await self._configure_session(conn)
         return conn
 
     async def run_in_transaction(
@@ -194,3 +204,10 @@ class Database:
                 _log.info("retrying transaction after %s (attempt %d)", type(exc).__name__, attempt)
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    # -- session timeouts (issue 9: no session can wedge others, invariant 7) ---------------
+
+    async def _configure_session(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Prepare a new connection: JSON parsing, then the session timeouts."""
+        await _configure(conn)
+        await apply_session_timeouts(conn, self.timeouts)

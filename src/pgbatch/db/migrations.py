@@ -56,20 +56,19 @@ async def applied_versions(conn: psycopg.AsyncConnection[Any]) -> set[int]:
     return {row[0] for row in rows}
 
 
-async def migrate(
-    conn: psycopg.AsyncConnection[Any], *, target_version: int | None = None
-) -> list[int]:
+async def migrate(conn: psycopg.AsyncConnection[Any], *, up_to: int | None = None) -> list[int]:
     """Apply pending migrations in one locked transaction; return the versions applied.
 
-    `target_version` stops after that version (tests build an older schema with it).
+    `up_to` stops after that version (tests build an old schema with it); None applies all.
     """
     applied_now: list[int] = []
-    pending = [
-        m for m in available_migrations() if target_version is None or m.version <= target_version
-    ]
+    pending = [m for m in available_migrations() if up_to is None or m.version <= up_to]
     if await applied_versions(conn) >= {m.version for m in pending}:
         return applied_now  # fast path: nothing to do, no lock taken
     async with conn.transaction():
+        # A migration must wait for the locks it needs, however long workers hold them:
+        # the session's lock_timeout (invariant 7) would fail it half-way otherwise.
+        await conn.execute(query("migration_wait_for_locks"))
         await conn.execute(query("migration_lock"), {"key": MIGRATION_LOCK_KEY})
         await conn.execute(query("migration_bootstrap"))
         done = await applied_versions(conn)

@@ -81,6 +81,8 @@ CREATE TABLE pgbatch.shards (
     run_after        timestamptz NOT NULL DEFAULT now(),
     last_error       text,
     finished_at      timestamptz,
+    -- Expired leases requeued with their attempt refunded (at most lease_free_reruns).
+    lease_refunds    integer     NOT NULL DEFAULT 0,
     UNIQUE (batch_id, shard_no),
     CHECK (first_seq <= last_seq)
 );

@@ -19,6 +19,8 @@ __all__ = [
     "ClaimCursor",
     "CommitStatement",
     "CompletionReport",
+    "HeartbeatReport",
+    "RescueReport",
     "ShardCompletion",
     "bury_shard",
     "claim_candidates",
@@ -28,6 +30,7 @@ __all__ = [
     "execute_statements",
     "heartbeat_shards",
     "release_shards",
+    "rescue_expired_leases",
     "rescue_expired_shards",
     "retry_shard_later",
 ]
@@ -229,7 +232,7 @@ async def _claim(
     for row in await cur.fetchall():
         shard_id, batch_id, task, epoch, attempts, max_attempts, ttl, cancelled = row[:8]
         first_seq, seqs, payloads = row[8:11]
-        tenant = row[12]
+        tenant, lease_refunds = row[12], row[13]
         values = orjson.loads(payloads) if payloads else []
         # A first run holds the whole contiguous range; a retried shard lists its seqs.
         positions = seqs if seqs is not None else range(first_seq, first_seq + len(values))
@@ -245,33 +248,84 @@ async def _claim(
                 items=tuple(map(Item, positions, values)),
                 batch_cancelled=bool(cancelled),
                 tenant=tenant,
+                lease_refunds=lease_refunds,
             )
         )
     return shards
 
 
+@dataclass(slots=True)
+class HeartbeatReport:
+    """What one heartbeat found about each lease it was asked to renew."""
+
+    # renewed shard id → its batch was cancelled
+    renewed: dict[int, bool] = field(default_factory=dict)
+    # still held, but a row lock (this worker's own completion flush) kept it from renewal
+    busy: set[int] = field(default_factory=set)
+    # no longer running under that epoch: taken over, or already finished
+    lost: set[int] = field(default_factory=set)
+
+
 async def heartbeat_shards(
     conn: psycopg.AsyncConnection[Any], leases: Sequence[tuple[int, int]]
-) -> dict[int, bool]:
-    """Renew leases given as (shard id, epoch); return {renewed shard id: batch cancelled}."""
+) -> HeartbeatReport:
+    """Renew leases given as (shard id, epoch), never waiting on a locked row."""
+    report = HeartbeatReport()
     if not leases:
-        return {}
+        return report
     ordered = sorted(leases)
     cur = await conn.execute(
         query("shard_heartbeat_many"),
         {"ids": [s for s, _ in ordered], "epochs": [e for _, e in ordered]},
     )
-    return {shard_id: bool(cancelled) for shard_id, cancelled in await cur.fetchall()}
+    for shard_id, state, cancelled in await cur.fetchall():
+        if state == "renewed":
+            report.renewed[shard_id] = bool(cancelled)
+        elif state == "busy":
+            report.busy.add(shard_id)
+        else:
+            report.lost.add(shard_id)
+    return report
 
 
-async def rescue_expired_shards(conn: psycopg.AsyncConnection[Any], *, limit: int = 1000) -> int:
-    """Return expired shards to the queue and wake their workers; return how many."""
+# How many times a shard's expired lease is refunded by default (Settings.lease_free_reruns).
+DEFAULT_LEASE_FREE_RERUNS = 3
+
+
+@dataclass(frozen=True, slots=True)
+class RescueReport:
+    """What one rescue of expired leases did."""
+
+    rescued: int = 0
+    refunded: int = 0  # of those, how many had their attempt refunded
+
+
+async def rescue_expired_leases(
+    conn: psycopg.AsyncConnection[Any],
+    *,
+    free_reruns: int = DEFAULT_LEASE_FREE_RERUNS,
+    limit: int = 1000,
+) -> RescueReport:
+    """Requeue expired shards (refunding the attempt up to `free_reruns` times), wake workers."""
     async with conn.transaction():
-        cur = await conn.execute(query("shard_rescue_expired"), {"limit": limit})
-        queues = {row[0] for row in await cur.fetchall()}
-        for queue in sorted(queues):
+        cur = await conn.execute(
+            query("shard_rescue_expired"), {"limit": limit, "free_reruns": free_reruns}
+        )
+        rows = await cur.fetchall()
+        for queue in sorted({queue for queue, _ in rows}):
             await conn.execute(query("shard_notify_queue"), {"queue": queue})
-    return cur.rowcount
+    return RescueReport(len(rows), sum(1 for _, refunded in rows if refunded))
+
+
+async def rescue_expired_shards(
+    conn: psycopg.AsyncConnection[Any],
+    *,
+    free_reruns: int = DEFAULT_LEASE_FREE_RERUNS,
+    limit: int = 1000,
+) -> int:
+    """Return expired shards to the queue and wake their workers; return how many."""
+    report = await rescue_expired_leases(conn, free_reruns=free_reruns, limit=limit)
+    return report.rescued
 
 
 async def retry_shard_later(

@@ -2,20 +2,30 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Sequence
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 
-from pgbatch.db.database import RETRYABLE_ERRORS, Database
+from pgbatch.db.database import Database
+from pgbatch.db.sessions import is_transient
 from pgbatch.db.shards import CompletionReport, ShardCompletion, complete_shards
 from pgbatch.engine.group_commit import GroupCommitStats, GroupCommitter
 
 __all__ = ["Completer", "CompletionOutcome"]
 
 _log = logging.getLogger(__name__)
+
+# Backoff between reruns of a flush that failed for a transient reason: full jitter from
+# 50 ms doubling to 2 s, so a restarted server is retried within seconds without a
+# stampede of every worker at the same instant.
+TRANSIENT_RETRY_BASE_S = 0.05
+TRANSIENT_RETRY_CAP_S = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,8 +39,22 @@ class CompletionOutcome:
 class Completer:
     """Commit the completions of many shards, of many batches, in one transaction."""
 
-    def __init__(self, db: Database, *, max_batch: int, max_delay_ms: float) -> None:
+    def __init__(
+        self,
+        db: Database,
+        *,
+        max_batch: int,
+        max_delay_ms: float,
+        retry_max_s: float = 60.0,
+        before_retry: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self._db = db
+        # A transient failure (invariant 7) is retried for up to retry_max_s; before each
+        # rerun `before_retry` runs (the worker renews its leases: the flush held their
+        # rows, so its heartbeats could not).
+        self.retry_max_s = retry_max_s
+        self._before_retry = before_retry
+        self.transient_retries = 0
         self.committer: GroupCommitter[ShardCompletion, CompletionOutcome] = GroupCommitter(
             self._flush, max_batch=max_batch, max_delay_ms=max_delay_ms, name="completer"
         )
@@ -57,16 +81,36 @@ class Completer:
         async def work(conn: psycopg.AsyncConnection[Any]) -> CompletionReport:
             return await complete_shards(conn, completions)
 
-        return await self._db.run_in_transaction(work)
+        deadline = time.monotonic() + self.retry_max_s
+        attempt = 0
+        while True:
+            try:
+                return await self._db.run_in_transaction(work)
+            except psycopg.Error as exc:
+                remaining = deadline - time.monotonic()
+                if not is_transient(exc) or remaining <= 0:
+                    raise
+                attempt += 1
+                self.transient_retries += 1
+                # Safe to rerun even if the lost COMMIT did commit: the fence then matches
+                # no row and the rerun reports those shards as not accepted.
+                _log.warning(
+                    "completion flush of %d shards failed (%s); retry %d", len(completions),
+                    str(exc).strip() or type(exc).__name__, attempt,
+                )  # fmt: skip
+                ceiling = min(TRANSIENT_RETRY_CAP_S, TRANSIENT_RETRY_BASE_S * 2**attempt)
+                await asyncio.sleep(min(remaining, random.uniform(0, ceiling)))
+                if self._before_retry is not None:
+                    await self._before_retry()
 
     async def _flush(
         self, completions: Sequence[ShardCompletion]
     ) -> Sequence[CompletionOutcome | BaseException]:
         try:
             return self._outcomes(completions, await self._commit(completions))
-        except RETRYABLE_ERRORS:
-            raise
         except psycopg.Error as exc:
+            if is_transient(exc):
+                raise  # retried until retry_max_s: the database is away, every caller learns
             if len(completions) == 1:
                 return [exc]
             # A completion's own rows broke the fast path (a constraint of the user's

@@ -28,6 +28,7 @@ from pgbatch.db.callbacks import (
 )
 from pgbatch.db.copy import copy_table_rows
 from pgbatch.db.database import Database
+from pgbatch.db.sessions import is_transient
 from pgbatch.db.shards import (
     ClaimCursor,
     ShardCompletion,
@@ -38,7 +39,7 @@ from pgbatch.db.shards import (
     execute_statements,
     heartbeat_shards,
     release_shards,
-    rescue_expired_shards,
+    rescue_expired_leases,
     retry_shard_later,
 )
 from pgbatch.engine.completer import Completer
@@ -104,6 +105,12 @@ class WorkerStats:
     # Shards no claim could read (issue 9), marked dead with the claim's error.
     shards_buried: int = 0
     leases_lost: int = 0
+    # heartbeats that found a lease's row locked (its own completion flush) and skipped it
+    leases_busy: int = 0
+    # expired leases this worker requeued with the attempt refunded (invariant 7)
+    lease_refunds: int = 0
+    # completion flushes rerun after a transient failure (lost connection, lock timeout)
+    completion_retries: int = 0
     callbacks_run: int = 0
     callbacks_failed: int = 0
     rescued: int = 0
@@ -144,6 +151,10 @@ class Worker:
         self._notifier: Notifier | None = None
         self._db: Database | None = None
         self._claim_cursor = ClaimCursor()
+        # The heartbeat's own connection: a lease renewal never waits for a pooled
+        # connection held by a flush stuck behind a lock. One round at a time.
+        self._heartbeat_conn: psycopg.AsyncConnection[Any] | None = None
+        self._heartbeat_lock = asyncio.Lock()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -165,6 +176,8 @@ class Worker:
             db,
             max_batch=self.settings.completer_max_batch,
             max_delay_ms=self.settings.completer_max_delay_ms,
+            retry_max_s=self.settings.completer_retry_max_s,
+            before_retry=self._renew_before_flush_retry,
         )
         self._completer.start()
         self._notifier = Notifier(
@@ -183,6 +196,7 @@ class Worker:
         _log.info(
             "worker %s started: %d slots, queues %s", self.worker_id, self.concurrency, self.queues
         )
+        self._warn_about_short_leases()
         try:
             await self._claim_loop()
             await self._drain()
@@ -194,6 +208,7 @@ class Worker:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await helper
             await self._completer.stop()
+            await self._close_heartbeat_conn()
             _log.info("worker %s stopped: %s", self.worker_id, self.stats)
 
     async def _drain(self) -> None:
@@ -234,7 +249,7 @@ class Worker:
             try:
                 async with self._db.connection() as conn:
                     shards = await self._claim(conn, tasks, limit)
-            except psycopg.OperationalError as exc:
+            except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
                 _log.warning("claim failed (%s); retrying after the poll interval", exc)
                 await self._wait_any(self._wake, timeout=self.settings.poll_interval_s)
                 continue
@@ -270,7 +285,9 @@ class Worker:
                 into=shards,
             )
         except psycopg.Error as exc:
-            if _is_connection_loss(conn, exc):
+            # A lost connection, a lock or statement timeout: nothing is wrong with a
+            # shard's data, so the claim loop waits and claims again as a whole.
+            if _is_connection_loss(conn, exc) or is_transient(exc):
                 raise
             _log.warning("claim failed (%s); claiming one shard at a time", exc)
         try:
@@ -385,6 +402,11 @@ class Worker:
         try:
             outcome = await self._completer.complete(completion)
         except psycopg.Error as exc:
+            if is_transient(exc):
+                # The database was away longer than completer_retry_max_s: not the
+                # handler's failure. The lease lapses and the rerun is refunded.
+                _log.warning("shard %d: completion not written (%s)", completion.shard_id, exc)
+                return
             # Its results or rows could not be written even alone (a constraint of the
             # user's table, say): that is a failed attempt of the shard.
             if completion.status is not ShardStatus.DONE:
@@ -409,8 +431,9 @@ class Worker:
         if shard.batch_cancelled:
             # A rescued shard of a cancelled batch: end it without running the handler.
             return self._terminal(shard, ShardStatus.CANCELLED, "cancelled")
-        if shard.attempts > shard.max_attempts:
-            # Claimed again after its last attempt's lease expired (the worker died).
+        if shard.counted_attempts > shard.max_attempts:
+            # Claimed again after its last attempt's lease expired (the worker died) and
+            # the free reruns of expired leases are used up.
             return self._terminal(
                 shard,
                 ShardStatus.DEAD,
@@ -472,7 +495,7 @@ class Worker:
 
     async def _fail(self, active: _Active, message: str) -> ShardCompletion | None:
         shard = active.shard
-        if shard.attempts >= shard.max_attempts:
+        if shard.counted_attempts >= shard.max_attempts:
             _log.warning("shard %d dead after %d attempts: %s", shard.id, shard.attempts, message)
             return self._terminal(
                 shard, ShardStatus.DEAD, f"failed after {shard.attempts} attempts: {message}"
@@ -504,29 +527,73 @@ class Worker:
     # -- leases ----------------------------------------------------------------------------
 
     async def _heartbeat_loop(self) -> None:
-        assert self._db is not None
         while True:
             await self._sleep_until_heartbeat_due()
+            await self._heartbeat_once()
+
+    async def _heartbeat_once(self) -> None:
+        """Renew every lease held, on the heartbeat's own connection; stop lost shards."""
+        async with self._heartbeat_lock:
             held = list(self._active.values())
             if not held:
-                continue
+                return
             try:
-                async with self._db.connection() as conn:
-                    renewed = await heartbeat_shards(
+                # A half-open connection must not stall renewals: a round that takes a
+                # whole interval is abandoned and the connection replaced.
+                async with asyncio.timeout(max(self._heartbeat_interval_s(), 0.5)):
+                    conn = await self._heartbeat_connection()
+                    report = await heartbeat_shards(
                         conn, [(a.shard.id, a.shard.lease_epoch) for a in held]
                     )
-            except psycopg.Error as exc:
-                _log.warning("heartbeat failed: %s", exc)
-                continue
-            for active in held:
-                if active.shard.id not in renewed:
-                    if active.phase is _Phase.RUNNING and self._active.get(active.shard.id):
-                        self.stats.leases_lost += 1
-                        active.ctx.mark_lost()
-                        self._stop_shard(active, _StopReason.LOST)
-                elif renewed[active.shard.id]:
-                    active.ctx.mark_cancelled()
-                    self._stop_shard(active, _StopReason.CANCELLED)
+            except (psycopg.Error, TimeoutError) as exc:
+                _log.warning("heartbeat failed: %s", str(exc) or type(exc).__name__)
+                await self._close_heartbeat_conn()
+                return
+        self.stats.leases_busy += len(report.busy)
+        for active in held:
+            shard_id = active.shard.id
+            if shard_id in report.lost:
+                if active.phase is _Phase.RUNNING and self._active.get(shard_id):
+                    self.stats.leases_lost += 1
+                    active.ctx.mark_lost()
+                    self._stop_shard(active, _StopReason.LOST)
+            elif report.renewed.get(shard_id):
+                active.ctx.mark_cancelled()
+                self._stop_shard(active, _StopReason.CANCELLED)
+
+    async def _heartbeat_connection(self) -> psycopg.AsyncConnection[Any]:
+        if self._heartbeat_conn is None or self._heartbeat_conn.closed:
+            assert self._db is not None
+            self._heartbeat_conn = await self._db.connect_dedicated()
+        return self._heartbeat_conn
+
+    async def _close_heartbeat_conn(self) -> None:
+        conn, self._heartbeat_conn = self._heartbeat_conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.close()
+
+    async def _renew_before_flush_retry(self) -> None:
+        # The failed flush held its shards' rows, so heartbeats found them busy; renew
+        # now, while the rows are free, or the leases lapse during a long outage.
+        self.stats.completion_retries += 1
+        await self._heartbeat_once()
+
+    def _warn_about_short_leases(self) -> None:
+        # A lease shorter than the session timeouts lapses while a flush still waits on a
+        # frozen session's lock (invariant 7): the shards rerun, refunded, but rerun.
+        bound_ms = max(
+            self.settings.session_lock_timeout_ms,
+            self.settings.session_idle_in_transaction_timeout_ms,
+        )
+        for spec in self.app.tasks.values():
+            if spec.lease_ttl_s * 1000 <= bound_ms:
+                _log.warning(
+                    "task %s: lease_ttl_s=%s is not above the session timeouts (%d ms); "
+                    "lower PGBATCH_SESSION_LOCK_TIMEOUT_MS and "
+                    "PGBATCH_SESSION_IDLE_IN_TRANSACTION_TIMEOUT_MS below the lease",
+                    spec.name, spec.lease_ttl_s, bound_ms,
+                )  # fmt: skip
 
     def _heartbeat_interval_s(self) -> float:
         ttls = [a.shard.lease_ttl_s for a in self._active.values()]
@@ -553,13 +620,17 @@ class Worker:
             await asyncio.sleep(interval * random.uniform(0.5, 1.5))
             try:
                 async with self._db.connection() as conn:
-                    rescued = await rescue_expired_shards(conn)
+                    report = await rescue_expired_leases(
+                        conn, free_reruns=self.settings.lease_free_reruns
+                    )
+                    rescued = report.rescued
                     rescued += await rescue_expired_callbacks(
                         conn, max_attempts=self.settings.callback_max_attempts
                     )
             except psycopg.Error as exc:
                 _log.warning("lease rescue failed: %s", exc)
                 continue
+            self.stats.lease_refunds += report.refunded
             if rescued:
                 self.stats.rescued += rescued
                 _log.info("returned %d expired leases to the queue", rescued)

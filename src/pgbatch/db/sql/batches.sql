@@ -251,7 +251,7 @@ WITH target AS (
     RETURNING 1
 ), requeued AS (
     UPDATE pgbatch.shards s
-    SET status = 'queued', attempts = 0, retried = true, run_after = now(),
+    SET status = 'queued', attempts = 0, lease_refunds = 0, retried = true, run_after = now(),
         last_error = NULL, finished_at = NULL, worker_id = NULL
     FROM target t
     WHERE s.id = t.id

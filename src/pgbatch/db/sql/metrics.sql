@@ -8,7 +8,9 @@ SELECT (SELECT count(*) FROM pgbatch.shards WHERE status = 'queued') AS queued,
        coalesce(sum(items_ok), 0) AS items_ok,
        coalesce(sum(items_failed), 0) AS items_failed,
        (SELECT coalesce(sum(value), 0) FROM pgbatch.counters WHERE name = 'lease_takeovers')
-           AS lease_takeovers
+           AS lease_takeovers,
+       (SELECT coalesce(sum(value), 0) FROM pgbatch.counters WHERE name = 'lease_refunds')
+           AS lease_refunds
 FROM pgbatch.batches;
 
 -- name: metrics_batches

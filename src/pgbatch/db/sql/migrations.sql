@@ -18,3 +18,7 @@ CREATE TABLE IF NOT EXISTS pgbatch.schema_migrations (
 
 -- name: migration_record
 INSERT INTO pgbatch.schema_migrations (version, name) VALUES (%(version)s, %(name)s);
+
+-- name: migration_wait_for_locks
+-- For this transaction only: the session's lock_timeout applies again after it.
+SET LOCAL lock_timeout = 0;

@@ -118,7 +118,7 @@ claimed AS (
         worker_id = %(worker_id)s
     WHERE s.id IN (SELECT id FROM picked)
     RETURNING s.id, s.batch_id, s.task, s.first_seq, s.last_seq, s.lease_epoch, s.attempts,
-              s.max_attempts, s.lease_ttl_s, s.retried, s.tenant
+              s.max_attempts, s.lease_ttl_s, s.retried, s.tenant, s.lease_refunds
 ), pending AS (
     -- The first claim of a pending batch starts it, so it shows "running" while its first
     -- shards run. Later claims find it running and lock nothing; rows in id order, as the
@@ -136,7 +136,7 @@ claimed AS (
 )
 SELECT c.id, c.batch_id, c.task, c.lease_epoch, c.attempts, c.max_attempts, c.lease_ttl_s,
        b.status = 'cancelled' AS batch_cancelled, c.first_seq, i.seqs, i.payloads,
-       (SELECT count(*) FROM started) AS batches_started, c.tenant
+       (SELECT count(*) FROM started) AS batches_started, c.tenant, c.lease_refunds
 FROM claimed c
 JOIN pgbatch.batches b ON b.id = c.batch_id
 CROSS JOIN LATERAL (
@@ -176,30 +176,47 @@ WITH buried AS (
 SELECT b.batch_id, (SELECT count(*) FROM failed) AS items_failed FROM buried b;
 
 -- name: shard_heartbeat_many
--- Renews the leases this worker still holds, fenced by epoch; a shard that does not come
--- back was taken over. Rows are locked in id order (invariant 6).
+-- Renews the leases this worker still holds, fenced by epoch, and says of each shard
+-- 'renewed', 'busy' or 'lost'. SKIP LOCKED: a heartbeat never waits on a row lock (its own
+-- completion flush, stuck behind a frozen session, may hold the row); such a shard is
+-- 'busy', still running under this epoch in the statement's snapshot, and not lost: the
+-- flush renews it when it retries. 'lost': no longer running under this epoch (taken
+-- over, or already finished). Rows are locked in id order (invariant 6).
 WITH lease AS (
     SELECT * FROM unnest(%(ids)s::bigint[], %(epochs)s::int[]) AS v(id, epoch)
 ), locked AS (
     SELECT s.id FROM pgbatch.shards s JOIN lease v ON v.id = s.id
     WHERE s.status = 'running' AND s.lease_epoch = v.epoch
     ORDER BY s.id
-    FOR NO KEY UPDATE OF s
+    FOR NO KEY UPDATE OF s SKIP LOCKED
 ), renewed AS (
     UPDATE pgbatch.shards s
     SET lease_expires_at = now() + s.lease_ttl_s * interval '1 second'
     FROM locked l
     WHERE s.id = l.id
-    RETURNING s.id, s.batch_id
+    RETURNING s.id
 )
-SELECT r.id, b.status = 'cancelled' AS cancelled
-FROM renewed r JOIN pgbatch.batches b ON b.id = r.batch_id;
+SELECT v.id,
+       CASE WHEN r.id IS NOT NULL THEN 'renewed'
+            WHEN s.id IS NOT NULL THEN 'busy'
+            ELSE 'lost' END AS state,
+       coalesce(b.status = 'cancelled', false) AS cancelled
+FROM lease v
+LEFT JOIN renewed r ON r.id = v.id
+LEFT JOIN pgbatch.shards s ON s.id = v.id AND s.status = 'running' AND s.lease_epoch = v.epoch
+LEFT JOIN pgbatch.batches b ON b.id = s.batch_id
+ORDER BY v.id;
 
 -- name: shard_rescue_expired
 -- Expired leases go back to the queue; the next claim bumps the epoch, which fences out
 -- the worker that let the lease lapse. SKIP LOCKED: a shard being completed is not expired.
+-- A lease lapses when its worker lost the database, froze or died: not the handler's
+-- failure, so the attempt is refunded, at most %(free_reruns)s times per shard (then it
+-- counts, and a shard that kills every worker that runs it still dies). `attempts` still
+-- counts every run (a handler's ctx.attempt); what counts against max_attempts is
+-- attempts - lease_refunds.
 WITH expired AS (
-    SELECT id FROM pgbatch.shards
+    SELECT id, lease_refunds < %(free_reruns)s AS refund FROM pgbatch.shards
     WHERE status = 'running' AND lease_expires_at < now()
     ORDER BY id
     LIMIT %(limit)s
@@ -207,17 +224,23 @@ WITH expired AS (
 ), rescued AS (
     UPDATE pgbatch.shards s
     SET status = 'queued', run_after = now(), worker_id = NULL, lease_expires_at = NULL,
-        last_error = 'lease expired'
+        last_error = 'lease expired', lease_refunds = s.lease_refunds + e.refund::int
     FROM expired e
     WHERE s.id = e.id
-    RETURNING s.queue
+    RETURNING s.queue, e.refund AS refunded
 ), counted AS (
-    -- For the lease-takeover metric; written only when something expired.
+    -- For the lease-takeover and refund metrics; written only when something expired.
     INSERT INTO pgbatch.counters AS c (name, value)
-    SELECT 'lease_takeovers', count(*) FROM rescued HAVING count(*) > 0
+    SELECT name, n FROM (
+        SELECT 'lease_takeovers' AS name, count(*) AS n FROM rescued
+        UNION ALL
+        SELECT 'lease_refunds', count(*) FILTER (WHERE refunded) FROM rescued
+    ) t
+    WHERE n > 0
+    ORDER BY name
     ON CONFLICT (name) DO UPDATE SET value = c.value + excluded.value
 )
-SELECT queue FROM rescued;
+SELECT queue, refunded FROM rescued;
 
 -- name: shard_retry_later
 -- A failed attempt goes back to the queue after a backoff, fenced by epoch.
