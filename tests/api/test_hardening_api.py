@@ -299,6 +299,35 @@ async def test_a_lost_database_is_503_and_the_api_recovers_quickly(start_api: St
         await wait_until(served, 1.5, interval_s=0.1, message="the API did not recover")
 
 
+@pytest.mark.asyncio
+async def test_a_write_behind_a_frozen_session_is_503_not_a_hang(start_api: StartApi) -> None:
+    # Issue 9 item 2: PATCH hung > 8 s behind a session frozen inside its transaction
+    # (it held the batch row). lock_timeout ends the wait; the client gets a retryable 503.
+    async with (
+        start_api(worker=False) as running,
+        running.client(timeout=ANSWER_TIMEOUT_S) as client,
+    ):
+        created = await client.post("/v1/batches", json={"task": "echo", "items": [1, 2]})
+        batch_id, etag = created.json()["id"], created.headers["etag"]
+        async with await psycopg.AsyncConnection.connect(running.app.db.url) as frozen:
+            await frozen.execute(
+                "SELECT 1 FROM pgbatch.batches WHERE id = %s FOR NO KEY UPDATE", [batch_id]
+            )
+            patched = await client.patch(
+                f"/v1/batches/{batch_id}", json={"priority": 5}, headers={"If-Match": etag}
+            )
+            error = assert_error(patched, 503)
+            assert error["code"] == "database_busy", error
+            assert int(patched.headers["retry-after"]) >= 1
+            await frozen.rollback()
+        unchanged = (await client.get(f"/v1/batches/{batch_id}")).json()
+        assert unchanged["priority"] == 0 and f'"{unchanged["version"]}"' == etag
+        again = await client.patch(
+            f"/v1/batches/{batch_id}", json={"priority": 5}, headers={"If-Match": etag}
+        )
+        assert again.status_code == 200, again.text
+
+
 # -- 6. DNS rebinding -----------------------------------------------------------------------------
 
 
