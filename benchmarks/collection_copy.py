@@ -43,8 +43,8 @@ from benchmarks.harness import (
     server_url,
     write_results,
 )
-from pgbatch.db import collections as copies_db
 from pgbatch.workloads import collections as copies
+from pgbatch.workloads.collections import queries as copies_db
 
 DEFAULT_ASSOCIATIONS = 1_000_000
 # Two processes on the two cores this is measured on; each runs its own completer, so
@@ -57,8 +57,8 @@ SOURCE, TARGET, BASELINE_TARGET = "source", "target", "baseline-target"
 PARALLEL_TARGET = "parallel-target"
 # The baseline: what a user without pgbatch would run, one statement in one transaction.
 _SELECT_SQL = (
-    "INSERT INTO collection_items (tenant, collection_id, item_id) "
-    "SELECT tenant, %(target)s, item_id FROM collection_items "
+    "INSERT INTO pgbatch.collection_items (tenant, collection_id, item_id) "
+    "SELECT tenant, %(target)s, item_id FROM pgbatch.collection_items "
     "WHERE tenant = 'default' AND collection_id = %(source)s "
 )
 BASELINE_SQL = _SELECT_SQL + "ON CONFLICT DO NOTHING"
@@ -107,7 +107,7 @@ async def _reset(bench: pgbatch.App, conninfo: str, target: str, expected: int) 
     await copies.delete_collection(bench, target)
     await copies.create_collection(bench, target)
     async with await connect(conninfo) as conn:
-        await conn.execute("VACUUM collection_items")
+        await conn.execute("VACUUM pgbatch.collection_items")
 
 
 async def baseline_copy(conninfo: str, associations: int) -> Timing:
@@ -199,7 +199,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             print(f"seeded {fmt_int(seeded)} associations in {time.perf_counter() - started:.2f} s")
             async with await connect(conninfo) as conn:
                 # Index-only scans of the source for both sides need a fresh visibility map.
-                await conn.execute("VACUUM ANALYZE collection_items")
+                await conn.execute("VACUUM ANALYZE pgbatch.collection_items")
             async with WorkerProcesses(
                 conninfo,
                 app="benchmarks.collection_copy:app",

@@ -13,7 +13,7 @@ import psycopg
 from pgbatch.config import Settings
 from pgbatch.db import batches as batch_queries
 from pgbatch.db.database import Database, resolve_url
-from pgbatch.db.migrations import migrate
+from pgbatch.db.migrations import Component, migrate
 from pgbatch.db.queries import query
 from pgbatch.db.sessions import session_timeouts
 from pgbatch.errors import InvalidBatchError, InvalidStateError, UnknownTaskError
@@ -28,6 +28,7 @@ from pgbatch.tasks import (
     Handler,
     TaskSpec,
 )
+from pgbatch.workload import Workload
 
 if TYPE_CHECKING:
     from pgbatch.engine.worker import Worker
@@ -59,6 +60,7 @@ class App:
         self.tasks: dict[str, TaskSpec] = {}
         self.callbacks: dict[str, CallbackSpec] = {}
         self._on_open: list[Callable[[App], Awaitable[None]]] = []
+        self._workloads: dict[str, Workload] = {}
         self._db: Database | None = None
         self._open_lock = asyncio.Lock()
 
@@ -108,6 +110,24 @@ class App:
         self._on_open.append(fn)
         return fn
 
+    def use(self, workload: Workload) -> None:
+        """Install a workload: its tasks now, its migrations when the app opens (or at
+        `app.migrate()`), its routes when the app is served. A second use changes nothing.
+        """
+        if workload.name in self._workloads:
+            return
+        # On an app already open, the workload's migrations wait for `await app.migrate()`.
+        self._workloads[workload.name] = workload
+        workload.install(self)
+
+    @property
+    def workloads(self) -> tuple[Workload, ...]:
+        """Return the workloads this app uses, in the order they were installed."""
+        return tuple(self._workloads.values())
+
+    def _components(self) -> list[Component]:
+        return [w.component for w in self._workloads.values() if w.component is not None]
+
     # -- connection ------------------------------------------------------------------------
 
     @property
@@ -132,7 +152,7 @@ class App:
             await db.open()
             if self.auto_migrate:
                 async with db.connection() as conn:
-                    await migrate(conn)
+                    await migrate(conn, components=self._components())
             self._db = db
             try:
                 for hook in self._on_open:
@@ -156,10 +176,10 @@ class App:
         await self.close()
 
     async def migrate(self) -> list[int]:
-        """Apply pending migrations; return the versions applied."""
+        """Apply pending migrations, the app's workloads' too; return pgbatch's versions applied."""
         await self.open()
         async with self.db.connection() as conn:
-            return await migrate(conn)
+            return await migrate(conn, components=self._components())
 
     # -- batches ---------------------------------------------------------------------------
 

@@ -418,9 +418,11 @@ def results(
 
 
 @cli.command()
-def migrate() -> None:
-    """Apply pending database migrations."""
-    app = App(auto_migrate=False)
+def migrate(app_spec: AppOption = None) -> None:
+    """Apply pending database migrations (with --app, those of the workloads it uses too)."""
+    app = App(auto_migrate=False) if app_spec is None else load_app(app_spec)
+    # Applied by migrate() below, not by opening: it reports what it applied.
+    app.auto_migrate = False
     applied = _run(_closing(app, app.migrate()))
     console.print(f"applied migrations {applied}" if applied else "schema is up to date")
 

@@ -39,7 +39,7 @@ async def test_copy_all_twice_inserts_once(api: RunningApi) -> None:
     assert (second["inserted"], second["already_present"]) == (0, 2_500)
     async with api.app.db.connection() as conn:
         cur = await conn.execute(
-            "SELECT count(*) FROM collection_items WHERE collection_id = 'dst'"
+            "SELECT count(*) FROM pgbatch.collection_items WHERE collection_id = 'dst'"
         )
         assert (await cur.fetchone()) == (2_500,)
 

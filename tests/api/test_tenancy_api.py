@@ -16,7 +16,7 @@ TENANTS = ("acme", "globex")
 async def _keys(api: RunningApi, tenant: str, collection: str) -> set[str]:
     async with api.app.db.connection() as conn:
         cur = await conn.execute(
-            "SELECT item_id FROM collection_items WHERE tenant = %s AND collection_id = %s",
+            "SELECT item_id FROM pgbatch.collection_items WHERE tenant = %s AND collection_id = %s",
             (tenant, collection),
         )
         return {row[0] for row in await cur.fetchall()}

@@ -53,7 +53,7 @@ async def _setup(app: pgbatch.App, *collections: str) -> None:
 async def _keys(app: pgbatch.App, collection: str) -> set[str]:
     async with app.db.connection() as conn:
         cur = await conn.execute(
-            "SELECT item_id FROM collection_items WHERE collection_id = %s", (collection,)
+            "SELECT item_id FROM pgbatch.collection_items WHERE collection_id = %s", (collection,)
         )
         return {row[0] for row in await cur.fetchall()}
 
@@ -85,7 +85,8 @@ async def test_copy_all_then_again_inserts_nothing_the_second_time(app: pgbatch.
     async with app.db.connection() as conn:
         # One stats row per shard of each copy: no row shared by two shards.
         cur = await conn.execute(
-            "SELECT count(*), count(DISTINCT (batch_id, shard_id)) FROM collection_copy_stats"
+            "SELECT count(*), count(DISTINCT (batch_id, shard_id))"
+            " FROM pgbatch.collection_copy_stats"
         )
         rows, distinct = await cur.fetchone() or (0, 0)
         cur = await conn.execute("SELECT count(*) FROM pgbatch.shards")

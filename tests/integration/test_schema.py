@@ -15,7 +15,10 @@ from psycopg.conninfo import make_conninfo
 from pgbatch.db.database import Database
 from pgbatch.db.migrations import applied_versions, available_migrations, migrate
 from pgbatch.db.sessions import SessionTimeouts
+from pgbatch.workloads import collections
 from tests.helpers import fetch_one, wait_until
+
+SHIPPED_COMPONENTS = [w.component for w in (collections.WORKLOAD,) if w.component is not None]
 
 CATALOG_QUERIES = {
     "columns": """
@@ -49,7 +52,14 @@ def empty_database(server_url: str) -> Iterator[str]:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+async def _migrate_shipped_workloads(url: str) -> None:
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        await migrate(conn, components=SHIPPED_COMPONENTS)
+
+
 def test_schema_sql_equals_the_migrations(database_url: str, empty_database: str) -> None:
+    # schema.sql is pgbatch's schema with every shipped workload's tables.
+    asyncio.run(_migrate_shipped_workloads(database_url))
     schema_sql = resources.files("pgbatch.db").joinpath("schema.sql").read_text()
     with psycopg.connect(empty_database, autocommit=True) as conn:
         conn.execute(schema_sql)
@@ -211,3 +221,38 @@ async def test_a_database_at_0002_with_data_upgrades_in_place_even_while_workers
             )
             assert await cur.fetchone() == ("acme", "running", 2, 2, 0, '[{"a": 1}, [2]]')
             assert await applied_versions(conn) == {m.version for m in available_migrations()}
+
+
+@pytest.mark.asyncio
+async def test_a_workload_used_by_an_app_migrates_with_it_once(database_url: str) -> None:
+    import pgbatch
+    from pgbatch.db.migrations import pending_migrations
+    from tests.conftest import settings_for
+
+    component = collections.WORKLOAD.component
+    assert component is not None
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        assert await pending_migrations(conn, [component]) == {"collections": [1]}
+    # Two apps opening at once: the runner's lock lets one apply, the other finds it done.
+    apps = [pgbatch.App(settings=settings_for(database_url)) for _ in range(2)]
+    for app in apps:
+        app.use(collections.WORKLOAD)
+        app.use(collections.WORKLOAD)  # a second use changes nothing
+        assert [w.name for w in app.workloads] == ["collections"]
+        assert collections.TASK in app.tasks
+    await asyncio.gather(*(app.open() for app in apps))
+    try:
+        assert await collections.create_collection(apps[0], "c1")
+        assert not await collections.create_collection(apps[1], "c1")
+    finally:
+        for app in apps:
+            await app.close()
+    rows = await fetch_one(
+        database_url,
+        "SELECT count(*), min(component), min(version) FROM pgbatch.workload_migrations",
+    )
+    assert rows == (1, "collections", 1)
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        assert await pending_migrations(conn, [component]) == {}
+        # pgbatch's own sequence is untouched by a workload's.
+        assert await applied_versions(conn) == {m.version for m in available_migrations()}

@@ -15,7 +15,7 @@ from tests.integration.test_collections import running
 async def _keys(app: pgbatch.App, tenant: str, collection: str) -> set[str]:
     async with app.db.connection() as conn:
         cur = await conn.execute(
-            "SELECT item_id FROM collection_items WHERE tenant = %s AND collection_id = %s",
+            "SELECT item_id FROM pgbatch.collection_items WHERE tenant = %s AND collection_id = %s",
             (tenant, collection),
         )
         return {row[0] for row in await cur.fetchall()}
@@ -79,6 +79,11 @@ async def test_collections_tables_of_the_previous_version_upgrade_in_place(
     copies.install(app)
     await copies.create_tables(app)
     await copies.create_tables(app)  # idempotent
+    async with app.db.connection() as conn:
+        cur = await conn.execute(
+            "SELECT to_regclass('public.collections'), to_regclass('pgbatch.collections')"
+        )
+        assert await cur.fetchone() == (None, "pgbatch.collections"), "not moved to pgbatch"
     assert await _keys(app, "default", "src") == {"a", "b"}
     # The old rows are the default tenant's; another tenant may now use the same names.
     assert await copies.create_collection(app, "src", tenant="acme")

@@ -17,7 +17,7 @@ import pgbatch
 PACKAGE = Path(pgbatch.__file__).resolve().parent
 
 # Rank of each layer: a module may import its own layer and layers of lower rank only.
-BASE, DB, COMMIT, RUNTIME, APP, WORKLOAD, API, CLI = range(8)
+BASE, DB, COMMIT, RUNTIME, APP, WORKLOAD, API, WORKLOAD_ROUTES, CLI = range(9)
 # Longest prefix wins. The package facade (`FACADE`) may import anything; any other module
 # must have a layer, so a new module is placed on purpose.
 LAYERS: dict[str, tuple[str, int]] = {
@@ -35,6 +35,7 @@ LAYERS: dict[str, tuple[str, int]] = {
     "pgbatch.engine": ("engine", RUNTIME),
     "pgbatch.writer": ("writer", RUNTIME),
     "pgbatch.app": ("app", APP),
+    "pgbatch.workload": ("app", APP),
     "pgbatch.progress": ("app", APP),
     "pgbatch.workloads": ("workloads", WORKLOAD),
     "pgbatch.api": ("api", API),
@@ -56,14 +57,12 @@ KNOWN_DEBT = {
     ("pgbatch.api.progress", "pgbatch.db.batches"),
     ("pgbatch.api.progress", "pgbatch.engine.notifier"),
     ("pgbatch.api.routes.batches", "pgbatch.db.batches"),
-    ("pgbatch.api.routes.collections", "pgbatch.workloads"),
     ("pgbatch.api.routes.documents", "pgbatch.writer"),
     ("pgbatch.api.routes.documents", "pgbatch.writer.documents"),
     ("pgbatch.api.routes.events", "pgbatch.db.batches"),
     ("pgbatch.api.routes.system", "pgbatch.db.migrations"),
     ("pgbatch.api.schemas", "pgbatch.db.batches"),
     ("pgbatch.api.server", "pgbatch.engine.worker"),
-    ("pgbatch.api.server", "pgbatch.workloads"),
     ("pgbatch.app", "sql"),
     ("pgbatch.engine.notifier", "sql"),
     ("pgbatch.api.metrics", "pgbatch.writer.models"),
@@ -81,7 +80,17 @@ def _module_name(path: Path) -> str:
     return ".".join(parts)
 
 
+def _workload_of(module: str) -> str | None:
+    """Return the workload package a module belongs to (`collections`), if any."""
+    parts = module.split(".")
+    return parts[2] if len(parts) >= 3 and parts[1] == "workloads" else None
+
+
 def _layer(module: str) -> tuple[str, int] | None:
+    # A workload's router sits above the API it plugs into (it uses the API's auth and
+    # error shape) and below the CLI that serves it.
+    if _workload_of(module) and module.endswith(".routes"):
+        return ("workload routes", WORKLOAD_ROUTES)
     for prefix in sorted(LAYERS, key=len, reverse=True):
         if module == prefix or module.startswith(prefix + "."):
             return LAYERS[prefix]
@@ -138,11 +147,15 @@ def violations() -> set[tuple[str, str]]:
             if target is None:
                 continue
             name, rank = target
-            if name == own_name:
+            own_workload, other_workload = _workload_of(module), _workload_of(imported)
+            if own_workload and other_workload and own_workload != other_workload:
+                found.add((module, imported))  # one workload never imports another
+                continue
+            if name == own_name or (own_workload and own_workload == other_workload):
                 continue
             upward = rank > own_rank
             sideways = rank == own_rank
-            into_workload = name == "workloads" and own_name not in {"cli"}
+            into_workload = other_workload is not None and own_name != "cli"
             api_bypass = own_name == "api" and name not in API_MAY_IMPORT
             if upward or sideways or into_workload or api_bypass:
                 found.add((module, imported))

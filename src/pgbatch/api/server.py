@@ -21,12 +21,11 @@ from pgbatch.api.errors import install_error_handlers
 from pgbatch.api.guards import RequestGuard, UploadSlots
 from pgbatch.api.metrics import ApiMetrics, MetricsMiddleware
 from pgbatch.api.progress import ProgressHub
-from pgbatch.api.routes import batches, collections, documents, events, system
+from pgbatch.api.routes import batches, documents, events, system
 from pgbatch.api.state import ApiState
 from pgbatch.app import App
 from pgbatch.engine.worker import Worker
 from pgbatch.errors import ConfigurationError
-from pgbatch.workloads import collections as copies
 
 __all__ = ["HeaderTimeoutH11Protocol", "check_bind", "create_api", "server"]
 
@@ -76,9 +75,10 @@ def create_api(app: App, *, worker: Worker | None = None) -> FastAPI:
     api.include_router(batches.router)
     api.include_router(events.router)
     api.include_router(documents.router)
-    # The copy endpoints exist when the app runs the workload (its workers need the task).
-    if copies.TASK in app.tasks:
-        api.include_router(collections.router)
+    # Each workload the app uses brings its routes (the app's workers run its tasks).
+    for workload in app.workloads:
+        if workload.router is not None:
+            api.include_router(workload.router())
     static = resources.files("pgbatch.api").joinpath("static")
     api.mount("/static", StaticFiles(directory=str(static)), name="static")
     fixed_paths = frozenset(

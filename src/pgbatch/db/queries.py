@@ -7,10 +7,10 @@ so statements that share a part (a CTE and the answer built on it) write it once
 from __future__ import annotations
 
 import re
-from functools import cache
+from functools import cached_property
 from importlib import resources
 
-__all__ = ["expand_includes", "parse_queries", "query"]
+__all__ = ["QueryMap", "expand_includes", "parse_queries", "query"]
 
 _HEADER = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 _INCLUDE = re.compile(r"^[ \t]*-- include: (\w+)[ \t]*$", re.MULTILINE)
@@ -50,22 +50,38 @@ def expand_includes(queries: dict[str, str]) -> dict[str, str]:
     return {name: expand(name, 0) for name in queries}
 
 
-@cache
-def _all_queries() -> dict[str, str]:
-    merged: dict[str, str] = {}
-    for entry in sorted(resources.files("pgbatch.db").joinpath("sql").iterdir(), key=str):
-        if not entry.name.endswith(".sql"):
-            continue
-        for name, body in parse_queries(entry.read_text(encoding="utf-8")).items():
-            if name in merged:
-                raise ValueError(f"query {name!r} is defined in two files")
-            merged[name] = body
-    return expand_includes(merged)
+class QueryMap:
+    """The named queries of one package's `sql/*.sql` files, loaded on first use.
+
+    pgbatch's own queries are `query` (pgbatch.db); a workload keeps its SQL in its own
+    package and map, so its names cannot collide with the core's.
+    """
+
+    def __init__(self, package: str, folder: str = "sql") -> None:
+        """Map the queries of `package`'s `folder`."""
+        self.package = package
+        self.folder = folder
+
+    @cached_property
+    def _queries(self) -> dict[str, str]:
+        merged: dict[str, str] = {}
+        files = resources.files(self.package).joinpath(self.folder).iterdir()
+        for entry in sorted(files, key=str):
+            if not entry.name.endswith(".sql"):
+                continue
+            for name, body in parse_queries(entry.read_text(encoding="utf-8")).items():
+                if name in merged:
+                    raise ValueError(f"query {name!r} is defined in two files")
+                merged[name] = body
+        return expand_includes(merged)
+
+    def __call__(self, name: str) -> str:
+        """Return the SQL text of the query called `name`."""
+        try:
+            return self._queries[name]
+        except KeyError:
+            where = f"{self.package.replace('.', '/')}/{self.folder}"
+            raise KeyError(f"no query named {name!r} in {where}") from None
 
 
-def query(name: str) -> str:
-    """Return the SQL text of the query called `name`."""
-    try:
-        return _all_queries()[name]
-    except KeyError:
-        raise KeyError(f"no query named {name!r} in pgbatch/db/sql") from None
+query = QueryMap("pgbatch.db")

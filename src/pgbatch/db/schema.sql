@@ -9,6 +9,13 @@ CREATE TABLE pgbatch.schema_migrations (
     name       text        NOT NULL,
     applied_at timestamptz NOT NULL DEFAULT now()
 );
+CREATE TABLE pgbatch.workload_migrations (
+    component  text        NOT NULL,
+    version    integer     NOT NULL,
+    name       text        NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (component, version)
+);
 
 CREATE TABLE pgbatch.batches (
     id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -138,4 +145,31 @@ CREATE INDEX callbacks_lease_idx ON pgbatch.callbacks (lease_expires_at) WHERE s
 CREATE TABLE pgbatch.counters (
     name  text   PRIMARY KEY,
     value bigint NOT NULL DEFAULT 0
+);
+
+-- ---------------------------------------------------------------------------------------
+-- Workloads that ship with pgbatch: their tables, as their own migrations make them
+-- (recorded in pgbatch.workload_migrations), when an app uses the workload.
+
+-- collections (pgbatch/workloads/collections/migrations)
+CREATE TABLE pgbatch.collections (
+    tenant     text COLLATE "C" NOT NULL,
+    id         text COLLATE "C" NOT NULL,
+    name       text,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (tenant, id)
+);
+CREATE TABLE pgbatch.collection_items (
+    tenant        text COLLATE "C" NOT NULL,
+    collection_id text COLLATE "C" NOT NULL,
+    item_id       text COLLATE "C" NOT NULL,
+    PRIMARY KEY (tenant, collection_id, item_id)
+);
+CREATE TABLE pgbatch.collection_copy_stats (
+    batch_id        bigint NOT NULL,
+    shard_id        bigint NOT NULL,
+    inserted        bigint NOT NULL,
+    already_present bigint NOT NULL,
+    not_in_source   bigint NOT NULL,
+    PRIMARY KEY (batch_id, shard_id)
 );

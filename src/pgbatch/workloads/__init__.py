@@ -1,5 +1,5 @@
-"""Workloads that ship with pgbatch: tasks and the submit helpers that feed them."""
+"""Workloads that ship with pgbatch, one package each: `app.use(<package>.WORKLOAD)`.
 
-from pgbatch.workloads.collections import CopyReport, copy_report, install, submit_copy
-
-__all__ = ["CopyReport", "copy_report", "install", "submit_copy"]
+A workload owns its Python, its SQL (its own query map), its migrations and its HTTP
+router; pgbatch's core (`db`, `engine`, `writer`, `api`) never imports one.
+"""

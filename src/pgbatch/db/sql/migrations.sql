@@ -15,6 +15,24 @@ CREATE TABLE IF NOT EXISTS pgbatch.schema_migrations (
     name       text        NOT NULL,
     applied_at timestamptz NOT NULL DEFAULT now()
 );
+-- A workload's migrations, each workload with its own version sequence.
+CREATE TABLE IF NOT EXISTS pgbatch.workload_migrations (
+    component  text        NOT NULL,
+    version    integer     NOT NULL,
+    name       text        NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (component, version)
+);
+
+-- name: workload_migration_table_exists
+SELECT to_regclass('pgbatch.workload_migrations') IS NOT NULL;
+
+-- name: workload_migration_applied_versions
+SELECT version FROM pgbatch.workload_migrations WHERE component = %(component)s;
+
+-- name: workload_migration_record
+INSERT INTO pgbatch.workload_migrations (component, version, name)
+VALUES (%(component)s, %(version)s, %(name)s);
 
 -- name: migration_record
 INSERT INTO pgbatch.schema_migrations (version, name) VALUES (%(version)s, %(name)s);

@@ -1,4 +1,4 @@
-"""Queries on collections and their items, and the fenced statements of a collection copy."""
+"""The collection-copy workload's queries: collections, items, the copy's fenced statements."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 import psycopg
 
-from pgbatch.db.queries import query
+from pgbatch.db.queries import QueryMap
 from pgbatch.db.shards import CommitStatement
 
 __all__ = [
@@ -20,12 +20,14 @@ __all__ = [
     "copy_ranges_statement",
     "count_collection_items",
     "create_collection",
-    "create_collection_tables",
     "delete_collection",
     "existing_collections",
     "generate_collection_items",
     "plan_copy_ranges",
 ]
+
+
+query = QueryMap("pgbatch.workloads.collections")
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,14 +37,6 @@ class CopyCounts:
     inserted: int
     already_present: int
     not_in_source: int
-
-
-async def create_collection_tables(conn: psycopg.AsyncConnection[Any]) -> None:
-    """Create the collections tables if they are missing (idempotent, safe to race)."""
-    async with conn.transaction():
-        # Serialise the DDL: several processes opening at once would race on it.
-        await conn.execute(query("collections_lock_ddl"))
-        await conn.execute(query("collections_create_tables"))
 
 
 async def create_collection(

@@ -13,7 +13,7 @@ from pgbatch.api.routes.batches import ERRORS
 from pgbatch.api.schemas import BatchId, BatchOut, IdempotencyKeyHeader, batch_out
 from pgbatch.api.state import Tenant, api_state
 from pgbatch.models import BatchStatus
-from pgbatch.workloads import collections as copies
+from pgbatch.workloads.collections import copy as copies
 
 __all__ = ["CopyReportOut", "CopyRequest", "router"]
 

@@ -1,106 +1,41 @@
 -- Collections of items (companies, say) and the collection-copy workload
--- (pgbatch.workloads.collections). Keys are text in the "C" collation: byte order, the
+-- (pgbatch.workloads.collections); the tables are made by
+-- its migrations (migrations/), in pgbatch's schema. Keys are text in the "C" collation: byte order, the
 -- same as Python's sort of str, and compared with memcmp, the fastest text comparison.
 
--- name: collections_lock_ddl
-SELECT pg_advisory_xact_lock(hashtext('pgbatch_collections_tables'));
-
--- name: collections_create_tables
--- Idempotent. Every key starts with the tenant: collections are a tenant's own (issue 9),
--- so two tenants may both have a "companies" and neither can name the other's.
--- collection_items has no foreign key to collections on purpose: a copy of a million
--- associations would run a million referential checks, each locking the same collections
--- row; the workload checks that both collections exist when a copy is submitted, and the
--- copy's statement inserts only into a target its batch's tenant has.
--- collection_copy_stats gets one row per completed shard of a copy, written by the
--- shard's own fenced statement: no row is shared by two shards, so no row is hot. It is
--- keyed by batch, and a batch is its tenant's already.
-CREATE TABLE IF NOT EXISTS collections (
-    tenant     text COLLATE "C" NOT NULL,
-    id         text COLLATE "C" NOT NULL,
-    name       text,
-    created_at timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (tenant, id)
-);
-CREATE TABLE IF NOT EXISTS collection_items (
-    tenant        text COLLATE "C" NOT NULL,
-    collection_id text COLLATE "C" NOT NULL,
-    item_id       text COLLATE "C" NOT NULL,
-    PRIMARY KEY (tenant, collection_id, item_id)
-);
-CREATE TABLE IF NOT EXISTS collection_copy_stats (
-    batch_id        bigint NOT NULL,
-    shard_id        bigint NOT NULL,
-    inserted        bigint NOT NULL,
-    already_present bigint NOT NULL,
-    not_in_source   bigint NOT NULL,
-    PRIMARY KEY (batch_id, shard_id)
-);
--- Tables made before collections had tenants: add the column (the existing rows become
--- the 'default' tenant's, where the library and an unauthenticated API put them) and
--- rebuild the primary key with the tenant first. The default is dropped again, so a
--- statement that forgets the tenant fails instead of writing into 'default'.
-DO $upgrade$
-DECLARE
-    t    text;
-    keys text;
-    pkey text;
-BEGIN
-    FOREACH t IN ARRAY ARRAY['collections', 'collection_items'] LOOP
-        IF NOT EXISTS (
-            SELECT 1 FROM pg_attribute
-            WHERE attrelid = t::regclass AND attname = 'tenant' AND NOT attisdropped
-        ) THEN
-            keys := CASE t WHEN 'collections' THEN 'tenant, id'
-                           ELSE 'tenant, collection_id, item_id' END;
-            SELECT conname INTO pkey FROM pg_constraint
-            WHERE conrelid = t::regclass AND contype = 'p';
-            EXECUTE format(
-                'ALTER TABLE %I ADD COLUMN tenant text COLLATE "C" NOT NULL DEFAULT ''default''',
-                t);
-            EXECUTE format('ALTER TABLE %I ALTER COLUMN tenant DROP DEFAULT', t);
-            IF pkey IS NOT NULL THEN
-                EXECUTE format('ALTER TABLE %I DROP CONSTRAINT %I', t, pkey);
-            END IF;
-            EXECUTE format('ALTER TABLE %I ADD PRIMARY KEY (%s)', t, keys);
-        END IF;
-    END LOOP;
-END
-$upgrade$;
-
 -- name: collection_create
-INSERT INTO collections (tenant, id, name) VALUES (%(tenant)s, %(id)s, %(name)s)
+INSERT INTO pgbatch.collections (tenant, id, name) VALUES (%(tenant)s, %(id)s, %(name)s)
 ON CONFLICT (tenant, id) DO NOTHING
 RETURNING id;
 
 -- name: collection_delete
 -- The collection and its items, in one statement (the items have no foreign key to cascade).
 WITH items AS (
-    DELETE FROM collection_items WHERE tenant = %(tenant)s AND collection_id = %(id)s
+    DELETE FROM pgbatch.collection_items WHERE tenant = %(tenant)s AND collection_id = %(id)s
 )
-DELETE FROM collections WHERE tenant = %(tenant)s AND id = %(id)s
+DELETE FROM pgbatch.collections WHERE tenant = %(tenant)s AND id = %(id)s
 RETURNING id;
 
 -- name: collections_existing
-SELECT id FROM collections WHERE tenant = %(tenant)s AND id = ANY(%(ids)s::text[]);
+SELECT id FROM pgbatch.collections WHERE tenant = %(tenant)s AND id = ANY(%(ids)s::text[]);
 
 -- name: collection_items_add
 -- Sorted, so that two concurrent adds lock keys in one order (invariant 6).
-INSERT INTO collection_items (tenant, collection_id, item_id)
+INSERT INTO pgbatch.collection_items (tenant, collection_id, item_id)
 SELECT %(tenant)s, %(collection_id)s, u.item_id FROM unnest(%(item_ids)s::text[]) AS u(item_id)
 ORDER BY u.item_id
 ON CONFLICT DO NOTHING;
 
 -- name: collection_items_generate
 -- Synthetic items "<prefix><n>", n zero-padded to 9 digits so key order is numeric order.
-INSERT INTO collection_items (tenant, collection_id, item_id)
+INSERT INTO pgbatch.collection_items (tenant, collection_id, item_id)
 SELECT %(tenant)s, %(collection_id)s, %(prefix)s || lpad(n::text, 9, '0')
 FROM generate_series(%(first)s::bigint, %(first)s::bigint + %(count)s::bigint - 1) AS n
 ORDER BY 3
 ON CONFLICT DO NOTHING;
 
 -- name: collection_items_count
-SELECT count(*) FROM collection_items
+SELECT count(*) FROM pgbatch.collection_items
 WHERE tenant = %(tenant)s AND collection_id = %(collection_id)s;
 
 -- name: collection_copy_plan_ranges
@@ -109,7 +44,7 @@ WHERE tenant = %(tenant)s AND collection_id = %(collection_id)s;
 SELECT min(item_id), max(item_id)
 FROM (
     SELECT item_id, (row_number() OVER (ORDER BY item_id) - 1) / %(keys)s::bigint AS chunk
-    FROM collection_items
+    FROM pgbatch.collection_items
     WHERE tenant = %(tenant)s AND collection_id = %(source)s
 ) AS numbered
 GROUP BY chunk
@@ -128,7 +63,7 @@ WITH
     SELECT s.item_id
     FROM span r
     CROSS JOIN scope sc
-    JOIN collection_items s
+    JOIN pgbatch.collection_items s
       ON s.tenant = sc.tenant AND s.collection_id = %(source)s
      AND s.item_id BETWEEN r.first_id AND r.last_id
 ), absent AS (
@@ -143,7 +78,7 @@ WITH
 -- include: _collection_copy_scope
 , matched AS MATERIALIZED (
     SELECT s.item_id
-    FROM collection_items s, scope sc
+    FROM pgbatch.collection_items s, scope sc
     WHERE s.tenant = sc.tenant AND s.collection_id = %(source)s
       AND s.item_id = ANY(%(ids)s::text[])
 ), absent AS (
@@ -158,7 +93,7 @@ WITH
 -- source and inserts only into that tenant's existing target.
 scope AS MATERIALIZED (
     SELECT b.tenant,
-           EXISTS (SELECT 1 FROM collections c
+           EXISTS (SELECT 1 FROM pgbatch.collections c
                    WHERE c.tenant = b.tenant AND c.id = %(target)s) AS has_target
     FROM pgbatch.batches b
     WHERE b.id = %(batch_id)s
@@ -169,14 +104,14 @@ scope AS MATERIALIZED (
 -- and "absent" (how many asked-for keys the source lacks). Keys are inserted in key
 -- order: two copies into one target lock keys in one order.
 inserted AS (
-    INSERT INTO collection_items (tenant, collection_id, item_id)
+    INSERT INTO pgbatch.collection_items (tenant, collection_id, item_id)
     SELECT sc.tenant, %(target)s, m.item_id FROM matched m, scope sc
     WHERE sc.has_target
     ORDER BY m.item_id
     ON CONFLICT DO NOTHING
     RETURNING 1
 )
-INSERT INTO collection_copy_stats (batch_id, shard_id, inserted, already_present, not_in_source)
+INSERT INTO pgbatch.collection_copy_stats (batch_id, shard_id, inserted, already_present, not_in_source)
 SELECT %(batch_id)s, %(shard_id)s, i.n, CASE WHEN t.has THEN m.n - i.n ELSE 0 END, a.n
 FROM (SELECT count(*) AS n FROM inserted) AS i, (SELECT count(*) AS n FROM matched) AS m,
      absent AS a, (SELECT coalesce(bool_or(has_target), false) AS has FROM scope) AS t;
@@ -185,7 +120,7 @@ FROM (SELECT count(*) AS n FROM inserted) AS i, (SELECT count(*) AS n FROM match
 SELECT coalesce(sum(inserted), 0)::bigint,
        coalesce(sum(already_present), 0)::bigint,
        coalesce(sum(not_in_source), 0)::bigint
-FROM collection_copy_stats
+FROM pgbatch.collection_copy_stats
 WHERE batch_id = %(batch_id)s;
 
 -- name: collection_copy_endpoints

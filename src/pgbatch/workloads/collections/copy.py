@@ -35,10 +35,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from pgbatch.app import App
-from pgbatch.db import collections as queries
 from pgbatch.engine.context import ShardContext
 from pgbatch.errors import ConfigurationError, InvalidBatchError
 from pgbatch.models import Batch, BatchStatus, Item, Outcome, ok
+from pgbatch.workloads.collections import queries
 
 __all__ = [
     "KEYS_PER_ITEM",
@@ -52,7 +52,7 @@ __all__ = [
     "create_collection",
     "create_tables",
     "delete_collection",
-    "install",
+    "register_tasks",
     "seed_items",
     "submit_copy",
     "submit_copy_or_find",
@@ -98,22 +98,17 @@ class CopyReport:
         return self.status.is_final
 
 
-def install(app: App, *, shard_size: int = RANGES_PER_SHARD) -> None:
-    """Register the copy task on `app`, and a hook that creates the tables when it opens.
-
-    Call it before the app opens; for an app already open, `await create_tables(app)`.
-    """
+def register_tasks(app: App, *, shard_size: int = RANGES_PER_SHARD) -> None:
+    """Register the copy task on `app` (what `app.use(collections.WORKLOAD)` runs)."""
     if TASK in app.tasks:
         return
     # Internal: its items name collections, which only submit_copy checks against the tenant.
     app.task(TASK, shard_size=shard_size, internal=True)(copy_collection_shard)
-    app.on_open(create_tables)
 
 
 async def create_tables(app: App) -> None:
-    """Create the collections tables if they are missing."""
-    async with app.db.connection() as conn:
-        await queries.create_collection_tables(conn)
+    """Apply the workload's migrations now, for an app already open when it started using it."""
+    await app.migrate()
 
 
 async def copy_collection_shard(items: list[Item], ctx: ShardContext) -> list[Outcome]:
@@ -210,7 +205,7 @@ async def submit_copy_or_find(
     if TASK not in app.tasks:
         raise ConfigurationError(
             "the collection-copy task is not registered: call "
-            "pgbatch.workloads.collections.install(app) before the app opens"
+            "app.use(pgbatch.workloads.collections.WORKLOAD) before the app opens"
         )
     await app.open()
     async with app.db.connection() as conn:
