@@ -55,8 +55,12 @@ from benchmarks.harness import (
 from examples.documents import IngestResult, baseline_poster, run_ingest
 from pgbatch.db.database import Database
 from pgbatch.db.embedded import embedded_url, stop_embedded
-from pgbatch.writer import DocumentWriter, create_document_tables, document_item
-from pgbatch.writer.documents import DocumentSink
+from pgbatch.workloads.documents import (
+    DocumentSink,
+    DocumentWriter,
+    create_document_tables,
+    document_item,
+)
 from pgbatch.writer.flush import FlushCounters, FlushPath, write_flush
 from pgbatch.writer.writer import DEFAULT_LANES, DEFAULT_MAX_BATCH, DEFAULT_MAX_DELAY_MS
 
@@ -133,7 +137,9 @@ async def empty_tables(db: Database) -> None:
     # connection cache sequential-scan plans (the foreign-key checks' among them) that
     # stay until autovacuum analyzes again, and the run would measure that.
     async with db.connection() as conn:
-        await conn.execute("DROP TABLE IF EXISTS document_references, documents")
+        await conn.execute("DROP TABLE IF EXISTS pgbatch.document_references, pgbatch.documents")
+        # The workload's migration then makes them again.
+        await conn.execute("DELETE FROM pgbatch.workload_migrations WHERE component = 'documents'")
     await create_document_tables(db)
 
 
@@ -179,7 +185,7 @@ async def missing_acknowledged(db: Database, acknowledged: set[uuid.UUID]) -> in
     """Return how many of the `acknowledged` document keys are not in the database."""
     async with db.connection() as conn:
         cur = await conn.execute(
-            "SELECT count(*) FROM documents WHERE key = ANY(%s)", (list(acknowledged),)
+            "SELECT count(*) FROM pgbatch.documents WHERE key = ANY(%s)", (list(acknowledged),)
         )
         row = await cur.fetchone()
     return len(acknowledged) - int(row[0] if row else 0)

@@ -97,12 +97,13 @@ from examples.documents import DocumentItem, baseline_poster, run_ingest
 from pgbatch.api.auth import DEFAULT_TENANT
 from pgbatch.api.errors import ApiError
 from pgbatch.api.routes.batches import ERRORS
-from pgbatch.api.routes.documents import WRITER_KEY, DocumentOut, write_document
 from pgbatch.api.server import create_api
 from pgbatch.api.state import Tenant, api_state
 from pgbatch.db.database import Database
 from pgbatch.db.embedded import embedded_url, stop_embedded
-from pgbatch.writer import DocumentWriter
+from pgbatch.workloads import documents
+from pgbatch.workloads.documents import DocumentWriter
+from pgbatch.workloads.documents.routes import WRITER_KEY, DocumentOut, write_document
 from pgbatch.writer.models import WriteOutcome, WriteStatus
 
 CLIENTS = 64
@@ -205,6 +206,7 @@ def create_bench_api(app: pgbatch.App) -> FastAPI:
         stats["flush_sizes"] = {str(k): v for k, v in stats["flush_sizes"].items()}
         return {"server": server, "stats": stats}
 
+    app.use(documents.WORKLOAD)  # /v1/documents, as `pgbatch serve` has it
     api = create_api(app)
     api.include_router(router)
     api.include_router(stats_router)

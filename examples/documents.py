@@ -30,16 +30,14 @@ from typing import Any
 
 from pgbatch.config import Settings
 from pgbatch.db.database import Database, resolve_url
-from pgbatch.writer import (
+from pgbatch.workloads.documents import (
+    DocumentRow,
+    DocumentSink,
     DocumentWriter,
-    WriteItem,
-    WriteOutcome,
-    WriterStats,
-    WriteStatus,
     create_document_tables,
     document_item,
 )
-from pgbatch.writer.documents import DocumentRow, DocumentSink
+from pgbatch.writer import WriteItem, WriteOutcome, WriterStats, WriteStatus
 from pgbatch.writer.flush import FlushCounters, FlushPath, write_flush
 
 __all__ = ["IngestResult", "Post", "Workload", "baseline_poster", "main", "run_ingest"]

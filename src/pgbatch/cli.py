@@ -506,8 +506,11 @@ def serve(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     from pgbatch.api.auth import TokenTable
     from pgbatch.api.server import check_bind, server
+    from pgbatch.workloads import documents
 
     app = load_app(app_spec)
+    # Documents are part of the HTTP surface `pgbatch serve` has always had.
+    app.use(documents.WORKLOAD)
     try:
         tokens = TokenTable.parse(app.settings.api_tokens)
         check_bind(host, tokens)

@@ -74,7 +74,7 @@ async def test_no_write_is_acknowledged_before_it_commits(
             assert await _post(client, 1001) is not None
             async with await psycopg.AsyncConnection.connect(database_url) as blocker:
                 # SHARE mode: reads go on, every insert or update of these tables waits.
-                await blocker.execute("LOCK TABLE documents, pgbatch.batches IN SHARE MODE")
+                await blocker.execute("LOCK TABLE pgbatch.documents, pgbatch.batches IN SHARE MODE")
                 posts = [asyncio.ensure_future(_post(client, n)) for n in range(WRITES)]
                 done, _ = await asyncio.wait(posts, timeout=BLOCKED_S)
                 acknowledged = [
@@ -92,6 +92,6 @@ async def test_no_write_is_acknowledged_before_it_commits(
     with psycopg.connect(database_url) as conn:
         stored = {
             ("batch", row[0]) for row in conn.execute("SELECT idempotency_key FROM pgbatch.batches")
-        } | {("document", str(row[0])) for row in conn.execute("SELECT key FROM documents")}
+        } | {("document", str(row[0])) for row in conn.execute("SELECT key FROM pgbatch.documents")}
     missing = [ack for ack in acknowledged if ack not in stored]
     assert not missing, f"acknowledged but never committed: {missing}"

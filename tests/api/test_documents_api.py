@@ -8,7 +8,7 @@ import uuid
 import httpx
 import pytest
 
-from pgbatch.writer import document_key
+from pgbatch.workloads.documents import document_key
 from tests.api.conftest import RunningApi, StartApi
 
 
@@ -44,9 +44,9 @@ async def _check_stored(
     expected = {str(document_key(d["identity"])) for d in docs}  # type: ignore[arg-type]
     assert {a.json()["key"] for a in answers} == expected
     async with api.app.db.connection() as conn:
-        cur = await conn.execute("SELECT count(*) FROM documents")
+        cur = await conn.execute("SELECT count(*) FROM pgbatch.documents")
         assert (await cur.fetchone()) == (len(docs),)
-        cur = await conn.execute("SELECT count(*) FROM document_references")
+        cur = await conn.execute("SELECT count(*) FROM pgbatch.document_references")
         assert (await cur.fetchone()) == (3 + 20,)
 
 
@@ -60,7 +60,7 @@ async def test_missing_reference_is_409_with_the_missing_keys(api: RunningApi) -
         assert error["field"] == "references"
         assert error["missing"] == [str(document_key({"type": "school", "id": "nowhere"}))]
         async with api.app.db.connection() as conn:
-            cur = await conn.execute("SELECT count(*) FROM documents")
+            cur = await conn.execute("SELECT count(*) FROM pgbatch.documents")
             assert (await cur.fetchone()) == (0,)
 
 
@@ -94,7 +94,7 @@ async def test_repost_updates_the_body(api: RunningApi) -> None:
     assert first.status_code == again.status_code == 201
     async with api.app.db.connection() as conn:
         cur = await conn.execute(
-            "SELECT body FROM documents WHERE key = %s", [uuid.UUID(first.json()["key"])]
+            "SELECT body FROM pgbatch.documents WHERE key = %s", [uuid.UUID(first.json()["key"])]
         )
         assert (await cur.fetchone()) == ({"v": 2},)
 

@@ -191,7 +191,7 @@ async def test_a_json_route_answers_415_to_another_content_type(
         cur = await conn.execute("SELECT to_regclass('documents') IS NOT NULL")
         row = await cur.fetchone()
         if row is not None and row[0]:
-            cur = await conn.execute("SELECT count(*) FROM documents")
+            cur = await conn.execute("SELECT count(*) FROM pgbatch.documents")
             assert (await cur.fetchone()) == (0,)
 
 
@@ -227,7 +227,7 @@ async def test_a_document_with_a_number_json_cannot_hold_exactly_is_422(
         cur = await conn.execute("SELECT to_regclass('documents') IS NOT NULL")
         row = await cur.fetchone()
         if row is not None and row[0]:
-            cur = await conn.execute("SELECT count(*) FROM documents")
+            cur = await conn.execute("SELECT count(*) FROM pgbatch.documents")
             assert (await cur.fetchone()) == (0,)
 
 

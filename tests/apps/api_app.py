@@ -8,7 +8,7 @@ from typing import Any
 
 import pgbatch
 from pgbatch import Item, Outcome, ShardContext
-from pgbatch.workloads import collections
+from pgbatch.workloads import collections, documents
 
 TASKS = ("echo", "flaky", "slow", "gated")
 
@@ -17,6 +17,7 @@ def build_app(settings: pgbatch.Settings) -> tuple[pgbatch.App, asyncio.Event]:
     """Return an App with the test tasks, and the event that opens the `gated` task's gate."""
     app = pgbatch.App(settings=settings)
     collections.install(app)
+    app.use(documents.WORKLOAD)
     gate = asyncio.Event()
 
     @app.task("echo", shard_size=10)

@@ -26,14 +26,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pgbatch.db.database import Database
-from pgbatch.writer import (
+from pgbatch.workloads.documents import (
     DocumentWriter,
-    WriteOutcome,
-    WriteStatus,
+    Identity,
     create_document_tables,
     document_key,
 )
-from pgbatch.writer.documents import Identity
+from pgbatch.writer import WriteOutcome, WriteStatus
 
 ROOT = Path(__file__).resolve().parents[2]
 # Flushes in these tests are triggered by size (max_batch = the items posted at once),
@@ -57,9 +56,9 @@ async def db(database_url: str) -> AsyncIterator[Database]:
 async def stored(db: Database) -> tuple[dict[uuid.UUID, Any], set[tuple[uuid.UUID, uuid.UUID]]]:
     """Return {key: body} of every document and every (parent, target) reference."""
     async with db.connection() as conn:
-        docs = await (await conn.execute("SELECT key, body FROM documents")).fetchall()
+        docs = await (await conn.execute("SELECT key, body FROM pgbatch.documents")).fetchall()
         refs = await (
-            await conn.execute("SELECT parent, target FROM document_references")
+            await conn.execute("SELECT parent, target FROM pgbatch.document_references")
         ).fetchall()
     return {k: b for k, b in docs}, {(p, t) for p, t in refs}
 
@@ -164,9 +163,12 @@ async def test_an_item_that_breaks_a_constraint_is_isolated_and_the_others_commi
     async with db.connection() as conn:
         # A unique index the fast path does not know about, and a rule on references
         # that fails only in the second statement of a flush.
-        await conn.execute("CREATE UNIQUE INDEX documents_email ON documents ((body->>'email'))")
         await conn.execute(
-            "ALTER TABLE document_references ADD CONSTRAINT no_self CHECK (parent <> target)"
+            "CREATE UNIQUE INDEX documents_email ON pgbatch.documents ((body->>'email'))"
+        )
+        await conn.execute(
+            "ALTER TABLE pgbatch.document_references"
+            " ADD CONSTRAINT no_self CHECK (parent <> target)"
         )
     posts: list[tuple[Identity, Any, Sequence[Identity]]] = [
         (ident("array-body"), [1, 2], []),  # check constraint: the body is an object
@@ -292,11 +294,11 @@ def test_property_committed_equals_satisfiable(
                 assert all(o.missing or o.blocked_by for o in outcomes if not o.written)
             async with db.connection() as conn:
                 cur = await conn.execute(
-                    "SELECT key FROM documents WHERE identity->>'id' LIKE %s", (f"{run}-%",)
+                    "SELECT key FROM pgbatch.documents WHERE identity->>'id' LIKE %s", (f"{run}-%",)
                 )
                 keys = {row[0] for row in await cur.fetchall()}
                 cur = await conn.execute(
-                    "SELECT parent, target FROM document_references WHERE parent = ANY(%s)",
+                    "SELECT parent, target FROM pgbatch.document_references WHERE parent = ANY(%s)",
                     (list(keys),),
                 )
                 pairs = {(p, t) for p, t in await cur.fetchall()}
@@ -342,6 +344,6 @@ async def test_killing_the_process_loses_no_acknowledged_document(database_url: 
         await child.wait()
     assert child.returncode == -signal.SIGKILL
     async with await psycopg.AsyncConnection.connect(database_url) as conn:
-        cur = await conn.execute("SELECT key FROM documents WHERE key = ANY(%s)", (acked,))
+        cur = await conn.execute("SELECT key FROM pgbatch.documents WHERE key = ANY(%s)", (acked,))
         present = {row[0] for row in await cur.fetchall()}
     assert not set(acked) - present, "acknowledged documents missing after the crash"

@@ -7,7 +7,8 @@ import pytest
 
 import pgbatch
 from pgbatch.workloads import collections as copies
-from pgbatch.writer import InvalidDocumentError, document_item
+from pgbatch.workloads.documents import document_item
+from pgbatch.writer import InvalidDocumentError
 from tests.helpers import register_noop
 from tests.integration.test_collections import running
 

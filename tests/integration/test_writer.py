@@ -17,16 +17,14 @@ import pytest
 import pytest_asyncio
 
 from pgbatch.db.database import TX_RETRY_ATTEMPTS, Database
-from pgbatch.writer import (
-    WriteFailedError,
-    WriteItem,
-    Writer,
-    WriterClosedError,
-    WriteStatus,
+from pgbatch.workloads.documents import (
+    DocumentRow,
+    DocumentSink,
     create_document_tables,
     document_item,
+    document_key,
 )
-from pgbatch.writer.documents import DocumentRow, DocumentSink
+from pgbatch.writer import WriteFailedError, WriteItem, Writer, WriterClosedError, WriteStatus
 
 Item = WriteItem[uuid.UUID, DocumentRow]
 NEVER_MS = 600_000.0
@@ -61,7 +59,8 @@ async def stored_keys(db: Database) -> set[uuid.UUID]:
     """Return the key of every stored document."""
     async with db.connection() as conn:
         return {
-            row[0] for row in await (await conn.execute("SELECT key FROM documents")).fetchall()
+            row[0]
+            for row in await (await conn.execute("SELECT key FROM pgbatch.documents")).fetchall()
         }
 
 
@@ -123,7 +122,7 @@ class ReverseLockingSink(DocumentSink):
             return await super().write_flush(conn, items)
         # The fast path is one implicit transaction: hold the locks in an explicit one.
         async with conn.transaction():
-            lock = "SELECT 1 FROM documents WHERE key = %s FOR UPDATE"
+            lock = "SELECT 1 FROM pgbatch.documents WHERE key = %s FOR UPDATE"
             await conn.execute(lock, (self.order[0],))
             await self.barrier.wait()  # each writer holds its first row: now cross over
             await conn.execute(lock, (self.order[1],))
@@ -180,7 +179,7 @@ async def references_of(db: Database, parent: uuid.UUID) -> set[uuid.UUID]:
     """Return the targets `parent` references."""
     async with db.connection() as conn:
         cur = await conn.execute(
-            "SELECT target FROM document_references WHERE parent = %s", (parent,)
+            "SELECT target FROM pgbatch.document_references WHERE parent = %s", (parent,)
         )
         return {row[0] for row in await cur.fetchall()}
 
@@ -357,12 +356,56 @@ async def test_backpressure_bounds_the_queue_and_stop_flushes_everything_accepte
 
 
 @pytest.mark.asyncio
-async def test_tables_without_the_write_functions_say_how_to_add_them(db: Database) -> None:
-    async with db.connection() as conn:
-        await conn.execute("DROP FUNCTION documents_write_flush")
-    async with Writer(db, DocumentSink(), max_batch=1, max_delay_ms=0) as writer:
-        with pytest.raises(WriteFailedError, match="create_document_tables"):
-            await writer.write(doc(1))
-    await create_document_tables(db)  # puts the function back
-    async with Writer(db, DocumentSink(), max_batch=1, max_delay_ms=0) as writer:
-        assert (await writer.write(doc(1))).written
+async def test_tables_of_an_earlier_pgbatch_move_into_its_schema_with_their_rows(
+    server_url: str, template_db: str
+) -> None:
+    # pgbatch at dbe590b made the tables at run time in the search path's schema (and
+    # databases older than 7b7d56a had them without the write functions).
+    from uuid import uuid4
+
+    from psycopg.conninfo import make_conninfo
+
+    name = f"pgbatch_t_{uuid4().hex[:12]}"
+    admin = make_conninfo(server_url, dbname="postgres")
+    async with await psycopg.AsyncConnection.connect(admin, autocommit=True) as conn:
+        await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
+    url = make_conninfo(server_url, dbname=name)
+    parent, child = document_key({"type": "t", "id": "p"}), document_key({"type": "t", "id": "c"})
+    try:
+        async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+            await conn.execute(
+                """
+                CREATE TABLE documents (
+                    key uuid PRIMARY KEY, partition text NOT NULL, type text NOT NULL,
+                    identity jsonb NOT NULL, body jsonb NOT NULL CONSTRAINT
+                        documents_body_is_object CHECK (jsonb_typeof(body) = 'object'),
+                    created_at timestamptz NOT NULL DEFAULT now(),
+                    updated_at timestamptz NOT NULL DEFAULT now());
+                CREATE TABLE document_references (
+                    parent uuid NOT NULL REFERENCES documents (key) ON DELETE CASCADE,
+                    target uuid NOT NULL REFERENCES documents (key),
+                    PRIMARY KEY (parent, target));
+                """
+            )
+            await conn.execute(
+                "INSERT INTO documents (key, partition, type, identity, body) VALUES"
+                ' (%s, \'default\', \'t\', \'{"type": "t", "id": "p"}\', \'{"n": 1}\'),'
+                ' (%s, \'default\', \'t\', \'{"type": "t", "id": "c"}\', \'{"n": 2}\')',
+                (parent, child),
+            )
+            await conn.execute("INSERT INTO document_references VALUES (%s, %s)", (parent, child))
+        async with Database(url, max_size=2) as db:
+            await create_document_tables(db)
+            await create_document_tables(db)  # applied once
+            async with db.connection() as conn:
+                cur = await conn.execute(
+                    "SELECT to_regclass('public.documents'), count(*) FROM pgbatch.documents"
+                )
+                assert await cur.fetchone() == (None, 2)
+                cur = await conn.execute("SELECT parent, target FROM pgbatch.document_references")
+                assert await cur.fetchall() == [(parent, child)]
+            async with Writer(db, DocumentSink(), max_batch=4, max_delay_ms=0) as writer:
+                assert (await writer.write(doc(1))).written
+    finally:
+        async with await psycopg.AsyncConnection.connect(admin, autocommit=True) as conn:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -57,8 +57,6 @@ KNOWN_DEBT = {
     ("pgbatch.api.progress", "pgbatch.db.batches"),
     ("pgbatch.api.progress", "pgbatch.engine.notifier"),
     ("pgbatch.api.routes.batches", "pgbatch.db.batches"),
-    ("pgbatch.api.routes.documents", "pgbatch.writer"),
-    ("pgbatch.api.routes.documents", "pgbatch.writer.documents"),
     ("pgbatch.api.routes.events", "pgbatch.db.batches"),
     ("pgbatch.api.routes.system", "pgbatch.db.migrations"),
     ("pgbatch.api.schemas", "pgbatch.db.batches"),
@@ -66,10 +64,6 @@ KNOWN_DEBT = {
     ("pgbatch.app", "sql"),
     ("pgbatch.engine.notifier", "sql"),
     ("pgbatch.api.metrics", "pgbatch.writer.models"),
-    ("pgbatch.api.routes.documents", "pgbatch.writer.errors"),
-    ("pgbatch.api.routes.documents", "pgbatch.writer.models"),
-    ("pgbatch.db.documents", "pgbatch.writer.errors"),
-    ("pgbatch.db.documents", "pgbatch.writer.models"),
 }
 
 

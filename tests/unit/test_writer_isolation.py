@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from psycopg import errors as pg_errors
 
 from pgbatch.engine.group_commit import isolate_failures, nearest_rank
-from pgbatch.writer import InvalidDocumentError, WriteItem, document_item, document_key
-from pgbatch.writer.documents import DOCUMENT_NAMESPACE
+from pgbatch.workloads.documents import DOCUMENT_NAMESPACE, document_item, document_key
+from pgbatch.writer import InvalidDocumentError, WriteItem
 from pgbatch.writer.flush import _generations, is_item_error
 
 

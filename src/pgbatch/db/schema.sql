@@ -173,3 +173,21 @@ CREATE TABLE pgbatch.collection_copy_stats (
     not_in_source   bigint NOT NULL,
     PRIMARY KEY (batch_id, shard_id)
 );
+
+-- documents (pgbatch/workloads/documents/migrations; also its write functions)
+CREATE TABLE pgbatch.documents (
+    key        uuid        PRIMARY KEY,
+    partition  text        NOT NULL,
+    type       text        NOT NULL,
+    identity   jsonb       NOT NULL,
+    body       jsonb       NOT NULL CONSTRAINT documents_body_is_object
+                               CHECK (jsonb_typeof(body) = 'object'),
+    created_at timestamptz NOT NULL DEFAULT now(),
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE pgbatch.document_references (
+    parent uuid NOT NULL REFERENCES pgbatch.documents (key) ON DELETE CASCADE,
+    target uuid NOT NULL REFERENCES pgbatch.documents (key),
+    PRIMARY KEY (parent, target)
+);
+CREATE INDEX document_references_target_idx ON pgbatch.document_references (target);

@@ -18,7 +18,7 @@ import orjson
 
 from pgbatch import json_values
 from pgbatch.db.database import Database
-from pgbatch.db.documents import (
+from pgbatch.workloads.documents.queries import (
     DocumentRow,
     DocumentSink,
     StoredDocument,

@@ -17,8 +17,13 @@ from pgbatch.api.errors import ApiError
 from pgbatch.api.media import JSON_BODY
 from pgbatch.api.routes.batches import ERRORS
 from pgbatch.api.state import ApiState, Tenant, api_state
-from pgbatch.writer import DocumentWriter, create_document_tables, document_item
-from pgbatch.writer.documents import DocumentRow, get_document
+from pgbatch.workloads.documents.writer import (
+    DocumentRow,
+    DocumentWriter,
+    create_document_tables,
+    document_item,
+    get_document,
+)
 from pgbatch.writer.errors import InvalidDocumentError, WriteFailedError, WriterClosedError
 from pgbatch.writer.models import WriteItem, WriteOutcome, WriteStatus
 

@@ -1,4 +1,4 @@
-"""Queries on the document-ingest tables: the sink the documents writer flushes through."""
+"""The document-ingest workload's queries: the sink its writer flushes through, reads."""
 
 from __future__ import annotations
 
@@ -11,17 +11,24 @@ import psycopg
 
 from pgbatch.db.arrays import TextArray, UuidArray
 from pgbatch.db.database import Database
-from pgbatch.db.queries import query
+from pgbatch.db.migrations import Component, migrate
+from pgbatch.db.queries import QueryMap
 from pgbatch.writer.errors import WriteFailedError
 from pgbatch.writer.models import WriteItem
 
 __all__ = [
+    "COMPONENT",
     "DocumentRow",
     "DocumentSink",
     "StoredDocument",
     "create_document_tables",
     "get_document",
 ]
+
+
+query = QueryMap("pgbatch.workloads.documents")
+# The workload's migrations, as the runner knows them (the WORKLOAD's component).
+COMPONENT = Component("documents", "pgbatch.workloads.documents")
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,8 +71,8 @@ class DocumentSink:
             )
         except psycopg.errors.UndefinedFunction as exc:
             raise WriteFailedError(
-                "the documents tables have no write functions (tables made by an older "
-                "pgbatch?): call create_document_tables(db) once, then post again"
+                "the documents tables are missing: use the documents workload on the app "
+                "(app.use(documents.WORKLOAD)) or call create_document_tables(db) once"
             ) from exc
         row = await cur.fetchone()
         found: list[uuid.UUID] | None = row[0] if row else None
@@ -127,12 +134,13 @@ def _reference_arrays(
 
 
 async def create_document_tables(db: Database) -> None:
-    """Create the documents tables and their write functions (idempotent, safe to race)."""
-    async with db.connection() as conn, conn.transaction():
-        # Serialise the DDL: several processes starting at once would race on it.
-        await conn.execute(query("documents_lock_ddl"))
-        await conn.execute(query("documents_create_tables"))
-        await conn.execute(query("documents_create_functions"))
+    """Apply the workload's migrations: its tables and write functions (safe to race).
+
+    An App that uses the workload does this when it opens; a `DocumentWriter` on a bare
+    `Database` calls it once.
+    """
+    async with db.connection() as conn:
+        await migrate(conn, components=[COMPONENT])
 
 
 async def get_document(
@@ -146,7 +154,7 @@ async def get_document(
                 {"key": key, "tenant": tenant, "default_tenant": default_tenant},
             )
         except psycopg.errors.UndefinedTable:
-            return None  # no document was ever posted: the tables are made on first post
+            return None  # the workload's migrations never ran here: no document either
         row = await cur.fetchone()
     if row is None:
         return None
