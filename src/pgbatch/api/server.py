@@ -19,8 +19,8 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from pgbatch.api.auth import TokenTable, is_loopback
 from pgbatch.api.errors import install_error_handlers
 from pgbatch.api.guards import RequestGuard, UploadSlots
+from pgbatch.api.live import ProgressHub
 from pgbatch.api.metrics import ApiMetrics, MetricsMiddleware
-from pgbatch.api.progress import ProgressHub
 from pgbatch.api.routes import batches, collections, documents, events, system
 from pgbatch.api.state import ApiState
 from pgbatch.app import App

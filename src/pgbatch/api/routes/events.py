@@ -10,7 +10,7 @@ from fastapi import APIRouter, Header, Request, Response
 from fastapi.responses import StreamingResponse
 
 from pgbatch.api.errors import ERRORS
-from pgbatch.api.progress import HubClosedError, Subscription, progress_key
+from pgbatch.api.live import HubClosedError, Subscription, progress_key
 from pgbatch.api.schemas import BatchId, batch_out
 from pgbatch.api.state import ApiState, TenantOrQueryToken, api_state
 from pgbatch.db.batches import check_batch_id
