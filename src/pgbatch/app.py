@@ -18,7 +18,7 @@ from pgbatch.db.queries import query
 from pgbatch.db.sessions import session_timeouts
 from pgbatch.errors import InvalidBatchError, InvalidStateError, UnknownTaskError
 from pgbatch.limits import MAX_LEASE_TTL_S, MAX_MAX_ATTEMPTS, MAX_SHARD_SIZE, MIN_LEASE_TTL_S
-from pgbatch.models import Batch, Outcome
+from pgbatch.models import Batch, BatchFilter, BatchInsight, Outcome
 from pgbatch.tasks import (
     DEFAULT_LEASE_TTL_S,
     DEFAULT_MAX_ATTEMPTS,
@@ -285,7 +285,7 @@ class App:
             return await batch_queries.get_batch(conn, batch_id, tenant=tenant)
 
     async def list_batches(
-        self, where: batch_queries.BatchFilter | None = None, *, limit: int = 20
+        self, where: BatchFilter | None = None, *, limit: int = 20
     ) -> list[Batch]:
         """Return the batches matching `where` (all by default), newest first."""
         await self.open()
@@ -294,7 +294,7 @@ class App:
 
     async def insight(
         self, batch_id: int, *, tenant: str | None = None
-    ) -> tuple[Batch, batch_queries.BatchInsight]:
+    ) -> tuple[Batch, BatchInsight]:
         """Return the batch with its shard states, throughput over time and error samples."""
         await self.open()
         async with self.db.connection() as conn:

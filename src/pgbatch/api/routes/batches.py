@@ -35,10 +35,9 @@ from pgbatch.api.schemas import (
     insight_out,
 )
 from pgbatch.api.state import ApiState, Tenant, TenantOrQueryToken, api_state
-from pgbatch.db.batches import BatchFilter
 from pgbatch.errors import InvalidBatchError
 from pgbatch.limits import MAX_LEASE_TTL_S, MAX_MAX_ATTEMPTS, MAX_SHARD_SIZE, MIN_LEASE_TTL_S
-from pgbatch.models import Batch, BatchStatus, Outcome
+from pgbatch.models import Batch, BatchFilter, BatchStatus, Outcome
 
 # ERRORS lives in api.errors; re-exported until the documents and collections routers,
 # which import it from here, move into their workload packages (issue 14).
