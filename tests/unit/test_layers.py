@@ -62,7 +62,6 @@ KNOWN_DEBT = {
     ("pgbatch.api.server", "pgbatch.engine.worker"),
     ("pgbatch.api.server", "pgbatch.workloads"),
     ("pgbatch.app", "sql"),
-    ("pgbatch.engine.notifier", "sql"),
     ("pgbatch.api.metrics", "pgbatch.writer.models"),
     ("pgbatch.api.routes.documents", "pgbatch.writer.errors"),
     ("pgbatch.api.routes.documents", "pgbatch.writer.models"),
