@@ -5,7 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -14,8 +22,10 @@ from pgbatch.config import Settings
 from pgbatch.db import batches as batch_queries
 from pgbatch.db.database import Database, resolve_url
 from pgbatch.db.migrations import migrate
+from pgbatch.db.notify import PROGRESS_CHANNEL, progress_batch_id
 from pgbatch.db.queries import query
 from pgbatch.db.sessions import session_timeouts
+from pgbatch.engine.notifier import Notifier
 from pgbatch.errors import InvalidBatchError, InvalidStateError, UnknownTaskError
 from pgbatch.limits import MAX_LEASE_TTL_S, MAX_MAX_ATTEMPTS, MAX_SHARD_SIZE, MIN_LEASE_TTL_S
 from pgbatch.models import Batch, BatchFilter, BatchInsight, Outcome
@@ -284,6 +294,12 @@ class App:
         async with self.db.connection() as conn:
             return await batch_queries.get_batch(conn, batch_id, tenant=tenant)
 
+    async def get_batches(self, batch_ids: Sequence[int]) -> list[Batch]:
+        """Return the batches with these ids, of any tenant (unknown ids are skipped)."""
+        await self.open()
+        async with self.db.connection() as conn:
+            return await batch_queries.get_batches(conn, batch_ids)
+
     async def list_batches(
         self, where: BatchFilter | None = None, *, limit: int = 20
     ) -> list[Batch]:
@@ -400,24 +416,48 @@ class App:
                 return
             after = rows[-1][0]
 
+    @contextlib.asynccontextmanager
+    async def progress_notifications(
+        self,
+        on_change: Callable[[int], None],
+        *,
+        on_connect: Callable[[], None] | None = None,
+        listening: asyncio.Event | None = None,
+    ) -> AsyncIterator[None]:
+        """Call `on_change(batch_id)` for every change of a batch while the block runs.
+
+        The calls come from NOTIFY on a LISTEN connection of its own. `on_connect` runs after
+        each (re)connect of it: what was sent while it was down is lost, so look at the
+        batches once. `listening` is set while the LISTEN is in place (a test signal).
+        """
+        await self.open()
+
+        def on_notify(channel: str, payload: str) -> None:
+            batch_id = progress_batch_id(payload)
+            if batch_id is not None:
+                on_change(batch_id)
+
+        notifier = Notifier(
+            self.db, [PROGRESS_CHANNEL], on_notify, on_connect=on_connect, listening=listening
+        )
+        notifier.start()
+        try:
+            yield
+        finally:
+            await notifier.stop()
+
     async def watch(self, batch_id: int, *, poll_interval_s: float = 1.0) -> AsyncIterator[Batch]:
         """Yield snapshots of the batch as it progresses (driven by NOTIFY); end when it ends.
 
         A lost connection is not an error here: the watch polls until the database is back.
         """
-        from pgbatch.engine.notifier import Notifier
-
-        await self.open()
         changed = asyncio.Event()
-        wanted = str(batch_id)
 
-        def on_notify(channel: str, payload: str) -> None:
-            if payload == wanted:
+        def on_change(changed_id: int) -> None:
+            if changed_id == batch_id:
                 changed.set()
 
-        notifier = Notifier(self.db, ["pgbatch_progress"], on_notify, on_connect=changed.set)
-        notifier.start()
-        try:
+        async with self.progress_notifications(on_change, on_connect=changed.set):
             last_shown = 0.0
             while True:
                 try:
@@ -436,8 +476,6 @@ class App:
                 if pause > 0:
                     await asyncio.sleep(pause)
                 last_shown = time.monotonic()
-        finally:
-            await notifier.stop()
 
     async def wait(self, batch_id: int, *, timeout_s: float | None = None) -> Batch:
         """Wait until the batch ends and return it."""

@@ -53,8 +53,6 @@ KNOWN_DEBT = {
     ("pgbatch.api.guards", "pgbatch.db.database"),
     ("pgbatch.api.metrics", "pgbatch.db.queries"),
     ("pgbatch.api.metrics", "sql"),
-    ("pgbatch.api.live", "pgbatch.db.batches"),
-    ("pgbatch.api.live", "pgbatch.engine.notifier"),
     ("pgbatch.api.routes.collections", "pgbatch.workloads"),
     ("pgbatch.api.routes.documents", "pgbatch.writer"),
     ("pgbatch.api.routes.documents", "pgbatch.writer.documents"),
