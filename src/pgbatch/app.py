@@ -23,7 +23,7 @@ from pgbatch.db import batches as batch_queries
 from pgbatch.db.database import Database, resolve_url
 from pgbatch.db.migrations import migrate
 from pgbatch.db.notify import PROGRESS_CHANNEL, progress_batch_id
-from pgbatch.db.queries import query
+from pgbatch.db.results import list_results
 from pgbatch.db.sessions import session_timeouts
 from pgbatch.engine.notifier import Notifier
 from pgbatch.errors import InvalidBatchError, InvalidStateError, UnknownTaskError
@@ -405,13 +405,15 @@ class App:
         after = -1
         while True:
             async with self.db.connection() as conn:
-                cur = await conn.execute(
-                    query("result_list_errors" if errors_only else "result_list"),
-                    {"batch_id": batch_id, "after_seq": after, "limit": RESULT_PAGE_ROWS},
+                rows = await list_results(
+                    conn,
+                    batch_id,
+                    after_seq=after,
+                    limit=RESULT_PAGE_ROWS,
+                    errors_only=errors_only,
                 )
-                rows = await cur.fetchall()
-            for seq, ok, output, error in rows:
-                yield seq, Outcome(ok, output, error)
+            for row in rows:
+                yield row
             if len(rows) < RESULT_PAGE_ROWS:
                 return
             after = rows[-1][0]

@@ -59,7 +59,6 @@ KNOWN_DEBT = {
     ("pgbatch.api.routes.system", "pgbatch.db.migrations"),
     ("pgbatch.api.server", "pgbatch.engine.worker"),
     ("pgbatch.api.server", "pgbatch.workloads"),
-    ("pgbatch.app", "sql"),
     ("pgbatch.api.metrics", "pgbatch.writer.models"),
     ("pgbatch.api.routes.documents", "pgbatch.writer.errors"),
     ("pgbatch.api.routes.documents", "pgbatch.writer.models"),
