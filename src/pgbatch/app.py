@@ -20,6 +20,7 @@ import psycopg
 
 from pgbatch.config import Settings
 from pgbatch.db import batches as batch_queries
+from pgbatch.db import metrics as metric_queries
 from pgbatch.db.database import Database, resolve_url
 from pgbatch.db.migrations import migrate
 from pgbatch.db.notify import PROGRESS_CHANNEL, progress_batch_id
@@ -28,7 +29,7 @@ from pgbatch.db.sessions import session_timeouts
 from pgbatch.engine.notifier import Notifier
 from pgbatch.errors import InvalidBatchError, InvalidStateError, UnknownTaskError
 from pgbatch.limits import MAX_LEASE_TTL_S, MAX_MAX_ATTEMPTS, MAX_SHARD_SIZE, MIN_LEASE_TTL_S
-from pgbatch.models import Batch, BatchFilter, BatchInsight, Outcome
+from pgbatch.models import Batch, BatchFilter, BatchInsight, MetricsSnapshot, Outcome
 from pgbatch.tasks import (
     DEFAULT_LEASE_TTL_S,
     DEFAULT_MAX_ATTEMPTS,
@@ -488,6 +489,14 @@ class App:
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"batch {batch_id} did not finish within {timeout_s} s")
         return await self.get_batch(batch_id)
+
+    # -- operations ------------------------------------------------------------------------
+
+    async def metrics_snapshot(self) -> MetricsSnapshot:
+        """Return the database's view of all work (every tenant's): what /metrics exports."""
+        await self.open()
+        async with self.db.connection() as conn:
+            return await metric_queries.metrics_snapshot(conn)
 
     # -- workers ---------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ __all__ = [
     "BatchStatus",
     "ClaimedShard",
     "Item",
+    "MetricsSnapshot",
     "Outcome",
     "ShardStatus",
     "TableRows",
@@ -187,3 +188,18 @@ class BatchInsight:
     bucket_s: int
     error_samples: list[tuple[int, str]]  # (seq, error) of failed items
     dead_shards: list[tuple[int, int, int, str | None]]  # (shard_no, first, last, error)
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsSnapshot:
+    """The database's view of all work at one moment, for /metrics."""
+
+    shards_queued: int
+    shards_running: int
+    shards_done: int
+    shards_dead: int
+    items_ok: int
+    items_failed: int
+    lease_takeovers: int
+    lease_refunds: int
+    batches_by_status: dict[str, int]
