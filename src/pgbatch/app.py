@@ -22,7 +22,7 @@ from pgbatch.config import Settings
 from pgbatch.db import batches as batch_queries
 from pgbatch.db import metrics as metric_queries
 from pgbatch.db.database import Database, resolve_url
-from pgbatch.db.migrations import migrate
+from pgbatch.db.migrations import applied_versions, available_migrations, migrate
 from pgbatch.db.notify import PROGRESS_CHANNEL, progress_batch_id
 from pgbatch.db.results import list_results
 from pgbatch.db.sessions import session_timeouts
@@ -171,6 +171,14 @@ class App:
         await self.open()
         async with self.db.connection() as conn:
             return await migrate(conn)
+
+    async def pending_migrations(self) -> list[int]:
+        """Return the versions of the packaged migrations the database has not applied."""
+        await self.open()
+        wanted = {m.version for m in available_migrations()}
+        async with self.db.connection() as conn:
+            applied = await applied_versions(conn)
+        return sorted(wanted - applied)
 
     # -- batches ---------------------------------------------------------------------------
 
