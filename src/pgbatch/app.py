@@ -11,6 +11,7 @@ from collections.abc import (
     Awaitable,
     Callable,
     Iterable,
+    Iterator,
     Mapping,
     Sequence,
 )
@@ -21,7 +22,7 @@ import psycopg
 from pgbatch.config import Settings
 from pgbatch.db import batches as batch_queries
 from pgbatch.db import metrics as metric_queries
-from pgbatch.db.database import Database, resolve_url
+from pgbatch.db.database import Database, pool_wait_s, resolve_url
 from pgbatch.db.migrations import applied_versions, available_migrations, migrate
 from pgbatch.db.notify import PROGRESS_CHANNEL, progress_batch_id
 from pgbatch.db.results import list_results
@@ -165,6 +166,21 @@ class App:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+    @staticmethod
+    @contextlib.contextmanager
+    def request_scope(pool_wait: float) -> Iterator[None]:
+        """Run the block as an interactive request: connections are checked at checkout, and
+        one waits at most `pool_wait` seconds for a free pooled connection.
+
+        A busy pool then fails fast (PoolTimeout, an HTTP 503) instead of after the
+        patient default that workers and the CLI keep.
+        """
+        token = pool_wait_s.set(pool_wait)
+        try:
+            yield
+        finally:
+            pool_wait_s.reset(token)
 
     async def migrate(self) -> list[int]:
         """Apply pending migrations; return the versions applied."""

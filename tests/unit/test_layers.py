@@ -50,7 +50,6 @@ SQL_CALLS = {"execute", "executemany", "copy", "stream"}
 
 # (importer, imported or "sql") pairs the workload-home issue (14) removes.
 KNOWN_DEBT = {
-    ("pgbatch.api.guards", "pgbatch.db.database"),
     ("pgbatch.api.routes.collections", "pgbatch.workloads"),
     ("pgbatch.api.routes.documents", "pgbatch.writer"),
     ("pgbatch.api.routes.documents", "pgbatch.writer.documents"),

@@ -85,7 +85,12 @@ def create_api(app: App, *, worker: Worker | None = None) -> FastAPI:
         path for route in api.routes if "{" not in (path := getattr(route, "path", "{"))
     )
     # The guard runs inside the metrics middleware, so what it refuses is counted too.
-    api.add_middleware(RequestGuard, settings=settings, auth_enabled=tokens.enabled)
+    api.add_middleware(
+        RequestGuard,
+        settings=settings,
+        auth_enabled=tokens.enabled,
+        request_scope=app.request_scope,
+    )
     api.add_middleware(MetricsMiddleware, metrics=metrics, fixed_paths=fixed_paths)
     return api
 
