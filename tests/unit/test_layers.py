@@ -53,7 +53,6 @@ KNOWN_DEBT = {
     ("pgbatch.api.routes.collections", "pgbatch.workloads"),
     ("pgbatch.api.routes.documents", "pgbatch.writer"),
     ("pgbatch.api.routes.documents", "pgbatch.writer.documents"),
-    ("pgbatch.api.server", "pgbatch.engine.worker"),
     ("pgbatch.api.server", "pgbatch.workloads"),
     ("pgbatch.api.metrics", "pgbatch.writer.models"),
     ("pgbatch.api.routes.documents", "pgbatch.writer.errors"),

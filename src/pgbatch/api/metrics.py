@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -14,13 +14,21 @@ from pgbatch.app import App
 from pgbatch.metrics import FlushSizeCollector, WriterCollector
 from pgbatch.writer.models import WriterStats
 
-__all__ = ["ApiMetrics", "MetricsMiddleware"]
+__all__ = ["ApiMetrics", "CompletionFlushes", "MetricsMiddleware"]
 
 # The method label takes these values; any other token a client sends counts as "other",
 # or each invented method would add a series (labels must stay bounded).
 HTTP_METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
 )
+
+
+class CompletionFlushes(Protocol):
+    """What /metrics reads of a worker in the same process (a `pgbatch.Worker` is one)."""
+
+    def completion_flush_sizes(self) -> Mapping[int, int]:
+        """Return how many completion flushes had each size (shards)."""
+        ...
 
 
 class ApiMetrics:
