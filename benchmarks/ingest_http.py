@@ -95,8 +95,7 @@ from benchmarks.harness import (
 from benchmarks.ingest import empty_tables, missing_acknowledged, size_distribution
 from examples.documents import DocumentItem, baseline_poster, run_ingest
 from pgbatch.api.auth import DEFAULT_TENANT
-from pgbatch.api.errors import ApiError
-from pgbatch.api.routes.batches import ERRORS
+from pgbatch.api.errors import ERRORS, ApiError
 from pgbatch.api.server import create_api
 from pgbatch.api.state import Tenant, api_state
 from pgbatch.db.database import Database

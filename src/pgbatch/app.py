@@ -5,20 +5,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from typing import TYPE_CHECKING, Any
 
 import psycopg
 
 from pgbatch.config import Settings
 from pgbatch.db import batches as batch_queries
-from pgbatch.db.database import Database, resolve_url
-from pgbatch.db.migrations import Component, migrate
-from pgbatch.db.queries import query
+from pgbatch.db import metrics as metric_queries
+from pgbatch.db.database import Database, pool_wait_s, resolve_url
+from pgbatch.db.migrations import Component, migrate, pending_migrations
+from pgbatch.db.notify import PROGRESS_CHANNEL, progress_batch_id
+from pgbatch.db.results import list_results
 from pgbatch.db.sessions import session_timeouts
+from pgbatch.engine.notifier import Notifier
 from pgbatch.errors import InvalidBatchError, InvalidStateError, UnknownTaskError
 from pgbatch.limits import MAX_LEASE_TTL_S, MAX_MAX_ATTEMPTS, MAX_SHARD_SIZE, MIN_LEASE_TTL_S
-from pgbatch.models import Batch, Outcome
+from pgbatch.models import Batch, BatchFilter, BatchInsight, MetricsSnapshot, Outcome
 from pgbatch.tasks import (
     DEFAULT_LEASE_TTL_S,
     DEFAULT_MAX_ATTEMPTS,
@@ -175,11 +187,32 @@ class App:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    @staticmethod
+    @contextlib.contextmanager
+    def request_scope(pool_wait: float) -> Iterator[None]:
+        """Run the block as an interactive request: connections are checked at checkout, and
+        one waits at most `pool_wait` seconds for a free pooled connection.
+
+        A busy pool then fails fast (PoolTimeout, an HTTP 503) instead of after the
+        patient default that workers and the CLI keep.
+        """
+        token = pool_wait_s.set(pool_wait)
+        try:
+            yield
+        finally:
+            pool_wait_s.reset(token)
+
     async def migrate(self) -> list[int]:
         """Apply pending migrations, the app's workloads' too; return pgbatch's versions applied."""
         await self.open()
         async with self.db.connection() as conn:
             return await migrate(conn, components=self._components())
+
+    async def pending_migrations(self) -> dict[str, list[int]]:
+        """Return, per component (pgbatch, the app's workloads), the versions not applied."""
+        await self.open()
+        async with self.db.connection() as conn:
+            return await pending_migrations(conn, self._components())
 
     # -- batches ---------------------------------------------------------------------------
 
@@ -304,8 +337,14 @@ class App:
         async with self.db.connection() as conn:
             return await batch_queries.get_batch(conn, batch_id, tenant=tenant)
 
+    async def get_batches(self, batch_ids: Sequence[int]) -> list[Batch]:
+        """Return the batches with these ids, of any tenant (unknown ids are skipped)."""
+        await self.open()
+        async with self.db.connection() as conn:
+            return await batch_queries.get_batches(conn, batch_ids)
+
     async def list_batches(
-        self, where: batch_queries.BatchFilter | None = None, *, limit: int = 20
+        self, where: BatchFilter | None = None, *, limit: int = 20
     ) -> list[Batch]:
         """Return the batches matching `where` (all by default), newest first."""
         await self.open()
@@ -314,7 +353,7 @@ class App:
 
     async def insight(
         self, batch_id: int, *, tenant: str | None = None
-    ) -> tuple[Batch, batch_queries.BatchInsight]:
+    ) -> tuple[Batch, BatchInsight]:
         """Return the batch with its shard states, throughput over time and error samples."""
         await self.open()
         async with self.db.connection() as conn:
@@ -409,35 +448,61 @@ class App:
         after = -1
         while True:
             async with self.db.connection() as conn:
-                cur = await conn.execute(
-                    query("result_list_errors" if errors_only else "result_list"),
-                    {"batch_id": batch_id, "after_seq": after, "limit": RESULT_PAGE_ROWS},
+                rows = await list_results(
+                    conn,
+                    batch_id,
+                    after_seq=after,
+                    limit=RESULT_PAGE_ROWS,
+                    errors_only=errors_only,
                 )
-                rows = await cur.fetchall()
-            for seq, ok, output, error in rows:
-                yield seq, Outcome(ok, output, error)
+            for row in rows:
+                yield row
             if len(rows) < RESULT_PAGE_ROWS:
                 return
             after = rows[-1][0]
+
+    @contextlib.asynccontextmanager
+    async def progress_notifications(
+        self,
+        on_change: Callable[[int], None],
+        *,
+        on_connect: Callable[[], None] | None = None,
+        listening: asyncio.Event | None = None,
+    ) -> AsyncIterator[None]:
+        """Call `on_change(batch_id)` for every change of a batch while the block runs.
+
+        The calls come from NOTIFY on a LISTEN connection of its own. `on_connect` runs after
+        each (re)connect of it: what was sent while it was down is lost, so look at the
+        batches once. `listening` is set while the LISTEN is in place (a test signal).
+        """
+        await self.open()
+
+        def on_notify(channel: str, payload: str) -> None:
+            batch_id = progress_batch_id(payload)
+            if batch_id is not None:
+                on_change(batch_id)
+
+        notifier = Notifier(
+            self.db, [PROGRESS_CHANNEL], on_notify, on_connect=on_connect, listening=listening
+        )
+        notifier.start()
+        try:
+            yield
+        finally:
+            await notifier.stop()
 
     async def watch(self, batch_id: int, *, poll_interval_s: float = 1.0) -> AsyncIterator[Batch]:
         """Yield snapshots of the batch as it progresses (driven by NOTIFY); end when it ends.
 
         A lost connection is not an error here: the watch polls until the database is back.
         """
-        from pgbatch.engine.notifier import Notifier
-
-        await self.open()
         changed = asyncio.Event()
-        wanted = str(batch_id)
 
-        def on_notify(channel: str, payload: str) -> None:
-            if payload == wanted:
+        def on_change(changed_id: int) -> None:
+            if changed_id == batch_id:
                 changed.set()
 
-        notifier = Notifier(self.db, ["pgbatch_progress"], on_notify, on_connect=changed.set)
-        notifier.start()
-        try:
+        async with self.progress_notifications(on_change, on_connect=changed.set):
             last_shown = 0.0
             while True:
                 try:
@@ -456,8 +521,6 @@ class App:
                 if pause > 0:
                     await asyncio.sleep(pause)
                 last_shown = time.monotonic()
-        finally:
-            await notifier.stop()
 
     async def wait(self, batch_id: int, *, timeout_s: float | None = None) -> Batch:
         """Wait until the batch ends and return it."""
@@ -468,6 +531,14 @@ class App:
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"batch {batch_id} did not finish within {timeout_s} s")
         return await self.get_batch(batch_id)
+
+    # -- operations ------------------------------------------------------------------------
+
+    async def metrics_snapshot(self) -> MetricsSnapshot:
+        """Return the database's view of all work (every tenant's): what /metrics exports."""
+        await self.open()
+        async with self.db.connection() as conn:
+            return await metric_queries.metrics_snapshot(conn)
 
     # -- workers ---------------------------------------------------------------------------
 

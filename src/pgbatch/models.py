@@ -1,4 +1,5 @@
-"""Frozen dataclasses and status enums shared by the engine, the database layer and users."""
+"""Frozen dataclasses and status enums shared by the engine, the database layer, the API and
+users."""
 
 from __future__ import annotations
 
@@ -8,17 +9,27 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, NamedTuple
 
+from pgbatch.errors import BatchNotFoundError
+
 __all__ = [
     "Batch",
+    "BatchFilter",
+    "BatchInsight",
     "BatchStatus",
     "ClaimedShard",
     "Item",
+    "MetricsSnapshot",
     "Outcome",
     "ShardStatus",
     "TableRows",
+    "check_batch_id",
     "error",
     "ok",
 ]
+
+
+# Batch ids are bigint: a larger one names no batch.
+BIGINT_MAX = 2**63 - 1
 
 
 class BatchStatus(enum.StrEnum):
@@ -143,3 +154,52 @@ class Batch:
         """Tell whether the batch has ended: every shard is terminal (a cancelled batch
         whose running shards have not stopped yet is still ending)."""
         return self.finished_at is not None
+
+
+def check_batch_id(batch_id: int) -> int:
+    """Return `batch_id`, or raise BatchNotFoundError if no bigint id could be it.
+
+    Ids come from clients (paths, CLI arguments): one beyond bigint would otherwise reach
+    PostgreSQL and fail as an out-of-range error instead of "no such batch".
+    """
+    if not 0 < batch_id <= BIGINT_MAX:
+        raise BatchNotFoundError(f"no batch with id {batch_id}")
+    return batch_id
+
+
+@dataclass(frozen=True, slots=True)
+class BatchFilter:
+    """Which batches a listing returns; None means "any"."""
+
+    tenant: str | None = None
+    status: BatchStatus | None = None
+    task: str | None = None
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+    before_id: int | None = None  # the cursor: the last id of the previous page
+
+
+@dataclass(frozen=True, slots=True)
+class BatchInsight:
+    """What a dashboard shows about one batch besides its counters."""
+
+    shard_states: dict[str, int]
+    throughput: list[tuple[datetime, int]]  # (bucket start, items finished in it)
+    bucket_s: int
+    error_samples: list[tuple[int, str]]  # (seq, error) of failed items
+    dead_shards: list[tuple[int, int, int, str | None]]  # (shard_no, first, last, error)
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsSnapshot:
+    """The database's view of all work at one moment, for /metrics."""
+
+    shards_queued: int
+    shards_running: int
+    shards_done: int
+    shards_dead: int
+    items_ok: int
+    items_failed: int
+    lease_takeovers: int
+    lease_refunds: int
+    batches_by_status: dict[str, int]

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 
-from pgbatch.api import progress
+from pgbatch.api import live
 from tests.api.conftest import StartApi
 from tests.api.support import SseEvent, count_rows, sse_events
 
@@ -87,7 +87,7 @@ async def test_streams_and_submitters_under_load(
 ) -> None:
     # The hub re-reads watched batches when no notification came for a while, which would
     # deliver a lost event late instead of never: here NOTIFY alone must deliver them all.
-    monkeypatch.setattr(progress, "FALLBACK_POLL_S", 3600.0)
+    monkeypatch.setattr(live, "FALLBACK_POLL_S", 3600.0)
     tally = Tally()
     async with start_api(worker=True) as running, contextlib.AsyncExitStack() as stack:
         # One client (one connection) per watcher and per submitter, as separate programs

@@ -8,7 +8,7 @@ import logging
 import httpx
 import pytest
 
-from pgbatch.api import progress
+from pgbatch.api import live
 from tests.api.conftest import RunningApi, StartApi
 
 
@@ -66,7 +66,7 @@ async def test_a_priority_change_reaches_the_event_stream(
     start_api: StartApi, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # No fallback poll: only the change's own NOTIFY can bring the new priority.
-    monkeypatch.setattr(progress, "FALLBACK_POLL_S", 3600.0)
+    monkeypatch.setattr(live, "FALLBACK_POLL_S", 3600.0)
     async with start_api() as api, api.client() as client:
         created = await client.post("/v1/batches", json={"task": "gated", "items": [1]})
         batch_id = created.json()["id"]

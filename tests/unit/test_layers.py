@@ -51,18 +51,6 @@ SQL_CALLS = {"execute", "executemany", "copy", "stream"}
 
 # (importer, imported or "sql") pairs the workload-home issue (14) removes.
 KNOWN_DEBT = {
-    ("pgbatch.api.guards", "pgbatch.db.database"),
-    ("pgbatch.api.metrics", "pgbatch.db.queries"),
-    ("pgbatch.api.metrics", "sql"),
-    ("pgbatch.api.progress", "pgbatch.db.batches"),
-    ("pgbatch.api.progress", "pgbatch.engine.notifier"),
-    ("pgbatch.api.routes.batches", "pgbatch.db.batches"),
-    ("pgbatch.api.routes.events", "pgbatch.db.batches"),
-    ("pgbatch.api.routes.system", "pgbatch.db.migrations"),
-    ("pgbatch.api.schemas", "pgbatch.db.batches"),
-    ("pgbatch.api.server", "pgbatch.engine.worker"),
-    ("pgbatch.app", "sql"),
-    ("pgbatch.engine.notifier", "sql"),
     ("pgbatch.api.metrics", "pgbatch.writer.models"),
 }
 

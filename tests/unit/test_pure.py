@@ -8,7 +8,10 @@ import pytest
 
 import pgbatch
 from pgbatch.db.copy import encode_json, encode_result_rows, encode_table_rows
+from pgbatch.db.database import pool_wait_s
+from pgbatch.db.notify import progress_batch_id
 from pgbatch.db.queries import expand_includes, parse_queries, query
+from pgbatch.models import check_batch_id
 from pgbatch.sizing import suggest_shard_size
 
 
@@ -75,3 +78,23 @@ def test_sizing_is_overhead_bound_then_lease_bound() -> None:
     assert too_slow.shard_size == 1 and "raise lease_ttl_s" in too_slow.note
     with pytest.raises(ValueError):
         suggest_shard_size(item_s=-1, overhead_s=0, commit_s=0, lease_ttl_s=1)
+
+
+def test_a_progress_notification_carries_a_batch_id_or_is_ignored() -> None:
+    assert progress_batch_id("42") == 42
+    assert progress_batch_id("not a batch") is None
+
+
+def test_request_scope_shortens_the_pool_wait_for_its_block_only() -> None:
+    assert pool_wait_s.get() is None
+    with pytest.raises(RuntimeError), pgbatch.App.request_scope(0.5):
+        assert pool_wait_s.get() == 0.5
+        raise RuntimeError
+    assert pool_wait_s.get() is None
+
+
+def test_an_id_beyond_bigint_names_no_batch() -> None:
+    assert check_batch_id(2**63 - 1) == 2**63 - 1
+    for impossible in (0, -1, 2**63):
+        with pytest.raises(pgbatch.BatchNotFoundError):
+            check_batch_id(impossible)

@@ -13,6 +13,7 @@ from psycopg_pool import PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from pgbatch.api.schemas import ErrorOut
 from pgbatch.errors import (
     BatchNotFoundError,
     IdempotencyConflictError,
@@ -22,7 +23,7 @@ from pgbatch.errors import (
     StaleVersionError,
 )
 
-__all__ = ["CLIENT_CLOSED", "ApiError", "error_body", "install_error_handlers"]
+__all__ = ["CLIENT_CLOSED", "ERRORS", "ApiError", "error_body", "install_error_handlers"]
 
 _log = logging.getLogger(__name__)
 
@@ -57,6 +58,29 @@ class ApiError(Exception):
         self.headers = headers
         # More members of "error" for the client's program (e.g. the missing references).
         self.details = details
+
+
+def _errors(
+    *codes: int, extra: dict[int | str, dict[str, Any]] | None = None
+) -> dict[int | str, dict[str, Any]]:
+    """Return the OpenAPI `responses` of a route: its error codes, plus `extra`."""
+    described = {
+        401: "Missing or invalid API token.",
+        404: "No such batch (for this tenant).",
+        409: "Conflict with the batch's state or an earlier submission.",
+        412: "If-Match names an old version.",
+        413: "The request is larger than the server accepts.",
+        415: "Unsupported Content-Type.",
+        422: "The request is malformed; `field` names the part.",
+        428: "If-Match is required.",
+    }
+    out: dict[int | str, dict[str, Any]] = dict(extra or {})
+    out.update({c: {"model": ErrorOut, "description": described[c]} for c in (401, 422, *codes)})
+    return out
+
+
+# Routes write `responses=ERRORS(404, 409)`: short enough to sit on the decorator line.
+ERRORS = _errors
 
 
 def error_body(

@@ -13,7 +13,8 @@ import contextlib
 import ipaddress
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -22,7 +23,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pgbatch.api.errors import CLIENT_CLOSED, ApiError, error_body
 from pgbatch.config import Settings
-from pgbatch.db.database import pool_wait_s
 
 __all__ = [
     "CLIENT_CLOSED",
@@ -105,10 +105,19 @@ def _response(error: ApiError) -> JSONResponse:
 class RequestGuard:
     """The checks every HTTP request passes before routing (see the module docstring)."""
 
-    def __init__(self, app: ASGIApp, settings: Settings, *, auth_enabled: bool) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        settings: Settings,
+        *,
+        auth_enabled: bool,
+        request_scope: Callable[[float], AbstractContextManager[None]],
+    ) -> None:
         self.app = app
         self.settings = settings
         self.auth_enabled = auth_enabled
+        # App.request_scope: the pool wait of an API request, and a checked connection.
+        self.request_scope = request_scope
         self.limits = _Limits(
             json_bytes=settings.api_max_json_bytes,
             upload_bytes=settings.api_max_upload_bytes,
@@ -124,8 +133,7 @@ class RequestGuard:
         if refusal is not None:
             await refusal(scope, receive, send)
             return
-        wait = pool_wait_s.set(self.settings.api_pool_timeout_s)
-        try:
+        with self.request_scope(self.settings.api_pool_timeout_s):
             if _has_body(scope):
                 if self._is_upload(scope):
                     limit = self.limits.upload_bytes
@@ -141,8 +149,6 @@ class RequestGuard:
                         await _answer(exc, scope, receive, send)
                         return
             await self._app_with_last_answer(scope, receive, send)
-        finally:
-            pool_wait_s.reset(wait)
 
     def _misdirected(self, scope: Scope) -> JSONResponse | None:
         # Without tokens the server trusts whoever reaches it, which must be this machine.

@@ -5,23 +5,30 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pgbatch.app import App
-from pgbatch.db.queries import query
 from pgbatch.metrics import FlushSizeCollector, WriterCollector
 from pgbatch.writer.models import WriterStats
 
-__all__ = ["ApiMetrics", "MetricsMiddleware"]
+__all__ = ["ApiMetrics", "CompletionFlushes", "MetricsMiddleware"]
 
 # The method label takes these values; any other token a client sends counts as "other",
 # or each invented method would add a series (labels must stay bounded).
 HTTP_METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
 )
+
+
+class CompletionFlushes(Protocol):
+    """What /metrics reads of a worker in the same process (a `pgbatch.Worker` is one)."""
+
+    def completion_flush_sizes(self) -> Mapping[int, int]:
+        """Return how many completion flushes had each size (shards)."""
+        ...
 
 
 class ApiMetrics:
@@ -115,25 +122,21 @@ class ApiMetrics:
 
     async def render(self, app: App, *, sse_streams: int) -> bytes:
         """Refresh the database gauges and return the text exposition."""
-        async with app.db.connection() as conn:
-            row = await (await conn.execute(query("metrics_snapshot"))).fetchone()
-            status_rows = await (await conn.execute(query("metrics_batches"))).fetchall()
-        assert row is not None
-        queued, running, done, dead, ok, failed, takeovers, refunds = (int(v) for v in row)
+        snap = await app.metrics_snapshot()
         for state, value in (
-            ("queued", queued),
-            ("running", running),
-            ("done", done),
-            ("dead", dead),
+            ("queued", snap.shards_queued),
+            ("running", snap.shards_running),
+            ("done", snap.shards_done),
+            ("dead", snap.shards_dead),
         ):
             self.shards.labels(state).set(value)
-        self.items_finished.labels("ok").set(ok)
-        self.items_finished.labels("failed").set(failed)
-        for status, count in status_rows:
+        self.items_finished.labels("ok").set(snap.items_ok)
+        self.items_finished.labels("failed").set(snap.items_failed)
+        for status, count in snap.batches_by_status.items():
             self.batches.labels(status).set(count)
-        self.lease_takeovers.set(takeovers)
-        self.lease_refunds.set(refunds)
-        now, total = time.monotonic(), ok + failed
+        self.lease_takeovers.set(snap.lease_takeovers)
+        self.lease_refunds.set(snap.lease_refunds)
+        now, total = time.monotonic(), snap.items_ok + snap.items_failed
         if self._previous is not None and now > self._previous[0]:
             rate = max(0, total - self._previous[1]) / (now - self._previous[0])
             self.items_per_second.set(rate)

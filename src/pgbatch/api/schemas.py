@@ -9,9 +9,8 @@ from typing import Annotated, Any, Literal
 from fastapi import Header
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from pgbatch.db.batches import BatchInsight
 from pgbatch.limits import MAX_LEASE_TTL_S, MAX_MAX_ATTEMPTS, MAX_SHARD_SIZE, MIN_LEASE_TTL_S
-from pgbatch.models import Batch, BatchStatus
+from pgbatch.models import Batch, BatchInsight, BatchStatus
 
 __all__ = [
     "NAME_PATTERN",

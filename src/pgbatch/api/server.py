@@ -19,18 +19,17 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from pgbatch.api.auth import TokenTable, is_loopback
 from pgbatch.api.errors import install_error_handlers
 from pgbatch.api.guards import RequestGuard, UploadSlots
-from pgbatch.api.metrics import ApiMetrics, MetricsMiddleware
-from pgbatch.api.progress import ProgressHub
+from pgbatch.api.live import ProgressHub
+from pgbatch.api.metrics import ApiMetrics, CompletionFlushes, MetricsMiddleware
 from pgbatch.api.routes import batches, events, system
 from pgbatch.api.state import ApiState
 from pgbatch.app import App
-from pgbatch.engine.worker import Worker
 from pgbatch.errors import ConfigurationError
 
 __all__ = ["HeaderTimeoutH11Protocol", "check_bind", "create_api", "server"]
 
 
-def create_api(app: App, *, worker: Worker | None = None) -> FastAPI:
+def create_api(app: App, *, worker: CompletionFlushes | None = None) -> FastAPI:
     """Return the HTTP API (and dashboard) serving `app`; settings come from `app.settings`.
 
     `worker`: a worker running in the same process, whose completion flushes /metrics shows.
@@ -84,7 +83,12 @@ def create_api(app: App, *, worker: Worker | None = None) -> FastAPI:
         path for route in api.routes if "{" not in (path := getattr(route, "path", "{"))
     )
     # The guard runs inside the metrics middleware, so what it refuses is counted too.
-    api.add_middleware(RequestGuard, settings=settings, auth_enabled=tokens.enabled)
+    api.add_middleware(
+        RequestGuard,
+        settings=settings,
+        auth_enabled=tokens.enabled,
+        request_scope=app.request_scope,
+    )
     api.add_middleware(MetricsMiddleware, metrics=metrics, fixed_paths=fixed_paths)
     return api
 
@@ -114,7 +118,12 @@ def check_bind(host: str, tokens: TokenTable) -> None:
 
 
 def server(
-    app: App, *, host: str, port: int, log_level: str = "info", worker: Worker | None = None
+    app: App,
+    *,
+    host: str,
+    port: int,
+    log_level: str = "info",
+    worker: CompletionFlushes | None = None,
 ) -> uvicorn.Server:
     """Return a uvicorn server for the API of `app` (not started)."""
     check_bind(host, TokenTable.parse(app.settings.api_tokens))

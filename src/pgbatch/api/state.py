@@ -11,8 +11,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pgbatch.api.auth import DEFAULT_TENANT, TokenTable
 from pgbatch.api.errors import ApiError
 from pgbatch.api.guards import UploadSlots
+from pgbatch.api.live import ProgressHub
 from pgbatch.api.metrics import ApiMetrics
-from pgbatch.api.progress import ProgressHub
 from pgbatch.app import App
 from pgbatch.config import Settings
 

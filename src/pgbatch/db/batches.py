@@ -27,16 +27,19 @@ from pgbatch.errors import (
     StaleVersionError,
 )
 from pgbatch.limits import DEFAULT_MAX_SHARD_BYTES
-from pgbatch.models import Batch, BatchStatus
+from pgbatch.models import (
+    Batch,
+    BatchFilter,
+    BatchInsight,
+    BatchStatus,
+    check_batch_id,
+)
 
 __all__ = [
-    "BatchFilter",
-    "BatchInsight",
     "BatchSpec",
     "SubmitResult",
     "batch_insight",
     "cancel_batch",
-    "check_batch_id",
     "get_batch",
     "get_batches",
     "list_batches",
@@ -53,7 +56,6 @@ COPY_CHUNK_ITEMS = 500
 # included) instead of a COPY: what matters for small batches is latency, and COPY costs
 # four round trips.
 SMALL_BATCH_ITEMS = 1_000
-BIGINT_MAX = 2**63 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,17 +324,6 @@ def batch_from_row(row: dict[str, Any]) -> Batch:
     return Batch(**{**row, "status": BatchStatus(row["status"])})
 
 
-def check_batch_id(batch_id: int) -> int:
-    """Return `batch_id`, or raise BatchNotFoundError if no bigint id could be it.
-
-    Ids come from clients (paths, CLI arguments): one beyond bigint would otherwise reach
-    PostgreSQL and fail as an out-of-range error instead of "no such batch".
-    """
-    if not 0 < batch_id <= BIGINT_MAX:
-        raise BatchNotFoundError(f"no batch with id {batch_id}")
-    return batch_id
-
-
 async def get_batch(
     conn: psycopg.AsyncConnection[Any], batch_id: int, *, tenant: str | None = None
 ) -> Batch:
@@ -353,18 +344,6 @@ async def get_batches(conn: psycopg.AsyncConnection[Any], batch_ids: Sequence[in
         return [batch_from_row(row) for row in await cur.fetchall()]
 
 
-@dataclass(frozen=True, slots=True)
-class BatchFilter:
-    """Which batches a listing returns; None means "any"."""
-
-    tenant: str | None = None
-    status: BatchStatus | None = None
-    task: str | None = None
-    created_after: datetime | None = None
-    created_before: datetime | None = None
-    before_id: int | None = None  # the cursor: the last id of the previous page
-
-
 async def list_batches(
     conn: psycopg.AsyncConnection[Any], where: BatchFilter | None = None, *, limit: int = 20
 ) -> list[Batch]:
@@ -382,17 +361,6 @@ async def list_batches(
     async with conn.cursor(row_factory=dict_row) as cur:
         await cur.execute(query("batch_list"), params)
         return [batch_from_row(row) for row in await cur.fetchall()]
-
-
-@dataclass(frozen=True, slots=True)
-class BatchInsight:
-    """What a dashboard shows about one batch besides its counters."""
-
-    shard_states: dict[str, int]
-    throughput: list[tuple[datetime, int]]  # (bucket start, items finished in it)
-    bucket_s: int
-    error_samples: list[tuple[int, str]]  # (seq, error) of failed items
-    dead_shards: list[tuple[int, int, int, str | None]]  # (shard_no, first, last, error)
 
 
 async def batch_insight(

@@ -1,4 +1,4 @@
-"""One LISTEN connection per process: turns NOTIFY into callbacks, reconnecting when it drops."""
+"""A LISTEN connection of its own: turns NOTIFY into callbacks, reconnecting when it drops."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import psycopg
-from psycopg import sql
 
 from pgbatch.db.database import Database
+from pgbatch.db.notify import listen
 
 __all__ = ["Notifier"]
 
@@ -61,8 +61,7 @@ class Notifier:
             conn: psycopg.AsyncConnection[Any] | None = None
             try:
                 conn = await self._db.connect_dedicated()
-                for channel in self._channels:
-                    await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+                await listen(conn, self._channels)
                 self.listening.set()
                 if self._on_connect:
                     self._on_connect()

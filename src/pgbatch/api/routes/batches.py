@@ -16,7 +16,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BeforeValidator, ValidationError
 
 from pgbatch import json_values
-from pgbatch.api.errors import ApiError
+from pgbatch.api.errors import ERRORS, ApiError
 from pgbatch.api.media import JSON_BODY
 from pgbatch.api.schemas import (
     NAME_PATTERN,
@@ -25,7 +25,6 @@ from pgbatch.api.schemas import (
     BatchOut,
     BatchPatch,
     BatchSubmit,
-    ErrorOut,
     IdempotencyKeyHeader,
     IfMatchHeader,
     InsightOut,
@@ -36,36 +35,15 @@ from pgbatch.api.schemas import (
     insight_out,
 )
 from pgbatch.api.state import ApiState, Tenant, TenantOrQueryToken, api_state
-from pgbatch.db.batches import BatchFilter
 from pgbatch.errors import InvalidBatchError
 from pgbatch.limits import MAX_LEASE_TTL_S, MAX_MAX_ATTEMPTS, MAX_SHARD_SIZE, MIN_LEASE_TTL_S
-from pgbatch.models import Batch, BatchStatus, Outcome
+from pgbatch.models import Batch, BatchFilter, BatchStatus, Outcome
 
-__all__ = ["ERRORS", "router"]
+__all__ = ["router"]
 
 router = APIRouter(prefix="/v1", tags=["batches"])
 
 
-def _errors(
-    *codes: int, extra: dict[int | str, dict[str, Any]] | None = None
-) -> dict[int | str, dict[str, Any]]:
-    """Return the OpenAPI `responses` of a route: its error codes, plus `extra`."""
-    described = {
-        401: "Missing or invalid API token.",
-        404: "No such batch (for this tenant).",
-        409: "Conflict with the batch's state or an earlier submission.",
-        412: "If-Match names an old version.",
-        413: "The request is larger than the server accepts.",
-        415: "Unsupported Content-Type.",
-        422: "The request is malformed; `field` names the part.",
-        428: "If-Match is required.",
-    }
-    out: dict[int | str, dict[str, Any]] = dict(extra or {})
-    out.update({c: {"model": ErrorOut, "description": described[c]} for c in (401, 422, *codes)})
-    return out
-
-
-ERRORS = _errors
 NDJSON = "application/x-ndjson"
 SpooledFile = tempfile.SpooledTemporaryFile[bytes]
 # An upload is kept in memory up to this size, then on disk: small batches never touch

@@ -9,12 +9,11 @@ import orjson
 from fastapi import APIRouter, Header, Request, Response
 from fastapi.responses import StreamingResponse
 
-from pgbatch.api.progress import HubClosedError, Subscription, progress_key
-from pgbatch.api.routes.batches import ERRORS
+from pgbatch.api.errors import ERRORS
+from pgbatch.api.live import HubClosedError, Subscription, progress_key
 from pgbatch.api.schemas import BatchId, batch_out
 from pgbatch.api.state import ApiState, TenantOrQueryToken, api_state
-from pgbatch.db.batches import check_batch_id
-from pgbatch.models import Batch
+from pgbatch.models import Batch, check_batch_id
 
 __all__ = ["router"]
 

@@ -14,7 +14,6 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pgbatch.api.errors import ApiError
 from pgbatch.api.guards import is_loopback_host
 from pgbatch.api.state import ApiState, api_state
-from pgbatch.db.migrations import applied_versions, available_migrations
 
 __all__ = ["router"]
 
@@ -33,17 +32,14 @@ HEALTH_TIMEOUT_S = 2.0
 async def healthz(request: Request) -> JSONResponse:
     """Tell whether the database is reachable and every migration is applied."""
     app = api_state(request).app
-    wanted = {m.version for m in available_migrations()}
     try:
         async with asyncio.timeout(HEALTH_TIMEOUT_S):
-            async with app.db.connection() as conn:
-                applied = await applied_versions(conn)
+            missing = await app.pending_migrations()
     except (psycopg.Error, TimeoutError) as exc:
         return JSONResponse(
             {"status": "unavailable", "database": f"unreachable: {type(exc).__name__}"},
             status_code=503,
         )
-    missing = sorted(wanted - applied)
     if missing:
         return JSONResponse(
             {"status": "unavailable", "database": "ok", "migrations": f"pending: {missing}"},

@@ -7,9 +7,8 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Path, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from pgbatch.api.errors import ApiError
+from pgbatch.api.errors import ERRORS, ApiError
 from pgbatch.api.media import JSON_BODY
-from pgbatch.api.routes.batches import ERRORS
 from pgbatch.api.schemas import BatchId, BatchOut, IdempotencyKeyHeader, batch_out
 from pgbatch.api.state import Tenant, api_state
 from pgbatch.models import BatchStatus

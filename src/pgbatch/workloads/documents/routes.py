@@ -13,9 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, Validat
 
 from pgbatch import json_values
 from pgbatch.api.auth import DEFAULT_TENANT
-from pgbatch.api.errors import ApiError
+from pgbatch.api.errors import ERRORS, ApiError
 from pgbatch.api.media import JSON_BODY
-from pgbatch.api.routes.batches import ERRORS
 from pgbatch.api.state import ApiState, Tenant, api_state
 from pgbatch.workloads.documents.writer import (
     DocumentRow,

@@ -16,8 +16,6 @@ from typing import Any
 import psycopg
 
 from pgbatch.app import App
-from pgbatch.db.batches import get_batches
-from pgbatch.engine.notifier import Notifier
 from pgbatch.models import Batch
 
 __all__ = ["HubClosedError", "ProgressHub", "Subscription", "progress_key"]
@@ -84,22 +82,18 @@ class ProgressHub:
         self._by_tenant: dict[str, set[Subscription]] = {}
         self._dirty: set[int] = set()
         self._wake = asyncio.Event()
-        self._notifier: Notifier | None = None
+        self._listener = contextlib.AsyncExitStack()
         self._pump_task: asyncio.Task[None] | None = None
         self.listening = asyncio.Event()
         self.reads = 0  # batch reads done for subscribers (a test looks at it)
 
     async def start(self) -> None:
         """Start listening and pumping."""
-        await self._app.open()
-        self._notifier = Notifier(
-            self._app.db,
-            ["pgbatch_progress"],
-            self._on_notify,
-            on_connect=self._on_connect,
-            listening=self.listening,
+        await self._listener.enter_async_context(
+            self._app.progress_notifications(
+                self._on_change, on_connect=self._on_connect, listening=self.listening
+            )
         )
-        self._notifier.start()
         self._pump_task = asyncio.create_task(self._pump(), name="pgbatch-sse-pump")
 
     async def close(self) -> None:
@@ -111,8 +105,7 @@ class ProgressHub:
             self._pump_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._pump_task
-        if self._notifier is not None:
-            await self._notifier.stop()
+        await self._listener.aclose()
 
     @property
     def subscribers(self) -> int:
@@ -137,11 +130,7 @@ class ProgressHub:
         else:
             _discard(self._by_batch, sub.batch_id, sub)
 
-    def _on_notify(self, channel: str, payload: str) -> None:
-        try:
-            batch_id = int(payload)
-        except ValueError:
-            return
+    def _on_change(self, batch_id: int) -> None:
         if batch_id in self._by_batch or self._by_tenant:
             self._dirty.add(batch_id)
             self._wake.set()
@@ -169,8 +158,7 @@ class ProgressHub:
             await asyncio.sleep(self._min_interval_s)
 
     async def _publish(self, batch_ids: list[int]) -> None:
-        async with self._app.db.connection() as conn:
-            batches = await get_batches(conn, batch_ids)
+        batches = await self._app.get_batches(batch_ids)
         self.reads += 1
         for batch in batches:
             for sub in list(self._by_batch.get(batch.id, ())):

@@ -1,0 +1,3 @@
+-- name: notify_listen
+-- The channel is a quoted identifier filled in by db.notify.listen: LISTEN takes no parameter.
+LISTEN {channel};
