@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pgbatch.app import App
 from pgbatch.metrics import FlushSizeCollector, WriterCollector
-from pgbatch.writer.models import WriterStats
+
+if TYPE_CHECKING:
+    # Only the type of what a workload's writer reports: the API never runs a writer.
+    from pgbatch.writer.models import WriterStats
 
 __all__ = ["ApiMetrics", "CompletionFlushes", "MetricsMiddleware"]
 
