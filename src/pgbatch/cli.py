@@ -51,7 +51,7 @@ AppOption = Annotated[
         "--app",
         "-a",
         envvar="PGBATCH_APP",
-        help="Your app as module:attribute, e.g. examples.llm_batch:app.",
+        help="Your app as module:attribute, e.g. pgbatch.demo.llm_app:app.",
     ),
 ]
 

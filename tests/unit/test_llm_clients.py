@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from examples.llm_clients import (
+from pgbatch.demo.model_clients import (
     FakeModelClient,
     ModelError,
     OpenAICompatibleClient,

@@ -24,21 +24,14 @@ from pgbatch.progress import watch_batch
 
 __all__ = ["run_demo"]
 
-EXAMPLE_MODULE = "examples.llm_batch"
+EXAMPLE_MODULE = "pgbatch.demo.llm_app"
 # The callback runs after the batch ends; the demo waits this long for it at most.
 CALLBACK_WAIT_S = 30.0
 WORKER_STOP_WAIT_S = 30.0
 
 
 def _load_example() -> Any:
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        return importlib.import_module(EXAMPLE_MODULE)
-    except ImportError as exc:
-        raise ConfigurationError(
-            f"cannot import {EXAMPLE_MODULE} ({exc}): run the demo from the pgbatch repository root"
-        ) from exc
+    return importlib.import_module(EXAMPLE_MODULE)
 
 
 async def _wait_for_callback(app: App, batch_id: int) -> None:
@@ -51,7 +44,7 @@ async def _wait_for_callback(app: App, batch_id: int) -> None:
 
 
 def _start_workers(count: int, concurrency: int, url: str) -> list[subprocess.Popen[bytes]]:
-    env = {**os.environ, "DATABASE_URL": url, "PYTHONPATH": os.getcwd()}
+    env = {**os.environ, "DATABASE_URL": url}
     command = [
         sys.executable, "-m", "pgbatch", "worker",
         "--app", f"{EXAMPLE_MODULE}:app", "--concurrency", str(concurrency),

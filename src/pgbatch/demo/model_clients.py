@@ -1,4 +1,4 @@
-"""Model clients (a deterministic fake and an OpenAI-compatible HTTP client) for the LLM example."""
+"""Model clients for the demo: a deterministic fake and an OpenAI-compatible HTTP client."""
 
 from __future__ import annotations
 
