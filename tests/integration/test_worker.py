@@ -56,11 +56,15 @@ async def test_a_failing_handler_is_retried_then_succeeds(app: pgbatch.App) -> N
         return [pgbatch.ok(i.value) for i in items]
 
     batch = await app.submit("flaky", range(10), shard_size=10)
-    async with running(app):
+    async with running(app) as worker:
         done = await app.wait(batch.id, timeout_s=20)
     assert calls == [1, 2, 3]
     assert (done.status, done.items_ok) == ("succeeded", 10)
     assert await _shards(app, batch.id) == [("done", 3, None)]
+    # Both failed attempts were requeued through the completer, like the completion.
+    assert worker.stats.shards_retried == 2
+    flushed = sum(size * n for size, n in worker.completion_flush_sizes().items())
+    assert flushed == 3
 
 
 @pytest.mark.asyncio
