@@ -15,10 +15,8 @@ the failed share, i.e. ratio >= 1 - 0.1 (its 10% extra attempts are work too).
 
 To keep the figure about write cost, not waiting: the retry backoff is
 `RETRY_BACKOFF_BASE_S` (not 1 s) and the claim poll `POLL_INTERVAL_S` (not 1 s), set in
-the workers' environment, so the retried shards are claimable within milliseconds and a
-short claim does not idle a worker for a second at the batch's end. Before each batch
-(untimed) `pgbatch.shards` and `pgbatch.batches` are vacuumed, so that each batch starts
-from the same table state whatever ran before it.
+the workers' environment, so the retried shards are claimable within tens of
+milliseconds and a short claim does not idle a worker for a second at the batch's end.
 
 With `--baseline-src DIR` (the `src/` of another commit: `git archive <rev> src | tar -x
 -C /tmp/old`, then `--baseline-src /tmp/old/src`), every round also runs both batches on
@@ -51,7 +49,6 @@ from benchmarks.apps import FLAKY_EVERY, FLAKY_TASK, NOOP_TASK, make_app
 from benchmarks.harness import (
     WorkerProcesses,
     bench_database,
-    connect,
     cpu_sample,
     fmt_int,
     require_local,
@@ -93,13 +90,7 @@ class Run:
 async def drain(
     app: pgbatch.App, workers: WorkerProcesses, path: str, task: str, shards: int, number: int
 ) -> Run:
-    """Vacuum, then submit one batch of `shards` one-item shards and wait until it finished."""
-    # Every batch starts from the same state: without this, the second batch of a pair
-    # ran on the dead shard versions of the first (until autovacuum came by) and was the
-    # slower one whichever task it was, a bias bigger than the effect measured.
-    async with await connect(workers.conninfo) as conn:
-        await conn.set_autocommit(True)
-        await conn.execute("VACUUM (ANALYZE) pgbatch.shards, pgbatch.batches")
+    """Submit one batch of `shards` one-item shards and wait until it has finished."""
     pids = [p.pid for p in workers.processes] + await server_pids(workers.conninfo)
     before = cpu_sample(pids)
     started = time.time()
