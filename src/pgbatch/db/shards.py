@@ -1,4 +1,4 @@
-"""Queries on shards: claim, heartbeat, rescue, retry, release and fenced group completion."""
+"""Queries on shards: claim, heartbeat, rescue, release, and the fenced group flush of outcomes."""
 
 from __future__ import annotations
 
