@@ -7,10 +7,14 @@ import time
 import pgbatch
 from pgbatch import Item, Outcome, ShardContext
 
-__all__ = ["NOOP_TASK", "WAKEUP_TASK", "app", "make_app"]
+__all__ = ["FLAKY_EVERY", "FLAKY_TASK", "NOOP_TASK", "WAKEUP_TASK", "app", "make_app"]
 
 NOOP_TASK = "noop"
 WAKEUP_TASK = "wakeup"
+FLAKY_TASK = "flaky"
+# The flaky task fails the first attempt of every shard holding a seq divisible by this:
+# 10% of one-item shards, chosen by seq so that every run fails the same shards.
+FLAKY_EVERY = 10
 # One shared outcome: a no-op handler should cost nothing but the list it returns.
 _OK = pgbatch.ok(None)
 
@@ -26,12 +30,21 @@ async def wakeup(items: list[Item], ctx: ShardContext) -> list[Outcome]:
     return [pgbatch.ok(started)] * len(items)
 
 
+async def flaky(items: list[Item], ctx: ShardContext) -> list[Outcome]:
+    """Fail the first attempt of a shard holding a seq divisible by FLAKY_EVERY; else no-op."""
+    if ctx.attempt == 1 and any(item.seq % FLAKY_EVERY == 0 for item in items):
+        raise RuntimeError("flaky: first attempt fails")
+    return [_OK] * len(items)
+
+
 def make_app(database_url: str | None = None) -> pgbatch.App:
     """Return an App with the benchmark tasks registered (URL from the environment if None)."""
     bench = pgbatch.App(database_url=database_url)
     # One attempt: a no-op never fails, and a retry would only blur the figures.
     bench.task(NOOP_TASK, max_attempts=1)(noop)
     bench.task(WAKEUP_TASK, max_attempts=1)(wakeup)
+    # Two attempts: the failed one and the retry that succeeds.
+    bench.task(FLAKY_TASK, max_attempts=2)(flaky)
     return bench
 
 

@@ -122,6 +122,105 @@ async def test_a_fenced_out_shard_does_not_spoil_its_flush(app: pgbatch.App) -> 
     assert rows == [("B", 4)]
 
 
+def _retry(shard: ClaimedShard, error: str, delay_s: float = 60.0) -> ShardCompletion:
+    return ShardCompletion.retry(
+        shard.id, shard.batch_id, shard.lease_epoch, delay_s=delay_s, error=error
+    )
+
+
+def _dead(shard: ClaimedShard, error: str) -> ShardCompletion:
+    failure = pgbatch.Outcome(False, None, error)
+    return ShardCompletion.build(
+        shard.id,
+        shard.batch_id,
+        shard.lease_epoch,
+        ShardStatus.DEAD,
+        [(i.seq, failure) for i in shard.items],
+        error=error,
+    )
+
+
+@pytest.mark.asyncio
+async def test_one_flush_writes_done_dead_and_retried_shards_and_fences_a_zombie_retry(
+    app: pgbatch.App,
+) -> None:
+    register_noop(app)
+    async with app.db.connection() as conn:
+        await conn.execute("CREATE TABLE side_effects (seq bigint, writer text)")
+    batch = await app.submit("t", range(4), shard_size=1)
+    async with app.db.connection() as conn:
+        [stale] = await _claim(conn, "A")
+        await _expire_all(app)
+        fresh = await _claim(conn, "B", limit=4)
+    [first, second, third, fourth] = sorted(fresh, key=lambda s: s.id)
+    assert first.id == stale.id and first.lease_epoch == stale.lease_epoch + 1
+    report = await _complete(
+        app,
+        [
+            _retry(stale, "zombie"),  # the lease it names was taken over: fenced out
+            _completion(first, "B"),
+            _dead(second, "failed after 1 attempts: boom"),
+            _retry(third, "boom"),
+            _retry(fourth, "boom"),
+        ],
+    )
+    assert report.accepted == {(s.id, s.lease_epoch) for s in fresh}
+    assert report.finished_batches == []
+    async with app.db.connection() as conn:
+        rows = await (
+            await conn.execute(
+                "SELECT id, status, last_error, attempts, worker_id IS NULL,"
+                " finished_at IS NULL, lease_expires_at IS NULL,"
+                " run_after > now() + interval '30 seconds'"
+                " FROM pgbatch.shards WHERE batch_id = %s ORDER BY id",
+                (batch.id,),
+            )
+        ).fetchall()
+        results = await (
+            await conn.execute(
+                "SELECT seq, ok FROM pgbatch.results WHERE batch_id = %s ORDER BY seq",
+                (batch.id,),
+            )
+        ).fetchall()
+    # The requeued shards keep the attempt the claim counted and wait for their backoff.
+    assert rows == [
+        (first.id, "done", None, 2, False, False, True, False),
+        (second.id, "dead", "failed after 1 attempts: boom", 1, False, False, True, False),
+        (third.id, "queued", "boom", 1, True, True, True, True),
+        (fourth.id, "queued", "boom", 1, True, True, True, True),
+    ]
+    assert results == [(first.items[0].seq, True), (second.items[0].seq, False)]
+    progress = await app.get_batch(batch.id)
+    assert (progress.shards_done, progress.items_ok, progress.items_failed) == (2, 1, 1)
+    assert progress.status == "running"
+
+
+@pytest.mark.asyncio
+async def test_a_flush_of_retries_only_leaves_the_batch_row_alone(
+    app: pgbatch.App, database_url: str
+) -> None:
+    register_noop(app)
+    batch = await app.submit("t", range(2), shard_size=1)
+    async with app.db.connection() as conn:
+        shards = await _claim(conn, "A", limit=2)
+    before = await app.get_batch(batch.id)
+    # A session holds the batch row: a retry flush that locked it would wait and time out.
+    holder = await psycopg.AsyncConnection.connect(database_url)
+    try:
+        await holder.execute("SELECT 1 FROM pgbatch.batches WHERE id = %s FOR UPDATE", (batch.id,))
+
+        async def work(conn: psycopg.AsyncConnection[Any]) -> Any:
+            await conn.execute("SET LOCAL lock_timeout = '200ms'")
+            return await complete_shards(conn, [_retry(s, "boom") for s in shards])
+
+        report = await app.db.run_in_transaction(work)
+    finally:
+        await holder.close()
+    assert report.accepted == {(s.id, s.lease_epoch) for s in shards}
+    after = await app.get_batch(batch.id)
+    assert (after.shards_done, after.version) == (0, before.version)
+
+
 @pytest.mark.asyncio
 async def test_concurrent_fan_in_counts_exactly_and_finishes_once(
     app: pgbatch.App, database_url: str

@@ -131,3 +131,42 @@ async def test_a_flush_that_hits_the_lock_timeout_is_retried_not_failed(
     assert outcome.accepted and outcome.finished_batch
     assert retries == [1] and completer.transient_retries == 1
     assert (await app.get_batch(batch.id)).status == "succeeded"
+
+
+@pytest.mark.asyncio
+async def test_a_retry_flush_that_hits_the_lock_timeout_is_retried_without_an_attempt(
+    app: pgbatch.App, database_url: str
+) -> None:
+    register_noop(app)
+    await app.submit("t", range(2), shard_size=2)
+    shard = await _claim_one(app)
+    holder = await psycopg.AsyncConnection.connect(database_url)
+    # A frozen session holds the shard's row: the requeue of its failed attempt waits.
+    await holder.execute("SELECT 1 FROM pgbatch.shards WHERE id = %s FOR UPDATE", (shard.id,))
+    retries: list[int] = []
+
+    async def release_after_first_retry() -> None:
+        retries.append(1)
+        await holder.rollback()
+
+    async with Database(database_url, timeouts=SessionTimeouts(lock_timeout_ms=100)) as db:
+        completer = Completer(
+            db, max_batch=10, max_delay_ms=0, before_retry=release_after_first_retry
+        )
+        retry = ShardCompletion.retry(
+            shard.id, shard.batch_id, shard.lease_epoch, delay_s=0.0, error="boom"
+        )
+        try:
+            outcome = await asyncio.wait_for(completer.complete(retry), 60)
+        finally:
+            await completer.stop()
+            await holder.close()
+    assert outcome.accepted and not outcome.finished_batch
+    assert retries == [1] and completer.transient_retries == 1
+    row = await fetch_one(
+        database_url,
+        "SELECT status, attempts, lease_refunds, last_error FROM pgbatch.shards WHERE id = %s",
+        (shard.id,),
+    )
+    # The rerun spent no attempt: the one run the claim counted, nothing more.
+    assert row == ("queued", 1, 0, "boom")

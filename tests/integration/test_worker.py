@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 import pgbatch
+from pgbatch.db.shards import claim_shards, rescue_expired_leases
 from pgbatch.db.verify import verify_batch
 from tests.conftest import settings_for
 from tests.helpers import wait_until
@@ -56,11 +57,15 @@ async def test_a_failing_handler_is_retried_then_succeeds(app: pgbatch.App) -> N
         return [pgbatch.ok(i.value) for i in items]
 
     batch = await app.submit("flaky", range(10), shard_size=10)
-    async with running(app):
+    async with running(app) as worker:
         done = await app.wait(batch.id, timeout_s=20)
     assert calls == [1, 2, 3]
     assert (done.status, done.items_ok) == ("succeeded", 10)
     assert await _shards(app, batch.id) == [("done", 3, None)]
+    # Both failed attempts were requeued through the completer, like the completion.
+    assert worker.stats.shards_retried == 2
+    flushed = sum(size * n for size, n in worker.completion_flush_sizes().items())
+    assert flushed == 3
 
 
 @pytest.mark.asyncio
@@ -376,3 +381,31 @@ async def test_a_rescued_shard_of_a_cancelled_batch_is_not_run_again(app: pgbatc
     assert calls == []
     assert (done.status, done.items_failed, done.shards_done) == ("cancelled", 4, 2)
     await _one_result_each(app, batch.id)
+
+
+@pytest.mark.asyncio
+async def test_a_failed_attempt_after_a_refunded_lease_is_requeued_not_dead(
+    app: pgbatch.App,
+) -> None:
+    calls: list[int] = []
+
+    @app.task(max_attempts=2)
+    async def flaky(items: list[pgbatch.Item], ctx: pgbatch.ShardContext) -> list[pgbatch.Outcome]:
+        calls.append(ctx.attempt)
+        if ctx.attempt == 2:
+            raise RuntimeError("boom")
+        return [pgbatch.ok() for _ in items]
+
+    batch = await app.submit("flaky", range(3), shard_size=3)
+    async with app.db.connection() as conn:
+        # Run 1's worker lost the database: the lease lapses and the run is refunded.
+        await claim_shards(conn, worker_id="gone", queues=["default"], tasks=["flaky"], limit=1)
+        await conn.execute("UPDATE pgbatch.shards SET lease_expires_at = now() - interval '1s'")
+        assert (await rescue_expired_leases(conn)).refunded == 1
+    async with running(app) as worker:
+        done = await app.wait(batch.id, timeout_s=20)
+    # Run 2 is the first counted attempt of two: its failure is requeued, run 3 succeeds.
+    assert calls == [2, 3]
+    assert (done.status, done.items_ok) == ("succeeded", 3)
+    assert await _shards(app, batch.id) == [("done", 3, None)]
+    assert worker.stats.shards_retried == 1

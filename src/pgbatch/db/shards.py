@@ -1,4 +1,4 @@
-"""Queries on shards: claim, heartbeat, rescue, retry, release and fenced group completion."""
+"""Queries on shards: claim, heartbeat, rescue, release, and the fenced group flush of outcomes."""
 
 from __future__ import annotations
 
@@ -32,7 +32,6 @@ __all__ = [
     "release_shards",
     "rescue_expired_leases",
     "rescue_expired_shards",
-    "retry_shard_later",
 ]
 
 
@@ -46,8 +45,10 @@ class CommitStatement:
 
 @dataclass(frozen=True, slots=True)
 class ShardCompletion:
-    """Everything one shard's completion commits, already encoded for COPY.
+    """Everything one shard's state change commits, already encoded for COPY.
 
+    `status` is where the shard goes: done, dead or cancelled with one result per item,
+    or queued again after a failed attempt (`retry`: no results, `retry_delay_s`).
     Encoding happens when the completion is built, in the shard's own task: a value that
     cannot be stored fails that shard alone, and the completer's flush only sends bytes.
     """
@@ -63,6 +64,21 @@ class ShardCompletion:
     error: str | None = None
     # Run after the COPYs, only if the fence accepted this completion.
     statements: Sequence[CommitStatement] = ()
+    # A requeued shard is claimable again this long after the flush commits.
+    retry_delay_s: float | None = None
+
+    @classmethod
+    def retry(
+        cls, shard_id: int, batch_id: int, lease_epoch: int, *, delay_s: float, error: str
+    ) -> ShardCompletion:
+        """Return the change that sends a failed attempt back to the queue after `delay_s`."""
+        return cls(shard_id, batch_id, lease_epoch, ShardStatus.QUEUED, b"", 0, 0, (), error,
+                   (), delay_s)  # fmt: skip
+
+    @property
+    def counts(self) -> bool:
+        """Tell whether this change ends the shard, and so counts in its batch's progress."""
+        return self.status is not ShardStatus.QUEUED
 
     @classmethod
     def build(
@@ -328,17 +344,6 @@ async def rescue_expired_shards(
     return report.rescued
 
 
-async def retry_shard_later(
-    conn: psycopg.AsyncConnection[Any], shard_id: int, epoch: int, *, delay_s: float, error: str
-) -> bool:
-    """Put a failed shard back in the queue after `delay_s`; False if the lease was lost."""
-    cur = await conn.execute(
-        query("shard_retry_later"),
-        {"shard_id": shard_id, "epoch": epoch, "delay_s": delay_s, "error": error},
-    )
-    return cur.rowcount == 1
-
-
 async def release_shards(
     conn: psycopg.AsyncConnection[Any], leases: Sequence[tuple[int, int]]
 ) -> int:
@@ -360,12 +365,14 @@ async def release_shards(
 async def complete_shards(
     conn: psycopg.AsyncConnection[Any], completions: Sequence[ShardCompletion]
 ) -> CompletionReport:
-    """Commit many shard completions in the caller's transaction, fenced by epoch.
+    """Commit many shard state changes in the caller's transaction, fenced by epoch.
 
-    Shards whose lease was lost match no row and contribute nothing: not their results,
-    not their user rows, not their statements, not their counts. The rest is written
-    set-based: one COPY per table, the queued statements in one pipeline (shard id order,
-    then queue order), and one counter update per batch.
+    Done, dead and cancelled shards and failed attempts sent back to the queue go through
+    the same fenced statement. Shards whose lease was lost match no row and contribute
+    nothing: not their results, not their user rows, not their statements, not their
+    counts. The rest is written set-based: one COPY per table, the queued statements in
+    one pipeline (shard id order, then queue order), and one counter update per batch
+    that a finished shard counts in (a requeued shard counts in none).
     """
     report = CompletionReport()
     if not completions:
@@ -383,6 +390,7 @@ async def complete_shards(
             "epochs": [c.lease_epoch for c in ordered],
             "statuses": [str(c.status) for c in ordered],
             "errors": [c.error for c in ordered],
+            "delays_s": [c.retry_delay_s for c in ordered],
         },
     )
     # A zombie and the shard's new holder may sit in the same flush: match on the epoch too.
@@ -391,10 +399,11 @@ async def complete_shards(
     if not accepted:
         return report
 
-    async with conn.cursor().copy(query("result_copy")) as copy:
-        for completion in accepted:
-            if completion.results_copy:
-                await copy.write(completion.results_copy)
+    if any(c.results_copy for c in accepted):  # a flush of retries only has no results
+        async with conn.cursor().copy(query("result_copy")) as copy:
+            for completion in accepted:
+                if completion.results_copy:
+                    await copy.write(completion.results_copy)
 
     await copy_encoded_rows(conn, [w for c in accepted for w in c.writes])
     # Before the counters: a long statement must not hold the hot batch row locked.
@@ -404,12 +413,16 @@ async def complete_shards(
 
     totals: dict[int, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
     for completion in accepted:
+        if not completion.counts:
+            continue  # a requeued shard is not done: its batch's counters do not move
         entry = totals[completion.batch_id]
         entry[0] += 1
         entry[1] += completion.status is ShardStatus.DEAD
         entry[2] += completion.items_ok
         entry[3] += completion.items_failed
     batch_ids = sorted(totals)
+    if not batch_ids:
+        return report  # only retries: no batch row to lock
     cur = await conn.execute(
         query("batch_add_progress"),
         {

@@ -1,4 +1,4 @@
-"""The completer: group-commits shard completions, isolating a completion that fails."""
+"""The completer: group-commits shard state changes (done, dead, cancelled, requeued)."""
 
 from __future__ import annotations
 
@@ -32,12 +32,18 @@ TRANSIENT_RETRY_CAP_S = 2.0
 class CompletionOutcome:
     """What became of one shard's completion."""
 
-    accepted: bool  # False: the lease was lost, nothing of it was written
+    accepted: bool  # False: the lease was lost, nothing of it was written (retries too)
     finished_batch: bool = False  # this completion's flush finished the shard's batch
 
 
 class Completer:
-    """Commit the completions of many shards, of many batches, in one transaction."""
+    """Commit the completions of many shards, of many batches, in one transaction.
+
+    A completion is any change of a running shard's state the worker makes: done, dead,
+    cancelled, or a failed attempt sent back to the queue (`ShardCompletion.retry`); all
+    share the fence, the flush, the isolation of a failing completion and the transient
+    reruns.
+    """
 
     def __init__(
         self,

@@ -40,7 +40,6 @@ from pgbatch.db.shards import (
     heartbeat_shards,
     release_shards,
     rescue_expired_leases,
-    retry_shard_later,
 )
 from pgbatch.engine.completer import Completer
 from pgbatch.engine.context import CallbackContext, ShardContext
@@ -411,14 +410,13 @@ class Worker:
             # user's table, say): that is a failed attempt of the shard.
             if completion.status is not ShardStatus.DONE:
                 raise
-            dead = await self._fail(active, f"completion failed: {exc}")
-            if dead is None:
-                return
-            completion = dead
+            completion = self._fail(active, f"completion failed: {exc}")
             outcome = await self._completer.complete(completion)
         if not outcome.accepted:
             self.stats.shards_fenced_out += 1
             _log.info("shard %d: lease lost before completion, discarded", completion.shard_id)
+        elif completion.status is ShardStatus.QUEUED:
+            self.stats.shards_retried += 1
         elif completion.status is ShardStatus.DEAD:
             self.stats.shards_dead += 1
         elif completion.status is ShardStatus.CANCELLED:
@@ -450,7 +448,7 @@ class Worker:
                 try:
                     outcomes = await asyncio.wait_for(call, spec.timeout_s)
                 except TimeoutError:
-                    return await self._fail(active, f"handler timed out after {spec.timeout_s} s")
+                    return self._fail(active, f"handler timed out after {spec.timeout_s} s")
             else:
                 outcomes = await call
         except asyncio.CancelledError:
@@ -464,10 +462,10 @@ class Worker:
                 return self._terminal(shard, ShardStatus.CANCELLED, "cancelled")
             return None  # lost: someone else owns it; shutdown: released by _drain
         except Exception as exc:
-            return await self._fail(active, f"{type(exc).__name__}: {exc}")
+            return self._fail(active, f"{type(exc).__name__}: {exc}")
         problem = _check_outcomes(outcomes, len(shard.items))
         if problem:
-            return await self._fail(active, problem)
+            return self._fail(active, problem)
         try:
             return ShardCompletion.build(
                 shard.id,
@@ -480,7 +478,7 @@ class Worker:
             )
         except (TypeError, ValueError) as exc:
             # An output or a row that cannot be stored fails this shard, not its neighbours.
-            return await self._fail(active, f"cannot store the handler's output: {exc}")
+            return self._fail(active, f"cannot store the handler's output: {exc}")
 
     def _terminal(self, shard: ClaimedShard, status: ShardStatus, message: str) -> ShardCompletion:
         failure = Outcome(False, None, message)
@@ -493,7 +491,12 @@ class Worker:
             error=message,
         )
 
-    async def _fail(self, active: _Active, message: str) -> ShardCompletion | None:
+    def _fail(self, active: _Active, message: str) -> ShardCompletion:
+        """Return the change a failed attempt makes: back to the queue, or dead if it was the last.
+
+        Either goes through the completer like a completion, fenced by the epoch and
+        group-committed with its neighbours, after the handler's slot is freed.
+        """
         shard = active.shard
         if shard.counted_attempts >= shard.max_attempts:
             _log.warning("shard %d dead after %d attempts: %s", shard.id, shard.attempts, message)
@@ -508,13 +511,9 @@ class Worker:
             message,
             delay,
         )
-        assert self._db is not None
-        async with self._db.connection() as conn:
-            if await retry_shard_later(
-                conn, shard.id, shard.lease_epoch, delay_s=delay, error=message[:2000]
-            ):
-                self.stats.shards_retried += 1
-        return None
+        return ShardCompletion.retry(
+            shard.id, shard.batch_id, shard.lease_epoch, delay_s=delay, error=message[:2000]
+        )
 
     def _backoff_s(self, attempt: int) -> float:
         ceiling: float = min(

@@ -242,14 +242,6 @@ WITH expired AS (
 )
 SELECT queue, refunded FROM rescued;
 
--- name: shard_retry_later
--- A failed attempt goes back to the queue after a backoff, fenced by epoch.
-UPDATE pgbatch.shards
-SET status = 'queued', run_after = now() + %(delay_s)s * interval '1 second',
-    last_error = %(error)s, lease_expires_at = NULL, worker_id = NULL
-WHERE id = %(shard_id)s AND status = 'running' AND lease_epoch = %(epoch)s
-RETURNING id;
-
 -- name: shard_release
 -- A draining worker gives an unfinished shard back at once; the attempt is not counted.
 UPDATE pgbatch.shards s
@@ -260,11 +252,17 @@ WHERE s.id = v.id AND s.status = 'running' AND s.lease_epoch = v.epoch
 RETURNING s.id, s.queue;
 
 -- name: shard_complete_many
--- Fenced completion (invariant 2): a shard changes only while still running under the
--- epoch the worker claimed; the ids that come back are the completions that count.
+-- Every state change of a running shard but the release on shutdown (invariant 2): done,
+-- dead and cancelled shards, and failed attempts sent back to the queue ('queued', after
+-- their backoff). A shard changes only while still running under the epoch the worker
+-- claimed; the (id, epoch) pairs that come back are the changes that count. Rows are
+-- locked in id order (invariant 6). A requeued shard keeps its attempts (the claim counted
+-- the run; lease_refunds, not this statement, gives attempts back) and gets no
+-- finished_at; a finished one keeps its worker_id, for people reading the table.
 WITH outcome AS (
     SELECT * FROM unnest(%(ids)s::bigint[], %(epochs)s::int[], %(statuses)s::text[],
-                         %(errors)s::text[]) AS v(id, epoch, status, error)
+                         %(errors)s::text[], %(delays_s)s::float8[])
+        AS v(id, epoch, status, error, delay_s)
 ), locked AS (
     SELECT s.id FROM pgbatch.shards s JOIN outcome v ON v.id = s.id
     WHERE s.status = 'running' AND s.lease_epoch = v.epoch
@@ -272,8 +270,11 @@ WITH outcome AS (
     FOR NO KEY UPDATE OF s
 )
 UPDATE pgbatch.shards s
-SET status = v.status, last_error = v.error, finished_at = now(),
-    lease_expires_at = NULL
+SET status = v.status, last_error = v.error, lease_expires_at = NULL,
+    finished_at = CASE WHEN v.status = 'queued' THEN NULL ELSE now() END,
+    run_after = CASE WHEN v.status = 'queued'
+                     THEN now() + v.delay_s * interval '1 second' ELSE s.run_after END,
+    worker_id = CASE WHEN v.status = 'queued' THEN NULL ELSE s.worker_id END
 FROM outcome v, locked l
 WHERE s.id = v.id AND s.lease_epoch = v.epoch AND l.id = s.id
 RETURNING s.id, s.lease_epoch;
