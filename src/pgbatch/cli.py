@@ -428,6 +428,24 @@ def migrate(app_spec: AppOption = None) -> None:
 
 
 @cli.command()
+def sql(
+    name: Annotated[str, typer.Argument(help="The query's name, e.g. batch_seal.")],
+    workload: Annotated[
+        str | None, typer.Option(help="A shipped workload's queries, e.g. collections.")
+    ] = None,
+) -> None:
+    """Print one of pgbatch's queries as the server receives it (includes expanded)."""
+    from pgbatch.db.queries import QueryMap, query
+
+    queries = query if workload is None else QueryMap(f"pgbatch.workloads.{workload}")
+    try:
+        text = queries(name)
+    except (KeyError, ModuleNotFoundError) as exc:
+        _fail(str(exc.args[0] if isinstance(exc, KeyError) else exc), 2)
+    sys.stdout.write(text + ";\n")
+
+
+@cli.command()
 def demo(
     items: Annotated[int, typer.Option(min=0, help="Prompts to process.")] = 100_000,
     workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 2,

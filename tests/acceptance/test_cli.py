@@ -506,3 +506,15 @@ def test_shell_completion_offers_commands_and_options() -> None:
 
     assert complete("pgbatch sta") == ["status"]
     assert complete("pgbatch results 1 --fo") == ["--format"]
+
+
+@pytest.mark.asyncio
+async def test_sql_prints_a_query_with_its_includes_expanded(database_url: str) -> None:
+    shown = await run_cli("sql", "batch_seal", database_url=database_url)
+    assert shown.code == 0, shown.output
+    assert "-- include:" not in shown.stdout and "WITH sealed AS" in shown.stdout
+    assert "_batch_sealed_answer" not in shown.stdout.replace("of _batch_sealed_answer", "")
+    copy = await run_cli("sql", "collection_copy_ids", "--workload", "collections",
+                         database_url=database_url)  # fmt: skip
+    assert copy.code == 0 and "-- include:" not in copy.stdout, copy.output
+    _assert_clean_failure(await run_cli("sql", "nope", database_url=database_url), "nope")

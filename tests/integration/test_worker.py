@@ -309,7 +309,8 @@ async def test_an_idle_worker_wakes_on_notify_not_on_polling(database_url: str) 
     try:
         async with running(app) as worker:
             await asyncio.wait_for(worker.listening.wait(), 10)
-            await asyncio.sleep(0.3)  # let the worker's first claim find nothing and go idle
+            # Idle: its claim found nothing, so only a NOTIFY can start the next one soon.
+            await asyncio.wait_for(worker.queue_empty.wait(), 10)
             for _ in range(3):
                 submitted = time.monotonic()
                 batch = await app.submit("mark", [1])

@@ -2,6 +2,8 @@
 
 A line `-- include: other` inside a query is replaced by the text of the query `other`,
 so statements that share a part (a CTE and the answer built on it) write it once.
+`pgbatch sql NAME` prints a query with its includes expanded, as the server receives
+it, to paste into psql (its `%(name)s` placeholders still to fill).
 """
 
 from __future__ import annotations

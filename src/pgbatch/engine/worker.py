@@ -144,7 +144,9 @@ class Worker:
         self._lease_added = asyncio.Event()
         self._handlers_running = 0
         self._stopping = asyncio.Event()
-        self.claimed = asyncio.Event()  # test signal: set after every non-empty claim
+        # Set while the claim loop waits because its last claim found the queue empty (a
+        # state, not a pulse: a test waiting for it cannot miss it).
+        self.queue_empty = asyncio.Event()
         self.listening = asyncio.Event()  # test signal: the LISTEN connection is up
         self._completer: Completer | None = None
         self._notifier: Notifier | None = None
@@ -257,8 +259,9 @@ class Worker:
                 self.stats.shards_claimed += len(shards)
                 for shard in shards:
                     self._start_shard(shard)
-                self.claimed.set()
-                self.claimed.clear()
+                self.queue_empty.clear()
+            else:
+                self.queue_empty.set()
             if len(shards) < limit:
                 await self._wait_any(self._wake, timeout=self.settings.poll_interval_s)
 
