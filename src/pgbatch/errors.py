@@ -23,6 +23,7 @@ __all__ = [
     "InvalidStateError",
     "ItemNotSerializableError",
     "MigrationError",
+    "NonRetryableError",
     "PgbatchError",
     "ShardTooLargeError",
     "StaleVersionError",
@@ -100,3 +101,11 @@ class StaleVersionError(PgbatchError):
 
 class InvalidStateError(PgbatchError):
     """The batch's status does not allow the operation."""
+
+
+class NonRetryableError(PgbatchError):
+    """Raised by a handler: the shard's failure is deterministic, so do not retry it.
+
+    The shard is dead at once, with this error as its items' result, whatever attempts
+    remain (a bug in the handler or in the input is not fixed by running it again).
+    """

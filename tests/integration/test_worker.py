@@ -410,3 +410,29 @@ async def test_a_failed_attempt_after_a_refunded_lease_is_requeued_not_dead(
     assert (done.status, done.items_ok) == ("succeeded", 3)
     assert await _shards(app, batch.id) == [("done", 3, None)]
     assert worker.stats.shards_retried == 1
+
+
+@pytest.mark.asyncio
+async def test_a_non_retryable_error_kills_its_shard_at_once(app: pgbatch.App) -> None:
+    runs: list[int] = []
+
+    @app.task(max_attempts=5)
+    async def picky(items: list[pgbatch.Item], ctx: pgbatch.ShardContext) -> list[pgbatch.Outcome]:
+        runs.append(items[0].value)
+        if items[0].value == 3:
+            raise pgbatch.NonRetryableError("item 3 can never be parsed")
+        if items[0].value == 5 and ctx.attempt == 1:
+            raise RuntimeError("a passing glitch")  # retried as before
+        return [pgbatch.ok(i.value) for i in items]
+
+    batch = await app.submit("picky", range(8), shard_size=1)
+    async with running(app, concurrency=4):
+        done = await app.wait(batch.id, timeout_s=20)
+    assert (done.status, done.items_ok, done.items_failed, done.shards_dead) == ("failed", 7, 1, 1)
+    shards = await _shards(app, batch.id)
+    status, attempts, error = shards[3]
+    assert (status, attempts) == ("dead", 1) and "item 3 can never be parsed" in error
+    assert shards[5][:2] == ("done", 2)
+    assert runs.count(3) == 1 and runs.count(5) == 2
+    [(seq, outcome)] = [r async for r in app.results(batch.id, errors_only=True)]
+    assert seq == 3 and "NonRetryableError: item 3 can never be parsed" in (outcome.error or "")

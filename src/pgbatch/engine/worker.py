@@ -44,6 +44,7 @@ from pgbatch.db.shards import (
 from pgbatch.engine.completer import Completer
 from pgbatch.engine.context import CallbackContext, ShardContext
 from pgbatch.engine.notifier import Notifier
+from pgbatch.errors import NonRetryableError
 from pgbatch.models import BatchStatus, ClaimedShard, Outcome, ShardStatus
 from pgbatch.tasks import CallbackSpec, TaskSpec
 
@@ -464,6 +465,8 @@ class Worker:
             if reason is _StopReason.CANCELLED:
                 return self._terminal(shard, ShardStatus.CANCELLED, "cancelled")
             return None  # lost: someone else owns it; shutdown: released by _drain
+        except NonRetryableError as exc:
+            return self._fail(active, f"{type(exc).__name__}: {exc}", retry=False)
         except Exception as exc:
             return self._fail(active, f"{type(exc).__name__}: {exc}")
         problem = _check_outcomes(outcomes, len(shard.items))
@@ -494,13 +497,19 @@ class Worker:
             error=message,
         )
 
-    def _fail(self, active: _Active, message: str) -> ShardCompletion:
+    def _fail(self, active: _Active, message: str, *, retry: bool = True) -> ShardCompletion:
         """Return the change a failed attempt makes: back to the queue, or dead if it was the last.
 
         Either goes through the completer like a completion, fenced by the epoch and
-        group-committed with its neighbours, after the handler's slot is freed.
+        group-committed with its neighbours, after the handler's slot is freed. Without
+        `retry` (the handler raised NonRetryableError) the shard is dead at once.
         """
         shard = active.shard
+        if not retry:
+            _log.warning("shard %d dead, not retried: %s", shard.id, message)
+            return self._terminal(
+                shard, ShardStatus.DEAD, f"not retried (attempt {shard.attempts}): {message}"
+            )
         if shard.counted_attempts >= shard.max_attempts:
             _log.warning("shard %d dead after %d attempts: %s", shard.id, shard.attempts, message)
             return self._terminal(
