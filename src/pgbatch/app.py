@@ -25,12 +25,19 @@ from pgbatch.db import metrics as metric_queries
 from pgbatch.db.database import Database, pool_wait_s, resolve_url
 from pgbatch.db.migrations import Component, migrate, pending_migrations
 from pgbatch.db.notify import PROGRESS_CHANNEL, progress_batch_id
-from pgbatch.db.results import list_results
+from pgbatch.db.results import error_groups, list_results
 from pgbatch.db.sessions import session_timeouts
 from pgbatch.engine.notifier import Notifier
 from pgbatch.errors import InvalidBatchError, InvalidStateError, UnknownTaskError
 from pgbatch.limits import MAX_LEASE_TTL_S, MAX_MAX_ATTEMPTS, MAX_SHARD_SIZE, MIN_LEASE_TTL_S
-from pgbatch.models import Batch, BatchFilter, BatchInsight, MetricsSnapshot, Outcome
+from pgbatch.models import (
+    Batch,
+    BatchFilter,
+    BatchInsight,
+    ErrorGroup,
+    MetricsSnapshot,
+    Outcome,
+)
 from pgbatch.tasks import (
     DEFAULT_LEASE_TTL_S,
     DEFAULT_MAX_ATTEMPTS,
@@ -359,6 +366,17 @@ class App:
         async with self.db.connection() as conn:
             batch = await batch_queries.get_batch(conn, batch_id, tenant=tenant)
             return batch, await batch_queries.batch_insight(conn, batch)
+
+    async def error_groups(
+        self, batch_id: int, *, tenant: str | None = None, limit: int = 20, samples: int = 3
+    ) -> tuple[Batch, list[ErrorGroup], int]:
+        """Return the batch, its failed items grouped by error (largest first, `samples`
+        items of each with their input) and the number of groups."""
+        await self.open()
+        async with self.db.connection() as conn:
+            batch = await batch_queries.get_batch(conn, batch_id, tenant=tenant)
+            groups, total = await error_groups(conn, batch_id, limit=limit, samples=samples)
+        return batch, groups, total
 
     async def cancel(
         self, batch_id: int, *, expected_version: int | None = None, tenant: str | None = None

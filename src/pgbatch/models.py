@@ -203,3 +203,14 @@ class MetricsSnapshot:
     lease_takeovers: int
     lease_refunds: int
     batches_by_status: dict[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorGroup:
+    """The failed items of a batch that share one error text: how many, and a few of them."""
+
+    error: str
+    items: int
+    first_seq: int
+    # (seq, the item's input) of the group's first items, in seq order.
+    samples: tuple[tuple[int, Any], ...]

@@ -285,3 +285,38 @@ async def test_without_a_token_a_non_json_body_is_401_before_415(start_api: Star
             "/v1/documents", content=b"{}", headers={"Content-Type": "text/plain"}
         )
     assert_error(answer, 401, field="Authorization")
+
+
+@pytest.mark.asyncio
+async def test_error_groups_are_the_tenants_own(start_api: StartApi) -> None:
+    from tests.helpers import wait_until
+
+    async with (
+        start_api(tenants=TENANTS) as api,
+        api.client("acme") as acme,
+        api.client("globex") as globex,
+    ):
+        items = ["ok", "fail", {"n": 1}, "fail", "ok", "fail"] + ["ok"] * 4 + ["raise"]
+        created = await acme.post("/v1/batches", json={"task": "flaky", "items": items})
+        assert created.status_code == 201, created.text
+        batch_id = created.json()["id"]
+
+        async def finished() -> bool:
+            return bool((await acme.get(f"/v1/batches/{batch_id}")).json()["is_final"])
+
+        await wait_until(finished, 30)
+        grouped = await acme.get(f"/v1/batches/{batch_id}/errors", params={"samples": 2})
+        assert grouped.status_code == 200, grouped.text
+        body = grouped.json()
+        # "fail" three times (items 1, 3, 5); the shard of "raise" (items 10) dead after
+        # its attempts: two groups, the largest first, each with its first items' input.
+        assert body["batch_id"] == batch_id and body["groups_total"] == 2
+        first = body["groups"][0]
+        assert (first["error"], first["items"], first["first_seq"]) == ("asked to fail", 3, 1)
+        assert first["samples"] == [{"seq": 1, "input": "fail"}, {"seq": 3, "input": "fail"}]
+        second = body["groups"][1]
+        assert second["items"] == 1 and second["samples"] == [{"seq": 10, "input": "raise"}]
+        assert sum(g["items"] for g in body["groups"]) == body["items_failed"] == 4
+        assert_error(await globex.get(f"/v1/batches/{batch_id}/errors"), 404)
+        bad = await acme.get(f"/v1/batches/{batch_id}/errors", params={"limit": 0})
+        assert_error(bad, 422, field="limit")

@@ -10,7 +10,7 @@ from fastapi import Header
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from pgbatch.limits import MAX_LEASE_TTL_S, MAX_MAX_ATTEMPTS, MAX_SHARD_SIZE, MIN_LEASE_TTL_S
-from pgbatch.models import Batch, BatchInsight, BatchStatus
+from pgbatch.models import Batch, BatchInsight, BatchStatus, ErrorGroup
 
 __all__ = [
     "NAME_PATTERN",
@@ -19,7 +19,10 @@ __all__ = [
     "BatchOut",
     "BatchPatch",
     "BatchSubmit",
+    "ErrorGroupOut",
+    "ErrorGroupsOut",
     "ErrorOut",
+    "ErrorSampleOut",
     "IdempotencyKeyHeader",
     "IfMatchHeader",
     "InsightOut",
@@ -27,6 +30,7 @@ __all__ = [
     "NumberText",
     "RetryOut",
     "batch_out",
+    "error_groups_out",
 ]
 
 INT32 = 2**31
@@ -208,3 +212,46 @@ class ErrorOut(BaseModel):
     """Every error response has this shape."""
 
     error: ErrorDetail
+
+
+class ErrorSampleOut(BaseModel):
+    """One failed item of an error group: its position and its input."""
+
+    seq: int
+    input: Any
+
+
+class ErrorGroupOut(BaseModel):
+    """Failed items sharing one error text."""
+
+    error: str
+    items: int
+    first_seq: int
+    samples: list[ErrorSampleOut]
+
+
+class ErrorGroupsOut(BaseModel):
+    """A batch's failed items grouped by error, largest group first."""
+
+    batch_id: int
+    items_failed: int
+    groups_total: int
+    groups: list[ErrorGroupOut]
+
+
+def error_groups_out(batch: Batch, groups: list[ErrorGroup], total: int) -> ErrorGroupsOut:
+    """Return the API view of a batch's error groups."""
+    return ErrorGroupsOut(
+        batch_id=batch.id,
+        items_failed=batch.items_failed,
+        groups_total=total,
+        groups=[
+            ErrorGroupOut(
+                error=g.error,
+                items=g.items,
+                first_seq=g.first_seq,
+                samples=[ErrorSampleOut(seq=seq, input=value) for seq, value in g.samples],
+            )
+            for g in groups
+        ],
+    )

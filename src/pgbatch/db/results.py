@@ -7,9 +7,9 @@ from typing import Any
 import psycopg
 
 from pgbatch.db.queries import query
-from pgbatch.models import Outcome
+from pgbatch.models import ErrorGroup, Outcome
 
-__all__ = ["list_results"]
+__all__ = ["error_groups", "list_results"]
 
 
 async def list_results(
@@ -26,3 +26,21 @@ async def list_results(
         {"batch_id": batch_id, "after_seq": after_seq, "limit": limit},
     )
     return [(seq, Outcome(ok, output, error)) for seq, ok, output, error in await cur.fetchall()]
+
+
+async def error_groups(
+    conn: psycopg.AsyncConnection[Any], batch_id: int, *, limit: int, samples: int
+) -> tuple[list[ErrorGroup], int]:
+    """Return the batch's largest error groups (up to `limit`) and how many groups it has."""
+    cur = await conn.execute(
+        query("result_error_groups"), {"batch_id": batch_id, "limit": limit, "samples": samples}
+    )
+    rows = await cur.fetchall()
+    wanted = [seq for row in rows for seq in row[3]]
+    cur = await conn.execute(query("result_sample_inputs"), {"batch_id": batch_id, "seqs": wanted})
+    inputs = dict(await cur.fetchall())
+    groups = [
+        ErrorGroup(error or "", items, first_seq, tuple((seq, inputs.get(seq)) for seq in seqs))
+        for error, items, first_seq, seqs, _ in rows
+    ]
+    return groups, (rows[0][4] if rows else 0)

@@ -25,6 +25,7 @@ from pgbatch.api.schemas import (
     BatchOut,
     BatchPatch,
     BatchSubmit,
+    ErrorGroupsOut,
     IdempotencyKeyHeader,
     IfMatchHeader,
     InsightOut,
@@ -32,6 +33,7 @@ from pgbatch.api.schemas import (
     NumberText,
     RetryOut,
     batch_out,
+    error_groups_out,
     insight_out,
 )
 from pgbatch.api.state import ApiState, Tenant, TenantOrQueryToken, api_state
@@ -40,6 +42,10 @@ from pgbatch.limits import MAX_LEASE_TTL_S, MAX_MAX_ATTEMPTS, MAX_SHARD_SIZE, MI
 from pgbatch.models import Batch, BatchFilter, BatchStatus, Outcome
 
 __all__ = ["router"]
+
+# A page of error groups, and the sample items (with their input) shown per group.
+MAX_ERROR_GROUPS = 200
+MAX_ERROR_SAMPLES = 20
 
 router = APIRouter(prefix="/v1", tags=["batches"])
 
@@ -431,6 +437,21 @@ async def retry_batch(
     batch = await app.get_batch(batch_id, tenant=tenant)
     response.headers["ETag"] = _etag(batch)
     return RetryOut(requeued_shards=requeued, batch=batch_out(batch))
+
+
+@router.get("/batches/{batch_id}/errors", response_model=ErrorGroupsOut, responses=ERRORS(404))
+async def batch_errors(
+    request: Request,
+    tenant: Tenant,
+    batch_id: BatchId,
+    limit: Annotated[int, Query(ge=1, le=MAX_ERROR_GROUPS), IntegerText] = 20,
+    samples: Annotated[int, Query(ge=0, le=MAX_ERROR_SAMPLES), IntegerText] = 3,
+) -> ErrorGroupsOut:
+    """The batch's failed items grouped by error text, largest group first, with samples."""
+    batch, groups, total = await api_state(request).app.error_groups(
+        batch_id, tenant=tenant, limit=limit, samples=samples
+    )
+    return error_groups_out(batch, groups, total)
 
 
 @router.get("/batches/{batch_id}/insight", response_model=InsightOut, responses=ERRORS(404))
