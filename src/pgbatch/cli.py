@@ -311,13 +311,24 @@ def status(
                     samples.append((seq, outcome.error))
                     if len(samples) == ERROR_SAMPLES:
                         break
+            groups: list[Any] = []
+            if batch.items_failed:
+                _, groups, _ = await app.error_groups(batch_id, limit=ERROR_SAMPLES, samples=0)
             if as_json:
                 errors = [{"seq": seq, "error": message} for seq, message in samples]
-                _print_json({**_batch_json(batch), "error_samples": errors})
+                grouped = [
+                    {"error": g.error, "items": g.items, "first_seq": g.first_seq} for g in groups
+                ]
+                _print_json(
+                    {**_batch_json(batch), "error_samples": errors, "error_groups": grouped}
+                )
                 return
             console.print(_batch_table([batch]))
             if samples:
                 lines = [f"  item {seq}: {message}" for seq, message in samples]
+                lines += ["most frequent errors:"] + [
+                    f"  {g.items} x (first item {g.first_seq}): {g.error}" for g in groups
+                ]
                 console.print(
                     "error samples:\n" + "\n".join(lines),
                     markup=False,

@@ -458,6 +458,11 @@ async def test_json_output_and_results_export(database_url: str, tmp_path: Path)
     )  # fmt: skip
     assert [s["seq"] for s in document["error_samples"]] == [1, 3, 5, 7, 9]
     assert document["error_samples"][0]["error"] == f"odd, {HOSTILE_ERROR}"
+    assert document["error_groups"] == [
+        {"error": f"odd, {HOSTILE_ERROR}", "items": 5, "first_seq": 1}
+    ]
+    text = await run_cli("status", str(batch.id), database_url=database_url)
+    assert f"5 x (first item 1): odd, {HOSTILE_ERROR}" in text.stdout, text.output
     listed = json.loads((await run_cli("status", "--json", database_url=database_url)).stdout)
     assert [b["id"] for b in listed] == [batch.id]
 
