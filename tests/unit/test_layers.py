@@ -3,8 +3,9 @@
 Walks `src/pgbatch` with `ast` and fails on an import that points up, sideways between
 peers, or from the core into a workload, and on SQL executed outside `db/` and a
 workload's own query modules (`pgbatch/workloads/<name>/queries.py`). A workload's
-`routes.py` sits above the API it plugs into; its `cli.py` is CLI. `KNOWN_DEBT` lists accepted exceptions (none
-today); it may only shrink: an entry that no longer happens fails too.
+`routes.py` sits above the API it plugs into; its `cli.py` is CLI. `KNOWN_DEBT` lists
+accepted exceptions (none today); it may only shrink: an entry that no longer happens
+fails too.
 """
 
 from __future__ import annotations
