@@ -564,8 +564,11 @@ class App:
 
     # -- the fleet: workers and queues (issue 12 §2) -----------------------------------------
 
-    async def workers(self, *, tenant: str = DEFAULT_TENANT) -> list[WorkerInfo]:
-        """Return the worker registry; each worker's running batches are `tenant`'s only."""
+    async def workers(self, *, tenant: str | None = DEFAULT_TENANT) -> list[WorkerInfo]:
+        """Return the worker registry; each worker's running batches are `tenant`'s only.
+
+        `tenant=None` shows every tenant's running batches (operators: the CLI).
+        """
         await self.open()
         async with self.db.connection() as conn:
             return await fleet_queries.list_workers(conn, tenant=tenant)

@@ -42,6 +42,7 @@ LAYERS: dict[str, tuple[str, int]] = {
     "pgbatch.workloads": ("workloads", WORKLOAD),
     "pgbatch.api": ("api", API),
     "pgbatch.cli": ("cli", CLI),
+    "pgbatch.fleet_cli": ("cli", CLI),
     "pgbatch.demo": ("cli", CLI),
 }
 FACADE = {"pgbatch", "pgbatch.__main__"}

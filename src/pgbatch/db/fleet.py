@@ -65,8 +65,13 @@ async def remove_worker(conn: psycopg.AsyncConnection[Any], worker_id: str) -> N
     await conn.execute(query("worker_remove"), {"id": worker_id})
 
 
-async def list_workers(conn: psycopg.AsyncConnection[Any], *, tenant: str) -> list[WorkerInfo]:
-    """Return every registered worker, with the shards it holds of `tenant`'s batches only."""
+async def list_workers(
+    conn: psycopg.AsyncConnection[Any], *, tenant: str | None
+) -> list[WorkerInfo]:
+    """Return every registered worker, with the shards it holds of `tenant`'s batches only.
+
+    `tenant=None` shows every tenant's batches (the CLI, which holds the database URL).
+    """
     rows = await (await conn.execute(query("worker_list"))).fetchall()
     running: dict[str, dict[int, int]] = defaultdict(dict)
     for worker_id, batch_id, shards in await (

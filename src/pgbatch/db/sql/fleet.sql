@@ -34,11 +34,12 @@ FROM pgbatch.workers
 ORDER BY expired, id;
 
 -- name: worker_running_batches
--- Which of one tenant's batches each worker holds shards of: the running shards only
--- (bounded by the fleet's slots), read on their partial index.
+-- Which of one tenant's batches (every tenant's when %(tenant)s is NULL: the CLI) each
+-- worker holds shards of: the running shards only (bounded by the fleet's slots).
 SELECT worker_id, batch_id, count(*) AS shards
 FROM pgbatch.shards
-WHERE status = 'running' AND tenant = %(tenant)s AND worker_id IS NOT NULL
+WHERE status = 'running' AND (%(tenant)s::text IS NULL OR tenant = %(tenant)s::text)
+  AND worker_id IS NOT NULL
 GROUP BY worker_id, batch_id
 ORDER BY worker_id, batch_id;
 
