@@ -72,6 +72,11 @@ async def test_two_workers_are_listed_with_their_slots_and_leave_when_they_stop(
             return sum(used for used, _ in (await slots()).values()) == 4
 
         await wait_until(four_in_use, 20, message=lambda: str(started))
+        # The registry keeps beating every 0.1 s while 30 s leases are held, and does not
+        # hurry their renewal (a third of the lease apart).
+        beats, renewals = wa.stats.registry_beats, wa.stats.lease_heartbeats
+        await wait_until(lambda: wa.stats.registry_beats >= beats + 5, 20)
+        assert wa.stats.lease_heartbeats <= renewals + 1
         listed = await slots()
         assert set(listed) == {wa.worker_id, wb.worker_id}
         assert listed[wa.worker_id][1] == 2 and listed[wb.worker_id][1] == 3

@@ -110,6 +110,10 @@ class WorkerStats:
     claims: int = 0
     # claim statements sent, whether or not they found work (a test waits on these)
     claim_rounds: int = 0
+    # lease renewal rounds (a third of the shortest lease apart) and registry beats
+    # (worker_beat_s apart): the one never hurries or delays the other
+    lease_heartbeats: int = 0
+    registry_beats: int = 0
     shards_claimed: int = 0
     shards_completed: int = 0
     shards_fenced_out: int = 0
@@ -175,6 +179,8 @@ class Worker:
         # The registry row (pgbatch.workers) is refreshed by the heartbeat loop at most
         # once per worker_beat_s: one upsert per interval, never one per shard.
         self._next_beat = 0.0
+        # When the leases' next heartbeat is due (monotonic), None between two rounds.
+        self._lease_deadline: float | None = None
         self.registered = asyncio.Event()  # test signal: the registry row is written
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -561,8 +567,8 @@ class Worker:
 
     async def _heartbeat_loop(self) -> None:
         while True:
-            await self._sleep_until_heartbeat_due()
-            await self._heartbeat_once()
+            if await self._sleep_until_heartbeat_due():
+                await self._heartbeat_once()
             if time.monotonic() >= self._next_beat:
                 await self._beat_registry()
 
@@ -580,17 +586,19 @@ class Worker:
             ttl_s=self.settings.worker_ttl_s,
             gc_after_s=self.settings.worker_gc_after_s,
         )
+        # Due again one interval from now, even if this beat fails: no tight retry loop.
+        self._next_beat = time.monotonic() + self.settings.worker_beat_s
         async with self._heartbeat_lock:
             try:
                 async with asyncio.timeout(max(self.settings.worker_beat_s, 0.5)):
                     conn = await self._heartbeat_connection()
                     await beat_worker(conn, beat)
+                self.stats.registry_beats += 1
             except (psycopg.Error, TimeoutError) as exc:
                 # The registry is for people reading it: a failed beat costs nothing else.
                 _log.warning("registry heartbeat failed: %s", str(exc) or type(exc).__name__)
                 await self._close_heartbeat_conn()
                 return
-        self._next_beat = time.monotonic() + self.settings.worker_beat_s
         self.registered.set()
 
     async def _leave_registry(self) -> None:
@@ -620,6 +628,7 @@ class Worker:
                     report = await heartbeat_shards(
                         conn, [(a.shard.id, a.shard.lease_epoch) for a in held]
                     )
+                self.stats.lease_heartbeats += 1
             except (psycopg.Error, TimeoutError) as exc:
                 _log.warning("heartbeat failed: %s", str(exc) or type(exc).__name__)
                 await self._close_heartbeat_conn()
@@ -672,22 +681,36 @@ class Worker:
 
     def _heartbeat_interval_s(self) -> float:
         ttls = [a.shard.lease_ttl_s for a in self._active.values()]
-        # The registry beat rides on this loop, so it ticks at least that often too.
-        beat = self.settings.worker_beat_s
-        return min(min(ttls) / 3, beat) if ttls else min(HEARTBEAT_IDLE_S, beat)
+        return min(ttls) / 3 if ttls else HEARTBEAT_IDLE_S
 
-    async def _sleep_until_heartbeat_due(self) -> None:
-        # A newly claimed shard may hold a shorter lease than any before it: it wakes
-        # this sleep so the next heartbeat comes within a third of its TTL.
-        self._lease_added.clear()
-        deadline = time.monotonic() + self._heartbeat_interval_s()
-        while (remaining := deadline - time.monotonic()) > 0:
-            try:
-                await asyncio.wait_for(self._lease_added.wait(), remaining)
-            except TimeoutError:
-                return
+    async def _sleep_until_heartbeat_due(self) -> bool:
+        """Sleep until the leases' heartbeat is due (True) or the registry's beat is (False).
+
+        The lease deadline survives a wake-up for the registry, so the registry's beat
+        never delays a lease renewal, and leases are not renewed more often for it.
+        """
+        if self._lease_deadline is None:
             self._lease_added.clear()
-            deadline = min(deadline, time.monotonic() + self._heartbeat_interval_s())
+            self._lease_deadline = time.monotonic() + self._heartbeat_interval_s()
+        while True:
+            now = time.monotonic()
+            if now >= self._lease_deadline:
+                self._lease_deadline = None
+                return True
+            if now >= self._next_beat:
+                return False
+            try:
+                await asyncio.wait_for(
+                    self._lease_added.wait(), min(self._lease_deadline, self._next_beat) - now
+                )
+            except TimeoutError:
+                continue
+            # A newly claimed shard may hold a shorter lease than any before it: the next
+            # heartbeat comes within a third of its TTL.
+            self._lease_added.clear()
+            self._lease_deadline = min(
+                self._lease_deadline, time.monotonic() + self._heartbeat_interval_s()
+            )
 
     async def _rescue_loop(self) -> None:
         assert self._db is not None
