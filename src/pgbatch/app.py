@@ -21,6 +21,7 @@ import psycopg
 
 from pgbatch.config import Settings
 from pgbatch.db import batches as batch_queries
+from pgbatch.db import fleet as fleet_queries
 from pgbatch.db import metrics as metric_queries
 from pgbatch.db.database import Database, pool_wait_s, resolve_url
 from pgbatch.db.migrations import Component, migrate, pending_migrations
@@ -29,6 +30,7 @@ from pgbatch.db.results import error_groups, list_results
 from pgbatch.db.sessions import session_timeouts
 from pgbatch.engine.notifier import Notifier
 from pgbatch.errors import InvalidBatchError, InvalidStateError, UnknownTaskError
+from pgbatch.fleet import QueueState, WaitingReason, WorkerInfo
 from pgbatch.limits import MAX_LEASE_TTL_S, MAX_MAX_ATTEMPTS, MAX_SHARD_SIZE, MIN_LEASE_TTL_S
 from pgbatch.models import (
     Batch,
@@ -56,6 +58,8 @@ __all__ = ["App"]
 
 # Idempotency keys are client-chosen strings; a bound keeps the unique index small.
 MAX_IDEMPOTENCY_KEY_CHARS = 200
+# The tenant of library and CLI calls (and of the API without authentication).
+DEFAULT_TENANT = "default"
 # Results are read back in pages of this many rows, so memory stays flat.
 RESULT_PAGE_ROWS = 10_000
 # watch() shows at most this many snapshots a second, however often NOTIFY fires.
@@ -558,6 +562,46 @@ class App:
         async with self.db.connection() as conn:
             return await metric_queries.metrics_snapshot(conn)
 
+    # -- the fleet: workers and queues (issue 12 §2) -----------------------------------------
+
+    async def workers(self, *, tenant: str | None = DEFAULT_TENANT) -> list[WorkerInfo]:
+        """Return the worker registry; each worker's running batches are `tenant`'s only.
+
+        `tenant=None` shows every tenant's running batches (operators: the CLI).
+        """
+        await self.open()
+        async with self.db.connection() as conn:
+            return await fleet_queries.list_workers(conn, tenant=tenant)
+
+    async def queues(self, *, tenant: str | None = DEFAULT_TENANT) -> list[QueueState]:
+        """Return every queue, paused or not, with `tenant`'s depth (None: every tenant's)."""
+        await self.open()
+        async with self.db.connection() as conn:
+            return await fleet_queries.list_queues(conn, tenant=tenant)
+
+    async def pause_queue(self, queue: str, *, paused_by: str = DEFAULT_TENANT) -> None:
+        """Stop every worker claiming from `queue`; shards already running still finish."""
+        _check_queue_name(queue)
+        await self.open()
+        async with self.db.connection() as conn:
+            await fleet_queries.pause_queue(conn, queue, paused_by=paused_by)
+
+    async def resume_queue(self, queue: str) -> bool:
+        """Let workers claim from `queue` again (woken at once); False if it was not paused."""
+        _check_queue_name(queue)
+        await self.open()
+        async with self.db.connection() as conn:
+            return await fleet_queries.resume_queue(conn, queue)
+
+    async def waiting_reasons(self, batches: Sequence[Batch]) -> dict[int, WaitingReason]:
+        """Return why each unfinished batch waits (paused queue, no live worker), if it does."""
+        waiting = [(b.id, b.queue, b.task) for b in batches if not b.is_final]
+        if not waiting:
+            return {}
+        await self.open()
+        async with self.db.connection() as conn:
+            return await fleet_queries.batch_waiting_reasons(conn, waiting)
+
     # -- workers ---------------------------------------------------------------------------
 
     def worker(self, *, concurrency: int = 32, queues: list[str] | None = None) -> Worker:
@@ -626,3 +670,12 @@ def _check_options(
         )
     if not isinstance(queue, str) or not queue:
         raise InvalidBatchError("queue must be a non-empty string", field="queue")
+
+
+# A queue name as batches carry it (the API's submit allows 1-200 characters, no NUL).
+MAX_QUEUE_NAME_CHARS = 200
+
+
+def _check_queue_name(queue: str) -> None:
+    if not queue or len(queue) > MAX_QUEUE_NAME_CHARS or "\x00" in queue:
+        raise ValueError(f"a queue name has 1 to {MAX_QUEUE_NAME_CHARS} characters, no NUL")

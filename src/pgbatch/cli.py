@@ -305,6 +305,7 @@ def status(
                 console.print(_batch_table(batches))
         else:
             batch = await app.get_batch(batch_id)
+            reason = (await app.waiting_reasons([batch])).get(batch.id)
             samples: list[tuple[int, str | None]] = []
             if batch.items_failed:
                 async for seq, outcome in app.results(batch_id, errors_only=True):
@@ -320,10 +321,18 @@ def status(
                     {"error": g.error, "items": g.items, "first_seq": g.first_seq} for g in groups
                 ]
                 _print_json(
-                    {**_batch_json(batch), "error_samples": errors, "error_groups": grouped}
+                    {
+                        **_batch_json(batch),
+                        "waiting_reason": reason,
+                        "error_samples": errors,
+                        "error_groups": grouped,
+                    }
                 )
                 return
             console.print(_batch_table([batch]))
+            if reason is not None:
+                text = fleet_cli.waiting_text(reason, task=batch.task, queue=batch.queue)
+                console.print(text, style="yellow", markup=False, highlight=False)
             if samples:
                 lines = [f"  item {seq}: {message}" for seq, message in samples]
                 lines += ["most frequent errors:"] + [
@@ -603,6 +612,11 @@ def db_url() -> None:
         console.print(resolve_url(Settings()), soft_wrap=True)
     except PgbatchError as exc:
         _fail(str(exc))
+
+
+# The fleet's commands (workers, queues, queue pause|resume) live in their own module,
+# which registers them on `cli` with the helpers above.
+from pgbatch import fleet_cli  # noqa: E402
 
 
 def main() -> None:

@@ -123,3 +123,18 @@ class Settings(BaseSettings):
     # requeued with its attempt refunded this many times; after that an expiry counts as
     # a failed attempt, so a shard that kills every process that runs it still dies.
     lease_free_reruns: int = Field(default=3, ge=0)
+
+    # -- the worker registry and queue pauses (issue 12 §2) -------------------------------
+    # A worker refreshes its row in pgbatch.workers this often (one small upsert, whatever
+    # the number of shards it holds): 100 workers cost 20 upserts a second.
+    worker_beat_s: float = Field(default=5.0, gt=0)
+    # A worker silent this long is shown as expired and counts as serving nothing: four
+    # beats may be lost before a live worker is taken for dead.
+    worker_ttl_s: float = Field(default=20.0, gt=0)
+    # ...and its row is deleted by another worker's beat after this long (a day: long
+    # enough to read what died overnight).
+    worker_gc_after_s: float = Field(default=86_400.0, gt=0)
+    # Tenants whose tokens may pause and resume queues, comma-separated. Queues are shared
+    # by every tenant, so an ordinary tenant's token may not. Without authentication the
+    # single 'default' tenant is the operator and may.
+    admin_tenants: str = ""

@@ -31,6 +31,7 @@ LAYERS: dict[str, tuple[str, int]] = {
     "pgbatch.metrics": ("base", BASE),
     "pgbatch.json_values": ("base", BASE),
     "pgbatch.limits": ("base", BASE),
+    "pgbatch.fleet": ("base", BASE),
     "pgbatch.db": ("db", DB),
     "pgbatch.engine.group_commit": ("commit", COMMIT),
     "pgbatch.engine": ("engine", RUNTIME),
@@ -41,6 +42,7 @@ LAYERS: dict[str, tuple[str, int]] = {
     "pgbatch.workloads": ("workloads", WORKLOAD),
     "pgbatch.api": ("api", API),
     "pgbatch.cli": ("cli", CLI),
+    "pgbatch.fleet_cli": ("cli", CLI),
     "pgbatch.demo": ("cli", CLI),
 }
 FACADE = {"pgbatch", "pgbatch.__main__"}

@@ -78,6 +78,29 @@ class ApiMetrics:
             "Expired leases requeued with the attempt refunded (infrastructure, not handler).",
             registry=r,
         )
+        # The fleet (issue 12 §2), every tenant's; a queue is a label only while it has
+        # work, a live worker or a pause, so the label set stays as small as the queues.
+        self.queue_depth = Gauge(
+            "pgbatch_queue_depth", "Queued shards per queue.", ["queue"], registry=r
+        )
+        self.queue_oldest = Gauge(
+            "pgbatch_queue_oldest_queued_seconds",
+            "Seconds the oldest claimable queued shard of the queue has waited.",
+            ["queue"],
+            registry=r,
+        )
+        self.queue_paused = Gauge(
+            "pgbatch_queue_paused", "1 while the queue is paused.", ["queue"], registry=r
+        )
+        self.workers = Gauge(
+            "pgbatch_workers", "Registered workers, live or expired.", ["state"], registry=r
+        )
+        self.worker_slots = Gauge(
+            "pgbatch_worker_slots",
+            "Handler slots of the live workers: all of them, and those in use.",
+            ["state"],
+            registry=r,
+        )
         self._flush_sources: dict[str, Callable[[], Mapping[int, int]]] = {}
         r.register(FlushSizeCollector(self._flush_sources))
         self.writer_items = Counter(
@@ -145,7 +168,24 @@ class ApiMetrics:
             self.items_per_second.set(rate)
         self._previous = (now, total)
         self.sse_streams.set(sse_streams)
+        await self._render_fleet(app)
         return generate_latest(self.registry)
+
+    async def _render_fleet(self, app: App) -> None:
+        """Refresh the queue and worker gauges (a queue gone since the last scrape goes)."""
+        queues = await app.queues(tenant=None)
+        workers = await app.workers()
+        for gauge in (self.queue_depth, self.queue_oldest, self.queue_paused):
+            gauge.clear()
+        for queue in queues:
+            self.queue_depth.labels(queue.name).set(queue.queued_shards)
+            self.queue_oldest.labels(queue.name).set(queue.oldest_queued_s)
+            self.queue_paused.labels(queue.name).set(int(queue.paused))
+        live = [w for w in workers if not w.expired]
+        self.workers.labels("live").set(len(live))
+        self.workers.labels("expired").set(len(workers) - len(live))
+        self.worker_slots.labels("total").set(sum(w.concurrency for w in live))
+        self.worker_slots.labels("in_use").set(sum(w.slots_in_use for w in live))
 
 
 class MetricsMiddleware:

@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 from fastapi import Header
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
+from pgbatch.fleet import WaitingReason
 from pgbatch.limits import MAX_LEASE_TTL_S, MAX_MAX_ATTEMPTS, MAX_SHARD_SIZE, MIN_LEASE_TTL_S
 from pgbatch.models import Batch, BatchInsight, BatchStatus, ErrorGroup
 
@@ -130,6 +131,12 @@ class BatchOut(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     is_final: bool
+    # Set by GET /v1/batches and /v1/batches/{id} (not in event frames, which omit it).
+    waiting_reason: WaitingReason | None = Field(
+        default=None,
+        description="Why this unfinished batch makes no progress: its queue is paused, or "
+        "no live worker serves its queue and task. Null when neither is the case.",
+    )
 
 
 def batch_out(batch: Batch) -> BatchOut:

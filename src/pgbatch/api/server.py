@@ -21,7 +21,7 @@ from pgbatch.api.errors import install_error_handlers
 from pgbatch.api.guards import RequestGuard, UploadSlots
 from pgbatch.api.live import ProgressHub
 from pgbatch.api.metrics import ApiMetrics, CompletionFlushes, MetricsMiddleware
-from pgbatch.api.routes import batches, events, system
+from pgbatch.api.routes import batches, events, fleet, system
 from pgbatch.api.state import ApiState
 from pgbatch.app import App
 from pgbatch.errors import ConfigurationError
@@ -73,6 +73,7 @@ def create_api(app: App, *, worker: CompletionFlushes | None = None) -> FastAPI:
     api.include_router(system.router)
     api.include_router(batches.router)
     api.include_router(events.router)
+    api.include_router(fleet.router)
     # Each workload the app uses brings its routes (the app's workers run its tasks).
     for workload in app.workloads:
         if workload.router is not None:

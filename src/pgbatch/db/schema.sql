@@ -101,6 +101,9 @@ CREATE INDEX shards_tenant_claim_idx ON pgbatch.shards (queue, tenant, priority 
     WHERE status = 'queued';
 -- The lease rescuer reads only running shards by expiry.
 CREATE INDEX shards_lease_idx ON pgbatch.shards (lease_expires_at) WHERE status = 'running';
+-- Queue depth and oldest claimable shard per queue, per tenant or for all (0005).
+CREATE INDEX shards_queued_wait_idx ON pgbatch.shards (tenant, queue, run_after)
+    WHERE status = 'queued';
 
 CREATE TABLE pgbatch.results (
     batch_id bigint  NOT NULL,
@@ -145,6 +148,30 @@ CREATE INDEX callbacks_lease_idx ON pgbatch.callbacks (lease_expires_at) WHERE s
 CREATE TABLE pgbatch.counters (
     name  text   PRIMARY KEY,
     value bigint NOT NULL DEFAULT 0
+);
+
+-- The live registry of worker processes (0005): upserted by each worker's heartbeat,
+-- deleted on a clean stop; a row silent past its ttl_s is expired, past gc_after_s gone.
+CREATE TABLE pgbatch.workers (
+    id           text             PRIMARY KEY,
+    host         text             NOT NULL,
+    pid          integer          NOT NULL,
+    queues       text[]           NOT NULL,
+    tasks        text[]           NOT NULL,
+    concurrency  integer          NOT NULL,
+    slots_in_use integer          NOT NULL DEFAULT 0,
+    version      text             NOT NULL,
+    ttl_s        double precision NOT NULL CHECK (ttl_s > 0),
+    gc_after_s   double precision NOT NULL CHECK (gc_after_s > 0),
+    started_at   timestamptz      NOT NULL DEFAULT now(),
+    heartbeat_at timestamptz      NOT NULL DEFAULT now()
+);
+
+-- A paused queue (0005): claims skip it; running shards still finish.
+CREATE TABLE pgbatch.queue_pauses (
+    queue     text        PRIMARY KEY,
+    paused_by text        NOT NULL,
+    paused_at timestamptz NOT NULL DEFAULT now()
 );
 
 -- ---------------------------------------------------------------------------------------

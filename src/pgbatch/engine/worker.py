@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import importlib.metadata
 import logging
 import os
 import random
@@ -28,6 +29,7 @@ from pgbatch.db.callbacks import (
 )
 from pgbatch.db.copy import copy_table_rows
 from pgbatch.db.database import Database
+from pgbatch.db.fleet import WorkerBeat, beat_worker, remove_worker
 from pgbatch.db.sessions import is_transient
 from pgbatch.db.shards import (
     ClaimCursor,
@@ -70,6 +72,17 @@ MAX_CLAIM_SHARDS = 256
 SHARD_CLAIM_ERROR_CLASSES = ("22", "54", "XX")
 
 
+def _installed_version() -> str:
+    try:
+        return importlib.metadata.version("pgbatch")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree
+        return "unknown"
+
+
+# What the registry shows as each worker's version (a fleet mid-upgrade shows two).
+_PGBATCH_VERSION = _installed_version()
+
+
 class _Phase(enum.Enum):
     RUNNING = "running"
     COMPLETING = "completing"
@@ -95,6 +108,12 @@ class WorkerStats:
     """Counters of one worker, for logs, metrics and tests."""
 
     claims: int = 0
+    # claim statements sent, whether or not they found work (a test waits on these)
+    claim_rounds: int = 0
+    # lease renewal rounds (a third of the shortest lease apart) and registry beats
+    # (worker_beat_s apart): the one never hurries or delays the other
+    lease_heartbeats: int = 0
+    registry_beats: int = 0
     shards_claimed: int = 0
     shards_completed: int = 0
     shards_fenced_out: int = 0
@@ -157,6 +176,12 @@ class Worker:
         # connection held by a flush stuck behind a lock. One round at a time.
         self._heartbeat_conn: psycopg.AsyncConnection[Any] | None = None
         self._heartbeat_lock = asyncio.Lock()
+        # The registry row (pgbatch.workers) is refreshed by the heartbeat loop at most
+        # once per worker_beat_s: one upsert per interval, never one per shard.
+        self._next_beat = 0.0
+        # When the leases' next heartbeat is due (monotonic), None between two rounds.
+        self._lease_deadline: float | None = None
+        self.registered = asyncio.Event()  # test signal: the registry row is written
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -200,6 +225,7 @@ class Worker:
         )
         self._warn_about_short_leases()
         try:
+            await self._beat_registry()
             await self._claim_loop()
             await self._drain()
         finally:
@@ -210,6 +236,7 @@ class Worker:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await helper
             await self._completer.stop()
+            await self._leave_registry()
             await self._close_heartbeat_conn()
             _log.info("worker %s stopped: %s", self.worker_id, self.stats)
 
@@ -251,6 +278,7 @@ class Worker:
             try:
                 async with self._db.connection() as conn:
                     shards = await self._claim(conn, tasks, limit)
+                self.stats.claim_rounds += 1
             except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
                 _log.warning("claim failed (%s); retrying after the poll interval", exc)
                 await self._wait_any(self._wake, timeout=self.settings.poll_interval_s)
@@ -539,8 +567,52 @@ class Worker:
 
     async def _heartbeat_loop(self) -> None:
         while True:
-            await self._sleep_until_heartbeat_due()
-            await self._heartbeat_once()
+            if await self._sleep_until_heartbeat_due():
+                await self._heartbeat_once()
+            if time.monotonic() >= self._next_beat:
+                await self._beat_registry()
+
+    async def _beat_registry(self) -> None:
+        """Write this worker's registry row: queues, tasks, slots in use, heartbeat time."""
+        beat = WorkerBeat(
+            id=self.worker_id,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            queues=self.queues,
+            tasks=sorted(self.app.tasks),
+            concurrency=self.concurrency,
+            slots_in_use=self._handlers_running,
+            version=_PGBATCH_VERSION,
+            ttl_s=self.settings.worker_ttl_s,
+            gc_after_s=self.settings.worker_gc_after_s,
+        )
+        # Due again one interval from now, even if this beat fails: no tight retry loop.
+        self._next_beat = time.monotonic() + self.settings.worker_beat_s
+        async with self._heartbeat_lock:
+            try:
+                async with asyncio.timeout(max(self.settings.worker_beat_s, 0.5)):
+                    conn = await self._heartbeat_connection()
+                    await beat_worker(conn, beat)
+                self.stats.registry_beats += 1
+            except (psycopg.Error, TimeoutError) as exc:
+                # The registry is for people reading it: a failed beat costs nothing else.
+                _log.warning("registry heartbeat failed: %s", str(exc) or type(exc).__name__)
+                await self._close_heartbeat_conn()
+                return
+        self.registered.set()
+
+    async def _leave_registry(self) -> None:
+        """Delete this worker's registry row: it stopped cleanly, so it is not "expired"."""
+        if not self.registered.is_set():
+            return
+        assert self._db is not None
+        try:
+            # A pooled connection: the heartbeat's may have been cut mid-statement when
+            # its loop was cancelled.
+            async with asyncio.timeout(HEARTBEAT_IDLE_S * 5), self._db.connection() as conn:
+                await remove_worker(conn, self.worker_id)
+        except (psycopg.Error, TimeoutError) as exc:
+            _log.warning("could not leave the worker registry (it expires): %s", exc)
 
     async def _heartbeat_once(self) -> None:
         """Renew every lease held, on the heartbeat's own connection; stop lost shards."""
@@ -556,6 +628,7 @@ class Worker:
                     report = await heartbeat_shards(
                         conn, [(a.shard.id, a.shard.lease_epoch) for a in held]
                     )
+                self.stats.lease_heartbeats += 1
             except (psycopg.Error, TimeoutError) as exc:
                 _log.warning("heartbeat failed: %s", str(exc) or type(exc).__name__)
                 await self._close_heartbeat_conn()
@@ -610,18 +683,34 @@ class Worker:
         ttls = [a.shard.lease_ttl_s for a in self._active.values()]
         return min(ttls) / 3 if ttls else HEARTBEAT_IDLE_S
 
-    async def _sleep_until_heartbeat_due(self) -> None:
-        # A newly claimed shard may hold a shorter lease than any before it: it wakes
-        # this sleep so the next heartbeat comes within a third of its TTL.
-        self._lease_added.clear()
-        deadline = time.monotonic() + self._heartbeat_interval_s()
-        while (remaining := deadline - time.monotonic()) > 0:
-            try:
-                await asyncio.wait_for(self._lease_added.wait(), remaining)
-            except TimeoutError:
-                return
+    async def _sleep_until_heartbeat_due(self) -> bool:
+        """Sleep until the leases' heartbeat is due (True) or the registry's beat is (False).
+
+        The lease deadline survives a wake-up for the registry, so the registry's beat
+        never delays a lease renewal, and leases are not renewed more often for it.
+        """
+        if self._lease_deadline is None:
             self._lease_added.clear()
-            deadline = min(deadline, time.monotonic() + self._heartbeat_interval_s())
+            self._lease_deadline = time.monotonic() + self._heartbeat_interval_s()
+        while True:
+            now = time.monotonic()
+            if now >= self._lease_deadline:
+                self._lease_deadline = None
+                return True
+            if now >= self._next_beat:
+                return False
+            try:
+                await asyncio.wait_for(
+                    self._lease_added.wait(), min(self._lease_deadline, self._next_beat) - now
+                )
+            except TimeoutError:
+                continue
+            # A newly claimed shard may hold a shorter lease than any before it: the next
+            # heartbeat comes within a third of its TTL.
+            self._lease_added.clear()
+            self._lease_deadline = min(
+                self._lease_deadline, time.monotonic() + self._heartbeat_interval_s()
+            )
 
     async def _rescue_loop(self) -> None:
         assert self._db is not None

@@ -380,7 +380,11 @@ async def list_batches(
     )
     batches = await api_state(request).app.list_batches(where, limit=limit)
     next_cursor = str(batches[-1].id) if len(batches) == limit else None
-    return BatchList(batches=[batch_out(b) for b in batches], next_cursor=next_cursor)
+    reasons = await api_state(request).app.waiting_reasons(batches)
+    outs = [batch_out(b) for b in batches]
+    for out in outs:
+        out.waiting_reason = reasons.get(out.id)
+    return BatchList(batches=outs, next_cursor=next_cursor)
 
 
 @router.get("/batches/{batch_id}", response_model=BatchOut, responses=ERRORS(404))
@@ -388,8 +392,11 @@ async def get_batch(
     request: Request, response: Response, tenant: Tenant, batch_id: BatchId
 ) -> BatchOut:
     """Read a batch; its ETag is its version, for If-Match on updates."""
-    batch = await api_state(request).app.get_batch(batch_id, tenant=tenant)
-    return _with_etag(response, batch)
+    app = api_state(request).app
+    batch = await app.get_batch(batch_id, tenant=tenant)
+    out = _with_etag(response, batch)
+    out.waiting_reason = (await app.waiting_reasons([batch])).get(batch.id)
+    return out
 
 
 @router.patch(

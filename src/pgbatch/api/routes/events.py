@@ -59,7 +59,8 @@ def _parse_event_id(value: str | None) -> tuple[int, int, int] | None:
 
 
 def _frame(event: str, batch: Batch, *, with_id: bool = True) -> bytes:
-    data = orjson.dumps(batch_out(batch).model_dump(mode="json"))
+    # waiting_reason is left out: it is not computed per event (GET it, or /v1/workers).
+    data = orjson.dumps(batch_out(batch).model_dump(mode="json", exclude={"waiting_reason"}))
     head = f"id: {_event_id(batch)}\n" if with_id else ""
     return f"{head}event: {event}\n".encode() + b"data: " + data + b"\n\n"
 

@@ -43,6 +43,7 @@ WITH picked AS (
       AND q.queue = %(queue)s
       AND q.task = ANY(%(tasks)s::text[])
       AND q.run_after <= now()
+      AND NOT EXISTS (SELECT 1 FROM pgbatch.queue_pauses p WHERE p.queue = %(queue)s)
     ORDER BY q.priority DESC, q.id
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
@@ -59,6 +60,7 @@ WITH picked AS (
       AND q.status = 'queued'
       AND q.task = ANY(%(tasks)s::text[])
       AND q.run_after <= now()
+      AND NOT EXISTS (SELECT 1 FROM pgbatch.queue_pauses p WHERE p.queue = q.queue)
     FOR UPDATE SKIP LOCKED
 ),
 -- include: _shard_claim_answer
@@ -89,10 +91,12 @@ LIMIT %(limit)s;
 -- name: _shard_claim_tenants
 -- The start of a fair claim: the tenants with queued shards in this queue, found by a
 -- loose index scan on shards_tenant_claim_idx (one probe per tenant, whatever the number
--- of shards), and how many they are.
+-- of shards), and how many they are. A paused queue (pgbatch.queue_pauses) has none: the
+-- first probe finds nothing, so the claim takes nothing (an uncorrelated check, run once).
 tenants AS (
     (SELECT t.tenant FROM pgbatch.shards t
      WHERE t.status = 'queued' AND t.queue = %(queue)s
+       AND NOT EXISTS (SELECT 1 FROM pgbatch.queue_pauses p WHERE p.queue = %(queue)s)
      ORDER BY t.tenant LIMIT 1)
     UNION ALL
     SELECT (SELECT t.tenant FROM pgbatch.shards t

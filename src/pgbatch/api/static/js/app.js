@@ -3,6 +3,7 @@
 
 import { AuthRequired, forgetToken, setToken, token } from "./api.js";
 import { mountDetail } from "./detail.js";
+import { mountFleetStrip } from "./fleet.js";
 import { h } from "./dom.js";
 import { mountList } from "./list.js";
 
@@ -141,3 +142,4 @@ forgetButton.addEventListener("click", () => {
 });
 window.addEventListener("hashchange", () => render({ focus: true }));
 render();
+mountFleetStrip(document.querySelector("[data-testid=fleet-strip]"));

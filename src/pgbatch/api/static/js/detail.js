@@ -21,6 +21,7 @@ import {
   refreshTimes,
 } from "./components.js";
 import { h, setText } from "./dom.js";
+import { waitingLabel, waitingReason, waitingSentence } from "./fleet.js";
 
 // The insight is read at most this often however fast events arrive (it counts shards
 // and scans throughput: cheap, but not for every event of a fast batch).
@@ -70,6 +71,7 @@ export function mountDetail(root, batchId, ctx) {
     "Cancel batch",
   );
   const notice = h("div", { class: "notice", role: "status", "data-testid": "notice", hidden: true });
+  const waiting = h("div", { class: "notice", "data-tone": "warn", "data-testid": "waiting-reason", hidden: true });
   const bar = new ProgressBar(`Batch ${batchId} progress`, { large: true });
   const headline = h("p", { class: "headline", "data-testid": "headline" });
   const percent = h("span", { class: "headline-pct" });
@@ -142,6 +144,7 @@ export function mountDetail(root, batchId, ctx) {
       h("div", { class: "actions" }, retryButton, cancelButton),
     ),
     notice,
+    waiting,
     h(
       "section",
       { class: "card progress-card", "aria-label": "Progress" },
@@ -240,7 +243,14 @@ export function mountDetail(root, batchId, ctx) {
   }
 
   function tick() {
-    if (batch) setText(stats.pace.value, meter.describe(batch));
+    if (batch) {
+      // A batch nothing will run says why (fleet.js), not just "waiting 5 min".
+      const reason = waitingReason(batch);
+      waiting.hidden = !reason;
+      waiting.dataset.reason = reason ?? "";
+      if (reason) setText(waiting, waitingSentence(reason, batch));
+      setText(stats.pace.value, reason ? `${waitingLabel(reason)} · ${meter.describe(batch)}` : meter.describe(batch));
+    }
     refreshTimes(details);
   }
 

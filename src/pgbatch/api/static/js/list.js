@@ -18,6 +18,7 @@ import {
   timeAgo,
 } from "./components.js";
 import { h, setText } from "./dom.js";
+import { waitingLabel, waitingReason } from "./fleet.js";
 
 const PAGE_SIZE = 50;
 const MAX_PAGE = 500; // the API's largest `limit`
@@ -75,7 +76,10 @@ class Row {
   }
 
   tick() {
-    setText(this.pace, this.meter.describe(this.batch));
+    // A batch nothing will run says so, instead of "waiting 5 min" (fleet.js).
+    const reason = waitingReason(this.batch);
+    this.pace.dataset.waiting = reason ?? "";
+    setText(this.pace, reason ? `${waitingLabel(reason)} · ${this.meter.describe(this.batch)}` : this.meter.describe(this.batch));
   }
 }
 
