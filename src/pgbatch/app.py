@@ -95,11 +95,13 @@ class App:
         timeout_s: float | None = None,
         queue: str = "default",
         internal: bool = False,
+        isolate_poison: bool = True,
     ) -> Callable[[Handler], Handler]:
         """Register an async handler `(items, ctx) -> outcomes` as a task.
 
         An `internal` task is one a workload submits after its own checks: the HTTP API
-        refuses to submit it.
+        refuses to submit it. With `isolate_poison` (the default), a shard that raised
+        and will not be retried is bisected so that only its failing items fail.
         """
         _check_options(shard_size, max_attempts, lease_ttl_s, queue)
         if timeout_s is not None and timeout_s <= 0:
@@ -108,7 +110,15 @@ class App:
         def register(fn: Handler) -> Handler:
             task_name = name or fn.__name__
             self.tasks[task_name] = TaskSpec(
-                task_name, fn, shard_size, max_attempts, lease_ttl_s, timeout_s, queue, internal
+                task_name,
+                fn,
+                shard_size,
+                max_attempts,
+                lease_ttl_s,
+                timeout_s,
+                queue,
+                internal,
+                isolate_poison,
             )
             return fn
 

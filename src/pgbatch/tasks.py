@@ -40,6 +40,10 @@ class TaskSpec:
     # Internal tasks (pgbatch.* workloads) are submitted through their own checked entry
     # points; the public batch route refuses them, since hand-made items bypass the checks.
     internal: bool = False
+    # When a shard that will not be retried raised, bisect it so that only its poison
+    # items fail (engine/failures.py). Off for a handler whose runs must not be repeated
+    # (it calls out to something that is not idempotent): then the whole shard fails.
+    isolate_poison: bool = True
 
 
 @dataclass(frozen=True, slots=True)
