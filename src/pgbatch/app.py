@@ -37,6 +37,7 @@ from pgbatch.models import (
     ErrorGroup,
     MetricsSnapshot,
     Outcome,
+    ShardFailure,
 )
 from pgbatch.tasks import (
     DEFAULT_LEASE_TTL_S,
@@ -387,6 +388,15 @@ class App:
             batch = await batch_queries.get_batch(conn, batch_id, tenant=tenant)
             groups, total = await error_groups(conn, batch_id, limit=limit, samples=samples)
         return batch, groups, total
+
+    async def last_failure(
+        self, batch_id: int, *, tenant: str | None = None
+    ) -> tuple[Batch, ShardFailure | None]:
+        """Return the batch and its most recent shard failure on record, with its traceback."""
+        await self.open()
+        async with self.db.connection() as conn:
+            batch = await batch_queries.get_batch(conn, batch_id, tenant=tenant)
+            return batch, await batch_queries.last_shard_failure(conn, batch_id)
 
     async def cancel(
         self, batch_id: int, *, expected_version: int | None = None, tenant: str | None = None
