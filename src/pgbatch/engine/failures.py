@@ -21,6 +21,7 @@ from __future__ import annotations
 import traceback as tb
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from types import TracebackType
 
 from pgbatch.db.shards import CommitStatement
 from pgbatch.engine.context import ShardContext
@@ -69,8 +70,13 @@ def format_traceback(exc: BaseException) -> str:
 
     PostgreSQL text cannot hold NUL, so a NUL in a message is shown escaped.
     """
-    lines = tb.TracebackException.from_exception(
-        exc, limit=-TRACEBACK_MAX_FRAMES, capture_locals=False
+    # The worker's own frames above the handler say nothing about the failure: start at
+    # the first frame outside pgbatch.engine (the handler's), if there is one.
+    start = exc.__traceback__
+    while start is not None and _is_engine_frame(start) and start.tb_next is not None:
+        start = start.tb_next
+    lines = tb.TracebackException(
+        type(exc), exc, start, limit=-TRACEBACK_MAX_FRAMES, capture_locals=False
     ).format()
     text = "".join(lines).replace("\x00", "\\x00")
     if len(text) <= TRACEBACK_MAX_CHARS:
@@ -80,6 +86,10 @@ def format_traceback(exc: BaseException) -> str:
     newline = text.find("\n", cut)
     kept = text[newline + 1 :] if 0 <= newline < len(text) - 1 else text[cut:]
     return f"[{len(text) - len(kept)} characters of traceback omitted]\n{kept}"
+
+
+def _is_engine_frame(entry: TracebackType) -> bool:
+    return str(entry.tb_frame.f_globals.get("__name__", "")).startswith("pgbatch.engine.")
 
 
 class IsolationContext(ShardContext):
