@@ -43,9 +43,11 @@ from pgbatch.tasks import (
     DEFAULT_LEASE_TTL_S,
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_SHARD_SIZE,
+    ISOLATION_STRATEGIES,
     CallbackFn,
     CallbackSpec,
     Handler,
+    IsolationStrategy,
     TaskSpec,
 )
 from pgbatch.workload import Workload
@@ -96,15 +98,21 @@ class App:
         timeout_s: float | None = None,
         queue: str = "default",
         internal: bool = False,
-        isolate_poison: bool = True,
+        isolate_poison: IsolationStrategy = "bisect",
     ) -> Callable[[Handler], Handler]:
         """Register an async handler `(items, ctx) -> outcomes` as a task.
 
         An `internal` task is one a workload submits after its own checks: the HTTP API
-        refuses to submit it. With `isolate_poison` (the default), a shard that raised
-        and will not be retried is bisected so that only its failing items fail.
+        refuses to submit it. `isolate_poison`: how a shard that raised and will not be
+        retried is searched for its failing items, so that only they fail ("bisect",
+        "per_item", or "off": the whole shard fails).
         """
         _check_options(shard_size, max_attempts, lease_ttl_s, queue)
+        if isolate_poison not in ISOLATION_STRATEGIES:
+            raise InvalidBatchError(
+                f"isolate_poison must be one of {', '.join(ISOLATION_STRATEGIES)}",
+                field="isolate_poison",
+            )
         if timeout_s is not None and timeout_s <= 0:
             raise InvalidBatchError("timeout_s must be positive", field="timeout_s")
 

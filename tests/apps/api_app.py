@@ -26,7 +26,7 @@ def build_app(settings: pgbatch.Settings) -> tuple[pgbatch.App, asyncio.Event]:
         return [pgbatch.ok(item.value) for item in items]
 
     # Not isolated: tests use "raise" for a whole dead shard ("poison" isolates, below).
-    @app.task("flaky", shard_size=10, max_attempts=2, isolate_poison=False)
+    @app.task("flaky", shard_size=10, max_attempts=2, isolate_poison="off")
     async def flaky(items: Sequence[Item], ctx: ShardContext) -> list[Outcome]:
         """Fail items that say "fail"; raise (the whole shard fails) on "raise"."""
         if any(item.value == "raise" for item in items):

@@ -135,7 +135,7 @@ async def test_retry_requeues_dead_shards_and_failed_items(app: pgbatch.App) -> 
     healthy = False
 
     # Without isolation, the raising shard dies whole: this test is about retrying it.
-    @app.task(max_attempts=1, isolate_poison=False)
+    @app.task(max_attempts=1, isolate_poison="off")
     async def fragile(
         items: list[pgbatch.Item], ctx: pgbatch.ShardContext
     ) -> list[pgbatch.Outcome]:

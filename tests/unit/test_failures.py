@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
+import pytest
+
 import pgbatch
 from pgbatch.engine.context import ShardContext
 from pgbatch.engine.failures import (
@@ -13,6 +15,7 @@ from pgbatch.engine.failures import (
     format_traceback,
     isolate,
 )
+from pgbatch.tasks import IsolationStrategy
 
 
 def _caught(fn: object, *args: object) -> BaseException:
@@ -62,16 +65,35 @@ def _run_with(poison: set[int], calls: list[int]):  # type: ignore[no-untyped-de
     return run
 
 
-def test_bisection_finds_each_poison_item_and_keeps_only_good_runs_writes() -> None:
+@pytest.mark.parametrize("strategy", ["bisect", "per_item"])
+def test_isolation_finds_each_poison_item_and_keeps_only_good_runs_writes(
+    strategy: IsolationStrategy,
+) -> None:
     items = [pgbatch.Item(n, n) for n in range(100)]
     for poison in ({41}, {3, 50, 97}):
         calls: list[int] = []
         found = asyncio.run(
-            isolate(items, _ctx(), _run_with(poison, calls), failure=KeyError("whole"))
+            isolate(
+                items,
+                _ctx(),
+                _run_with(poison, calls),
+                failure=KeyError("whole"),
+                strategy=strategy,
+            )
         )
         assert [seq for seq, o in found.outcomes if not o.ok] == sorted(poison)
         assert found.poison == len(poison) and found.items_ok == 100 - len(poison)
         assert all(o.traceback and "KeyError" in o.traceback for _, o in found.outcomes if not o.ok)
         written = sorted(row[0] for rows in found.writes for row in rows.rows)
         assert written == [n for n in range(100) if n not in poison]
-        assert found.runs == len(calls) < 100
+        assert found.runs == len(calls)
+        # Bisection needs far fewer calls; one run per item runs each item once more.
+        assert len(calls) < 100 if strategy == "bisect" else calls == [1] * 100
+
+
+def test_an_unknown_isolation_strategy_is_refused_at_registration() -> None:
+    app = pgbatch.App(database_url="postgresql://unused")
+    with pytest.raises(pgbatch.InvalidBatchError) as caught:
+        app.task("t", isolate_poison="sometimes")  # type: ignore[arg-type]
+    assert caught.value.field == "isolate_poison"
+    assert "t" not in app.tasks

@@ -9,11 +9,12 @@ other item succeeds. Nothing is committed here: the worker commits the good item
 outcomes and writes in the shard's one fenced completion, and the writes of every run
 that failed are dropped with its context.
 
-Bisection, not one run per item: docs/api.md ("Poison items") has the measurements
-(benchmarks/poison_isolation.py). With k poison items among n it takes about
-2·k·log2(n/k) handler calls instead of n, so a handler that batches its work (one model
-call, one statement per shard) keeps batching; the price is that a good item next to a
-poison one runs about log2(n/k) times, where one run per item would run it twice.
+Bisection by default, one run per item on request (a task's isolate_poison): docs/api.md
+("Poison items") has the measurements (benchmarks/poison_isolation.py). With k poison
+items among n, bisection takes about 2·k·log2(n/k) handler calls instead of n, so a
+handler that batches its work (one model call, one statement per run) keeps batching;
+the price is that a good item next to a poison one runs up to log2(n) + 1 times, where
+one run per item runs every item exactly twice (the failed run and its own).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pgbatch.db.shards import CommitStatement
 from pgbatch.engine.context import ShardContext
 from pgbatch.errors import NonRetryableError
 from pgbatch.models import Item, Outcome, TableRows
+from pgbatch.tasks import IsolationStrategy
 
 __all__ = [
     "TRACEBACK_MAX_CHARS",
@@ -150,15 +152,17 @@ async def isolate(
     run: Run,
     *,
     failure: BaseException,
+    strategy: IsolationStrategy = "bisect",
 ) -> Isolation:
-    """Bisect `items`, whose run together failed with `failure`, down to the poison items.
+    """Find the poison items of `items`, whose run together failed with `failure`.
 
-    Runs happen one after the other, halves in seq order, so the good runs' writes keep
-    the items' order. A run cancelled (the lease was lost, the batch cancelled) cancels
-    the isolation: nothing of it is kept.
+    "bisect" splits a failed run in halves down to single items; "per_item" runs every
+    item alone. Runs happen one after the other, in seq order, so the good runs' writes
+    keep the items' order. A run cancelled (the lease was lost, the batch cancelled)
+    cancels the isolation: nothing of it is kept.
     """
     found = Isolation()
-    await _bisect(list(items), failure, parent, run, found)
+    await _bisect(list(items), failure, parent, run, found, per_item=strategy == "per_item")
     found.outcomes.sort(key=lambda pair: pair[0])
     return found
 
@@ -169,6 +173,8 @@ async def _bisect(
     parent: ShardContext,
     run: Run,
     found: Isolation,
+    *,
+    per_item: bool,
 ) -> None:
     if len(items) == 1:
         # Known to fail alone: no need to run it again.
@@ -180,7 +186,8 @@ async def _bisect(
             found.retryable = failure
         return
     middle = len(items) // 2
-    for half in (items[:middle], items[middle:]):
+    parts = [[item] for item in items] if per_item else [items[:middle], items[middle:]]
+    for half in parts:
         ctx = IsolationContext(parent)
         found.runs += 1
         failed: Exception | None = None
@@ -191,7 +198,7 @@ async def _bisect(
         if failed is not None:
             # This run's writes die with its context: only succeeding runs are kept.
             # (Outside the except block, so a deeper failure's traceback does not chain it.)
-            await _bisect(half, failed, parent, run, found)
+            await _bisect(half, failed, parent, run, found, per_item=per_item)
             continue
         found.outcomes.extend(
             (item.seq, outcome) for item, outcome in zip(half, outcomes, strict=True)

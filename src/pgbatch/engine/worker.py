@@ -507,19 +507,20 @@ class Worker:
 
         With attempts left and an ordinary exception, the whole shard is retried as
         before. Otherwise (NonRetryableError, or the last attempt) a shard of several
-        items is bisected to its poison items (engine/failures.py), unless the task
+        items is searched for its poison items (engine/failures.py), unless the task
         opted out: the others succeed in this attempt's one fenced completion.
         """
         shard = active.shard
         message, trace = describe(exc), traceback_of(exc)
         last = not retry or shard.counted_attempts >= shard.max_attempts
-        if not (last and spec.isolate_poison and len(shard.items) > 1):
+        if not (last and spec.isolate_poison != "off" and len(shard.items) > 1):
             return self._fail(active, message, retry=retry, traceback=trace)
         found = await isolate(
             shard.items,
             active.ctx,
             lambda items, ctx: _run_part(spec, items, ctx),
             failure=exc,
+            strategy=spec.isolate_poison,
         )
         self.stats.isolation_runs += found.runs
         if found.retryable is not None and shard.counted_attempts < shard.max_attempts:
