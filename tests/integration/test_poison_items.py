@@ -51,8 +51,10 @@ def _app(database_url: str, poison: set[int], *, non_retryable: bool, max_attemp
     return app, calls
 
 
-async def _check_side_writes(database_url: str, good: set[int]) -> None:
-    for table in ("side_rows", "side_statements"):
+async def _check_side_writes(
+    database_url: str, good: set[int], tables: tuple[str, ...] = ("side_rows", "side_statements")
+) -> None:
+    for table in tables:
         rows = await fetch_all(
             database_url, f"SELECT seq, count(*) FROM public.{table} GROUP BY seq ORDER BY seq"
         )
@@ -208,5 +210,53 @@ async def test_a_lease_lost_during_isolation_writes_nothing(database_url: str) -
         ) == [(0,)]
         current = await app.get_batch(batch.id)
         assert (current.items_ok, current.items_failed, current.shards_done) == (0, 0, 0)
+    finally:
+        await app.close()
+
+
+@pytest.mark.asyncio
+async def test_an_ordinary_item_failure_found_while_isolating_retries_the_shard_whole(
+    database_url: str,
+) -> None:
+    app = pgbatch.App(settings=settings_for(database_url))
+
+    @app.on_open
+    async def tables(app: pgbatch.App) -> None:
+        async with app.db.connection() as conn:
+            await conn.execute(SIDE_TABLES)
+
+    @app.task("mixed", shard_size=100, max_attempts=3)
+    async def mixed(items: list[pgbatch.Item], ctx: pgbatch.ShardContext) -> list[pgbatch.Outcome]:
+        ctx.copy_rows(
+            "public.side_rows", [(i.seq, ctx.attempt) for i in items], columns=["seq", "attempt"]
+        )
+        values = {i.value for i in items}
+        if 10 in values:
+            raise pgbatch.NonRetryableError("ten never parses")
+        if 60 in values and ctx.attempt == 1:
+            raise RuntimeError("a passing glitch")  # may be transient: worth a retry
+        return [pgbatch.ok(i.value) for i in items]
+
+    await app.open()
+    try:
+        batch = await app.submit("mixed", range(100))
+        worker = app.worker(concurrency=2)
+        running = asyncio.create_task(worker.run())
+        try:
+            done = await app.wait(batch.id, timeout_s=30)
+        finally:
+            worker.request_stop()
+            await asyncio.wait_for(running, 30)
+        # Attempt 1 found item 60's glitch while isolating: the shard was retried whole;
+        # attempt 2 isolated item 10 alone.
+        assert (done.status, done.items_ok, done.items_failed) == ("succeeded", 99, 1)
+        assert worker.stats.shards_retried == 1
+        [(seq, outcome)] = [r async for r in app.results(batch.id, errors_only=True)]
+        assert seq == 10
+        assert outcome.error == "not retried (attempt 2): NonRetryableError: ten never parses"
+        await _check_side_writes(database_url, set(range(100)) - {10}, ("side_rows",))
+        assert await fetch_all(database_url, "SELECT DISTINCT attempt FROM public.side_rows") == [
+            (2,)
+        ]
     finally:
         await app.close()
