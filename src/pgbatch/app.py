@@ -39,14 +39,17 @@ from pgbatch.models import (
     ErrorGroup,
     MetricsSnapshot,
     Outcome,
+    ShardFailure,
 )
 from pgbatch.tasks import (
     DEFAULT_LEASE_TTL_S,
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_SHARD_SIZE,
+    ISOLATION_STRATEGIES,
     CallbackFn,
     CallbackSpec,
     Handler,
+    IsolationStrategy,
     TaskSpec,
 )
 from pgbatch.workload import Workload
@@ -99,20 +102,36 @@ class App:
         timeout_s: float | None = None,
         queue: str = "default",
         internal: bool = False,
+        isolate_poison: IsolationStrategy = "bisect",
     ) -> Callable[[Handler], Handler]:
         """Register an async handler `(items, ctx) -> outcomes` as a task.
 
         An `internal` task is one a workload submits after its own checks: the HTTP API
-        refuses to submit it.
+        refuses to submit it. `isolate_poison`: how a shard that raised and will not be
+        retried is searched for its failing items, so that only they fail ("bisect",
+        "per_item", or "off": the whole shard fails).
         """
         _check_options(shard_size, max_attempts, lease_ttl_s, queue)
+        if isolate_poison not in ISOLATION_STRATEGIES:
+            raise InvalidBatchError(
+                f"isolate_poison must be one of {', '.join(ISOLATION_STRATEGIES)}",
+                field="isolate_poison",
+            )
         if timeout_s is not None and timeout_s <= 0:
             raise InvalidBatchError("timeout_s must be positive", field="timeout_s")
 
         def register(fn: Handler) -> Handler:
             task_name = name or fn.__name__
             self.tasks[task_name] = TaskSpec(
-                task_name, fn, shard_size, max_attempts, lease_ttl_s, timeout_s, queue, internal
+                task_name,
+                fn,
+                shard_size,
+                max_attempts,
+                lease_ttl_s,
+                timeout_s,
+                queue,
+                internal,
+                isolate_poison,
             )
             return fn
 
@@ -381,6 +400,15 @@ class App:
             batch = await batch_queries.get_batch(conn, batch_id, tenant=tenant)
             groups, total = await error_groups(conn, batch_id, limit=limit, samples=samples)
         return batch, groups, total
+
+    async def last_failure(
+        self, batch_id: int, *, tenant: str | None = None
+    ) -> tuple[Batch, ShardFailure | None]:
+        """Return the batch and its most recent shard failure on record, with its traceback."""
+        await self.open()
+        async with self.db.connection() as conn:
+            batch = await batch_queries.get_batch(conn, batch_id, tenant=tenant)
+            return batch, await batch_queries.last_shard_failure(conn, batch_id)
 
     async def cancel(
         self, batch_id: int, *, expected_version: int | None = None, tenant: str | None = None

@@ -23,7 +23,7 @@ from rich.text import Text
 
 from pgbatch.app import App
 from pgbatch.errors import PgbatchError
-from pgbatch.models import Batch
+from pgbatch.models import Batch, ShardFailure
 
 __all__ = ["cli", "load_app", "main"]
 
@@ -304,19 +304,22 @@ def status(
             else:
                 console.print(_batch_table(batches))
         else:
-            batch = await app.get_batch(batch_id)
+            batch, last = await app.last_failure(batch_id)
             reason = (await app.waiting_reasons([batch])).get(batch.id)
-            samples: list[tuple[int, str | None]] = []
+            samples: list[tuple[int, str | None, str | None]] = []
             if batch.items_failed:
                 async for seq, outcome in app.results(batch_id, errors_only=True):
-                    samples.append((seq, outcome.error))
+                    samples.append((seq, outcome.error, outcome.traceback))
                     if len(samples) == ERROR_SAMPLES:
                         break
             groups: list[Any] = []
             if batch.items_failed:
                 _, groups, _ = await app.error_groups(batch_id, limit=ERROR_SAMPLES, samples=0)
             if as_json:
-                errors = [{"seq": seq, "error": message} for seq, message in samples]
+                errors = [
+                    {"seq": seq, "error": message, "traceback": trace}
+                    for seq, message, trace in samples
+                ]
                 grouped = [
                     {"error": g.error, "items": g.items, "first_seq": g.first_seq} for g in groups
                 ]
@@ -326,6 +329,7 @@ def status(
                         "waiting_reason": reason,
                         "error_samples": errors,
                         "error_groups": grouped,
+                        "last_error": _failure_json(last),
                     }
                 )
                 return
@@ -334,18 +338,45 @@ def status(
                 text = fleet_cli.waiting_text(reason, task=batch.task, queue=batch.queue)
                 console.print(text, style="yellow", markup=False, highlight=False)
             if samples:
-                lines = [f"  item {seq}: {message}" for seq, message in samples]
+                lines = [f"  item {seq}: {message}" for seq, message, _ in samples]
                 lines += ["most frequent errors:"] + [
                     f"  {g.items} x (first item {g.first_seq}): {g.error}" for g in groups
                 ]
-                console.print(
-                    "error samples:\n" + "\n".join(lines),
-                    markup=False,
-                    highlight=False,
-                    soft_wrap=True,
-                )
+                first_traced = next(((s, t) for s, _, t in samples if t), None)
+                if first_traced is not None:
+                    lines += [f"traceback of item {first_traced[0]}:", _indent(first_traced[1])]
+                _print_plain("error samples:\n" + "\n".join(lines))
+            if last is not None:
+                where = f"shard {last.shard_no}, items {last.first_seq}-{last.last_seq}"
+                text = f"last error ({where}, {last.status}): {last.error}"
+                if last.traceback and not (samples and last.traceback in (t for *_, t in samples)):
+                    text += "\n" + _indent(last.traceback)
+                _print_plain(text)
 
     _run(_closing(app, run()))
+
+
+def _print_plain(text: str) -> None:
+    """Print user text (errors, tracebacks) exactly: no markup, no highlighting."""
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+def _indent(text: str) -> str:
+    return "\n".join(f"    {line}" for line in text.rstrip("\n").splitlines())
+
+
+def _failure_json(failure: ShardFailure | None) -> dict[str, Any] | None:
+    if failure is None:
+        return None
+    return {
+        "shard_no": failure.shard_no,
+        "status": str(failure.status),
+        "first_seq": failure.first_seq,
+        "last_seq": failure.last_seq,
+        "error": failure.error,
+        "traceback": failure.traceback,
+        "at": failure.at.isoformat() if failure.at else None,
+    }
 
 
 @cli.command()

@@ -20,6 +20,7 @@ __all__ = [
     "Item",
     "MetricsSnapshot",
     "Outcome",
+    "ShardFailure",
     "ShardStatus",
     "TableRows",
     "check_batch_id",
@@ -67,11 +68,16 @@ class Item(NamedTuple):
 
 
 class Outcome(NamedTuple):
-    """The terminal result of one item: ok with an output, or an error with a message."""
+    """The terminal result of one item: ok with an output, or an error with a message.
+
+    A failure the handler raised also carries the traceback (bounded, see
+    pgbatch/engine/failures.py); an error the handler returned with error() has none.
+    """
 
     ok: bool
     output: Any = None
     error: str | None = None
+    traceback: str | None = None
 
 
 def ok(output: Any = None) -> Outcome:
@@ -188,6 +194,23 @@ class BatchInsight:
     bucket_s: int
     error_samples: list[tuple[int, str]]  # (seq, error) of failed items
     dead_shards: list[tuple[int, int, int, str | None]]  # (shard_no, first, last, error)
+    # The batch's most recent shard failure (None if no shard holds one), and the
+    # tracebacks of the dead shards above, by shard_no.
+    last_error: ShardFailure | None = None
+    dead_shard_tracebacks: dict[int, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ShardFailure:
+    """A shard's last failure: what it said, its traceback, and when it happened."""
+
+    shard_no: int
+    status: ShardStatus
+    first_seq: int
+    last_seq: int
+    error: str
+    traceback: str | None
+    at: datetime | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,3 +237,8 @@ class ErrorGroup:
     first_seq: int
     # (seq, the item's input) of the group's first items, in seq order.
     samples: tuple[tuple[int, Any], ...]
+    # When the first and the last of them failed (their shards' finish), if known.
+    first_seen_at: datetime | None = None
+    last_seen_at: datetime | None = None
+    # The traceback of each sample (None where it has none), in the order of `samples`.
+    sample_tracebacks: tuple[str | None, ...] = ()

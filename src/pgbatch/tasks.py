@@ -4,14 +4,21 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from pgbatch.models import Batch, Item, Outcome
 
 if TYPE_CHECKING:
     from pgbatch.engine.context import CallbackContext, ShardContext
 
-__all__ = ["CallbackFn", "CallbackSpec", "Handler", "TaskSpec"]
+__all__ = ["ISOLATION_STRATEGIES", "CallbackFn", "CallbackSpec", "Handler", "IsolationStrategy",
+           "TaskSpec"]  # fmt: skip
+
+# How a raising shard that will not be retried is searched for its poison items
+# (engine/failures.py): "bisect" halves it down to single items, "per_item" runs every
+# item alone, "off" fails the whole shard, as before isolation existed.
+IsolationStrategy = Literal["bisect", "per_item", "off"]
+ISOLATION_STRATEGIES: tuple[IsolationStrategy, ...] = ("bisect", "per_item", "off")
 
 Handler = Callable[[list[Item], "ShardContext"], Awaitable[list[Outcome]]]
 CallbackFn = Callable[[Batch, "CallbackContext"], Awaitable[None]]
@@ -40,6 +47,10 @@ class TaskSpec:
     # Internal tasks (pgbatch.* workloads) are submitted through their own checked entry
     # points; the public batch route refuses them, since hand-made items bypass the checks.
     internal: bool = False
+    # When a shard that will not be retried raised, find its poison items so that only
+    # they fail. "per_item" suits a handler that pays per item (an HTTP call each), "off"
+    # one whose runs must not be repeated (a call that is not idempotent).
+    isolate_poison: IsolationStrategy = "bisect"
 
 
 @dataclass(frozen=True, slots=True)

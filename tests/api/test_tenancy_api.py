@@ -313,9 +313,15 @@ async def test_error_groups_are_the_tenants_own(start_api: StartApi) -> None:
         assert body["batch_id"] == batch_id and body["groups_total"] == 2
         first = body["groups"][0]
         assert (first["error"], first["items"], first["first_seq"]) == ("asked to fail", 3, 1)
-        assert first["samples"] == [{"seq": 1, "input": "fail"}, {"seq": 3, "input": "fail"}]
+        assert first["samples"] == [
+            {"seq": 1, "input": "fail", "traceback": None},
+            {"seq": 3, "input": "fail", "traceback": None},
+        ]
         second = body["groups"][1]
-        assert second["items"] == 1 and second["samples"] == [{"seq": 10, "input": "raise"}]
+        assert second["items"] == 1 and [(s["seq"], s["input"]) for s in second["samples"]] == [
+            (10, "raise")
+        ]
+        assert "RuntimeError: the shard asked to fail" in second["samples"][0]["traceback"]
         assert sum(g["items"] for g in body["groups"]) == body["items_failed"] == 4
         assert_error(await globex.get(f"/v1/batches/{batch_id}/errors"), 404)
         bad = await acme.get(f"/v1/batches/{batch_id}/errors", params={"limit": 0})

@@ -25,7 +25,8 @@ def build_app(settings: pgbatch.Settings) -> tuple[pgbatch.App, asyncio.Event]:
         """Return each item as its output."""
         return [pgbatch.ok(item.value) for item in items]
 
-    @app.task("flaky", shard_size=10, max_attempts=2)
+    # Not isolated: tests use "raise" for a whole dead shard ("poison" isolates, below).
+    @app.task("flaky", shard_size=10, max_attempts=2, isolate_poison="off")
     async def flaky(items: Sequence[Item], ctx: ShardContext) -> list[Outcome]:
         """Fail items that say "fail"; raise (the whole shard fails) on "raise"."""
         if any(item.value == "raise" for item in items):
@@ -52,6 +53,15 @@ def build_app(settings: pgbatch.Settings) -> tuple[pgbatch.App, asyncio.Event]:
         waiter.cancel()
         lost.cancel()
         return [pgbatch.ok(None) for _ in items]
+
+    @app.task("poison", shard_size=10, max_attempts=1)
+    async def poison(items: Sequence[Item], ctx: ShardContext) -> list[Outcome]:
+        """Raise on an item {"raise": message}: isolation fails it alone, with its traceback."""
+        for item in items:
+            value: Any = item.value
+            if isinstance(value, dict) and "raise" in value:
+                raise ValueError(value["raise"])
+        return [pgbatch.ok(item.value) for item in items]
 
     return app, gate
 

@@ -134,7 +134,8 @@ async def test_timeouts_and_wrong_outcome_counts_are_failed_attempts(app: pgbatc
 async def test_retry_requeues_dead_shards_and_failed_items(app: pgbatch.App) -> None:
     healthy = False
 
-    @app.task(max_attempts=1)
+    # Without isolation, the raising shard dies whole: this test is about retrying it.
+    @app.task(max_attempts=1, isolate_poison="off")
     async def fragile(
         items: list[pgbatch.Item], ctx: pgbatch.ShardContext
     ) -> list[pgbatch.Outcome]:

@@ -28,6 +28,7 @@ __all__ = [
     "IfMatchHeader",
     "InsightOut",
     "IntegerText",
+    "LastErrorOut",
     "NumberText",
     "RetryOut",
     "batch_out",
@@ -179,6 +180,19 @@ class DeadShard(BaseModel):
     first_seq: int
     last_seq: int
     error: str | None
+    traceback: str | None = None
+
+
+class LastErrorOut(BaseModel):
+    """The batch's most recent shard failure still on record, with its traceback."""
+
+    shard_no: int
+    status: str
+    first_seq: int
+    last_seq: int
+    error: str
+    traceback: str | None
+    at: datetime | None
 
 
 class InsightOut(BaseModel):
@@ -190,6 +204,7 @@ class InsightOut(BaseModel):
     throughput: list[ThroughputPoint]
     error_samples: list[ErrorSample]
     dead_shards: list[DeadShard]
+    last_error: LastErrorOut | None = None
 
 
 def insight_out(batch: Batch, insight: BatchInsight) -> InsightOut:
@@ -201,9 +216,28 @@ def insight_out(batch: Batch, insight: BatchInsight) -> InsightOut:
         throughput=[ThroughputPoint(at=at, items=n) for at, n in insight.throughput],
         error_samples=[ErrorSample(seq=s, error=e) for s, e in insight.error_samples],
         dead_shards=[
-            DeadShard(shard_no=a, first_seq=b, last_seq=c, error=d)
+            DeadShard(
+                shard_no=a,
+                first_seq=b,
+                last_seq=c,
+                error=d,
+                traceback=insight.dead_shard_tracebacks.get(a),
+            )
             for a, b, c, d in insight.dead_shards
         ],
+        last_error=(
+            None
+            if insight.last_error is None
+            else LastErrorOut(
+                shard_no=insight.last_error.shard_no,
+                status=str(insight.last_error.status),
+                first_seq=insight.last_error.first_seq,
+                last_seq=insight.last_error.last_seq,
+                error=insight.last_error.error,
+                traceback=insight.last_error.traceback,
+                at=insight.last_error.at,
+            )
+        ),
     )
 
 
@@ -222,10 +256,11 @@ class ErrorOut(BaseModel):
 
 
 class ErrorSampleOut(BaseModel):
-    """One failed item of an error group: its position and its input."""
+    """One failed item of an error group: its position, its input and its traceback."""
 
     seq: int
     input: Any
+    traceback: str | None = None
 
 
 class ErrorGroupOut(BaseModel):
@@ -234,6 +269,9 @@ class ErrorGroupOut(BaseModel):
     error: str
     items: int
     first_seq: int
+    # When its first and last items failed (their shards' finish).
+    first_seen_at: datetime | None = None
+    last_seen_at: datetime | None = None
     samples: list[ErrorSampleOut]
 
 
@@ -257,7 +295,16 @@ def error_groups_out(batch: Batch, groups: list[ErrorGroup], total: int) -> Erro
                 error=g.error,
                 items=g.items,
                 first_seq=g.first_seq,
-                samples=[ErrorSampleOut(seq=seq, input=value) for seq, value in g.samples],
+                first_seen_at=g.first_seen_at,
+                last_seen_at=g.last_seen_at,
+                samples=[
+                    ErrorSampleOut(seq=seq, input=value, traceback=trace)
+                    for (seq, value), trace in zip(
+                        g.samples,
+                        g.sample_tracebacks or (None,) * len(g.samples),
+                        strict=True,
+                    )
+                ],
             )
             for g in groups
         ],

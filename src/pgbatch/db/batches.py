@@ -32,6 +32,8 @@ from pgbatch.models import (
     BatchFilter,
     BatchInsight,
     BatchStatus,
+    ShardFailure,
+    ShardStatus,
     check_batch_id,
 )
 
@@ -42,6 +44,7 @@ __all__ = [
     "cancel_batch",
     "get_batch",
     "get_batches",
+    "last_shard_failure",
     "list_batches",
     "requeue_failed",
     "set_priority",
@@ -384,10 +387,38 @@ async def batch_insight(
         rows = await (await conn.execute(query("batch_error_samples"), params)).fetchall()
         errors = [(int(seq), str(message)) for seq, message in rows]
     dead: list[tuple[int, int, int, str | None]] = []
+    dead_tracebacks: dict[int, str] = {}
     if batch.shards_dead:
         rows = await (await conn.execute(query("batch_dead_shard_samples"), params)).fetchall()
         dead = [(int(a), int(b), int(c), d) for a, b, c, d in rows]
-    return BatchInsight(states, throughput, bucket_s, errors, dead)
+        cur = await conn.execute(
+            query("shard_dead_tracebacks"),
+            {"batch_id": batch.id, "shard_nos": [shard_no for shard_no, *_ in dead]},
+        )
+        dead_tracebacks = {int(n): str(tb) for n, tb in await cur.fetchall()}
+    return BatchInsight(
+        states,
+        throughput,
+        bucket_s,
+        errors,
+        dead,
+        await last_shard_failure(conn, batch.id),
+        dead_tracebacks,
+    )
+
+
+async def last_shard_failure(
+    conn: psycopg.AsyncConnection[Any], batch_id: int
+) -> ShardFailure | None:
+    """Return the batch's most recent shard failure still on record, with its traceback."""
+    cur = await conn.execute(query("shard_last_failure"), {"batch_id": batch_id})
+    row = await cur.fetchone()
+    if row is None:
+        return None
+    shard_no, status, first_seq, last_seq, message, traceback, at = row
+    return ShardFailure(
+        int(shard_no), ShardStatus(status), int(first_seq), int(last_seq), message, traceback, at
+    )
 
 
 async def _lock_batch(

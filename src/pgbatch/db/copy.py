@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ __all__ = [
     "encode_result_rows",
     "encode_rows",
     "encode_table_rows",
+    "encode_traced_result_rows",
+    "traceback_digest",
 ]
 
 _NULL = b"\\N"
@@ -72,6 +75,41 @@ def encode_result_rows(batch_id: int, results: Iterable[tuple[int, Outcome]]) ->
             out += _encode_text(outcome.error or "error")
             out += b"\n"
     return bytes(out)
+
+
+def traceback_digest(text: str) -> bytes:
+    """Return the 16-byte key of a traceback text in pgbatch.tracebacks (one row per text)."""
+    return hashlib.blake2b(text.encode(), digest_size=16).digest()
+
+
+def encode_traced_result_rows(
+    batch_id: int, results: Iterable[tuple[int, Outcome]]
+) -> tuple[bytes, dict[bytes, str]]:
+    """Encode results with a traceback_digest column; return them and the distinct texts.
+
+    Only a failed attempt's results go this way (result_copy_traced): a successful shard's
+    COPY stays the five columns of encode_result_rows, byte for byte.
+    """
+    prefix = f"{batch_id}\t".encode()
+    out = bytearray()
+    texts: dict[bytes, str] = {}
+    for seq, outcome in results:
+        out += prefix
+        out += str(seq).encode()
+        if outcome.ok:
+            out += b"\tt\t"
+            out += _NULL if outcome.output is None else encode_json(outcome.output)
+            out += b"\t\\N\t\\N\n"
+            continue
+        out += b"\tf\t\\N\t"
+        out += _encode_text(outcome.error or "error")
+        if outcome.traceback:
+            digest = traceback_digest(outcome.traceback)
+            texts.setdefault(digest, outcome.traceback)
+            out += b"\t\\\\x" + digest.hex().encode() + b"\n"
+        else:
+            out += b"\t\\N\n"
+    return bytes(out), texts
 
 
 def encode_table_rows(rows: Iterable[Sequence[Any]]) -> bytes:

@@ -25,7 +25,10 @@ async def list_results(
         query("result_list_errors" if errors_only else "result_list"),
         {"batch_id": batch_id, "after_seq": after_seq, "limit": limit},
     )
-    return [(seq, Outcome(ok, output, error)) for seq, ok, output, error in await cur.fetchall()]
+    return [
+        (seq, Outcome(ok, output, error, traceback))
+        for seq, ok, output, error, traceback in await cur.fetchall()
+    ]
 
 
 async def error_groups(
@@ -37,10 +40,22 @@ async def error_groups(
     )
     rows = await cur.fetchall()
     wanted = [seq for row in rows for seq in row[3]]
-    cur = await conn.execute(query("result_sample_inputs"), {"batch_id": batch_id, "seqs": wanted})
-    inputs = dict(await cur.fetchall())
+    samples_of: dict[int, tuple[Any, str | None]] = {}
+    if wanted:
+        cur = await conn.execute(
+            query("result_sample_inputs"), {"batch_id": batch_id, "seqs": wanted}
+        )
+        samples_of = {seq: (payload, tb) for seq, payload, tb in await cur.fetchall()}
     groups = [
-        ErrorGroup(error or "", items, first_seq, tuple((seq, inputs.get(seq)) for seq in seqs))
-        for error, items, first_seq, seqs, _ in rows
+        ErrorGroup(
+            error or "",
+            items,
+            first_seq,
+            tuple((seq, samples_of.get(seq, (None, None))[0]) for seq in seqs),
+            first_seen_at,
+            last_seen_at,
+            tuple(samples_of.get(seq, (None, None))[1] for seq in seqs),
+        )
+        for error, items, first_seq, seqs, _, first_seen_at, last_seen_at in rows
     ]
     return groups, (rows[0][4] if rows else 0)

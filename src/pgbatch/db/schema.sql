@@ -90,6 +90,9 @@ CREATE TABLE pgbatch.shards (
     finished_at      timestamptz,
     -- Expired leases requeued with their attempt refunded (at most lease_free_reruns).
     lease_refunds    integer     NOT NULL DEFAULT 0,
+    -- The last failure's traceback, bounded (pgbatch/engine/failures.py), and when it happened.
+    last_traceback   text,
+    last_error_at    timestamptz,
     UNIQUE (batch_id, shard_no),
     CHECK (first_seq <= last_seq)
 );
@@ -111,6 +114,8 @@ CREATE TABLE pgbatch.results (
     ok       boolean NOT NULL,
     output   json,
     error    text,
+    -- A failed item's traceback: its row in pgbatch.tracebacks (NULL when it has none).
+    traceback_digest bytea,
     PRIMARY KEY (batch_id, seq),
     CHECK (ok = (error IS NULL))
 );
@@ -118,6 +123,14 @@ CREATE TABLE pgbatch.results (
 -- Failed items of a batch (`?status=error`, the dashboard's error samples) without
 -- reading its successes: errors are few, so the index is small and cheap to maintain.
 CREATE INDEX results_errors_idx ON pgbatch.results (batch_id, seq) WHERE NOT ok;
+
+-- Distinct traceback texts of a batch, shared by the failed items that raised them.
+CREATE TABLE pgbatch.tracebacks (
+    batch_id  bigint NOT NULL,
+    digest    bytea  NOT NULL,
+    traceback text   NOT NULL,
+    PRIMARY KEY (batch_id, digest)
+);
 
 -- The completion callback outbox: one row per batch run, so it is inserted exactly once.
 CREATE TABLE pgbatch.callbacks (

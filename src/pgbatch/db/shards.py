@@ -11,7 +11,13 @@ import orjson
 import psycopg
 from psycopg.abc import QueryNoTemplate
 
-from pgbatch.db.copy import EncodedRows, copy_encoded_rows, encode_result_rows, encode_rows
+from pgbatch.db.copy import (
+    EncodedRows,
+    copy_encoded_rows,
+    encode_result_rows,
+    encode_rows,
+    encode_traced_result_rows,
+)
 from pgbatch.db.queries import query
 from pgbatch.models import ClaimedShard, Item, Outcome, ShardStatus, TableRows
 
@@ -66,14 +72,27 @@ class ShardCompletion:
     statements: Sequence[CommitStatement] = ()
     # A requeued shard is claimable again this long after the flush commits.
     retry_delay_s: float | None = None
+    # The failure's traceback, kept with the shard's last error (bounded by the engine).
+    traceback: str | None = None
+    # results_copy has the traceback_digest column (result_copy_traced), and these are the
+    # traceback texts its rows name, by digest, for pgbatch.tracebacks.
+    results_traced: bool = False
+    tracebacks: Mapping[bytes, str] = field(default_factory=dict)
 
     @classmethod
     def retry(
-        cls, shard_id: int, batch_id: int, lease_epoch: int, *, delay_s: float, error: str
+        cls,
+        shard_id: int,
+        batch_id: int,
+        lease_epoch: int,
+        *,
+        delay_s: float,
+        error: str,
+        traceback: str | None = None,
     ) -> ShardCompletion:
         """Return the change that sends a failed attempt back to the queue after `delay_s`."""
         return cls(shard_id, batch_id, lease_epoch, ShardStatus.QUEUED, b"", 0, 0, (), error,
-                   (), delay_s)  # fmt: skip
+                   (), delay_s, traceback)  # fmt: skip
 
     @property
     def counts(self) -> bool:
@@ -91,20 +110,36 @@ class ShardCompletion:
         writes: Sequence[TableRows] = (),
         error: str | None = None,
         statements: Sequence[CommitStatement] = (),
+        *,
+        traceback: str | None = None,
+        traced: bool = False,
     ) -> ShardCompletion:
-        """Encode results and user rows; raise TypeError if a value cannot be stored."""
+        """Encode results and user rows; raise TypeError if a value cannot be stored.
+
+        `traced`: some outcomes carry a traceback (a failed attempt's); a successful
+        shard's results are encoded without the column, as before.
+        """
         items_ok = sum(1 for _, outcome in results if outcome.ok)
+        texts: Mapping[bytes, str] = {}
+        if traced:
+            encoded, texts = encode_traced_result_rows(batch_id, results)
+        else:
+            encoded = encode_result_rows(batch_id, results)
         return cls(
             shard_id,
             batch_id,
             lease_epoch,
             status,
-            encode_result_rows(batch_id, results),
+            encoded,
             items_ok,
             len(results) - items_ok,
             [encode_rows(write) for write in writes],
             error,
             tuple(statements),
+            None,
+            traceback,
+            traced,
+            texts,
         )
 
 
@@ -391,6 +426,7 @@ async def complete_shards(
             "statuses": [str(c.status) for c in ordered],
             "errors": [c.error for c in ordered],
             "delays_s": [c.retry_delay_s for c in ordered],
+            "tracebacks": [c.traceback for c in ordered],
         },
     )
     # A zombie and the shard's new holder may sit in the same flush: match on the epoch too.
@@ -399,11 +435,15 @@ async def complete_shards(
     if not accepted:
         return report
 
-    if any(c.results_copy for c in accepted):  # a flush of retries only has no results
+    # A flush of retries only has no results; a failed attempt's results (with their
+    # traceback digests) go through a COPY of their own, so a success's COPY is unchanged.
+    if any(c.results_copy and not c.results_traced for c in accepted):
         async with conn.cursor().copy(query("result_copy")) as copy:
             for completion in accepted:
-                if completion.results_copy:
+                if completion.results_copy and not completion.results_traced:
                     await copy.write(completion.results_copy)
+    if any(c.results_traced for c in accepted):
+        await _write_traced_results(conn, [c for c in accepted if c.results_traced])
 
     await copy_encoded_rows(conn, [w for c in accepted for w in c.writes])
     # Before the counters: a long statement must not hold the hot batch row locked.
@@ -441,6 +481,28 @@ async def complete_shards(
     if report.callbacks_inserted:
         await conn.execute(query("callback_notify"))
     return report
+
+
+async def _write_traced_results(
+    conn: psycopg.AsyncConnection[Any], traced: Sequence[ShardCompletion]
+) -> None:
+    """COPY failed attempts' results, and insert the traceback texts their rows name."""
+    async with conn.cursor().copy(query("result_copy_traced")) as copy:
+        for completion in traced:
+            if completion.results_copy:
+                await copy.write(completion.results_copy)
+    # One row per (batch, digest), in key order (invariant 6): concurrent flushes that
+    # insert the same traceback wait on each other in one order, never in a cycle.
+    texts = sorted({(c.batch_id, d): t for c in traced for d, t in c.tracebacks.items()}.items())
+    if texts:
+        await conn.execute(
+            query("traceback_insert_many"),
+            {
+                "batch_ids": [batch_id for (batch_id, _), _ in texts],
+                "digests": [digest for (_, digest), _ in texts],
+                "texts": [text for _, text in texts],
+            },
+        )
 
 
 async def execute_statements(

@@ -45,9 +45,10 @@ from pgbatch.db.shards import (
 )
 from pgbatch.engine.completer import Completer
 from pgbatch.engine.context import CallbackContext, ShardContext
+from pgbatch.engine.failures import RunFailed, describe, isolate, traceback_of
 from pgbatch.engine.notifier import Notifier
 from pgbatch.errors import NonRetryableError
-from pgbatch.models import BatchStatus, ClaimedShard, Outcome, ShardStatus
+from pgbatch.models import BatchStatus, ClaimedShard, Item, Outcome, ShardStatus
 from pgbatch.tasks import CallbackSpec, TaskSpec
 
 if TYPE_CHECKING:
@@ -130,6 +131,9 @@ class WorkerStats:
     lease_refunds: int = 0
     # completion flushes rerun after a transient failure (lost connection, lock timeout)
     completion_retries: int = 0
+    # Handler calls made to bisect failed shards, and the poison items they found.
+    isolation_runs: int = 0
+    poison_items: int = 0
     callbacks_run: int = 0
     callbacks_failed: int = 0
     rescued: int = 0
@@ -457,7 +461,7 @@ class Worker:
             self.stats.shards_completed += 1
 
     async def _execute(self, active: _Active) -> ShardCompletion | None:
-        shard, ctx = active.shard, active.ctx
+        shard = active.shard
         if shard.batch_cancelled:
             # A rescued shard of a cancelled batch: end it without running the handler.
             return self._terminal(shard, ShardStatus.CANCELLED, "cancelled")
@@ -475,15 +479,9 @@ class Worker:
             )
         spec: TaskSpec = self.app.tasks[shard.task]
         try:
-            call = spec.fn(list(shard.items), ctx)
-            if spec.timeout_s is not None:
-                try:
-                    outcomes = await asyncio.wait_for(call, spec.timeout_s)
-                except TimeoutError:
-                    return self._fail(active, f"handler timed out after {spec.timeout_s} s")
-            else:
-                outcomes = await call
+            return await self._run_shard(active, spec)
         except asyncio.CancelledError:
+            # Also while isolating poison items: nothing of the isolation is kept.
             reason = active.stop_reason
             if reason is None:
                 raise
@@ -493,10 +491,26 @@ class Worker:
             if reason is _StopReason.CANCELLED:
                 return self._terminal(shard, ShardStatus.CANCELLED, "cancelled")
             return None  # lost: someone else owns it; shutdown: released by _drain
-        except NonRetryableError as exc:
-            return self._fail(active, f"{type(exc).__name__}: {exc}", retry=False)
+
+    async def _run_shard(self, active: _Active, spec: TaskSpec) -> ShardCompletion:
+        shard, ctx = active.shard, active.ctx
+        failure: Exception | None = None
+        try:
+            call = spec.fn(list(shard.items), ctx)
+            if spec.timeout_s is not None:
+                try:
+                    outcomes = await asyncio.wait_for(call, spec.timeout_s)
+                except TimeoutError:
+                    return self._fail(active, f"handler timed out after {spec.timeout_s} s")
+            else:
+                outcomes = await call
         except Exception as exc:
-            return self._fail(active, f"{type(exc).__name__}: {exc}")
+            failure = exc
+        if failure is not None:
+            # Outside the except block: the isolation's own failures must not chain this
+            # one into their tracebacks as "during handling of the above exception".
+            retry = not isinstance(failure, NonRetryableError)
+            return await self._after_raise(active, spec, failure, retry=retry)
         problem = _check_outcomes(outcomes, len(shard.items))
         if problem:
             return self._fail(active, problem)
@@ -514,8 +528,83 @@ class Worker:
             # An output or a row that cannot be stored fails this shard, not its neighbours.
             return self._fail(active, f"cannot store the handler's output: {exc}")
 
-    def _terminal(self, shard: ClaimedShard, status: ShardStatus, message: str) -> ShardCompletion:
-        failure = Outcome(False, None, message)
+    async def _after_raise(
+        self, active: _Active, spec: TaskSpec, exc: Exception, *, retry: bool
+    ) -> ShardCompletion:
+        """Decide what a raising handler's shard becomes: requeued, isolated, or dead.
+
+        With attempts left and an ordinary exception, the whole shard is retried as
+        before. Otherwise (NonRetryableError, or the last attempt) a shard of several
+        items is searched for its poison items (engine/failures.py), unless the task
+        opted out: the others succeed in this attempt's one fenced completion.
+        """
+        shard = active.shard
+        message, trace = describe(exc), traceback_of(exc)
+        last = not retry or shard.counted_attempts >= shard.max_attempts
+        if not (last and spec.isolate_poison != "off" and len(shard.items) > 1):
+            return self._fail(active, message, retry=retry, traceback=trace)
+        found = await isolate(
+            shard.items,
+            active.ctx,
+            lambda items, ctx: _run_part(spec, items, ctx),
+            failure=exc,
+            strategy=spec.isolate_poison,
+        )
+        self.stats.isolation_runs += found.runs
+        if found.retryable is not None and shard.counted_attempts < shard.max_attempts:
+            # An item failed with an ordinary exception and attempts remain: that may be
+            # transient, so the shard is retried whole, as it would have been.
+            return self._fail(
+                active, describe(found.retryable), traceback=traceback_of(found.retryable)
+            )
+        self.stats.poison_items += found.poison
+        where = f"attempt {shard.attempts}" if not retry else f"{shard.attempts} attempts"
+        # Each poison item keeps its own error, said as a dead shard's items say theirs.
+        prefix = (
+            f"not retried (attempt {shard.attempts})"
+            if not retry
+            else (f"failed after {shard.attempts} attempts")
+        )
+        found.outcomes = [
+            (seq, o if o.ok else o._replace(error=f"{prefix}: {o.error}"[:2000]))
+            for seq, o in found.outcomes
+        ]
+        if not found.items_ok:
+            summary = f"every item failed alone ({where}): {message}"
+            _log.warning("shard %d dead: %s", shard.id, summary)
+            status = ShardStatus.DEAD
+        else:
+            summary = (
+                f"{found.poison} of {len(shard.items)} items failed alone, the others "
+                f"succeeded ({where}): {message}"
+            )
+            _log.warning("shard %d: %s", shard.id, summary)
+            status = ShardStatus.DONE
+        try:
+            return ShardCompletion.build(
+                shard.id,
+                shard.batch_id,
+                shard.lease_epoch,
+                status,
+                found.outcomes,
+                found.writes,
+                summary[:2000],
+                found.statements,
+                traceback=trace,
+                traced=True,
+            )
+        except (TypeError, ValueError) as store_exc:
+            return self._fail(active, f"cannot store the handler's output: {store_exc}")
+
+    def _terminal(
+        self,
+        shard: ClaimedShard,
+        status: ShardStatus,
+        message: str,
+        *,
+        traceback: str | None = None,
+    ) -> ShardCompletion:
+        failure = Outcome(False, None, message, traceback)
         return ShardCompletion.build(
             shard.id,
             shard.batch_id,
@@ -523,9 +612,18 @@ class Worker:
             status,
             [(item.seq, failure) for item in shard.items],
             error=message,
+            traceback=traceback,
+            traced=traceback is not None,
         )
 
-    def _fail(self, active: _Active, message: str, *, retry: bool = True) -> ShardCompletion:
+    def _fail(
+        self,
+        active: _Active,
+        message: str,
+        *,
+        retry: bool = True,
+        traceback: str | None = None,
+    ) -> ShardCompletion:
         """Return the change a failed attempt makes: back to the queue, or dead if it was the last.
 
         Either goes through the completer like a completion, fenced by the epoch and
@@ -536,12 +634,18 @@ class Worker:
         if not retry:
             _log.warning("shard %d dead, not retried: %s", shard.id, message)
             return self._terminal(
-                shard, ShardStatus.DEAD, f"not retried (attempt {shard.attempts}): {message}"
+                shard,
+                ShardStatus.DEAD,
+                f"not retried (attempt {shard.attempts}): {message}",
+                traceback=traceback,
             )
         if shard.counted_attempts >= shard.max_attempts:
             _log.warning("shard %d dead after %d attempts: %s", shard.id, shard.attempts, message)
             return self._terminal(
-                shard, ShardStatus.DEAD, f"failed after {shard.attempts} attempts: {message}"
+                shard,
+                ShardStatus.DEAD,
+                f"failed after {shard.attempts} attempts: {message}",
+                traceback=traceback,
             )
         delay = self._backoff_s(shard.attempts)
         _log.info(
@@ -552,7 +656,12 @@ class Worker:
             delay,
         )
         return ShardCompletion.retry(
-            shard.id, shard.batch_id, shard.lease_epoch, delay_s=delay, error=message[:2000]
+            shard.id,
+            shard.batch_id,
+            shard.lease_epoch,
+            delay_s=delay,
+            error=message[:2000],
+            traceback=traceback,
         )
 
     def _backoff_s(self, attempt: int) -> float:
@@ -815,6 +924,22 @@ def _is_connection_loss(conn: psycopg.AsyncConnection[Any], exc: psycopg.Error) 
     state = exc.sqlstate or ""
     # 08: connection exceptions; 57P0x: the server is shutting down or restarting.
     return conn.broken or conn.closed or state.startswith("08") or state.startswith("57P0")
+
+
+async def _run_part(spec: TaskSpec, items: list[Item], ctx: ShardContext) -> list[Outcome]:
+    """Run the handler on part of a shard (isolation); raise if that run fails."""
+    call = spec.fn(items, ctx)
+    if spec.timeout_s is None:
+        outcomes = await call
+    else:
+        try:
+            outcomes = await asyncio.wait_for(call, spec.timeout_s)
+        except TimeoutError:
+            raise RunFailed(f"handler timed out after {spec.timeout_s} s") from None
+    problem = _check_outcomes(outcomes, len(items))
+    if problem:
+        raise RunFailed(problem)
+    return list(outcomes)
 
 
 def _check_outcomes(outcomes: object, expected: int) -> str | None:

@@ -515,11 +515,11 @@ async def batch_results(
     async def ndjson() -> AsyncIterator[bytes]:
         lines: list[bytes] = []
         async for seq, outcome in selected():
-            lines.append(
-                orjson.dumps(
-                    {"seq": seq, "ok": outcome.ok, "output": outcome.output, "error": outcome.error}
-                )
-            )
+            row = {"seq": seq, "ok": outcome.ok, "output": outcome.output, "error": outcome.error}
+            if not outcome.ok:
+                # Failed items only: a success's line is unchanged.
+                row["traceback"] = outcome.traceback
+            lines.append(orjson.dumps(row))
             if len(lines) >= 1000:
                 yield b"\n".join(lines) + b"\n"
                 lines = []

@@ -252,7 +252,8 @@ WITH target AS (
 ), requeued AS (
     UPDATE pgbatch.shards s
     SET status = 'queued', attempts = 0, lease_refunds = 0, retried = true, run_after = now(),
-        last_error = NULL, finished_at = NULL, worker_id = NULL
+        last_error = NULL, last_traceback = NULL, last_error_at = NULL, finished_at = NULL,
+        worker_id = NULL
     FROM target t
     WHERE s.id = t.id
     RETURNING s.queue

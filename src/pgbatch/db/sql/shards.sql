@@ -161,7 +161,7 @@ ORDER BY c.id;
 -- the same transaction. Returns the batch and how many items failed.
 WITH buried AS (
     UPDATE pgbatch.shards s
-    SET status = 'dead', last_error = %(error)s, finished_at = now(),
+    SET status = 'dead', last_error = %(error)s, last_error_at = now(), finished_at = now(),
         lease_epoch = s.lease_epoch + 1, attempts = s.attempts + 1,
         lease_expires_at = NULL, worker_id = NULL
     WHERE s.id = (SELECT q.id FROM pgbatch.shards q
@@ -228,7 +228,8 @@ WITH expired AS (
 ), rescued AS (
     UPDATE pgbatch.shards s
     SET status = 'queued', run_after = now(), worker_id = NULL, lease_expires_at = NULL,
-        last_error = 'lease expired', lease_refunds = s.lease_refunds + e.refund::int
+        last_error = 'lease expired', last_traceback = NULL, last_error_at = now(),
+        lease_refunds = s.lease_refunds + e.refund::int
     FROM expired e
     WHERE s.id = e.id
     RETURNING s.queue, e.refund AS refunded
@@ -265,8 +266,8 @@ RETURNING s.id, s.queue;
 -- finished_at; a finished one keeps its worker_id, for people reading the table.
 WITH outcome AS (
     SELECT * FROM unnest(%(ids)s::bigint[], %(epochs)s::int[], %(statuses)s::text[],
-                         %(errors)s::text[], %(delays_s)s::float8[])
-        AS v(id, epoch, status, error, delay_s)
+                         %(errors)s::text[], %(delays_s)s::float8[], %(tracebacks)s::text[])
+        AS v(id, epoch, status, error, delay_s, traceback)
 ), locked AS (
     SELECT s.id FROM pgbatch.shards s JOIN outcome v ON v.id = s.id
     WHERE s.status = 'running' AND s.lease_epoch = v.epoch
@@ -275,6 +276,8 @@ WITH outcome AS (
 )
 UPDATE pgbatch.shards s
 SET status = v.status, last_error = v.error, lease_expires_at = NULL,
+    last_traceback = v.traceback,
+    last_error_at = CASE WHEN v.error IS NULL THEN NULL ELSE now() END,
     finished_at = CASE WHEN v.status = 'queued' THEN NULL ELSE now() END,
     run_after = CASE WHEN v.status = 'queued'
                      THEN now() + v.delay_s * interval '1 second' ELSE s.run_after END,

@@ -22,6 +22,7 @@ import {
 } from "./components.js";
 import { h, setText } from "./dom.js";
 import { waitingLabel, waitingReason, waitingSentence } from "./fleet.js";
+import { errorGroupsSection, lastErrorSection, loadErrorGroups, tracebackDetails } from "./failures.js";
 
 // The insight is read at most this often however fast events arrive (it counts shards
 // and scans throughput: cheap, but not for every event of a fast batch).
@@ -287,7 +288,7 @@ export function mountDetail(root, batchId, ctx) {
     prioritySave.disabled = busy || ended;
   }
 
-  function renderInsight(insight) {
+  function renderInsight(insight, groups) {
     apply(insight.batch);
     const states = insight.shard_states;
     const total = SHARD_STATES.reduce((sum, s) => sum + (states[s] ?? 0), 0) || 1;
@@ -314,10 +315,10 @@ export function mountDetail(root, batchId, ctx) {
       ),
     );
     chartBox.replaceChildren(throughputChart(insight));
-    renderErrors(insight);
+    renderErrors(insight, groups);
   }
 
-  function renderErrors(insight) {
+  function renderErrors(insight, groups) {
     const parts = [];
     const { error_samples: samples, dead_shards: deadShards } = insight;
     if (samples.length) {
@@ -352,13 +353,14 @@ export function mountDetail(root, batchId, ctx) {
                 {},
                 h("td", { class: "num" }, `#${d.shard_no}`),
                 h("td", { class: "num" }, d.first_seq === d.last_seq ? `#${d.first_seq}` : `#${d.first_seq}–${d.last_seq}`),
-                h("td", {}, h("code", {}, d.error ?? "—")),
+                h("td", {}, h("code", {}, d.error ?? "—"), tracebackDetails(d.traceback)),
               ),
             ),
           ),
         ),
       );
     }
+    parts.push(...errorGroupsSection(groups), ...lastErrorSection(insight.last_error));
     if (!parts.length) parts.push(h("p", { class: "muted ok-note" }, "No errors."));
     errorBox.replaceChildren(...parts);
   }
@@ -381,7 +383,9 @@ export function mountDetail(root, batchId, ctx) {
     insightAt = performance.now();
     try {
       const { data } = await request(`v1/batches/${batchId}/insight`);
-      if (!disposed) renderInsight(data);
+      // Error groups only for a batch with failed items (the read is skipped otherwise).
+      const groups = data.batch.items_failed > 0 ? await loadErrorGroups(batchId) : null;
+      if (!disposed) renderInsight(data, groups);
     } catch (error) {
       // Anything but a missing token only costs this refresh; the next change retries.
       if (error instanceof AuthRequired) ctx.fail(error);
