@@ -31,6 +31,7 @@ from pgbatch.db.sessions import session_timeouts
 from pgbatch.engine.notifier import Notifier
 from pgbatch.errors import InvalidBatchError, InvalidStateError, UnknownTaskError
 from pgbatch.fleet import QueueState, WaitingReason, WorkerInfo
+from pgbatch.labels import check_metadata, check_name
 from pgbatch.limits import MAX_LEASE_TTL_S, MAX_MAX_ATTEMPTS, MAX_SHARD_SIZE, MIN_LEASE_TTL_S
 from pgbatch.models import (
     Batch,
@@ -259,11 +260,15 @@ class App:
         idempotency_key: str | None = None,
         on_complete: str | None = None,
         tenant: str = "default",
+        name: str | None = None,
+        metadata: Mapping[str, str] | None = None,
     ) -> Batch:
         """Store a batch of `items` for `task` and queue its shards; return the batch.
 
         Items are streamed, so any iterable works, including a generator of millions.
         With an idempotency key, a repeat of the same submission returns the same batch.
+        `name` and `metadata` (string keys and values, pgbatch.labels' bounds) label it
+        for people and for `list_batches` filters.
         """
         spec = self._batch_spec(
             task,
@@ -276,6 +281,8 @@ class App:
             idempotency_key=idempotency_key,
             on_complete=on_complete,
             tenant=tenant,
+            name=name,
+            metadata=metadata,
         )
         batch, _ = await self._submit_spec(spec, items)
         return batch
@@ -316,6 +323,8 @@ class App:
         idempotency_key: str | None,
         on_complete: str | None,
         tenant: str,
+        name: str | None = None,
+        metadata: Mapping[str, str] | None = None,
     ) -> batch_queries.BatchSpec:
         spec = self.tasks.get(task)
         if spec is None:
@@ -359,6 +368,8 @@ class App:
             idempotency_key=idempotency_key,
             tenant=tenant,
             max_shard_bytes=self.settings.max_shard_bytes,
+            name=check_name(name),
+            metadata=check_metadata(metadata),
         )
 
     async def get_batch(self, batch_id: int, *, tenant: str | None = None) -> Batch:
@@ -649,6 +660,8 @@ _SUBMIT_OPTIONS = (
     "idempotency_key",
     "on_complete",
     "tenant",
+    "name",
+    "metadata",
 )
 
 

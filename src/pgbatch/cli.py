@@ -23,7 +23,8 @@ from rich.text import Text
 
 from pgbatch.app import App
 from pgbatch.errors import PgbatchError
-from pgbatch.models import Batch, ShardFailure
+from pgbatch.labels import check_metadata, check_name, parse_metadata_pair
+from pgbatch.models import Batch, BatchFilter, ShardFailure
 
 __all__ = ["cli", "load_app", "main"]
 
@@ -71,6 +72,8 @@ def _batch_json(batch: Batch) -> dict[str, Any]:
     document = dataclasses.asdict(batch)
     document["status"] = str(batch.status)
     document["items_done"] = batch.items_done
+    document["waiting_s"] = batch.waiting_s
+    document["running_s"] = batch.running_s
     return document
 
 
@@ -158,20 +161,69 @@ async def _closing(app: App, coro: Coroutine[Any, Any, T]) -> T:
 
 def _batch_table(batches: list[Batch]) -> Table:
     table = Table(show_lines=False)
-    for column in ("id", "task", "status", "items", "ok", "failed", "shards", "created"):
-        table.add_column(column, justify="right" if column in {"items", "ok", "failed"} else "left")
+    numbers = {"items", "ok", "failed", "cancelled"}
+    columns = ("id", "name", "task", "status", "items", "ok", "failed", "cancelled", "shards")
+    for column in (*columns, "took", "created"):
+        table.add_column(column, justify="right" if column in numbers else "left")
     for b in batches:
         table.add_row(
             str(b.id),
-            Text(b.task),  # a user's string: a plain Text, so Rich reads no markup in it
+            # A user's strings: plain Texts, so Rich reads no markup in them.
+            Text(b.name or ""),
+            Text(b.task),
             str(b.status),
-            f"{b.items_done}/{b.total_items}",
+            # Items that ran: a cancelled batch's cancelled items are not "done" (never 100 %).
+            f"{b.items_ok + b.items_failed}/{b.total_items}",
             str(b.items_ok),
             str(b.items_failed),
+            str(b.items_cancelled),
             f"{b.shards_done}/{b.total_shards}",
+            took_text(b),
             b.created_at.strftime("%Y-%m-%d %H:%M:%S"),
         )
     return table
+
+
+def took_text(batch: Batch) -> str:
+    """Say how long the batch waited for its first claim and how long it ran, apart."""
+    waiting, running = batch.waiting_s, batch.running_s
+    if waiting is None:
+        return "waiting"
+    if running is None:
+        return f"waited {_seconds(waiting)}, running"
+    return f"waited {_seconds(waiting)}, ran {_seconds(running)}"
+
+
+def _seconds(seconds: float) -> str:
+    if seconds < 10:
+        return f"{seconds:.2f} s"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} min {rest} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60} min"
+
+
+def _metadata_option(pairs: list[str] | None) -> dict[str, str] | None:
+    """Turn repeated `--metadata key:value` into a dict (a key given twice is an error)."""
+    if not pairs:
+        return None
+    metadata: dict[str, str] = {}
+    for pair in pairs:
+        key, value = parse_metadata_pair(pair, field="--metadata")
+        if key in metadata:
+            _fail(f"--metadata: key {key!r} given twice", 2)
+        metadata[key] = value
+    return metadata
+
+
+MetadataOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--metadata",
+        "-m",
+        help="key:value, repeatable (at most 16 pairs; split at the first colon).",
+    ),
+]
 
 
 @cli.command()
@@ -253,6 +305,8 @@ def submit(
     priority: Annotated[int, typer.Option()] = 0,
     idempotency_key: Annotated[str | None, typer.Option()] = None,
     on_complete: Annotated[str | None, typer.Option(help="Callback name.")] = None,
+    name: Annotated[str | None, typer.Option(help="A label for lists and filters.")] = None,
+    metadata: MetadataOption = None,
     watch: Annotated[bool, typer.Option(help="Show progress until it ends.")] = False,
     as_json: JsonOption = False,
 ) -> None:
@@ -263,6 +317,12 @@ def submit(
         _fail("submit needs --app module:attribute naming your pgbatch.App", 2)
     if items != "-" and not Path(items).is_file():
         _fail(f"no such file: {items}", 2)
+    try:
+        # Checked before the app loads: a bad label is refused with nothing written.
+        checked_name = check_name(name)
+        checked_metadata = check_metadata(_metadata_option(metadata))
+    except PgbatchError as exc:
+        _fail(str(exc), 2)
     app = load_app(app_spec)
 
     async def run() -> None:
@@ -274,6 +334,8 @@ def submit(
             priority=priority,
             idempotency_key=idempotency_key,
             on_complete=on_complete,
+            name=checked_name,
+            metadata=checked_metadata,
         )
         if as_json:
             _print_json(_batch_json(batch))
@@ -291,14 +353,22 @@ def submit(
 def status(
     batch_id: Annotated[int | None, typer.Argument(help="A batch id; omit to list recent.")] = None,
     limit: Annotated[int, typer.Option(min=1)] = 20,
+    name: Annotated[str | None, typer.Option(help="List only batches of this name.")] = None,
+    metadata: MetadataOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Show one batch, or the most recent ones."""
+    """Show one batch, or the most recent ones (filtered by --name and --metadata)."""
+    if batch_id is not None and (name is not None or metadata):
+        _fail("--name and --metadata filter the list: give no batch id with them", 2)
+    try:
+        where = BatchFilter(name=check_name(name), metadata=_metadata_option(metadata))
+    except PgbatchError as exc:
+        _fail(str(exc), 2)
     app = _existing_app()
 
     async def run() -> None:
         if batch_id is None:
-            batches = await app.list_batches(limit=limit)
+            batches = await app.list_batches(where, limit=limit)
             if as_json:
                 _print_json([_batch_json(b) for b in batches])
             else:
@@ -337,6 +407,13 @@ def status(
             if reason is not None:
                 text = fleet_cli.waiting_text(reason, task=batch.task, queue=batch.queue)
                 console.print(text, style="yellow", markup=False, highlight=False)
+            # In full (the table may shorten it), and never read as markup.
+            if batch.name is not None:
+                console.print(f"name: {batch.name}", markup=False, highlight=False, soft_wrap=True)
+            console.print(f"took: {took_text(batch)}", markup=False, highlight=False)
+            if batch.metadata:
+                pairs = "\n".join(f"  {k}: {v}" for k, v in batch.metadata.items())
+                console.print("metadata:\n" + pairs, markup=False, highlight=False, soft_wrap=True)
             if samples:
                 lines = [f"  item {seq}: {message}" for seq, message, _ in samples]
                 lines += ["most frequent errors:"] + [
@@ -389,9 +466,12 @@ def watch(batch_id: Annotated[int, typer.Argument()]) -> None:
     async def run() -> None:
         await app.get_batch(batch_id)  # an unknown id is an error before any bar is drawn
         final = await watch_batch(app, batch_id, console=console)
-        console.print(
+        summary = (
             f"batch {batch_id} {final.status}: {final.items_ok} ok, {final.items_failed} failed"
         )
+        if final.items_cancelled:
+            summary += f", {final.items_cancelled} cancelled"
+        console.print(f"{summary} ({took_text(final)})", markup=False, highlight=False)
 
     _run(
         _closing(app, run()),

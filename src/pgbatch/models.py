@@ -149,11 +149,30 @@ class Batch:
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    # A label and string pairs set at submit (issue 12 §2); none on older batches.
+    name: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    # Items ended by a cancellation: they have a result ('cancelled') but did not fail.
+    items_cancelled: int = 0
 
     @property
     def items_done(self) -> int:
-        """Count the items that have a terminal result."""
-        return self.items_ok + self.items_failed
+        """Count the items that have a terminal result (cancelled ones too)."""
+        return self.items_ok + self.items_failed + self.items_cancelled
+
+    @property
+    def waiting_s(self) -> float | None:
+        """Return the seconds from submit to the first claim (None before it)."""
+        if self.started_at is None:
+            return None
+        return max(0.0, (self.started_at - self.created_at).total_seconds())
+
+    @property
+    def running_s(self) -> float | None:
+        """Return the seconds from the first claim to the end (None before the first claim)."""
+        if self.started_at is None or self.finished_at is None:
+            return None
+        return max(0.0, (self.finished_at - self.started_at).total_seconds())
 
     @property
     def is_final(self) -> bool:
@@ -180,6 +199,9 @@ class BatchFilter:
     tenant: str | None = None
     status: BatchStatus | None = None
     task: str | None = None
+    name: str | None = None
+    # Pairs every listed batch's metadata holds (containment: other keys may be there).
+    metadata: dict[str, str] | None = None
     created_after: datetime | None = None
     created_before: datetime | None = None
     before_id: int | None = None  # the cursor: the last id of the previous page

@@ -45,7 +45,9 @@ async def watch_batch(app: App, batch_id: int, *, console: Console | None = None
         bar = progress.add_task("", total=None, batch_id=batch_id, status="", rate=0.0, errors=0)
         async for batch in app.watch(batch_id):
             final = batch
-            done = batch.items_done
+            # Items that ran: cancelled ones are neither progress nor throughput, so a
+            # cancelled batch's bar stops where the work stopped, never at 100 %.
+            done = batch.items_ok + batch.items_failed
             if first_done is None:
                 first_done = done
             elapsed = time.monotonic() - started

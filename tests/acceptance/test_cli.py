@@ -164,11 +164,12 @@ async def test_cancel_stops_queued_and_running_shards(
 
     row = await fetch_one(
         database_url,
-        "SELECT status, shards_done, total_shards, items_ok, items_failed FROM pgbatch.batches "
-        "WHERE id = %s",
+        "SELECT status, shards_done, total_shards, items_ok, items_failed, items_cancelled"
+        " FROM pgbatch.batches WHERE id = %s",
         (batch_id,),
     )
-    assert row == ("cancelled", 8, 8, 0, 40)
+    # Queued and running shards' items alike count as cancelled, not failed (issue 12 §3).
+    assert row == ("cancelled", 8, 8, 0, 0, 40)
     statuses = await fetch_all(
         database_url,
         "SELECT status, count(*) FROM pgbatch.shards WHERE batch_id = %s GROUP BY status",
@@ -188,10 +189,18 @@ async def test_cancel_stops_queued_and_running_shards(
     again = await run_cli("cancel", str(batch_id), database_url=database_url)
     assert again.code == 0, again.output
     assert "already ended" in again.stdout
+    shown = await run_cli("status", str(batch_id), "--json", database_url=database_url)
+    document = json.loads(shown.stdout)
+    assert (document["items_failed"], document["items_cancelled"]) == (0, 40), document
+    assert document["waiting_s"] is not None and document["running_s"] is not None, document
+    # Nothing ran: the table says 0 of 40 items, and 40 cancelled, not 40/40.
+    table = await run_cli("status", str(batch_id), database_url=database_url)
+    assert re.search(r"\bcancelled\b.*\b0/40\b.*\b0\b.*\b0\b.*\b40\b", table.stdout), table.stdout
+    assert "40/40" not in table.stdout, table.stdout
 
     watched = await run_cli("watch", str(batch_id), database_url=database_url, timeout_s=30)
     assert watched.code == 0, watched.output
-    assert f"batch {batch_id} cancelled: 0 ok, 40 failed" in watched.stdout
+    assert f"batch {batch_id} cancelled: 0 ok, 0 failed, 40 cancelled" in watched.stdout
 
 
 @pytest.mark.asyncio

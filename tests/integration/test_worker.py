@@ -381,7 +381,12 @@ async def test_a_rescued_shard_of_a_cancelled_batch_is_not_run_again(app: pgbatc
     async with running(app):
         done = await app.wait(batch.id, timeout_s=20)
     assert calls == []
-    assert (done.status, done.items_failed, done.shards_done) == ("cancelled", 4, 2)
+    assert (done.status, done.items_failed, done.items_cancelled, done.shards_done) == (
+        "cancelled",
+        0,
+        4,
+        2,
+    )
     await _one_result_each(app, batch.id)
 
 

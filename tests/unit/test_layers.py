@@ -32,6 +32,7 @@ LAYERS: dict[str, tuple[str, int]] = {
     "pgbatch.json_values": ("base", BASE),
     "pgbatch.limits": ("base", BASE),
     "pgbatch.fleet": ("base", BASE),
+    "pgbatch.labels": ("base", BASE),
     "pgbatch.db": ("db", DB),
     "pgbatch.engine.group_commit": ("commit", COMMIT),
     "pgbatch.engine": ("engine", RUNTIME),

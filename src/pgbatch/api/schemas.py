@@ -10,6 +10,11 @@ from fastapi import Header
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from pgbatch.fleet import WaitingReason
+from pgbatch.labels import (
+    MAX_METADATA_KEYS,
+    MAX_METADATA_VALUE_CHARS,
+    MAX_NAME_CHARS,
+)
 from pgbatch.limits import MAX_LEASE_TTL_S, MAX_MAX_ATTEMPTS, MAX_SHARD_SIZE, MIN_LEASE_TTL_S
 from pgbatch.models import Batch, BatchInsight, BatchStatus, ErrorGroup
 
@@ -88,6 +93,20 @@ class BatchOptions(_Strict):
     on_complete: str | None = Field(
         default=None, min_length=1, max_length=200, pattern=NAME_PATTERN
     )
+    # Checked by pgbatch.labels (App.submit refuses the same), naming `metadata.<key>`.
+    name: str | None = Field(
+        default=None,
+        max_length=MAX_NAME_CHARS,
+        description="A label for people and for `GET /v1/batches?name=`.",
+    )
+    metadata: dict[str, str] | None = Field(
+        default=None,
+        max_length=MAX_METADATA_KEYS,
+        description=(
+            f"Up to {MAX_METADATA_KEYS} string pairs (keys 1-64 characters without ':', values"
+            f" up to {MAX_METADATA_VALUE_CHARS}), filtered by `GET /v1/batches?metadata=k:v`."
+        ),
+    )
 
 
 class BatchSubmit(BatchOptions):
@@ -121,6 +140,9 @@ class BatchOut(BaseModel):
     items_done: int
     items_ok: int
     items_failed: int
+    items_cancelled: int = Field(
+        description="Items ended by a cancellation; not counted in items_failed."
+    )
     total_shards: int
     shards_done: int
     shards_dead: int
@@ -132,6 +154,14 @@ class BatchOut(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     is_final: bool
+    name: str | None
+    metadata: dict[str, str]
+    waiting_s: float | None = Field(
+        description="Seconds from submit to the first claim (null before it)."
+    )
+    running_s: float | None = Field(
+        description="Seconds from the first claim to the end (null until the batch ends)."
+    )
     # Set by GET /v1/batches and /v1/batches/{id} (not in event frames, which omit it).
     waiting_reason: WaitingReason | None = Field(
         default=None,

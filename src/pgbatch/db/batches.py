@@ -5,8 +5,8 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
-from collections.abc import AsyncIterable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -77,6 +77,10 @@ class BatchSpec:
     tenant: str = "default"
     # A bound of this server, not an option of the batch: not part of the fingerprint.
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+    # Labels, not payload: not part of the fingerprint (a repeat with the same key returns
+    # the batch with the labels it was first given).
+    name: str | None = None
+    metadata: Mapping[str, str] = field(default_factory=dict)
 
     def fingerprint(self) -> bytes:
         """Encode the options that make two submissions "the same payload"."""
@@ -319,6 +323,8 @@ def _spec_params(spec: BatchSpec) -> dict[str, Any]:
         "lease_ttl_s": spec.lease_ttl_s,
         "on_complete": spec.on_complete,
         "idempotency_key": spec.idempotency_key,
+        "name": spec.name,
+        "metadata": orjson.dumps(dict(spec.metadata)).decode(),
     }
 
 
@@ -356,6 +362,8 @@ async def list_batches(
         "tenant": where.tenant,
         "status": None if where.status is None else str(where.status),
         "task": where.task,
+        "name": where.name,
+        "metadata": orjson.dumps(where.metadata).decode() if where.metadata else None,
         "created_after": where.created_after,
         "created_before": where.created_before,
         "before_id": where.before_id,
@@ -468,7 +476,8 @@ async def cancel_batch(
             "shards": [shards],
             "dead": [0],
             "ok": [0],
-            "failed": [items],
+            "failed": [0],
+            "cancelled": [items],
         },
     )
     await conn.execute(query("callback_notify"))

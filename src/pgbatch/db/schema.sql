@@ -43,6 +43,11 @@ CREATE TABLE pgbatch.batches (
     created_at      timestamptz NOT NULL DEFAULT now(),
     started_at      timestamptz,
     finished_at     timestamptz,
+    -- A person's label and free-form string pairs (issue 12 §2), set at submit.
+    name            text,
+    metadata        jsonb       NOT NULL DEFAULT '{}',
+    -- Items ended by a cancellation, apart from items_failed (issue 12 §3).
+    items_cancelled bigint      NOT NULL DEFAULT 0,
     CHECK (shards_done <= total_shards),
     -- Per tenant: one tenant's keys can neither collide with nor reveal another's.
     CONSTRAINT batches_tenant_idempotency_key_key UNIQUE (tenant, idempotency_key)
@@ -51,6 +56,10 @@ CREATE TABLE pgbatch.batches (
 CREATE INDEX batches_status_created_idx ON pgbatch.batches (status, created_at);
 -- Listing a tenant's batches newest first, a page at a time (cursor = last id seen).
 CREATE INDEX batches_tenant_id_idx ON pgbatch.batches (tenant, id DESC);
+-- The list's filters by name (newest first) and by metadata pairs (containment).
+CREATE INDEX batches_tenant_name_id_idx ON pgbatch.batches (tenant, name, id DESC)
+    WHERE name IS NOT NULL;
+CREATE INDEX batches_metadata_idx ON pgbatch.batches USING gin (metadata jsonb_path_ops);
 
 -- Items and outputs are json, not jsonb: pgbatch never looks inside them, and json is
 -- stored and returned as the text it was given, which COPY writes and the claim reads

@@ -269,6 +269,7 @@ async def bury_shard(conn: psycopg.AsyncConnection[Any], shard_id: int, *, error
             "dead": [1],
             "ok": [0],
             "failed": [items_failed],
+            "cancelled": [0],
         },
     )
     await conn.execute(query("callback_notify"))
@@ -451,7 +452,7 @@ async def complete_shards(
     if statements:
         await execute_statements(conn, statements)
 
-    totals: dict[int, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
+    totals: dict[int, list[int]] = defaultdict(lambda: [0, 0, 0, 0, 0])
     for completion in accepted:
         if not completion.counts:
             continue  # a requeued shard is not done: its batch's counters do not move
@@ -459,7 +460,10 @@ async def complete_shards(
         entry[0] += 1
         entry[1] += completion.status is ShardStatus.DEAD
         entry[2] += completion.items_ok
-        entry[3] += completion.items_failed
+        # A cancelled shard's items end as cancelled, not failed (issue 12 §3).
+        cancelled = completion.status is ShardStatus.CANCELLED
+        entry[3] += 0 if cancelled else completion.items_failed
+        entry[4] += completion.items_failed if cancelled else 0
     batch_ids = sorted(totals)
     if not batch_ids:
         return report  # only retries: no batch row to lock
@@ -471,6 +475,7 @@ async def complete_shards(
             "dead": [totals[b][1] for b in batch_ids],
             "ok": [totals[b][2] for b in batch_ids],
             "failed": [totals[b][3] for b in batch_ids],
+            "cancelled": [totals[b][4] for b in batch_ids],
         },
     )
     for batch_id, finished, _status, callback_inserted, _ in await cur.fetchall():

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 import orjson
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
-from pydantic import BeforeValidator, ValidationError
+from pydantic import BeforeValidator, Field, ValidationError
 
 from pgbatch import json_values
 from pgbatch.api.errors import ERRORS, ApiError
@@ -38,6 +38,15 @@ from pgbatch.api.schemas import (
 )
 from pgbatch.api.state import ApiState, Tenant, TenantOrQueryToken, api_state
 from pgbatch.errors import InvalidBatchError
+from pgbatch.labels import (
+    MAX_METADATA_KEY_CHARS,
+    MAX_METADATA_KEYS,
+    MAX_METADATA_VALUE_CHARS,
+    MAX_NAME_CHARS,
+    check_metadata,
+    check_name,
+    parse_metadata_pair,
+)
 from pgbatch.limits import MAX_LEASE_TTL_S, MAX_MAX_ATTEMPTS, MAX_SHARD_SIZE, MIN_LEASE_TTL_S
 from pgbatch.models import Batch, BatchFilter, BatchStatus, Outcome
 
@@ -58,6 +67,28 @@ SPOOL_MEMORY_BYTES = 8 * 1024 * 1024
 # The spool is parsed this much at a time (about an item's maximum size).
 SPOOL_READ_BYTES = 1024 * 1024
 SUBMIT_OPTIONS = ("shard_size", "max_attempts", "lease_ttl_s", "priority", "queue", "on_complete")
+
+# Metadata pairs in a query string: `metadata=key:value`, repeated (an array of strings,
+# which every OpenAPI client generator can send), split at the first colon.
+MetadataPairs = Annotated[
+    list[Annotated[str, Field(max_length=MAX_METADATA_KEY_CHARS + 1 + MAX_METADATA_VALUE_CHARS)]]
+    | None,
+    Query(
+        max_length=MAX_METADATA_KEYS,
+        description="`key:value`, repeatable: the batch's metadata holds every pair given.",
+    ),
+]
+
+
+def _metadata_pairs(pairs: list[str]) -> dict[str, str]:
+    """Turn `key:value` strings into metadata (a key given twice: 422, not the last wins)."""
+    metadata: dict[str, str] = {}
+    for pair in pairs:
+        key, value = parse_metadata_pair(pair)
+        if key in metadata:
+            raise InvalidBatchError(f"metadata: key {key!r} given twice", field="metadata")
+        metadata[key] = value
+    return check_metadata(metadata)
 
 
 def _is_number(text: str) -> bool:
@@ -138,6 +169,8 @@ async def submit_batch(
     on_complete: Annotated[
         str | None, Query(min_length=1, max_length=200, pattern=NAME_PATTERN)
     ] = None,
+    name: Annotated[str | None, Query(max_length=MAX_NAME_CHARS)] = None,
+    metadata: MetadataPairs = None,
 ) -> BatchOut:
     """Submit a batch: a JSON body with its items, or NDJSON items streamed to the database."""
     state = api_state(request)
@@ -149,6 +182,8 @@ async def submit_batch(
         "priority": priority,
         "queue": queue,
         "on_complete": on_complete,
+        "name": name,
+        "metadata": None if metadata is None else _metadata_pairs(metadata),
     }
     items: Any
     if content_type in ("application/json", ""):
@@ -355,6 +390,11 @@ async def list_batches(
     tenant: Tenant,
     status: BatchStatus | None = None,
     task: Annotated[str | None, Query(min_length=1, max_length=200, pattern=NAME_PATTERN)] = None,
+    name: Annotated[
+        str | None,
+        Query(max_length=MAX_NAME_CHARS, description="Only batches of exactly this name."),
+    ] = None,
+    metadata: MetadataPairs = None,
     created_after: Annotated[datetime | None, BeforeValidator(_rfc3339)] = None,
     created_before: Annotated[datetime | None, BeforeValidator(_rfc3339)] = None,
     cursor: Annotated[
@@ -374,6 +414,8 @@ async def list_batches(
         tenant=tenant,
         status=status,
         task=task,
+        name=None if name is None else check_name(name),
+        metadata=None if metadata is None else _metadata_pairs(metadata),
         created_after=created_after,
         created_before=created_before,
         before_id=before_id,

@@ -2,10 +2,10 @@
 -- The unique idempotency key decides "already submitted": no row back means it exists.
 INSERT INTO pgbatch.batches
     (tenant, task, queue, priority, shard_size, max_attempts, lease_ttl_s, on_complete,
-     idempotency_key)
+     idempotency_key, name, metadata)
 VALUES
     (%(tenant)s, %(task)s, %(queue)s, %(priority)s, %(shard_size)s, %(max_attempts)s, %(lease_ttl_s)s,
-     %(on_complete)s, %(idempotency_key)s)
+     %(on_complete)s, %(idempotency_key)s, %(name)s, %(metadata)s::jsonb)
 ON CONFLICT (tenant, idempotency_key) DO NOTHING
 RETURNING id;
 
@@ -38,14 +38,15 @@ WITH sealed AS (
     INSERT INTO pgbatch.batches
         (tenant, task, queue, priority, shard_size, max_attempts, lease_ttl_s, on_complete,
          idempotency_key, total_items, total_shards, payload_hash, status, started_at,
-         finished_at)
+         finished_at, name, metadata)
     VALUES
         (%(tenant)s, %(task)s, %(queue)s, %(priority)s, %(shard_size)s, %(max_attempts)s, %(lease_ttl_s)s,
          %(on_complete)s, %(idempotency_key)s, %(total_items)s, %(total_shards)s,
          %(payload_hash)s,
          CASE WHEN %(total_shards)s = 0 THEN 'succeeded' ELSE 'pending' END,
          CASE WHEN %(total_shards)s = 0 THEN now() END,
-         CASE WHEN %(total_shards)s = 0 THEN now() END)
+         CASE WHEN %(total_shards)s = 0 THEN now() END,
+         %(name)s, %(metadata)s::jsonb)
     ON CONFLICT (tenant, idempotency_key) DO NOTHING
     RETURNING *
 ), items AS (
@@ -77,6 +78,7 @@ shards AS (
 SELECT id, tenant, task, queue, priority, status, shard_size, max_attempts, lease_ttl_s,
        total_items, total_shards, shards_done, shards_dead, items_ok, items_failed,
        run_no, on_complete, idempotency_key, version, created_at, started_at, finished_at,
+       name, metadata, items_cancelled,
        -- NOTIFY is delivered at commit; these columns only make the calls happen.
        CASE WHEN total_shards > 0 THEN pg_notify('pgbatch_shards', queue)::text END
            AS notified_shards,
@@ -88,7 +90,8 @@ FROM sealed;
 -- name: batch_get
 SELECT id, tenant, task, queue, priority, status, shard_size, max_attempts, lease_ttl_s,
        total_items, total_shards, shards_done, shards_dead, items_ok, items_failed,
-       run_no, on_complete, idempotency_key, version, created_at, started_at, finished_at
+       run_no, on_complete, idempotency_key, version, created_at, started_at, finished_at,
+       name, metadata, items_cancelled
 FROM pgbatch.batches
 -- A null tenant is the library's and the CLI's view: every batch.
 WHERE id = %(batch_id)s AND (%(tenant)s::text IS NULL OR tenant = %(tenant)s);
@@ -96,7 +99,8 @@ WHERE id = %(batch_id)s AND (%(tenant)s::text IS NULL OR tenant = %(tenant)s);
 -- name: batch_get_many
 SELECT id, tenant, task, queue, priority, status, shard_size, max_attempts, lease_ttl_s,
        total_items, total_shards, shards_done, shards_dead, items_ok, items_failed,
-       run_no, on_complete, idempotency_key, version, created_at, started_at, finished_at
+       run_no, on_complete, idempotency_key, version, created_at, started_at, finished_at,
+       name, metadata, items_cancelled
 FROM pgbatch.batches
 WHERE id = ANY(%(batch_ids)s::bigint[]);
 
@@ -111,11 +115,15 @@ FOR NO KEY UPDATE;
 -- is optional (null).
 SELECT id, tenant, task, queue, priority, status, shard_size, max_attempts, lease_ttl_s,
        total_items, total_shards, shards_done, shards_dead, items_ok, items_failed,
-       run_no, on_complete, idempotency_key, version, created_at, started_at, finished_at
+       run_no, on_complete, idempotency_key, version, created_at, started_at, finished_at,
+       name, metadata, items_cancelled
 FROM pgbatch.batches
 WHERE (%(tenant)s::text IS NULL OR tenant = %(tenant)s)
   AND (%(status)s::text IS NULL OR status = %(status)s)
   AND (%(task)s::text IS NULL OR task = %(task)s)
+  -- batches_tenant_name_id_idx and batches_metadata_idx (jsonb_path_ops: containment).
+  AND (%(name)s::text IS NULL OR name = %(name)s)
+  AND (%(metadata)s::jsonb IS NULL OR metadata @> %(metadata)s::jsonb)
   AND (%(created_after)s::timestamptz IS NULL OR created_at >= %(created_after)s)
   AND (%(created_before)s::timestamptz IS NULL OR created_at < %(created_before)s)
   AND (%(before_id)s::bigint IS NULL OR id < %(before_id)s)
@@ -127,11 +135,12 @@ SELECT status, count(*)::int FROM pgbatch.shards WHERE batch_id = %(batch_id)s G
 
 -- name: batch_throughput
 -- Items finished per time bucket, from the shards' finish times: the dashboard's chart.
+-- A cancelled shard ran nothing (or was stopped): its items are not throughput.
 SELECT to_timestamp(floor(extract(epoch FROM finished_at) / %(bucket_s)s) * %(bucket_s)s)
            AS bucket,
        sum(last_seq - first_seq + 1)::bigint AS items
 FROM pgbatch.shards
-WHERE batch_id = %(batch_id)s AND finished_at IS NOT NULL
+WHERE batch_id = %(batch_id)s AND finished_at IS NOT NULL AND status <> 'cancelled'
 GROUP BY 1
 ORDER BY 1;
 
@@ -154,8 +163,8 @@ LIMIT %(limit)s;
 WITH delta AS (
     SELECT *
     FROM unnest(%(batch_ids)s::bigint[], %(shards)s::int[], %(dead)s::int[],
-                %(ok)s::bigint[], %(failed)s::bigint[])
-        AS d(batch_id, shards, dead, ok, failed)
+                %(ok)s::bigint[], %(failed)s::bigint[], %(cancelled)s::bigint[])
+        AS d(batch_id, shards, dead, ok, failed, cancelled)
 ), locked AS (
     SELECT b.id FROM pgbatch.batches b
     WHERE b.id = ANY(%(batch_ids)s::bigint[])
@@ -167,6 +176,7 @@ WITH delta AS (
         shards_dead  = b.shards_dead + d.dead,
         items_ok     = b.items_ok + d.ok,
         items_failed = b.items_failed + d.failed,
+        items_cancelled = b.items_cancelled + d.cancelled,
         status = CASE
             WHEN b.shards_done + d.shards < b.total_shards
                 THEN CASE WHEN b.status = 'pending' THEN 'running' ELSE b.status END

@@ -37,10 +37,12 @@ from typing import Any
 from pgbatch.app import App
 from pgbatch.engine.context import ShardContext
 from pgbatch.errors import ConfigurationError, InvalidBatchError
+from pgbatch.labels import MAX_NAME_CHARS
 from pgbatch.models import Batch, BatchStatus, Item, Outcome, ok
 from pgbatch.workloads.collections import queries
 
 __all__ = [
+    "ASSOCIATIONS_TOTAL_KEY",
     "KEYS_PER_ITEM",
     "RANGES_PER_SHARD",
     "TASK",
@@ -72,6 +74,8 @@ MAX_KEYS_PER_ITEM = 100_000
 MAX_KEY_CHARS = 200
 
 _OK = ok(None)
+# The metadata key of a copy's batch that holds how many associations it covers.
+ASSOCIATIONS_TOTAL_KEY = "associations_total"
 
 
 class CollectionNotFoundError(InvalidBatchError):
@@ -91,6 +95,9 @@ class CopyReport:
     inserted: int
     already_present: int
     not_in_source: int  # listed ids the source does not hold (0 for a copy of all)
+    # Associations the copy covers: the source's keys at submit, or the listed ids (None
+    # for a copy submitted before copies recorded it).
+    associations_total: int | None = None
 
     @property
     def finished(self) -> bool:
@@ -220,13 +227,17 @@ async def submit_copy_or_find(
             )
             items = [
                 {"source": source, "target": target, "first": first, "last": last}
-                for first, last in ranges
+                for first, last, _ in ranges
             ]
+            associations = sum(keys for _, _, keys in ranges)
         else:
             items = [
                 {"source": source, "target": target, "ids": ids[start : start + keys_per_item]}
                 for start in range(0, len(ids), keys_per_item)
             ]
+            associations = len(ids)
+    # The copy labels its batch: lists and the dashboard show source → target, and the
+    # total is fixed with the batch in its submit transaction (a range is only bounds).
     return await app.submit_or_find(
         TASK,
         items,
@@ -234,6 +245,12 @@ async def submit_copy_or_find(
         idempotency_key=idempotency_key,
         priority=priority,
         tenant=tenant,
+        name=f"copy {source} → {target}"[:MAX_NAME_CHARS],
+        metadata={
+            "source": source,
+            "target": target,
+            ASSOCIATIONS_TOTAL_KEY: str(associations),
+        },
     )
 
 
@@ -250,6 +267,7 @@ async def copy_report(app: App, batch_id: int, *, tenant: str | None = None) -> 
         counts = await queries.copy_counts(conn, batch_id)
         endpoints = await queries.copy_endpoints(conn, batch_id)
     source, target = endpoints if endpoints is not None else (None, None)
+    total = batch.metadata.get(ASSOCIATIONS_TOTAL_KEY)
     return CopyReport(
         batch_id=batch_id,
         source=source,
@@ -260,6 +278,7 @@ async def copy_report(app: App, batch_id: int, *, tenant: str | None = None) -> 
         inserted=counts.inserted,
         already_present=counts.already_present,
         not_in_source=counts.not_in_source,
+        associations_total=int(total) if total is not None and total.isdigit() else None,
     )
 
 

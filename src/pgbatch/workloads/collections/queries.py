@@ -115,13 +115,13 @@ async def count_collection_items(
 
 async def plan_copy_ranges(
     conn: psycopg.AsyncConnection[Any], tenant: str, source: str, *, keys_per_range: int
-) -> list[tuple[str, str]]:
-    """Cut the source's keys into ranges of `keys_per_range` keys; return (first, last) each."""
+) -> list[tuple[str, str, int]]:
+    """Cut the source's keys into ranges of `keys_per_range` keys; return (first, last, keys)."""
     cur = await conn.execute(
         query("collection_copy_plan_ranges"),
         {"tenant": tenant, "source": source, "keys": keys_per_range},
     )
-    return [(first, last) for first, last in await cur.fetchall()]
+    return [(first, last, int(keys)) for first, last, keys in await cur.fetchall()]
 
 
 def copy_ranges_statement(

@@ -46,6 +46,10 @@ class CopyReportOut(BaseModel):
     inserted: int
     already_present: int
     not_in_source: int
+    associations_total: int | None = Field(
+        description="Associations the copy covers (the source's keys at submit, or the listed"
+        " ids); null for a copy submitted before pgbatch recorded it."
+    )
 
 
 @router.post(

@@ -5,6 +5,7 @@ import { AuthRequired, forgetToken, setToken, token } from "./api.js";
 import { mountDetail } from "./detail.js";
 import { mountFleetStrip } from "./fleet.js";
 import { h } from "./dom.js";
+import { mountJobs } from "./jobs.js";
 import { mountList } from "./list.js";
 
 const main = document.querySelector("main");
@@ -115,6 +116,7 @@ function askForToken(rejected) {
         if (!value) return;
         setToken(value);
         render({ focus: true });
+        jobs.reload();
       },
     },
     heading,
@@ -141,5 +143,7 @@ forgetButton.addEventListener("click", () => {
   render({ focus: true });
 });
 window.addEventListener("hashchange", () => render({ focus: true }));
+// The active-jobs drawer lives in the top bar: on every page, across route changes.
+const jobs = mountJobs(document.querySelector(".topbar-right"));
 render();
 mountFleetStrip(document.querySelector("[data-testid=fleet-strip]"));

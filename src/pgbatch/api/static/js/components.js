@@ -23,15 +23,23 @@ export function count(n) {
   return integer.format(n);
 }
 
-/** Return the whole percentage of items done (100 only when every item is done). */
-export function percentDone(batch) {
-  if (batch.total_items === 0) return batch.is_final ? 100 : 0;
-  return Math.floor((batch.items_done * 100) / batch.total_items);
+/**
+ * Return the items that ran (succeeded or failed): a cancellation ends items without
+ * running them, so it is neither progress nor throughput.
+ */
+export function itemsRan(batch) {
+  return batch.items_ok + batch.items_failed;
 }
 
-/** Return "x of n" for the batch's items. */
+/** Return the whole percentage of items that ran (100 only when every item ran). */
+export function percentDone(batch) {
+  if (batch.total_items === 0) return batch.is_final ? 100 : 0;
+  return Math.floor((itemsRan(batch) * 100) / batch.total_items);
+}
+
+/** Return "x of n" for the batch's items that ran. */
 export function itemsOf(batch) {
-  return `${count(batch.items_done)} of ${count(batch.total_items)}`;
+  return `${count(itemsRan(batch))} of ${count(batch.total_items)}`;
 }
 
 export function statusLabel(status) {
@@ -58,10 +66,14 @@ export function setBadge(node, batch) {
   node.replaceChildren(h("span", { class: "badge-dot", "aria-hidden": "true" }), label);
 }
 
-/** Return "n failed", or "n failed or cancelled" for a cancelled batch (the API counts both). */
+/** Return "n failed". */
 export function failedText(batch) {
-  const n = count(batch.items_failed);
-  return batch.status === "cancelled" ? `${n} failed or cancelled` : `${n} failed`;
+  return `${count(batch.items_failed)} failed`;
+}
+
+/** Return "n cancelled" (items a cancellation ended; the API counts them apart). */
+export function cancelledText(batch) {
+  return `${count(batch.items_cancelled ?? 0)} cancelled`;
 }
 
 /** Return "1 item", "3 items": `count` with the noun in the right number. */
@@ -77,6 +89,7 @@ export class ProgressBar {
   constructor(label, { large = false } = {}) {
     this.ok = h("span", { class: "bar-ok" });
     this.failed = h("span", { class: "bar-failed" });
+    this.cancelled = h("span", { class: "bar-cancelled" });
     this.el = h(
       "div",
       {
@@ -90,6 +103,7 @@ export class ProgressBar {
       },
       this.ok,
       this.failed,
+      this.cancelled,
     );
   }
 
@@ -99,11 +113,13 @@ export class ProgressBar {
     const el = this.el;
     el.setAttribute("aria-valuenow", pct);
     const failed = batch.items_failed ? `, ${failedText(batch)}` : "";
-    el.setAttribute("aria-valuetext", `${itemsOf(batch)} items done (${pct}%)${failed}`);
+    const cancelled = batch.items_cancelled ? `, ${cancelledText(batch)}` : "";
+    el.setAttribute("aria-valuetext", `${itemsOf(batch)} items done (${pct}%)${failed}${cancelled}`);
     el.dataset.status = batch.status;
     const okShare = batch.total_items === 0 && batch.is_final ? 100 : (batch.items_ok * 100) / total;
     this.ok.style.width = `${okShare}%`;
     this.failed.style.width = `${(batch.items_failed * 100) / total}%`;
+    this.cancelled.style.width = `${((batch.items_cancelled ?? 0) * 100) / total}%`;
   }
 }
 
@@ -157,6 +173,20 @@ export function elapsed(batch) {
 }
 
 /**
+ * Return "waited 2 s · ran 1 min 5 s": the time in the queue (submit to first claim)
+ * apart from the time running (first claim to the end, or to now).
+ */
+export function tookText(batch) {
+  if (batch.waiting_s === null || batch.waiting_s === undefined) {
+    return batch.is_final ? `took ${duration(elapsed(batch))}` : `waiting ${duration(elapsed(batch))}`;
+  }
+  const waited = `waited ${duration(batch.waiting_s)}`;
+  if (batch.running_s !== null && batch.running_s !== undefined) return `${waited} · ran ${duration(batch.running_s)}`;
+  const running = (Date.now() - Date.parse(batch.started_at)) / 1000;
+  return `${waited} · running ${duration(running)}`;
+}
+
+/**
  * Items per second of each batch, from the snapshots its event stream delivered:
  * measured in the browser, so the page needs no extra request for it.
  */
@@ -167,8 +197,10 @@ export class RateMeter {
     const now = performance.now();
     let samples = this.#samples.get(batch.id);
     // A retry (new version, fewer items done) starts a new measurement.
-    if (!samples || samples.at(-1).done > batch.items_done) samples = [];
-    samples.push({ at: now, done: batch.items_done });
+    // Items that ran, not items_done: a cancel ends thousands at once, which is no speed.
+    const done = itemsRan(batch);
+    if (!samples || samples.at(-1).done > done) samples = [];
+    samples.push({ at: now, done });
     while (samples.length > 2 && now - samples[1].at > RATE_WINDOW_MS) samples.shift();
     this.#samples.set(batch.id, samples);
   }
@@ -186,15 +218,15 @@ export class RateMeter {
     return (last.done - first.done) / seconds;
   }
 
-  /** Return "12/s · ~40 s left", "running 3 s", "stopping…" or "took 1.2 s". */
+  /** Return "12/s · ~40 s left", "running 3 s", "stopping…" or "waited 1 s · ran 2 s". */
   describe(batch) {
     const spent = duration(elapsed(batch));
-    if (batch.is_final) return `took ${spent}`;
+    if (batch.is_final) return tookText(batch);
     if (isStopping(batch)) return "stopping…";
     if (batch.status === "pending") return `waiting ${spent}`;
     const speed = this.perSecond(batch);
     if (speed) {
-      const left = (batch.total_items - batch.items_done) / speed;
+      const left = (batch.total_items - itemsRan(batch)) / speed;
       return `${rate(speed)} · ~${duration(left)} left`;
     }
     return speed === 0 ? `0/s · running ${spent}` : `running ${spent}`;

@@ -12,6 +12,7 @@ import {
   count,
   duration,
   elapsed,
+  tookText,
   itemsOf,
   percentDone,
   plural,
@@ -20,9 +21,11 @@ import {
   timeAgo,
   refreshTimes,
 } from "./components.js";
+import { COPY_TASK, copyView } from "./copy.js";
 import { h, setText } from "./dom.js";
 import { waitingLabel, waitingReason, waitingSentence } from "./fleet.js";
 import { errorGroupsSection, lastErrorSection, loadErrorGroups, tracebackDetails } from "./failures.js";
+import { metadataChips } from "./labels.js";
 
 // The insight is read at most this often however fast events arrive (it counts shards
 // and scans throughput: cheap, but not for every event of a fast batch).
@@ -60,6 +63,9 @@ export function mountDetail(root, batchId, ctx) {
 
   const heading = h("h1", { tabindex: -1 }, "Batch ", h("span", { class: "batch-id" }, `#${batchId}`));
   const taskName = h("span", { class: "task-name", "data-testid": "batch-task" });
+  const batchName = h("p", { class: "batch-title", "data-testid": "batch-title", hidden: true });
+  const copyBox = h("div", { class: "copy-slot" });
+  let copy = null;
   const statusBadge = badge();
   const retryButton = h(
     "button",
@@ -79,6 +85,7 @@ export function mountDetail(root, batchId, ctx) {
   const stats = {
     ok: stat("Succeeded", "items-ok"),
     failed: stat("Failed", "items-failed"),
+    cancelled: stat("Cancelled", "items-cancelled"),
     shards: stat("Shards done", "shards-done"),
     pace: stat("Pace", "pace"),
   };
@@ -144,8 +151,10 @@ export function mountDetail(root, batchId, ctx) {
       h("div", { class: "title" }, heading, taskName, statusBadge),
       h("div", { class: "actions" }, retryButton, cancelButton),
     ),
+    batchName,
     notice,
     waiting,
+    copyBox,
     h(
       "section",
       { class: "card progress-card", "aria-label": "Progress" },
@@ -227,14 +236,23 @@ export function mountDetail(root, batchId, ctx) {
 
   function render() {
     setText(taskName, batch.task);
+    setText(batchName, batch.name ?? "");
+    batchName.hidden = !batch.name;
+    if (batch.task === COPY_TASK && !copy) {
+      copy = copyView(batchId);
+      copyBox.replaceChildren(copy.el);
+    }
+    copy?.update(batch);
     setBadge(statusBadge, batch);
     view.dataset.status = batch.status;
     bar.set(batch);
     setText(headline, `${itemsOf(batch)} items`);
     setText(percent, `${percentDone(batch)}%`);
     setText(stats.ok.value, count(batch.items_ok));
-    setText(stats.failed.label, batch.status === "cancelled" ? "Failed or cancelled" : "Failed");
     setText(stats.failed.value, count(batch.items_failed));
+    // Cancelled items apart from failed ones (issue 12 §3); shown once there are some.
+    setText(stats.cancelled.value, count(batch.items_cancelled ?? 0));
+    stats.cancelled.el.hidden = !batch.items_cancelled && batch.status !== "cancelled";
     stats.failed.el.classList.toggle("is-bad", batch.items_failed > 0);
     const dead = batch.shards_dead ? ` (${count(batch.shards_dead)} dead)` : "";
     setText(stats.shards.value, `${count(batch.shards_done)} of ${count(batch.total_shards)}${dead}`);
@@ -257,6 +275,7 @@ export function mountDetail(root, batchId, ctx) {
 
   function renderDetails() {
     const rows = [
+      ["Name", batch.name ?? "—"],
       ["Task", batch.task],
       ["Queue", batch.queue],
       ["Run", batch.run_no > 1 ? `${batch.run_no} (retried)` : String(batch.run_no)],
@@ -267,10 +286,13 @@ export function mountDetail(root, batchId, ctx) {
       ["Started", when(batch.started_at)],
       ["Finished", when(batch.finished_at)],
       [batch.is_final ? "Took" : "So far", duration(elapsed(batch))],
+      ["Waiting / running", tookText(batch)],
       ["Version", String(batch.version)],
     ];
     if (batch.idempotency_key) rows.push(["Idempotency key", batch.idempotency_key]);
     if (batch.on_complete) rows.push(["On complete", batch.on_complete]);
+    const chips = metadataChips(batch);
+    if (chips) rows.push(["Metadata", chips]);
     details.replaceChildren(...rows.map(([term, value]) => h("div", {}, h("dt", {}, term), h("dd", {}, value))));
     if (document.activeElement !== priorityInput) priorityInput.value = String(batch.priority);
   }
@@ -551,6 +573,7 @@ export function mountDetail(root, batchId, ctx) {
       clearTimeout(insightTimer);
       clearTimeout(idleTimer);
       clearInterval(ticker);
+      copy?.dispose();
       if (confirmDialog.open) confirmDialog.close();
     },
   };

@@ -7,6 +7,7 @@ import {
   ProgressBar,
   RateMeter,
   badge,
+  cancelledText,
   count,
   failedText,
   itemsOf,
@@ -19,6 +20,7 @@ import {
 } from "./components.js";
 import { h, setText } from "./dom.js";
 import { waitingLabel, waitingReason } from "./fleet.js";
+import { batchLabel, labelFilterInputs, labelsMatch, readLabelFilter, writeLabelFilter } from "./labels.js";
 
 const PAGE_SIZE = 50;
 const MAX_PAGE = 500; // the API's largest `limit`
@@ -38,6 +40,7 @@ class Row {
     this.percent = h("span", { class: "pct", "aria-hidden": "true" });
     this.counts = h("span", { "data-testid": "counts" });
     this.failed = h("span", { class: "failed-count" });
+    this.cancelled = h("span", { class: "cancelled-count", "data-testid": "cancelled-count" });
     this.pace = h("td", { class: "pace" });
     const href = `#/batches/${batch.id}`;
     this.el = h(
@@ -52,10 +55,10 @@ class Row {
         },
       },
       h("th", { scope: "row" }, h("a", { href, "data-testid": "batch-link" }, `#${batch.id}`)),
-      h("td", { class: "task" }, batch.task),
+      h("td", { class: "task" }, batchLabel(batch)),
       h("td", { class: "status-cell" }, this.badge),
       h("td", { class: "progress-cell" }, h("div", { class: "progress-line" }, this.bar.el, this.percent)),
-      h("td", { class: "num items" }, this.counts, this.failed),
+      h("td", { class: "num items" }, this.counts, this.failed, this.cancelled),
       this.pace,
       h("td", { class: "created" }, timeAgo(batch.created_at)),
     );
@@ -72,6 +75,7 @@ class Row {
     setText(this.percent, `${percentDone(batch)}%`);
     setText(this.counts, itemsOf(batch));
     setText(this.failed, batch.items_failed ? failedText(batch) : "");
+    setText(this.cancelled, batch.items_cancelled ? cancelledText(batch) : "");
     this.tick();
   }
 
@@ -85,7 +89,7 @@ class Row {
 
 /** Show the list in `root`; return {heading, unmount}. `query` holds the filters. */
 export function mountList(root, query, ctx) {
-  const filter = { status: query.get("status") ?? "", task: query.get("task") ?? "" };
+  const filter = { status: query.get("status") ?? "", task: query.get("task") ?? "", ...readLabelFilter(query) };
   if (!STATUSES.includes(filter.status)) filter.status = "";
   const meter = new RateMeter();
   const rows = new Map();
@@ -153,6 +157,7 @@ export function mountList(root, query, ctx) {
       typing = setTimeout(() => setFilter({ task: taskInput.value.trim() }), TYPING_PAUSE_MS);
     },
   });
+  const labelInputs = labelFilterInputs(filter, (change) => setFilter(change), TYPING_PAUSE_MS);
   const view = h(
     "section",
     { class: "view list-view", "data-testid": "list-view", "data-loaded": "false" },
@@ -162,6 +167,7 @@ export function mountList(root, query, ctx) {
       { class: "filters", role: "search", onsubmit: (event) => event.preventDefault() },
       statusTabs,
       h("label", { class: "task-filter", for: "task-filter" }, h("span", {}, "Task"), taskInput),
+      labelInputs.nodes,
     ),
     h("div", { class: "card table-card" }, table, empty),
     h("div", { class: "more" }, moreButton),
@@ -170,7 +176,11 @@ export function mountList(root, query, ctx) {
   document.title = "Batches · pgbatch";
 
   function matches(batch) {
-    return (!filter.status || batch.status === filter.status) && (!filter.task || batch.task === filter.task);
+    return (
+      (!filter.status || batch.status === filter.status) &&
+      (!filter.task || batch.task === filter.task) &&
+      labelsMatch(batch, filter)
+    );
   }
 
   function oldestId() {
@@ -221,6 +231,7 @@ export function mountList(root, query, ctx) {
     const params = new URLSearchParams({ limit: String(limit) });
     if (filter.status) params.set("status", filter.status);
     if (filter.task) params.set("task", filter.task);
+    writeLabelFilter(params, filter);
     if (cursor) params.set("cursor", cursor);
     return `v1/batches?${params}`;
   }
@@ -257,7 +268,7 @@ export function mountList(root, query, ctx) {
   }
 
   function showEmpty() {
-    const filtered = filter.status || filter.task;
+    const filtered = filter.status || filter.task || filter.name || filter.metadata.length;
     empty.replaceChildren(
       h("p", { class: "empty-title" }, filtered ? "No batches match these filters." : "No batches yet."),
       filtered
@@ -279,6 +290,7 @@ export function mountList(root, query, ctx) {
     const params = new URLSearchParams();
     if (filter.status) params.set("status", filter.status);
     if (filter.task) params.set("task", filter.task);
+    writeLabelFilter(params, filter);
     const hash = params.toString() ? `#/?${params}` : "#/";
     // The filters live in the address (to share or reload), without a new history entry.
     history.replaceState(null, "", hash);
@@ -315,6 +327,7 @@ export function mountList(root, query, ctx) {
       stream.close();
       clearInterval(ticker);
       clearTimeout(typing);
+      labelInputs.stop();
     },
   };
 }

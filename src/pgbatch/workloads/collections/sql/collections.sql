@@ -40,8 +40,9 @@ WHERE tenant = %(tenant)s AND collection_id = %(collection_id)s;
 
 -- name: collection_copy_plan_ranges
 -- Cut the source's keys, in key order, into ranges of "keys" keys; return each range's
--- first and last key. One index-only scan of the source; only the bounds leave the server.
-SELECT min(item_id), max(item_id)
+-- first and last key and how many keys it holds. One index-only scan of the source; only
+-- the bounds leave the server.
+SELECT min(item_id), max(item_id), count(*)
 FROM (
     SELECT item_id, (row_number() OVER (ORDER BY item_id) - 1) / %(keys)s::bigint AS chunk
     FROM pgbatch.collection_items
