@@ -424,8 +424,8 @@ def status(
                     lines += [f"traceback of item {first_traced[0]}:", _indent(first_traced[1])]
                 _print_plain("error samples:\n" + "\n".join(lines))
             if last is not None:
-                where = f"shard {last.shard_no}, items {last.first_seq}-{last.last_seq}"
-                text = f"last error ({where}, {last.status}): {last.error}"
+                place = f"shard {last.shard_no}, items {last.first_seq}-{last.last_seq}"
+                text = f"last error ({place}, {last.status}): {last.error}"
                 if last.traceback and not (samples and last.traceback in (t for *_, t in samples)):
                     text += "\n" + _indent(last.traceback)
                 _print_plain(text)
