@@ -46,6 +46,7 @@ from pgbatch.tasks import (
     CallbackSpec,
     Handler,
     TaskSpec,
+    check_registration,
 )
 from pgbatch.workload import Workload
 
@@ -107,6 +108,7 @@ class App:
 
         def register(fn: Handler) -> Handler:
             task_name = name or fn.__name__
+            check_registration("task", task_name, fn, self.tasks)
             self.tasks[task_name] = TaskSpec(
                 task_name, fn, shard_size, max_attempts, lease_ttl_s, timeout_s, queue, internal
             )
@@ -119,6 +121,7 @@ class App:
 
         def register(fn: CallbackFn) -> CallbackFn:
             callback_name = name or fn.__name__
+            check_registration("callback", callback_name, fn, self.callbacks)
             self.callbacks[callback_name] = CallbackSpec(callback_name, fn)
             return fn
 
