@@ -545,6 +545,14 @@ def serve(
         check_bind(host, tokens)
     except PgbatchError as exc:
         _fail(str(exc), 2)
+    if not any(not spec.internal for spec in app.tasks.values()):
+        err_console.print(
+            "warning: no tasks registered"
+            + ("" if app_spec else " (no --app given)")
+            + ": the API can submit no batch. Pass --app module:attribute naming your "
+            "pgbatch.App, or set PGBATCH_APP",
+            highlight=False,
+        )
     if not tokens.enabled:
         err_console.print(
             f"no API tokens configured (PGBATCH_API_TOKENS): listening on {host} only, "
@@ -562,10 +570,28 @@ def serve(
         try:
             await http.serve()
         finally:
+            # The server stopped (Ctrl-C, SIGTERM): drain the worker as `pgbatch worker`
+            # does, so no shard is left `running` under a lease nobody renews.
+            if not worker_task.done():
+                err_console.print("draining: finishing in-flight shards (signal again to stop now)")
+            _stop_now_on_signal()
             work.request_stop()
             await worker_task
 
+    # Exit 0 on Ctrl-C: uvicorn handles the signal and `serve()` returns.
     _run(_closing(app, run()))
+
+
+def _stop_now_on_signal() -> None:
+    """Make the next SIGINT/SIGTERM end the process at once (leases then expire)."""
+
+    def stop_now() -> None:
+        err_console.print("stopping now; unfinished leases will expire")
+        os._exit(1)
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop_now)
 
 
 @token_cli.command("new")

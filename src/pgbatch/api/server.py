@@ -6,7 +6,9 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import AsyncIterator
+import signal
+import threading
+from collections.abc import AsyncIterator, Iterator
 from importlib import resources
 from typing import Any
 
@@ -137,7 +139,30 @@ def server(
         http=_with_header_timeout(app.settings.api_header_timeout_s),
         lifespan="on",
     )
-    return uvicorn.Server(config)
+    return _Server(config)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, ending on SIGINT/SIGTERM without raising the signal again.
+
+    uvicorn re-raises a captured signal once it has shut down, so Ctrl-C became a
+    KeyboardInterrupt (exit 130) that also cancelled a worker running beside it mid-drain
+    and left its shard `running`. Here the caller goes on after `serve()` returns.
+    """
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """Stop serving on SIGINT/SIGTERM (a second SIGINT stops at once); then return."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        handled = (signal.SIGINT, signal.SIGTERM)
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
 
 
 class HeaderTimeoutH11Protocol(H11Protocol):
