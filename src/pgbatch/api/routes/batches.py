@@ -422,6 +422,23 @@ async def update_batch(
     return _with_etag(response, batch)
 
 
+@router.post("/batches/{batch_id}/cancel", response_model=BatchOut, responses=ERRORS(404, 409, 412))
+async def cancel_batch(
+    request: Request,
+    response: Response,
+    tenant: Tenant,
+    batch_id: BatchId,
+    if_match: IfMatchHeader = None,
+) -> BatchOut:
+    """Cancel the batch (If-Match optional): queued shards stop, running ones at their next
+    heartbeat. A batch that has already ended answers 409."""
+    expected = _expected_version(if_match, required=False)
+    batch = await api_state(request).app.update(
+        batch_id, cancel=True, expected_version=expected, tenant=tenant
+    )
+    return _with_etag(response, batch)
+
+
 @router.post("/batches/{batch_id}/retry", response_model=RetryOut, responses=ERRORS(404, 409, 412))
 async def retry_batch(
     request: Request,
