@@ -19,6 +19,7 @@ from fastapi.staticfiles import StaticFiles
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from pgbatch.api.auth import TokenTable, is_loopback
+from pgbatch.api.docs import install_offline_docs
 from pgbatch.api.errors import install_error_handlers
 from pgbatch.api.guards import RequestGuard, UploadSlots
 from pgbatch.api.live import ProgressHub
@@ -69,6 +70,9 @@ def create_api(app: App, *, worker: CompletionFlushes | None = None) -> FastAPI:
         version="1",
         summary="Very large batches of work, run durably on PostgreSQL.",
         lifespan=lifespan,
+        # Served by install_offline_docs below, from local assets instead of a CDN.
+        docs_url=None,
+        redoc_url=None,
     )
     api.state.pgbatch = state
     install_error_handlers(api)
@@ -79,6 +83,7 @@ def create_api(app: App, *, worker: CompletionFlushes | None = None) -> FastAPI:
     for workload in app.workloads:
         if workload.router is not None:
             api.include_router(workload.router())
+    install_offline_docs(api)
     static = resources.files("pgbatch.api").joinpath("static")
     api.mount("/static", StaticFiles(directory=str(static)), name="static")
     fixed_paths = frozenset(
