@@ -24,6 +24,7 @@ from pgbatch.api.errors import install_error_handlers
 from pgbatch.api.guards import RequestGuard, UploadSlots
 from pgbatch.api.live import ProgressHub
 from pgbatch.api.metrics import ApiMetrics, CompletionFlushes, MetricsMiddleware
+from pgbatch.api.openapi import install_openapi, operation_id
 from pgbatch.api.routes import batches, events, system
 from pgbatch.api.state import ApiState
 from pgbatch.app import App
@@ -73,6 +74,7 @@ def create_api(app: App, *, worker: CompletionFlushes | None = None) -> FastAPI:
         # Served by install_offline_docs below, from local assets instead of a CDN.
         docs_url=None,
         redoc_url=None,
+        generate_unique_id_function=operation_id,
     )
     api.state.pgbatch = state
     install_error_handlers(api)
@@ -84,6 +86,7 @@ def create_api(app: App, *, worker: CompletionFlushes | None = None) -> FastAPI:
         if workload.router is not None:
             api.include_router(workload.router())
     install_offline_docs(api)
+    install_openapi(api)
     static = resources.files("pgbatch.api").joinpath("static")
     api.mount("/static", StaticFiles(directory=str(static)), name="static")
     fixed_paths = frozenset(
