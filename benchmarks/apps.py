@@ -7,11 +7,20 @@ import time
 import pgbatch
 from pgbatch import Item, Outcome, ShardContext
 
-__all__ = ["FLAKY_EVERY", "FLAKY_TASK", "NOOP_TASK", "WAKEUP_TASK", "app", "make_app"]
+__all__ = [
+    "DONE_CALLBACK",
+    "FLAKY_EVERY",
+    "FLAKY_TASK",
+    "NOOP_TASK",
+    "WAKEUP_TASK",
+    "app",
+    "make_app",
+]
 
 NOOP_TASK = "noop"
 WAKEUP_TASK = "wakeup"
 FLAKY_TASK = "flaky"
+DONE_CALLBACK = "done"
 # The flaky task fails the first attempt of every shard holding a seq divisible by this:
 # 10% of one-item shards, chosen by seq so that every run fails the same shards.
 FLAKY_EVERY = 10
@@ -37,6 +46,10 @@ async def flaky(items: list[Item], ctx: ShardContext) -> list[Outcome]:
     return [_OK] * len(items)
 
 
+async def done(batch: pgbatch.Batch, ctx: pgbatch.CallbackContext) -> None:
+    """Do nothing: a completion callback whose cost is pgbatch's alone."""
+
+
 def make_app(database_url: str | None = None) -> pgbatch.App:
     """Return an App with the benchmark tasks registered (URL from the environment if None)."""
     bench = pgbatch.App(database_url=database_url)
@@ -45,6 +58,7 @@ def make_app(database_url: str | None = None) -> pgbatch.App:
     bench.task(WAKEUP_TASK, max_attempts=1)(wakeup)
     # Two attempts: the failed one and the retry that succeeds.
     bench.task(FLAKY_TASK, max_attempts=2)(flaky)
+    bench.callback(DONE_CALLBACK)(done)
     return bench
 
 

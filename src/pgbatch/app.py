@@ -23,12 +23,14 @@ from pgbatch.config import Settings
 from pgbatch.db import batches as batch_queries
 from pgbatch.db import fleet as fleet_queries
 from pgbatch.db import metrics as metric_queries
+from pgbatch.db.callbacks import callback_status
 from pgbatch.db.database import Database, pool_wait_s, resolve_url
 from pgbatch.db.migrations import Component, migrate, pending_migrations
 from pgbatch.db.notify import PROGRESS_CHANNEL, progress_batch_id
 from pgbatch.db.results import error_groups, list_results
 from pgbatch.db.sessions import session_timeouts
 from pgbatch.engine.notifier import Notifier
+from pgbatch.engine.waiters import BatchWaiters
 from pgbatch.errors import InvalidBatchError, InvalidStateError, UnknownTaskError
 from pgbatch.fleet import QueueState, WaitingReason, WorkerInfo
 from pgbatch.labels import check_metadata, check_name
@@ -52,6 +54,7 @@ from pgbatch.tasks import (
     Handler,
     IsolationStrategy,
     TaskSpec,
+    check_registration,
 )
 from pgbatch.workload import Workload
 
@@ -68,6 +71,9 @@ DEFAULT_TENANT = "default"
 RESULT_PAGE_ROWS = 10_000
 # watch() shows at most this many snapshots a second, however often NOTIFY fires.
 WATCH_MIN_INTERVAL_S = 0.1
+# wait() re-reads the batch this often when no NOTIFY came (a lost notification, a
+# listener reconnecting): the fallback, not the design.
+WAIT_POLL_S = 1.0
 
 
 class App:
@@ -89,6 +95,7 @@ class App:
         self._on_open: list[Callable[[App], Awaitable[None]]] = []
         self._workloads: dict[str, Workload] = {}
         self._db: Database | None = None
+        self._waiters: BatchWaiters | None = None
         self._open_lock = asyncio.Lock()
 
     # -- registration ----------------------------------------------------------------------
@@ -123,6 +130,7 @@ class App:
 
         def register(fn: Handler) -> Handler:
             task_name = name or fn.__name__
+            check_registration("task", task_name, fn, self.tasks)
             self.tasks[task_name] = TaskSpec(
                 task_name,
                 fn,
@@ -143,6 +151,7 @@ class App:
 
         def register(fn: CallbackFn) -> CallbackFn:
             callback_name = name or fn.__name__
+            check_registration("callback", callback_name, fn, self.callbacks)
             self.callbacks[callback_name] = CallbackSpec(callback_name, fn)
             return fn
 
@@ -206,7 +215,10 @@ class App:
                 raise
 
     async def close(self) -> None:
-        """Close the pool."""
+        """Close the pool (and the LISTEN connection of the app's waits)."""
+        if self._waiters is not None:
+            await self._waiters.close()
+            self._waiters = None
         if self._db is not None:
             await self._db.close()
             self._db = None
@@ -583,15 +595,45 @@ class App:
                     await asyncio.sleep(pause)
                 last_shown = time.monotonic()
 
-    async def wait(self, batch_id: int, *, timeout_s: float | None = None) -> Batch:
-        """Wait until the batch ends and return it."""
+    async def wait(
+        self, batch_id: int, *, timeout_s: float | None = None, callbacks: bool = False
+    ) -> Batch:
+        """Wait until the batch ends and return it; with `callbacks`, until its completion
+        callback has run too (or was given up).
+
+        Woken by the batch's own NOTIFY on a LISTEN connection the app's waits share, so a
+        wait costs one read of the batch per change, not a connection.
+        """
+        await self.open()
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        async for batch in self.watch(batch_id, poll_interval_s=0.5):
-            if batch.is_final:
-                return batch
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"batch {batch_id} did not finish within {timeout_s} s")
-        return await self.get_batch(batch_id)
+        if self._waiters is None:
+            self._waiters = BatchWaiters(self.db, listen_timeout_s=self.settings.connect_timeout_s)
+        async with self._waiters.subscribe(batch_id) as changed:
+            while True:
+                changed.clear()
+                try:
+                    batch = await self.get_batch(batch_id)
+                    if batch.is_final and (not callbacks or await self._callback_settled(batch)):
+                        return batch
+                except psycopg.OperationalError:
+                    pass  # the database is away: polled again below
+                wait_s = WAIT_POLL_S
+                if deadline is not None:
+                    wait_s = min(wait_s, deadline - time.monotonic())
+                    if wait_s <= 0:
+                        raise TimeoutError(f"batch {batch_id} did not finish within {timeout_s} s")
+                # Polling is the fallback; the batch's NOTIFY normally ends this wait early.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), wait_s)
+
+    async def _callback_settled(self, batch: Batch) -> bool:
+        """Tell whether the completion callback of the batch's run is done or given up."""
+        if batch.on_complete is None:
+            return True
+        async with self.db.connection() as conn:
+            status = await callback_status(conn, batch.id, batch.run_no)
+        # No row: the run queued none (the row is written with the batch's end, or never).
+        return status in (None, "done", "dead")
 
     # -- operations ------------------------------------------------------------------------
 

@@ -57,6 +57,16 @@ AppOption = Annotated[
 ]
 
 
+DatabaseUrlOption = Annotated[
+    str | None,
+    typer.Option(
+        "--database-url",
+        help="The PostgreSQL to read (default: DATABASE_URL, else the embedded server of "
+        "./.pgbatch or PGBATCH_DATA_DIR).",
+        show_default=False,
+    ),
+]
+
 JsonOption = Annotated[
     bool, typer.Option("--json", help="Print JSON (one document) instead of text, for scripts.")
 ]
@@ -122,7 +132,16 @@ def load_app(spec: str | None) -> App:
     return app
 
 
-def _existing_app() -> App:
+def _say_database(app: App) -> None:
+    """Print, on stderr, the one line that names the database this command uses."""
+    from pgbatch.db.database import describe_database
+
+    err_console.print(
+        describe_database(app.settings), markup=False, highlight=False, soft_wrap=True
+    )
+
+
+def _existing_app(database_url: str | None = None) -> App:
     """Return the App of a command that reads or changes batches that must already exist.
 
     Such a command run in the wrong folder must not start a new, empty embedded server
@@ -132,11 +151,13 @@ def _existing_app() -> App:
     from pgbatch.db.embedded import embedded_exists
 
     settings = Settings()
+    if database_url:
+        settings = settings.model_copy(update={"database_url": database_url})
     if not settings.database_url and not embedded_exists(settings.data_dir):
         _fail(
             f"no database: DATABASE_URL is not set and {settings.data_dir.resolve()} holds no "
-            "embedded server. Run this from the folder that holds your .pgbatch, or set "
-            "PGBATCH_DATA_DIR or DATABASE_URL",
+            "embedded server. Run this from the folder that holds your .pgbatch, or point it "
+            "at your database with --database-url URL, DATABASE_URL or PGBATCH_DATA_DIR",
             2,
         )
     return App(settings=settings)
@@ -250,6 +271,7 @@ def worker(
     if app_spec is None:
         _fail("worker needs --app module:attribute naming your pgbatch.App", 2)
     app = load_app(app_spec)
+    _say_database(app)
 
     async def run() -> None:
         work = app.worker(concurrency=concurrency, queues=queue)
@@ -324,6 +346,7 @@ def submit(
     except PgbatchError as exc:
         _fail(str(exc), 2)
     app = load_app(app_spec)
+    _say_database(app)
 
     async def run() -> None:
         batch = await app.submit(
@@ -356,6 +379,7 @@ def status(
     name: Annotated[str | None, typer.Option(help="List only batches of this name.")] = None,
     metadata: MetadataOption = None,
     as_json: JsonOption = False,
+    database_url: DatabaseUrlOption = None,
 ) -> None:
     """Show one batch, or the most recent ones (filtered by --name and --metadata)."""
     if batch_id is not None and (name is not None or metadata):
@@ -364,7 +388,7 @@ def status(
         where = BatchFilter(name=check_name(name), metadata=_metadata_option(metadata))
     except PgbatchError as exc:
         _fail(str(exc), 2)
-    app = _existing_app()
+    app = _existing_app(database_url)
 
     async def run() -> None:
         if batch_id is None:
@@ -457,11 +481,13 @@ def _failure_json(failure: ShardFailure | None) -> dict[str, Any] | None:
 
 
 @cli.command()
-def watch(batch_id: Annotated[int, typer.Argument()]) -> None:
+def watch(
+    batch_id: Annotated[int, typer.Argument()], database_url: DatabaseUrlOption = None
+) -> None:
     """Show a live progress bar until the batch ends."""
     from pgbatch.progress import watch_batch
 
-    app = _existing_app()
+    app = _existing_app(database_url)
 
     async def run() -> None:
         await app.get_batch(batch_id)  # an unknown id is an error before any bar is drawn
@@ -481,9 +507,13 @@ def watch(batch_id: Annotated[int, typer.Argument()]) -> None:
 
 
 @cli.command()
-def cancel(batch_id: Annotated[int, typer.Argument()], as_json: JsonOption = False) -> None:
+def cancel(
+    batch_id: Annotated[int, typer.Argument()],
+    as_json: JsonOption = False,
+    database_url: DatabaseUrlOption = None,
+) -> None:
     """Cancel a batch: queued shards stop, running shards stop at their next heartbeat."""
-    app = _existing_app()
+    app = _existing_app(database_url)
     cancelled = _run(_closing(app, app.cancel(batch_id)))
     if as_json:
         _print_json({"batch_id": batch_id, "cancelled": cancelled})
@@ -494,9 +524,13 @@ def cancel(batch_id: Annotated[int, typer.Argument()], as_json: JsonOption = Fal
 
 
 @cli.command()
-def retry(batch_id: Annotated[int, typer.Argument()], as_json: JsonOption = False) -> None:
+def retry(
+    batch_id: Annotated[int, typer.Argument()],
+    as_json: JsonOption = False,
+    database_url: DatabaseUrlOption = None,
+) -> None:
     """Re-queue a batch's dead shards and shards with failed items."""
-    app = _existing_app()
+    app = _existing_app(database_url)
     count = _run(_closing(app, app.retry(batch_id)))
     if as_json:
         _print_json({"batch_id": batch_id, "requeued_shards": count})
@@ -514,13 +548,14 @@ def results(
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Write to this file, not stdout.")
     ] = None,
+    database_url: DatabaseUrlOption = None,
 ) -> None:
     """Print a batch's results in item order: NDJSON {seq, ok, output, error}, or CSV."""
     from pgbatch.export import encode_results
 
     if result_format not in ("ndjson", "csv"):
         _fail(f"--format must be ndjson or csv, not {result_format!r}", 2)
-    app = _existing_app()
+    app = _existing_app(database_url)
 
     async def run() -> None:
         await app.get_batch(batch_id)  # an unknown id fails before a file is created
@@ -665,11 +700,20 @@ def serve(
         check_bind(host, tokens)
     except PgbatchError as exc:
         _fail(str(exc), 2)
+    if not any(not spec.internal for spec in app.tasks.values()):
+        err_console.print(
+            "warning: no tasks registered"
+            + ("" if app_spec else " (no --app given)")
+            + ": the API can submit no batch. Pass --app module:attribute naming your "
+            "pgbatch.App, or set PGBATCH_APP",
+            highlight=False,
+        )
     if not tokens.enabled:
         err_console.print(
             f"no API tokens configured (PGBATCH_API_TOKENS): listening on {host} only, "
             "without authentication"
         )
+    _say_database(app)
     err_console.print(f"dashboard: http://{host}:{port}/   API: http://{host}:{port}/docs")
 
     async def run() -> None:
@@ -682,10 +726,28 @@ def serve(
         try:
             await http.serve()
         finally:
+            # The server stopped (Ctrl-C, SIGTERM): drain the worker as `pgbatch worker`
+            # does, so no shard is left `running` under a lease nobody renews.
+            if not worker_task.done():
+                err_console.print("draining: finishing in-flight shards (signal again to stop now)")
+            _stop_now_on_signal()
             work.request_stop()
             await worker_task
 
+    # Exit 0 on Ctrl-C: uvicorn handles the signal and `serve()` returns.
     _run(_closing(app, run()))
+
+
+def _stop_now_on_signal() -> None:
+    """Make the next SIGINT/SIGTERM end the process at once (leases then expire)."""
+
+    def stop_now() -> None:
+        err_console.print("stopping now; unfinished leases will expire")
+        os._exit(1)
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop_now)
 
 
 @token_cli.command("new")

@@ -2,6 +2,7 @@
 
 PgbatchError
 ├── ConfigurationError        settings or environment are unusable
+│   └── RegistrationError     a task or callback cannot be registered as written
 ├── MigrationError            the schema cannot be brought up to date
 ├── InvalidBatchError         a submission is malformed; nothing was written
 │   ├── UnknownTaskError      the task name is not registered
@@ -25,6 +26,7 @@ __all__ = [
     "MigrationError",
     "NonRetryableError",
     "PgbatchError",
+    "RegistrationError",
     "ShardTooLargeError",
     "StaleVersionError",
     "UnknownTaskError",
@@ -37,6 +39,10 @@ class PgbatchError(Exception):
 
 class ConfigurationError(PgbatchError):
     """Settings or environment are unusable; the message says which and how to fix it."""
+
+
+class RegistrationError(ConfigurationError):
+    """A task or callback cannot be registered as written (not async, a name taken twice)."""
 
 
 class MigrationError(PgbatchError):

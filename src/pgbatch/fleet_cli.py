@@ -11,7 +11,17 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from pgbatch.cli import JsonOption, _closing, _existing_app, _fail, _print_json, _run, cli, console
+from pgbatch.cli import (
+    DatabaseUrlOption,
+    JsonOption,
+    _closing,
+    _existing_app,
+    _fail,
+    _print_json,
+    _run,
+    cli,
+    console,
+)
 from pgbatch.fleet import QueueState, WaitingReason, WorkerInfo
 
 __all__ = ["queue_cli", "waiting_text"]
@@ -72,9 +82,9 @@ def _queue_json(queue: QueueState) -> dict[str, Any]:
 
 
 @cli.command()
-def workers(as_json: JsonOption = False) -> None:
+def workers(as_json: JsonOption = False, database_url: DatabaseUrlOption = None) -> None:
     """List the worker processes: queues, tasks, slots in use, last heartbeat, version."""
-    app = _existing_app()
+    app = _existing_app(database_url)
 
     async def run() -> None:
         found = await app.workers(tenant=None)
@@ -107,9 +117,9 @@ def workers(as_json: JsonOption = False) -> None:
 
 
 @cli.command()
-def queues(as_json: JsonOption = False) -> None:
+def queues(as_json: JsonOption = False, database_url: DatabaseUrlOption = None) -> None:
     """List the queues: paused or not, queued and running shards, oldest wait, workers."""
-    app = _existing_app()
+    app = _existing_app(database_url)
 
     async def run() -> None:
         found = await app.queues(tenant=None)
@@ -140,19 +150,23 @@ QueueArgument = Annotated[str, typer.Argument(help="The queue's name.")]
 
 
 @queue_cli.command("pause")
-def queue_pause(name: QueueArgument, as_json: JsonOption = False) -> None:
+def queue_pause(
+    name: QueueArgument, as_json: JsonOption = False, database_url: DatabaseUrlOption = None
+) -> None:
     """Pause a queue: no worker claims from it any more; running shards still finish."""
-    _change_queue(name, pause=True, as_json=as_json)
+    _change_queue(name, pause=True, as_json=as_json, database_url=database_url)
 
 
 @queue_cli.command("resume")
-def queue_resume(name: QueueArgument, as_json: JsonOption = False) -> None:
+def queue_resume(
+    name: QueueArgument, as_json: JsonOption = False, database_url: DatabaseUrlOption = None
+) -> None:
     """Resume a paused queue: its workers are woken and claim at once."""
-    _change_queue(name, pause=False, as_json=as_json)
+    _change_queue(name, pause=False, as_json=as_json, database_url=database_url)
 
 
-def _change_queue(name: str, *, pause: bool, as_json: bool) -> None:
-    app = _existing_app()
+def _change_queue(name: str, *, pause: bool, as_json: bool, database_url: str | None) -> None:
+    app = _existing_app(database_url)
 
     async def run() -> None:
         try:

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import inspect
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+from pgbatch.errors import RegistrationError
 from pgbatch.models import Batch, Item, Outcome
 
 if TYPE_CHECKING:
     from pgbatch.engine.context import CallbackContext, ShardContext
 
 __all__ = ["ISOLATION_STRATEGIES", "CallbackFn", "CallbackSpec", "Handler", "IsolationStrategy",
-           "TaskSpec"]  # fmt: skip
+           "TaskSpec", "check_registration"]  # fmt: skip
 
 # How a raising shard that will not be retried is searched for its poison items
 # (engine/failures.py): "bisect" halves it down to single items, "per_item" runs every
@@ -59,3 +61,30 @@ class CallbackSpec:
 
     name: str
     fn: CallbackFn
+
+
+def check_registration(kind: str, name: str, fn: object, registered: Mapping[str, object]) -> None:
+    """Refuse a `kind` ("task", "callback") that is not async or whose name is taken.
+
+    Both mistakes showed only later: a plain function failed every shard with "object is
+    not awaitable", and a second registration under a name silently replaced the first.
+    """
+    if not callable(fn):
+        raise RegistrationError(f"{kind} {name!r}: {fn!r} is not a function")
+    if not _is_async(fn):
+        raise RegistrationError(
+            f"{kind} {name!r}: {getattr(fn, '__qualname__', fn)!r} must be an async function "
+            f"(async def), not a plain one: pgbatch awaits it"
+        )
+    if name in registered:
+        raise RegistrationError(
+            f"{kind} {name!r} is already registered: give this one another name "
+            f'(@app.{kind}("other_name"))'
+        )
+
+
+def _is_async(fn: object) -> bool:
+    # A coroutine function, a functools.partial of one, or an object whose __call__ is one.
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None)  # noqa: B004 - the bound __call__ of an instance
+    )

@@ -387,8 +387,22 @@ async def test_a_read_command_in_the_wrong_folder_creates_no_server(
     empty = tmp_path / "not-here"
     result = await run_cli(*command, database_url=database_url,
                            env={"DATABASE_URL": "", "PGBATCH_DATA_DIR": str(empty)})  # fmt: skip
-    _assert_clean_failure(result, str(empty), "DATABASE_URL")
+    _assert_clean_failure(result, str(empty), "DATABASE_URL", "--database-url")
     assert not empty.exists(), "a new embedded server was created in the wrong folder"
+
+
+@pytest.mark.asyncio
+async def test_database_url_points_a_read_command_at_its_database(
+    database_url: str, tmp_path: Path
+) -> None:
+    batch_id = await _submit(database_url, "slow", _items_file(tmp_path, 3))
+    empty = tmp_path / "not-here"
+    result = await run_cli("status", str(batch_id), "--json", "--database-url", database_url,
+                           database_url=database_url,
+                           env={"DATABASE_URL": "", "PGBATCH_DATA_DIR": str(empty)})  # fmt: skip
+    assert result.code == 0, result.output
+    assert json.loads(result.stdout)["id"] == batch_id
+    assert not empty.exists()
 
 
 @pytest.mark.asyncio

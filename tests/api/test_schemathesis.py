@@ -156,8 +156,9 @@ def _fuzzing_document() -> dict[str, Any]:
     how long they sleep.
     """
     document = copy.deepcopy(DOCUMENT)
-    submit = document["paths"]["/v1/batches"]["post"]["requestBody"]["content"]
-    submit["application/json"]["schema"]["properties"]["task"]["enum"] = FUZZED_TASKS
+    # The JSON body is the named schema BatchSubmit (api/openapi.py names inline bodies).
+    submit = document["components"]["schemas"]["BatchSubmit"]
+    submit["properties"]["task"]["enum"] = FUZZED_TASKS
     return document
 
 

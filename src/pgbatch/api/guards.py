@@ -27,6 +27,8 @@ from pgbatch.config import Settings
 __all__ = [
     "CLIENT_CLOSED",
     "NDJSON",
+    "NDJSON_MEDIA_TYPES",
+    "OCTET_STREAM",
     "RequestGuard",
     "UploadSlots",
     "is_loopback_host",
@@ -35,6 +37,10 @@ __all__ = [
 _log = logging.getLogger(__name__)
 
 NDJSON = "application/x-ndjson"
+# An NDJSON upload may also say application/octet-stream: client generators that know no
+# x-ndjson (openapi-python-client) send a binary body that way.
+OCTET_STREAM = "application/octet-stream"
+NDJSON_MEDIA_TYPES = frozenset({NDJSON, OCTET_STREAM})
 # A client told to retry (a busy pool, too many uploads) waits this long, in seconds.
 RETRY_AFTER_S = 1
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -188,7 +194,7 @@ class RequestGuard:
         return (
             scope["method"] == "POST"
             and scope["path"] == "/v1/batches"
-            and (content_type == NDJSON)
+            and content_type in NDJSON_MEDIA_TYPES
         )
 
     def _too_large(self, limit: int, upload: bool) -> ApiError:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
+from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from fastapi import Header
@@ -15,6 +16,7 @@ from pgbatch.labels import (
     MAX_METADATA_VALUE_CHARS,
     MAX_NAME_CHARS,
 )
+from pgbatch.api.error_codes import ErrorCode
 from pgbatch.limits import MAX_LEASE_TTL_S, MAX_MAX_ATTEMPTS, MAX_SHARD_SIZE, MIN_LEASE_TTL_S
 from pgbatch.models import Batch, BatchInsight, BatchStatus, ErrorGroup
 
@@ -35,6 +37,8 @@ __all__ = [
     "IntegerText",
     "LastErrorOut",
     "NumberText",
+    "ResultFormat",
+    "ResultStatus",
     "RetryOut",
     "batch_out",
     "error_groups_out",
@@ -62,6 +66,23 @@ def _number_text(value: object) -> object:
 # Validators for an int or float parameter of a path or query string.
 IntegerText = BeforeValidator(_integer_text)
 NumberText = BeforeValidator(_number_text)
+
+
+class ResultStatus(StrEnum):
+    """Which results of a batch to read."""
+
+    ALL = "all"
+    OK = "ok"
+    ERROR = "error"
+
+
+class ResultFormat(StrEnum):
+    """The encoding of a batch's results."""
+
+    NDJSON = "ndjson"
+    CSV = "csv"
+
+
 # A batch id in a path.
 BatchId = Annotated[int, IntegerText]
 # The request headers several routes take (the length bounds those of the database).
@@ -272,9 +293,11 @@ def insight_out(batch: Batch, insight: BatchInsight) -> InsightOut:
 
 
 class ErrorDetail(BaseModel):
-    """What went wrong, and which field of the request caused it."""
+    """What went wrong, and which field of the request caused it (some errors say more)."""
 
-    code: str
+    model_config = ConfigDict(extra="allow")
+
+    code: ErrorCode
     message: str
     field: str | None
 

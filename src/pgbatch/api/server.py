@@ -6,7 +6,9 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import AsyncIterator
+import signal
+import threading
+from collections.abc import AsyncIterator, Iterator
 from importlib import resources
 from typing import Any
 
@@ -17,10 +19,12 @@ from fastapi.staticfiles import StaticFiles
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from pgbatch.api.auth import TokenTable, is_loopback
+from pgbatch.api.docs import install_offline_docs
 from pgbatch.api.errors import install_error_handlers
 from pgbatch.api.guards import RequestGuard, UploadSlots
 from pgbatch.api.live import ProgressHub
 from pgbatch.api.metrics import ApiMetrics, CompletionFlushes, MetricsMiddleware
+from pgbatch.api.openapi import install_openapi, operation_id
 from pgbatch.api.routes import batches, events, fleet, system
 from pgbatch.api.state import ApiState
 from pgbatch.app import App
@@ -67,6 +71,10 @@ def create_api(app: App, *, worker: CompletionFlushes | None = None) -> FastAPI:
         version="1",
         summary="Very large batches of work, run durably on PostgreSQL.",
         lifespan=lifespan,
+        # Served by install_offline_docs below, from local assets instead of a CDN.
+        docs_url=None,
+        redoc_url=None,
+        generate_unique_id_function=operation_id,
     )
     api.state.pgbatch = state
     install_error_handlers(api)
@@ -78,6 +86,8 @@ def create_api(app: App, *, worker: CompletionFlushes | None = None) -> FastAPI:
     for workload in app.workloads:
         if workload.router is not None:
             api.include_router(workload.router())
+    install_offline_docs(api)
+    install_openapi(api)
     static = resources.files("pgbatch.api").joinpath("static")
     api.mount("/static", StaticFiles(directory=str(static)), name="static")
     fixed_paths = frozenset(
@@ -138,7 +148,30 @@ def server(
         http=_with_header_timeout(app.settings.api_header_timeout_s),
         lifespan="on",
     )
-    return uvicorn.Server(config)
+    return _Server(config)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, ending on SIGINT/SIGTERM without raising the signal again.
+
+    uvicorn re-raises a captured signal once it has shut down, so Ctrl-C became a
+    KeyboardInterrupt (exit 130) that also cancelled a worker running beside it mid-drain
+    and left its shard `running`. Here the caller goes on after `serve()` returns.
+    """
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """Stop serving on SIGINT/SIGTERM (a second SIGINT stops at once); then return."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        handled = (signal.SIGINT, signal.SIGTERM)
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
 
 
 class HeaderTimeoutH11Protocol(H11Protocol):

@@ -12,6 +12,7 @@ from pgbatch.db.queries import query
 
 __all__ = [
     "ClaimedCallback",
+    "callback_status",
     "claim_callbacks",
     "fail_callback",
     "finish_callback",
@@ -81,3 +82,12 @@ async def rescue_expired_callbacks(conn: psycopg.AsyncConnection[Any], *, max_at
         if cur.rowcount:
             await conn.execute(query("callback_notify"))
     return cur.rowcount
+
+
+async def callback_status(
+    conn: psycopg.AsyncConnection[Any], batch_id: int, run_no: int
+) -> str | None:
+    """Return the status of the completion callback of a batch's run, or None if none."""
+    cur = await conn.execute(query("callback_status"), {"batch_id": batch_id, "run_no": run_no})
+    row = await cur.fetchone()
+    return None if row is None else str(row[0])

@@ -13,16 +13,17 @@ from typing import Any, TypeVar
 import orjson
 import psycopg
 from psycopg import errors as pg_errors
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.types.json import set_json_loads
 from psycopg_pool import AsyncConnectionPool
 from psycopg_pool.base import AttemptWithBackoff
 
 from pgbatch.config import Settings
-from pgbatch.db.embedded import embedded_url
+from pgbatch.db.embedded import embedded_exists, embedded_log_path, embedded_url
 from pgbatch.db.sessions import SessionTimeouts, apply_session_timeouts
 from pgbatch.errors import ConfigurationError
 
-__all__ = ["Database", "pool_wait_s", "resolve_url"]
+__all__ = ["Database", "describe_database", "pool_wait_s", "resolve_url"]
 
 _log = logging.getLogger(__name__)
 
@@ -36,6 +37,30 @@ TX_RETRY_BASE_S = 0.005
 TX_RETRY_MAX_S = 0.5
 
 RETRYABLE_ERRORS = (pg_errors.DeadlockDetected, pg_errors.SerializationFailure)
+
+
+def describe_database(settings: Settings) -> str:
+    """Return one line naming the database the settings point at (no password shown)."""
+    if settings.database_url:
+        return f"database: {_without_password(settings.database_url)} (DATABASE_URL)"
+    data_dir = settings.data_dir.expanduser().resolve()
+    fresh = "" if embedded_exists(data_dir) else ", created now"
+    return (
+        f"database: embedded PostgreSQL in {data_dir}{fresh} "
+        f"(start-up log: {embedded_log_path(data_dir)}; set DATABASE_URL for another server)"
+    )
+
+
+def _without_password(url: str) -> str:
+    try:
+        params = conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return "(a DATABASE_URL that does not parse)"
+    if "password" in params:
+        params["password"] = "***"
+    host = params.get("host", "")
+    where = f"{host}:{params.get('port', 5432)}" if host else "local socket"
+    return f"{params.get('dbname', params.get('user', ''))} on {where}"
 
 
 def resolve_url(settings: Settings) -> str:

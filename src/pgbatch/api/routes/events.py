@@ -26,9 +26,11 @@ _SSE_HEADERS = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
 
 
 def _event_schema(*, with_id: bool) -> dict[str, Any]:
-    """Return the OpenAPI schema of one event of a stream (OpenAPI 3.1: `schema` is an event).
+    """Return the OpenAPI schema of one event of a stream, its data a batch as JSON.
 
-    Its data is a batch, as JSON.
+    It is the stream's `itemSchema` (OpenAPI 3.2's name, which schemathesis reads in 3.1
+    documents too), not its `schema`: a client generator reads `schema` as the whole body,
+    and openapi-python-client's client then failed to parse the stream as one event.
     """
     properties: dict[str, Any] = {
         "event": {"type": "string", "enum": ["progress", "end"]},
@@ -40,7 +42,13 @@ def _event_schema(*, with_id: bool) -> dict[str, Any]:
     }
     if with_id:
         properties["id"] = {"type": "string", "pattern": "^[0-9]+-[0-9]+-[0-9]+$"}
-    return {"type": "object", "properties": properties, "required": list(properties)}
+    return {
+        # Named, so that a client generator names its class after it (api/openapi.py).
+        "title": "BatchEvent" if with_id else "TenantEvent",
+        "type": "object",
+        "properties": properties,
+        "required": list(properties),
+    }
 
 
 def _event_id(batch: Batch) -> str:
@@ -75,7 +83,7 @@ def _frame(event: str, batch: Batch, *, with_id: bool = True) -> bytes:
                 "description": "`progress` events (data: the batch) as it changes, throttled; a "
                 "final `end` event when it ends, then the stream closes. Event ids resume with "
                 "Last-Event-ID.",
-                "content": {EVENT_STREAM: {"schema": _event_schema(with_id=True)}},
+                "content": {EVENT_STREAM: {"itemSchema": _event_schema(with_id=True)}},
             },
             204: {"description": "The batch had ended and Last-Event-ID shows its end was seen."},
         },
@@ -166,7 +174,7 @@ async def _stream(
             200: {
                 "description": "`progress` events (data: a batch) for every batch of the tenant "
                 "that changes, throttled per batch. No ids: read GET /v1/batches first.",
-                "content": {EVENT_STREAM: {"schema": _event_schema(with_id=False)}},
+                "content": {EVENT_STREAM: {"itemSchema": _event_schema(with_id=False)}},
             }
         }
     ),

@@ -15,10 +15,11 @@ SELECT * FROM claimed ORDER BY id;
 
 -- name: callback_done
 -- Fenced like a shard completion: the callback's own writes commit with this row or not at all.
+-- The progress notification (sent at commit) wakes `app.wait(..., callbacks=True)`.
 UPDATE pgbatch.callbacks
 SET status = 'done', finished_at = now(), lease_expires_at = NULL
 WHERE id = %(callback_id)s AND status = 'running' AND lease_epoch = %(epoch)s
-RETURNING id;
+RETURNING id, pg_notify('pgbatch_progress', batch_id::text)::text;
 
 -- name: callback_failed
 UPDATE pgbatch.callbacks
@@ -27,7 +28,9 @@ SET status = CASE WHEN attempts >= %(max_attempts)s THEN 'dead' ELSE 'queued' EN
     last_error = %(error)s, lease_expires_at = NULL,
     finished_at = CASE WHEN attempts >= %(max_attempts)s THEN now() END
 WHERE id = %(callback_id)s AND status = 'running' AND lease_epoch = %(epoch)s
-RETURNING status;
+RETURNING status,
+          -- A callback given up ends a wait for it too.
+          CASE WHEN status = 'dead' THEN pg_notify('pgbatch_progress', batch_id::text)::text END;
 
 -- name: callback_rescue_expired
 WITH expired AS (
@@ -48,3 +51,7 @@ RETURNING c.id;
 
 -- name: callback_notify
 SELECT pg_notify('pgbatch_callbacks', '');
+
+-- name: callback_status
+-- The callback of one run of a batch: queued, running, done or dead (no row: none was queued).
+SELECT status FROM pgbatch.callbacks WHERE batch_id = %(batch_id)s AND run_no = %(run_no)s;

@@ -1,0 +1,48 @@
+"""/docs and /redoc render in a real browser that can reach nothing but this server."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+import pytest
+from playwright.async_api import Browser, Page, Route, expect
+
+from tests.api.conftest import RunningApi
+from tests.api.test_dashboard_browser import browser, open_page
+
+__all__ = ["browser"]  # the fixture, imported for pytest
+
+
+async def _offline(page: Page, base_url: str) -> list[str]:
+    """Refuse every request not to the API under test (as without internet); return them."""
+    refused: list[str] = []
+    own = urlsplit(base_url).netloc
+
+    async def only_local(route: Route) -> None:
+        if urlsplit(route.request.url).netloc == own:
+            await route.continue_()
+        else:
+            refused.append(route.request.url)
+            await route.abort()
+
+    await page.route("**/*", only_local)
+    return refused
+
+
+@pytest.mark.asyncio
+async def test_swagger_ui_renders_the_operations_offline(api: RunningApi, browser: Browser) -> None:
+    page, errors = await open_page(browser, "about:blank")
+    refused = await _offline(page, api.base_url)
+    await page.goto(f"{api.base_url}/docs")
+    cancel = page.locator(".opblock-summary-path", has_text="/v1/batches/{batch_id}/cancel")
+    await expect(cancel).to_be_visible()
+    assert refused == [] and errors == []
+
+
+@pytest.mark.asyncio
+async def test_redoc_renders_offline(api: RunningApi, browser: Browser) -> None:
+    page, errors = await open_page(browser, "about:blank")
+    refused = await _offline(page, api.base_url)
+    await page.goto(f"{api.base_url}/redoc")
+    await expect(page.get_by_role("heading", name="pgbatch")).to_be_visible()
+    assert refused == [] and errors == []

@@ -1,0 +1,70 @@
+"""Mistakes in registering tasks and callbacks are refused at `@app.task` time."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import pytest
+
+import pgbatch
+from pgbatch import RegistrationError
+
+
+def test_a_plain_function_is_refused_as_a_task_and_as_a_callback() -> None:
+    app = pgbatch.App()
+
+    def handler(items: Any, ctx: Any) -> list[Any]:
+        return []
+
+    with pytest.raises(RegistrationError, match=r"task 'handler'.*must be an async function"):
+        app.task()(handler)  # type: ignore[arg-type]
+    with pytest.raises(RegistrationError, match=r"callback 'handler'.*async"):
+        app.callback()(handler)  # type: ignore[arg-type]
+    assert app.tasks == {} and app.callbacks == {}
+
+
+def test_a_name_registered_twice_is_refused_and_the_first_handler_stays() -> None:
+    app = pgbatch.App()
+
+    @app.task("embed")
+    async def first(items: Any, ctx: Any) -> list[Any]:
+        return []
+
+    with pytest.raises(RegistrationError, match=r"task 'embed' is already registered"):
+
+        @app.task("embed")
+        async def second(items: Any, ctx: Any) -> list[Any]:
+            return []
+
+    assert app.tasks["embed"].fn is first
+
+    @app.callback()
+    async def done(batch: Any, ctx: Any) -> None:
+        return None
+
+    with pytest.raises(RegistrationError, match=r"callback 'done' is already registered"):
+        app.callback("done")(done)
+
+
+def test_async_callables_that_are_not_plain_coroutine_functions_are_accepted() -> None:
+    app = pgbatch.App()
+
+    async def handler(items: Any, ctx: Any, *, scale: int) -> list[Any]:
+        return []
+
+    class Handler:
+        async def __call__(self, items: Any, ctx: Any) -> list[Any]:
+            return []
+
+    app.task("partial")(functools.partial(handler, scale=2))
+    app.task("instance")(Handler())
+    assert set(app.tasks) == {"partial", "instance"}
+
+
+def test_the_same_name_on_two_apps_is_fine() -> None:
+    async def handler(items: Any, ctx: Any) -> list[Any]:
+        return []
+
+    for app in (pgbatch.App(), pgbatch.App()):
+        app.task("same")(handler)
