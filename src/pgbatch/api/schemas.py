@@ -10,13 +10,13 @@ from typing import Annotated, Any, Literal
 from fastapi import Header
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
+from pgbatch.api.error_codes import ErrorCode
 from pgbatch.fleet import WaitingReason
 from pgbatch.labels import (
     MAX_METADATA_KEYS,
     MAX_METADATA_VALUE_CHARS,
     MAX_NAME_CHARS,
 )
-from pgbatch.api.error_codes import ErrorCode
 from pgbatch.limits import MAX_LEASE_TTL_S, MAX_MAX_ATTEMPTS, MAX_SHARD_SIZE, MIN_LEASE_TTL_S
 from pgbatch.models import Batch, BatchInsight, BatchStatus, ErrorGroup
 
