@@ -393,10 +393,17 @@ def status(
     async def run() -> None:
         if batch_id is None:
             batches = await app.list_batches(where, limit=limit)
+            reasons = await app.waiting_reasons(batches)
             if as_json:
-                _print_json([_batch_json(b) for b in batches])
+                _print_json(
+                    [{**_batch_json(b), "waiting_reason": reasons.get(b.id)} for b in batches]
+                )
             else:
                 console.print(_batch_table(batches))
+                for b in batches:
+                    if b.id in reasons:
+                        text = fleet_cli.waiting_text(reasons[b.id], task=b.task, queue=b.queue)
+                        console.print(f"batch {b.id}: {text}", markup=False, highlight=False)
         else:
             batch, last = await app.last_failure(batch_id)
             reason = (await app.waiting_reasons([batch])).get(batch.id)

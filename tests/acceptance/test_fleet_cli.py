@@ -38,6 +38,10 @@ async def test_workers_queues_and_pause_from_the_command_line(
     assert "no live worker serves task 'chaos'" in status.stdout, status.output
     as_json = await run_cli("status", batch_id, "--json", database_url=database_url, env=ENV)
     assert json.loads(as_json.stdout)["waiting_reason"] == "no_live_worker"
+    recent = await run_cli("status", "--json", database_url=database_url, env=ENV)
+    assert [b["waiting_reason"] for b in json.loads(recent.stdout)] == ["no_live_worker"]
+    listed = await run_cli("status", database_url=database_url, env=ENV)
+    assert f"batch {batch_id}: waiting: no live worker" in listed.stdout, listed.output
 
     paused = await run_cli("queue", "pause", "default", database_url=database_url, env=ENV)
     assert paused.code == 0 and "paused" in paused.stdout, paused.output
