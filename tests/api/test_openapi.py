@@ -61,9 +61,7 @@ def test_bodies_and_responses_name_their_schemas(document: dict[str, Any]) -> No
                     if isinstance(schema, dict) and schema.get("type") == "object":
                         raise AssertionError(f"{method} {path} {media_type}: inline {schema}")
     schemas = document["components"]["schemas"]
-    assert {"BatchSubmit", "DocumentIn", "BatchEvent", "ResultStatus", "ErrorCode"} <= set(
-        schemas
-    )
+    assert {"BatchSubmit", "DocumentIn", "BatchEvent", "ResultStatus", "ErrorCode"} <= set(schemas)
     # pydantic's $defs went to the components too: every reference resolves.
     text = repr(document)
     for name in re.findall(r"#/components/schemas/(\w+)", text):
