@@ -14,7 +14,7 @@ connection (sent at the commit of its last completion, or of its callback); a wa
 overhead is the time from there to the wait's return. The baseline is submit → handler
 start in the same run. Target (issue 12): overhead ≤ 10 ms.
 
-    .venv/bin/python -m benchmarks.wait_latency [--rounds 30] [--database-url URL]
+    .venv/bin/python benchmarks/wait_latency.py [--rounds 30] [--database-url URL]
 """
 
 from __future__ import annotations
@@ -22,11 +22,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
+import sys
 import time
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import pgbatch
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 from benchmarks.apps import DONE_CALLBACK, WAKEUP_TASK, make_app
 from benchmarks.harness import (
     WorkerProcesses,

@@ -725,10 +725,10 @@ def serve(
 
     async def run() -> None:
         if not with_worker:
-            await server(app, host=host, port=port).serve()
+            await server(app, host=host, port=port, return_on_signal=True).serve()
             return
         work = app.worker(concurrency=concurrency)
-        http = server(app, host=host, port=port, worker=work)
+        http = server(app, host=host, port=port, worker=work, return_on_signal=True)
         worker_task = asyncio.create_task(work.run())
         try:
             await http.serve()

@@ -135,8 +135,15 @@ def server(
     port: int,
     log_level: str = "info",
     worker: CompletionFlushes | None = None,
+    return_on_signal: bool = False,
 ) -> uvicorn.Server:
-    """Return a uvicorn server for the API of `app` (not started)."""
+    """Return a uvicorn server for the API of `app` (not started).
+
+    On SIGINT/SIGTERM uvicorn shuts down and then raises the signal again (a
+    KeyboardInterrupt for Ctrl-C), which stops a program that serves on the side (the
+    demo). With `return_on_signal`, `serve()` just returns: for a program whose work ends
+    there (`pgbatch serve`), and then drains what runs beside it.
+    """
     check_bind(host, TokenTable.parse(app.settings.api_tokens))
     config = uvicorn.Config(
         create_api(app, worker=worker),
@@ -148,15 +155,15 @@ def server(
         http=_with_header_timeout(app.settings.api_header_timeout_s),
         lifespan="on",
     )
-    return _Server(config)
+    return _Server(config) if return_on_signal else uvicorn.Server(config)
 
 
 class _Server(uvicorn.Server):
     """uvicorn's server, ending on SIGINT/SIGTERM without raising the signal again.
 
-    uvicorn re-raises a captured signal once it has shut down, so Ctrl-C became a
-    KeyboardInterrupt (exit 130) that also cancelled a worker running beside it mid-drain
-    and left its shard `running`. Here the caller goes on after `serve()` returns.
+    uvicorn re-raises a captured signal once it has shut down, so Ctrl-C in `pgbatch serve`
+    became a KeyboardInterrupt (exit 130) that also cancelled the worker running beside it
+    mid-drain and left its shard `running`. Here the caller goes on after `serve()` returns.
     """
 
     @contextlib.contextmanager

@@ -58,8 +58,11 @@ def _without_password(url: str) -> str:
         return "(a DATABASE_URL that does not parse)"
     if "password" in params:
         params["password"] = "***"
-    host = params.get("host", "")
-    where = f"{host}:{params.get('port', 5432)}" if host else "local socket"
+    host = str(params.get("host", ""))
+    if not host or host.startswith("/"):
+        where = f"the socket in {host}" if host else "the local socket"
+    else:
+        where = f"{host}:{params.get('port', 5432)}"
     return f"{params.get('dbname', params.get('user', ''))} on {where}"
 
 
