@@ -15,6 +15,7 @@ from pgbatch.errors import (
     NonRetryableError,
     PgbatchError,
     ShardTooLargeError,
+    Snooze,
     StaleVersionError,
     UnknownTaskError,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "ShardContext",
     "ShardStatus",
     "ShardTooLargeError",
+    "Snooze",
     "StaleVersionError",
     "UnknownTaskError",
     "Worker",

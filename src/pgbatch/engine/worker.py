@@ -44,7 +44,7 @@ from pgbatch.db.shards import (
 from pgbatch.engine.completer import Completer
 from pgbatch.engine.context import CallbackContext, ShardContext
 from pgbatch.engine.notifier import Notifier
-from pgbatch.errors import NonRetryableError
+from pgbatch.errors import NonRetryableError, Snooze
 from pgbatch.models import BatchStatus, ClaimedShard, Outcome, ShardStatus
 from pgbatch.tasks import CallbackSpec, TaskSpec
 
@@ -102,6 +102,8 @@ class WorkerStats:
     shards_dead: int = 0
     shards_released: int = 0
     shards_cancelled: int = 0
+    # Shards whose handler raised pgbatch.Snooze: requeued for later, attempt not charged.
+    shards_snoozed: int = 0
     # Shards no claim could read (issue 9), marked dead with the claim's error.
     shards_buried: int = 0
     leases_lost: int = 0
@@ -467,6 +469,12 @@ class Worker:
             return None  # lost: someone else owns it; shutdown: released by _drain
         except NonRetryableError as exc:
             return self._fail(active, f"{type(exc).__name__}: {exc}", retry=False)
+        except Snooze as snooze:
+            self.stats.shards_snoozed += 1
+            return ShardCompletion.snooze(
+                shard.id, shard.batch_id, shard.lease_epoch, delay_s=snooze.seconds,
+                reason=str(snooze)[:2000], statements=ctx.statements,
+            )  # fmt: skip
         except Exception as exc:
             return self._fail(active, f"{type(exc).__name__}: {exc}")
         problem = _check_outcomes(outcomes, len(shard.items))
