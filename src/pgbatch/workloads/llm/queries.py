@@ -60,18 +60,23 @@ async def reserve(
     shard_id: int,
     lease_epoch: int,
     tokens: Sequence[int],
+    settle: Sequence[tuple[int, int, int]] = (),
 ) -> Grant:
     """Reserve the longest prefix of `tokens` (one estimate per request) the limit allows.
 
-    One statement, committed at once so every other worker sees the charge.
+    One statement, committed at once so every other worker sees the charge; it also
+    settles the shard's previous rounds, given as (reservation id, requests, tokens).
     """
+    ordered = sorted(settle)
     async with conn.transaction():
         cur = await conn.execute(
             query("llm_reserve"),
             {
                 "name": name, "rpm": rpm, "tpm": tpm, "max_in_flight": max_in_flight,
                 "shard_id": shard_id, "epoch": lease_epoch, "tokens": list(tokens),
-                "window_s": WINDOW_S,
+                "window_s": WINDOW_S, "settle_ids": [r for r, _, _ in ordered],
+                "settle_requests": [n for _, n, _ in ordered],
+                "settle_tokens": [t for _, _, t in ordered],
             },
         )  # fmt: skip
         row = await cur.fetchone()

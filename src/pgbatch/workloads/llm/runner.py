@@ -102,6 +102,7 @@ class _Reservation:
     id: int
     requests: int = 0
     tokens: int = 0
+    settled: bool = False
 
 
 @dataclass(slots=True)
@@ -242,7 +243,11 @@ class LlmRunner:
                     else:
                         granted.extend(group)
                     continue
-                grant = await self._reserve(limit, key, group, ctx)
+                # Rounds before this one have all their answers: settle them with it.
+                done = [r for r in reservations if not r.settled]
+                grant = await self._reserve(limit, key, group, ctx, done)
+                for r in done:
+                    r.settled = True
                 if grant.reservation_id is None:
                     waits.append(grant.wait_s)
                     continue
@@ -269,7 +274,12 @@ class LlmRunner:
                 await asyncio.sleep(backoff)
 
     async def _reserve(
-        self, limit: Limit, key: str, group: list[_Request], ctx: ShardContext
+        self,
+        limit: Limit,
+        key: str,
+        group: list[_Request],
+        ctx: ShardContext,
+        done: list[_Reservation],
     ) -> queries.Grant:
         async with self.app.db.connection() as conn:
             grant = await queries.reserve(
@@ -281,6 +291,7 @@ class LlmRunner:
                 shard_id=ctx.shard_id,
                 lease_epoch=ctx.lease_epoch,
                 tokens=[r.estimate for r in group],
+                settle=[(r.id, r.requests, r.tokens) for r in done],
             )
         self.stats.reservations += 1
         if grant.reservation_id is None:
@@ -356,8 +367,8 @@ class LlmRunner:
 
     @staticmethod
     def _queue_settlement(reservations: list[_Reservation], ctx: ShardContext) -> None:
-        if reservations:
-            settled = [(r.id, r.requests, r.tokens) for r in reservations]
+        settled = [(r.id, r.requests, r.tokens) for r in reservations if not r.settled]
+        if settled:
             statement = queries.settle_statement(settled)
             ctx.execute_at_commit(statement.statement, statement.params)
 

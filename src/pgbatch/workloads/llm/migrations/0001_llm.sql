@@ -37,7 +37,8 @@ CREATE INDEX llm_reservations_window_idx ON pgbatch.llm_reservations (name, wind
 -- it sees the reservation committed by the reserver it waited for.
 CREATE FUNCTION pgbatch.llm_reserve(
     p_name text, p_rpm integer, p_tpm integer, p_max_in_flight integer,
-    p_shard_id bigint, p_epoch integer, p_tokens integer[], p_window_s double precision
+    p_shard_id bigint, p_epoch integer, p_tokens integer[], p_window_s double precision,
+    p_settle_ids bigint[], p_settle_requests integer[], p_settle_tokens bigint[]
 ) RETURNS TABLE (granted integer, granted_tokens bigint, reservation_id bigint,
                  wait_s double precision)
 LANGUAGE plpgsql VOLATILE AS $$
@@ -58,6 +59,13 @@ BEGIN
     ON CONFLICT (name) DO UPDATE
         SET rpm = excluded.rpm, tpm = excluded.tpm, max_in_flight = excluded.max_in_flight
     RETURNING * INTO lim;
+    -- The shard's previous round is over: settle it here, so it stops counting in flight
+    -- (its last round is settled by its completion).
+    UPDATE pgbatch.llm_reservations r
+    SET requests = v.requests, tokens = v.tokens, settled = true,
+        window_at = greatest(r.window_at, now())
+    FROM unnest(p_settle_ids, p_settle_requests, p_settle_tokens) AS v(id, requests, tokens)
+    WHERE r.id = v.id;
     IF lim.paused_until IS NOT NULL AND lim.paused_until > clock_timestamp() THEN
         RETURN QUERY SELECT 0, 0::bigint, NULL::bigint,
             extract(epoch FROM lim.paused_until - clock_timestamp())::double precision;

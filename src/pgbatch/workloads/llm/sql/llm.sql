@@ -2,7 +2,9 @@
 -- Reserve the longest prefix of a shard's requests the limit allows (migrations/0001).
 SELECT granted, granted_tokens, reservation_id, wait_s
 FROM pgbatch.llm_reserve(%(name)s, %(rpm)s, %(tpm)s, %(max_in_flight)s, %(shard_id)s,
-                         %(epoch)s, %(tokens)s::int[], %(window_s)s);
+                         %(epoch)s, %(tokens)s::int[], %(window_s)s,
+                         %(settle_ids)s::bigint[], %(settle_requests)s::int[],
+                         %(settle_tokens)s::bigint[]);
 
 -- name: llm_pause
 -- A 429: nobody sends on this key until the upstream's Retry-After has passed.
