@@ -145,7 +145,11 @@ class ApiMetrics:
             self.items_per_second.set(rate)
         self._previous = (now, total)
         self.sse_streams.set(sse_streams)
-        return generate_latest(self.registry)
+        body = generate_latest(self.registry)
+        for workload in app.workloads:
+            if workload.metrics is not None:
+                body += await workload.metrics(app)
+        return body
 
 
 class MetricsMiddleware:

@@ -7,13 +7,22 @@ describes the configuration (named upstreams, limits, prices) and the guarantees
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pgbatch.workload import Workload
 from pgbatch.workloads.llm.batches import TASK, output_lines, register_tasks, submit_requests
 from pgbatch.workloads.llm.queries import COMPONENT
 
+if TYPE_CHECKING:
+    from pgbatch.app import App
+
 __all__ = ["TASK", "WORKLOAD", "output_lines", "submit_requests"]
+
+
+async def _metrics(app: App) -> bytes:
+    from pgbatch.workloads.llm.metrics import render
+
+    return await render(app)
 
 
 def _router() -> Any:
@@ -27,4 +36,5 @@ WORKLOAD = Workload(
     install=register_tasks,
     migrations_package=COMPONENT.package,
     router=_router,
+    metrics=_metrics,
 )
