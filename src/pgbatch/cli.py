@@ -24,6 +24,7 @@ from rich.text import Text
 from pgbatch.app import App
 from pgbatch.errors import PgbatchError
 from pgbatch.models import Batch
+from pgbatch.workloads.llm.cli import llm_cli
 
 __all__ = ["cli", "load_app", "main"]
 
@@ -41,6 +42,8 @@ db_cli = typer.Typer(help="The embedded PostgreSQL server.", no_args_is_help=Tru
 cli.add_typer(db_cli, name="db")
 token_cli = typer.Typer(help="API tokens for `pgbatch serve`.", no_args_is_help=True)
 cli.add_typer(token_cli, name="token")
+# A workload's commands live in the workload (its cli.py); mounted here.
+cli.add_typer(llm_cli, name="llm")
 
 console = Console()
 err_console = Console(stderr=True)
