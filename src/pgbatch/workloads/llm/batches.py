@@ -78,6 +78,7 @@ async def submit_requests(
     cache: bool = False,
     upstream: str | None = None,
     shard_size: int | None = None,
+    lease_ttl_s: float | None = None,
 ) -> Batch:
     """Submit checked requests as one batch of the request task and return the batch.
 
@@ -100,6 +101,8 @@ async def submit_requests(
     options: dict[str, Any] = {"tenant": tenant, "idempotency_key": idempotency_key}
     if shard_size is not None:
         options["shard_size"] = shard_size
+    if lease_ttl_s is not None:
+        options["lease_ttl_s"] = lease_ttl_s
     if isinstance(requests, AsyncIterable):
         stream = requests
 
