@@ -471,8 +471,24 @@ def demo(
     keep_serving: Annotated[
         bool, typer.Option(help="Keep the dashboard up after the demo, until Ctrl-C.")
     ] = False,
+    llm: Annotated[
+        bool,
+        typer.Option(
+            "--llm", help="Run an OpenAI-format file through the fake upstream's rate limits."
+        ),
+    ] = False,
+    rpm: Annotated[int, typer.Option(min=1, help="With --llm: the limit's requests/min.")] = 600,
+    tpm: Annotated[int, typer.Option(min=1, help="With --llm: the limit's tokens/min.")] = 60_000,
 ) -> None:
     """Run the LLM-batch example on the embedded PostgreSQL and verify the outcome."""
+    if llm:
+        from pgbatch.demo.llm_openai import run_llm_demo
+
+        count = items if items != 100_000 else 300  # the default suits the other demo
+        healthy = _run(
+            run_llm_demo(requests=count, workers=workers, rpm=rpm, tpm=tpm, console=console)
+        )
+        raise typer.Exit(0 if healthy else 1)
     from pgbatch.demo import run_demo
 
     _run(

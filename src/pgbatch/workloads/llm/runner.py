@@ -135,7 +135,10 @@ class LlmRunner:
     async def ensure_schema(self) -> None:
         """Apply the workload's migrations once, for an app that was open before `use()`."""
         if not self._migrated:
-            await self.app.migrate()  # nothing pending: one read under the advisory lock
+            # An app that leaves migrations to `pgbatch migrate` (auto_migrate=False) is
+            # left alone; otherwise nothing pending costs one read under the advisory lock.
+            if self.app.auto_migrate:
+                await self.app.migrate()
             self._migrated = True
 
     @property
