@@ -67,14 +67,14 @@ class LimitsOut(BaseModel):
     limits: list[LimitOut]
 
 
-@router.get("/batches/{batch_id}/usage", response_model=UsageOut, responses=ERRORS(404))
+@router.get("/batches/{batch_id}/usage", response_model=UsageOut, responses=ERRORS(401, 404))
 async def batch_usage(request: Request, tenant: Tenant, batch_id: BatchId) -> UsageOut:
     """Read a batch's tokens per model, its upstream calls and 429s, and its estimated cost."""
     report = await batch_usage_report(api_state(request).app, batch_id, tenant=tenant)
     return UsageOut.model_validate(report.as_dict())
 
 
-@router.get("/limits", response_model=LimitsOut)
+@router.get("/limits", response_model=LimitsOut, responses=ERRORS(401))
 async def limits(request: Request, tenant: Tenant) -> LimitsOut:
     """Read the shared rate limits' live state (deployment-wide: limits are the upstream's)."""
     del tenant  # authenticated, but a limit belongs to the deployment, not to a tenant
