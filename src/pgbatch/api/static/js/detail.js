@@ -21,6 +21,7 @@ import {
   refreshTimes,
 } from "./components.js";
 import { h, setText } from "./dom.js";
+import { LLM_TASK, llmUsageCard } from "./llm.js";
 
 // The insight is read at most this often however fast events arrive (it counts shards
 // and scans throughput: cheap, but not for every event of a fast batch).
@@ -237,6 +238,18 @@ export function mountDetail(root, batchId, ctx) {
     tick();
     renderDetails();
     renderButtons();
+    renderWorkload();
+  }
+
+  let llmCard = null;
+  /** An LLM batch gets its usage card after the progress card. */
+  function renderWorkload() {
+    if (batch.task !== LLM_TASK) return;
+    if (!llmCard) {
+      llmCard = llmUsageCard(batchId);
+      view.querySelector(".progress-card").after(llmCard.el);
+    }
+    llmCard.refresh(["succeeded", "failed", "cancelled"].includes(batch.status));
   }
 
   function tick() {
