@@ -24,7 +24,7 @@ import logging
 import time
 import weakref
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -115,7 +115,8 @@ class RunnerStats:
     sends: int = 0
     cache_hits: int = 0
     held_back: int = 0
-    waits: list[float] = field(default_factory=list)
+    # reservations that granted nothing (the limit spent or the key paused)
+    refusals: int = 0
 
 
 class LlmRunner:
@@ -298,7 +299,7 @@ class LlmRunner:
             )
         self.stats.reservations += 1
         if grant.reservation_id is None:
-            self.stats.waits.append(grant.wait_s)
+            self.stats.refusals += 1
         return grant
 
     async def _send(
