@@ -8,6 +8,7 @@ the limit, and the 429 count and share. The window is shortened (`--window-s`, b
 fake's and the limit's) so a run of tens of seconds spends several windows' budgets.
 
     .venv/bin/python -m benchmarks.llm --workers 3 --duration-s 30
+    .venv/bin/python -m benchmarks.llm --mode throughput   # no limit: vs a direct client
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from pgbatch.workloads import llm
 from pgbatch.workloads.llm import fake_upstream
 from pgbatch.workloads.llm.fake_upstream import FakeLimits, FakeUpstream, serving
 from pgbatch.workloads.llm.requests import check_request_lines
+from pgbatch.workloads.llm.upstream import UpstreamClient, UpstreamConfig
 
 APP = "pgbatch.demo.llm_openai_app:app"
 
@@ -121,10 +123,59 @@ async def _run(args: argparse.Namespace, url: str, *, shared: bool) -> RunResult
     )
 
 
+async def _throughput(args: argparse.Namespace, url: str) -> None:
+    """No limit: requests/s through pgbatch vs one asyncio client at the same concurrency."""
+    in_flight = args.concurrency * args.shard_size
+    fake_upstream.WINDOW_S = 60.0
+    fake = FakeUpstream(FakeLimits(latency_ms=args.latency_ms))
+    async with serving(fake) as base_url:
+        lines = _requests(args.requests, "direct")
+        client = UpstreamClient(UpstreamConfig(base_url=base_url, max_concurrency=in_flight))
+        try:
+            started = time.monotonic()
+            bodies = [orjson.loads(line) for line in lines]
+            replies = await asyncio.gather(*(client.send(b["url"], b["body"]) for b in bodies))
+            direct_s = time.monotonic() - started
+        finally:
+            await client.aclose()
+        assert all(r.ok for r in replies)
+        async with bench_database(url, "bench_llm_tp") as conninfo:
+            os.environ.update({"PGBATCH_LLM_BASE_URL": base_url,
+                               "PGBATCH_LLM_MAX_CONCURRENCY": str(in_flight)})  # fmt: skip
+            for name in ("PGBATCH_LLM_RPM", "PGBATCH_LLM_TPM"):
+                os.environ.pop(name, None)
+            app = App(settings=Settings(database_url=conninfo))
+            app.use(llm.WORKLOAD)
+            await app.open()
+            try:
+                requests = list(check_request_lines(_requests(args.requests, "pg"),
+                                                    "/v1/chat/completions"))  # fmt: skip
+                async with WorkerProcesses(conninfo, app=APP, count=1,
+                                           concurrency=args.concurrency, label="tp"):  # fmt: skip
+                    started = time.monotonic()
+                    batch = await llm.submit_requests(app, requests, shard_size=args.shard_size)
+                    done = await app.wait(batch.id, timeout_s=600)
+                    pgbatch_s = time.monotonic() - started
+            finally:
+                await app.close()
+        assert done.items_ok == args.requests
+    direct_rate, pg_rate = args.requests / direct_s, args.requests / pgbatch_s
+    print(f"no limit, {args.latency_ms:g} ms latency, {in_flight} requests in flight, "
+          f"{args.requests} requests")  # fmt: skip
+    print(f"  direct asyncio client: {direct_rate:8.1f} req/s")
+    print(f"  pgbatch (1 worker, submit to done): {pg_rate:8.1f} req/s")
+    print(f"  ratio pgbatch / direct: {pg_rate / direct_rate:.2f}")
+    write_results("llm_throughput", {"args": vars(args), "direct_rps": direct_rate,
+                                      "pgbatch_rps": pg_rate})  # fmt: skip
+
+
 async def main(args: argparse.Namespace) -> None:
     """Run the shared-limit run and the baseline, print and store the comparison."""
     url = server_url(args.database_url)
     require_local(url)
+    if args.mode == "throughput":
+        await _throughput(args, url)
+        return
     results = [await _run(args, url, shared=True), await _run(args, url, shared=False)]
     print(f"{args.workers} workers x {args.concurrency} slots, limit {args.rpm} rpm / "
           f"{args.tpm} tpm, window {args.window_s:g} s, {args.duration_s:g} s per run")  # fmt: skip
@@ -154,6 +205,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--duration-s", type=float, default=30.0)
     parser.add_argument("--latency-ms", type=float, default=20.0)
     parser.add_argument("--shard-size", type=int, default=10)
+    parser.add_argument("--mode", choices=("limits", "throughput"), default="limits")
+    parser.add_argument("--requests", type=int, default=3000, help="throughput mode")
     return parser
 
 
