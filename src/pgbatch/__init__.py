@@ -16,6 +16,7 @@ from pgbatch.errors import (
     PgbatchError,
     RegistrationError,
     ShardTooLargeError,
+    Snooze,
     StaleVersionError,
     UnknownTaskError,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "ShardContext",
     "ShardStatus",
     "ShardTooLargeError",
+    "Snooze",
     "StaleVersionError",
     "UnknownTaskError",
     "Worker",

@@ -25,6 +25,7 @@ from pgbatch.app import App
 from pgbatch.errors import PgbatchError
 from pgbatch.labels import check_metadata, check_name, parse_metadata_pair
 from pgbatch.models import Batch, BatchFilter, ShardFailure
+from pgbatch.workloads.llm.cli import llm_cli
 
 __all__ = ["cli", "load_app", "main"]
 
@@ -42,6 +43,8 @@ db_cli = typer.Typer(help="The embedded PostgreSQL server.", no_args_is_help=Tru
 cli.add_typer(db_cli, name="db")
 token_cli = typer.Typer(help="API tokens for `pgbatch serve`.", no_args_is_help=True)
 cli.add_typer(token_cli, name="token")
+# A workload's commands live in the workload (its cli.py); mounted here.
+cli.add_typer(llm_cli, name="llm")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -630,8 +633,24 @@ def demo(
     keep_serving: Annotated[
         bool, typer.Option(help="Keep the dashboard up after the demo, until Ctrl-C.")
     ] = False,
+    llm: Annotated[
+        bool,
+        typer.Option(
+            "--llm", help="Run an OpenAI-format file through the fake upstream's rate limits."
+        ),
+    ] = False,
+    rpm: Annotated[int, typer.Option(min=1, help="With --llm: the limit's requests/min.")] = 600,
+    tpm: Annotated[int, typer.Option(min=1, help="With --llm: the limit's tokens/min.")] = 60_000,
 ) -> None:
     """Run the LLM-batch example on the embedded PostgreSQL and verify the outcome."""
+    if llm:
+        from pgbatch.demo.llm_openai import run_llm_demo
+
+        count = items if items != 100_000 else 300  # the default suits the other demo
+        healthy = _run(
+            run_llm_demo(requests=count, workers=workers, rpm=rpm, tpm=tpm, console=console)
+        )
+        raise typer.Exit(0 if healthy else 1)
     from pgbatch.demo import run_demo
 
     _run(

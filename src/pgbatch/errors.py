@@ -12,6 +12,8 @@ PgbatchError
 ├── BatchNotFoundError
 ├── StaleVersionError         optimistic update against an old version
 └── InvalidStateError         the batch's status does not allow the operation
+
+Snooze (not an error: a handler's request to put its shard back for a while)
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ __all__ = [
     "PgbatchError",
     "RegistrationError",
     "ShardTooLargeError",
+    "Snooze",
     "StaleVersionError",
     "UnknownTaskError",
 ]
@@ -115,3 +118,22 @@ class NonRetryableError(PgbatchError):
     The shard is dead at once, with this error as its items' result, whatever attempts
     remain (a bug in the handler or in the input is not fixed by running it again).
     """
+
+
+class Snooze(Exception):
+    """Raised by a handler: put the shard back in the queue for `seconds`, attempt not charged.
+
+    For a handler that cannot start yet (a shared rate limit is spent, an upstream paused
+    the key): the shard is queued again, claimable after `seconds`, and the claim's
+    attempt is given back. It goes through the completer's fenced flush, so a worker that
+    lost the lease snoozes nothing; statements queued with `ctx.execute_at_commit()`
+    commit with it (to give back what the handler reserved). Results are not written.
+    """
+
+    def __init__(self, seconds: float, reason: str = "snoozed") -> None:
+        """Ask for the shard to be claimable again in `seconds` (>= 0)."""
+        if not (seconds >= 0 and seconds < float("inf")):
+            raise ValueError(f"Snooze seconds must be a finite number >= 0, not {seconds!r}")
+        super().__init__(f"{reason} (for {seconds:.3g} s)")
+        self.seconds = float(seconds)
+        self.reason = reason

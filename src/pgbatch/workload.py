@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -20,13 +20,15 @@ class Workload:
 
     `install` registers its tasks and hooks; `migrations_package` holds its `migrations/`
     (applied with pgbatch's own, recorded under `name`); `router` returns its FastAPI
-    router, imported only when the API is served, so a library user needs no web stack.
+    router, imported only when the API is served, so a library user needs no web stack;
+    `metrics` returns Prometheus text-format lines that /metrics appends to its own.
     """
 
     name: str
     install: Callable[[App], None]
     migrations_package: str | None = None
     router: Callable[[], Any] | None = None
+    metrics: Callable[[App], Awaitable[bytes]] | None = None
 
     @property
     def component(self) -> Component | None:

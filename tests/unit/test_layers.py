@@ -53,7 +53,7 @@ API_MAY_IMPORT = {"base", "app", "api"}
 SQL_LAYERS = {"db"}
 SQL_CALLS = {"execute", "executemany", "copy", "stream"}
 # Apps shipped for the demo: user code, which writes its own tables as any app may.
-APPS = {"pgbatch.demo.llm_app"}
+APPS = {"pgbatch.demo.llm_app", "pgbatch.demo.llm_openai_app"}
 
 # (importer, imported or "sql") pairs accepted for now; issue 14 paid the last of them.
 KNOWN_DEBT: set[tuple[str, str]] = set()

@@ -169,7 +169,11 @@ class ApiMetrics:
         self._previous = (now, total)
         self.sse_streams.set(sse_streams)
         await self._render_fleet(app)
-        return generate_latest(self.registry)
+        body = generate_latest(self.registry)
+        for workload in app.workloads:
+            if workload.metrics is not None:
+                body += await workload.metrics(app)
+        return body
 
     async def _render_fleet(self, app: App) -> None:
         """Refresh the queue and worker gauges (a queue gone since the last scrape goes)."""

@@ -94,6 +94,28 @@ class ShardCompletion:
         return cls(shard_id, batch_id, lease_epoch, ShardStatus.QUEUED, b"", 0, 0, (), error,
                    (), delay_s, traceback)  # fmt: skip
 
+    @classmethod
+    def snooze(
+        cls,
+        shard_id: int,
+        batch_id: int,
+        lease_epoch: int,
+        *,
+        delay_s: float,
+        reason: str,
+        statements: Sequence[CommitStatement] = (),
+    ) -> ShardCompletion:
+        """Return the change that requeues a snoozed shard after `delay_s`, attempt refunded.
+
+        The refund is one more statement of the fenced flush: it runs only if the shard
+        was still this worker's, after the handler's own statements.
+        """
+        refund = CommitStatement(
+            query("shard_snooze_refund"), {"shard_id": shard_id, "epoch": lease_epoch}
+        )
+        return cls(shard_id, batch_id, lease_epoch, ShardStatus.QUEUED, b"", 0, 0, (), reason,
+                   (*statements, refund), delay_s)  # fmt: skip
+
     @property
     def counts(self) -> bool:
         """Tell whether this change ends the shard, and so counts in its batch's progress."""

@@ -26,7 +26,7 @@ from types import TracebackType
 
 from pgbatch.db.shards import CommitStatement
 from pgbatch.engine.context import ShardContext
-from pgbatch.errors import NonRetryableError
+from pgbatch.errors import NonRetryableError, Snooze
 from pgbatch.models import Item, Outcome, TableRows
 from pgbatch.tasks import IsolationStrategy
 
@@ -193,6 +193,8 @@ async def _bisect(
         failed: Exception | None = None
         try:
             outcomes = await run(half, ctx)
+        except Snooze:
+            raise  # the whole shard waits: the isolation's results are dropped with it
         except Exception as exc:  # CancelledError is not an Exception: it ends the isolation
             failed = exc
         if failed is not None:

@@ -47,7 +47,7 @@ from pgbatch.engine.completer import Completer
 from pgbatch.engine.context import CallbackContext, ShardContext
 from pgbatch.engine.failures import RunFailed, describe, isolate, traceback_of
 from pgbatch.engine.notifier import Notifier
-from pgbatch.errors import NonRetryableError
+from pgbatch.errors import NonRetryableError, Snooze
 from pgbatch.models import BatchStatus, ClaimedShard, Item, Outcome, ShardStatus
 from pgbatch.tasks import CallbackSpec, TaskSpec
 
@@ -122,6 +122,8 @@ class WorkerStats:
     shards_dead: int = 0
     shards_released: int = 0
     shards_cancelled: int = 0
+    # Shards whose handler raised pgbatch.Snooze: requeued for later, attempt not charged.
+    shards_snoozed: int = 0
     # Shards no claim could read (issue 9), marked dead with the claim's error.
     shards_buried: int = 0
     leases_lost: int = 0
@@ -524,6 +526,12 @@ class Worker:
                     return self._fail(active, f"handler timed out after {spec.timeout_s} s")
             else:
                 outcomes = await call
+        except Snooze as snooze:
+            self.stats.shards_snoozed += 1
+            return ShardCompletion.snooze(
+                shard.id, shard.batch_id, shard.lease_epoch, delay_s=snooze.seconds,
+                reason=str(snooze)[:2000], statements=ctx.statements,
+            )  # fmt: skip
         except Exception as exc:
             failure = exc
         if failure is not None:
@@ -563,13 +571,22 @@ class Worker:
         last = not retry or shard.counted_attempts >= shard.max_attempts
         if not (last and spec.isolate_poison != "off" and len(shard.items) > 1):
             return self._fail(active, message, retry=retry, traceback=trace)
-        found = await isolate(
-            shard.items,
-            active.ctx,
-            lambda items, ctx: _run_part(spec, items, ctx),
-            failure=exc,
-            strategy=spec.isolate_poison,
-        )
+        try:
+            found = await isolate(
+                shard.items,
+                active.ctx,
+                lambda items, ctx: _run_part(spec, items, ctx),
+                failure=exc,
+                strategy=spec.isolate_poison,
+            )
+        except Snooze as snooze:
+            # A part asked to wait (a spent rate limit): the shard waits whole, and no
+            # write of the failed run or of the isolation is kept.
+            self.stats.shards_snoozed += 1
+            return ShardCompletion.snooze(
+                shard.id, shard.batch_id, shard.lease_epoch, delay_s=snooze.seconds,
+                reason=str(snooze)[:2000],
+            )  # fmt: skip
         self.stats.isolation_runs += found.runs
         if found.retryable is not None and shard.counted_attempts < shard.max_attempts:
             # An item failed with an ordinary exception and attempts remain: that may be

@@ -285,3 +285,11 @@ SET status = v.status, last_error = v.error, lease_expires_at = NULL,
 FROM outcome v, locked l
 WHERE s.id = v.id AND s.lease_epoch = v.epoch AND l.id = s.id
 RETURNING s.id, s.lease_epoch;
+
+-- name: shard_snooze_refund
+-- Runs in the completion flush that requeued a snoozed shard (pgbatch.Snooze), only if
+-- the fence accepted it: the shard is queued under the epoch it was claimed with, and the
+-- attempt its claim counted is given back (the handler chose not to run, as on a release).
+UPDATE pgbatch.shards
+SET attempts = greatest(attempts - 1, 0)
+WHERE id = %(shard_id)s AND lease_epoch = %(epoch)s AND status = 'queued';

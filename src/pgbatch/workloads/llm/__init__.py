@@ -1,10 +1,40 @@
-"""LLM batches in the OpenAI batch format: request files, usage and cost, a fake upstream."""
+"""LLM batches in the OpenAI batch format: shared rate limits, usage and cost, a cache.
+
+`app.use(WORKLOAD)` registers the `llm.request` task, creates the workload's tables
+(migrations/, component "llm") and mounts `/v1/llm` when the app is served. docs/llm.md
+describes the configuration (named upstreams, limits, prices) and the guarantees.
+"""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from pgbatch.workload import Workload
 from pgbatch.workloads.llm.batches import TASK, output_lines, register_tasks, submit_requests
+from pgbatch.workloads.llm.queries import COMPONENT
+
+if TYPE_CHECKING:
+    from pgbatch.app import App
 
 __all__ = ["TASK", "WORKLOAD", "output_lines", "submit_requests"]
 
-WORKLOAD = Workload(name="llm", install=register_tasks)
+
+async def _metrics(app: App) -> bytes:
+    from pgbatch.workloads.llm.metrics import render
+
+    return await render(app)
+
+
+def _router() -> Any:
+    from pgbatch.workloads.llm.routes import router
+
+    return router
+
+
+WORKLOAD = Workload(
+    name=COMPONENT.name,
+    install=register_tasks,
+    migrations_package=COMPONENT.package,
+    router=_router,
+    metrics=_metrics,
+)

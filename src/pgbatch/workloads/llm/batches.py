@@ -12,18 +12,18 @@ error file needs no second store.
 
 from __future__ import annotations
 
-import asyncio
-import os
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from pgbatch.engine.context import ShardContext
-from pgbatch.models import Batch, Item, Outcome, error, ok
+from pgbatch.errors import ConfigurationError
+from pgbatch.models import Batch
+from pgbatch.workloads.llm.config import DEFAULT_UPSTREAM, load_config
 from pgbatch.workloads.llm.requests import LlmRequest
-from pgbatch.workloads.llm.results import failure_line, is_error_line, result_line
-from pgbatch.workloads.llm.upstream import UpstreamClient, UpstreamConfig
+from pgbatch.workloads.llm.results import failure_line
+from pgbatch.workloads.llm.runner import line_id, runner_of, runners
+from pgbatch.workloads.llm.upstream import UpstreamConfig
 
 if TYPE_CHECKING:
     from pgbatch.app import App
@@ -33,64 +33,40 @@ __all__ = [
     "line_id",
     "output_lines",
     "register_tasks",
-    "run_requests",
     "submit_requests",
     "upstream_client_close",
     "upstream_from_env",
 ]
 
 TASK = "llm.request"
-# Requests per shard: one shard's requests go out together, so this bounds a worker's
-# burst per claimed shard and how much one lost lease re-sends.
+# Requests per shard: one shard's requests are reserved and go out together, so this
+# bounds a worker's burst per claimed shard and how much one lost lease re-sends.
 DEFAULT_SHARD_SIZE = 50
 
-_client: UpstreamClient | None = None
+# The seam's first version kept one client here; tests written against it reset it.
+# Clients now live in each App's runner (runner.py); this stays None.
+_client: None = None
 
 
 def upstream_from_env() -> UpstreamConfig:
-    """Return the upstream named by PGBATCH_LLM_BASE_URL / PGBATCH_LLM_API_KEY."""
-    base_url = os.environ.get("PGBATCH_LLM_BASE_URL", "")
-    if not base_url:
-        raise RuntimeError("no LLM upstream configured: set PGBATCH_LLM_BASE_URL (…/v1)")
-    return UpstreamConfig(base_url=base_url, api_key=os.environ.get("PGBATCH_LLM_API_KEY"))
-
-
-def _upstream() -> UpstreamClient:
-    global _client
-    if _client is None:
-        _client = UpstreamClient(upstream_from_env())
-    return _client
+    """Return the "default" upstream of the configuration (PGBATCH_LLM_* / its file)."""
+    try:
+        return load_config().upstream(DEFAULT_UPSTREAM).config
+    except ConfigurationError as exc:
+        raise RuntimeError(str(exc)) from exc
 
 
 async def upstream_client_close() -> None:
-    """Close this process's upstream client (its connection pool), if one was opened."""
-    global _client
-    if _client is not None:
-        await _client.aclose()
-        _client = None
-
-
-def line_id(batch_id: int, seq: int) -> str:
-    """Return the stable `id` of a result line (one per request, the same on every read)."""
-    return f"batch_req_{batch_id}_{seq}"
-
-
-async def run_requests(items: list[Item], ctx: ShardContext) -> list[Outcome]:
-    """Send a shard's requests to the upstream and return each one's result line."""
-    client = _upstream()
-    replies = await asyncio.gather(*(client.send(i.value["url"], i.value["body"]) for i in items))
-    outcomes = []
-    for item, reply in zip(items, replies, strict=True):
-        line = result_line(line_id(ctx.batch_id, item.seq), item.value["custom_id"], reply)
-        outcomes.append(error(orjson.dumps(line).decode()) if is_error_line(line) else ok(line))
-    return outcomes
+    """Close the upstream clients (connection pools) of every App's runner in this process."""
+    for runner in runners():
+        await runner.aclose()
 
 
 def register_tasks(app: App) -> None:
     """Register the request task on `app` (what `app.use(llm.WORKLOAD)` runs)."""
     if TASK in app.tasks:
         return
-    app.task(TASK, shard_size=DEFAULT_SHARD_SIZE)(run_requests)
+    app.task(TASK, shard_size=DEFAULT_SHARD_SIZE)(runner_of(app).run)
 
 
 async def submit_requests(
@@ -99,19 +75,43 @@ async def submit_requests(
     *,
     tenant: str = "default",
     idempotency_key: str | None = None,
+    cache: bool = False,
+    upstream: str | None = None,
+    shard_size: int | None = None,
+    lease_ttl_s: float | None = None,
 ) -> Batch:
-    """Submit checked requests as one batch of the request task and return the batch."""
+    """Submit checked requests as one batch of the request task and return the batch.
+
+    `cache=True` answers a request from a stored successful answer to the same canonical
+    request (usage.cache_key) of this tenant, and stores this batch's answers; `upstream`
+    names a configured upstream (default: "default"). Both ride on every item, so a shard
+    knows them without another read and they cannot drift from the batch.
+    """
+    await app.open()
+    await runner_of(app).ensure_schema()
+    extra: dict[str, Any] = {}
+    if cache:
+        extra["cache"] = tenant
+    if upstream is not None and upstream != DEFAULT_UPSTREAM:
+        extra["upstream"] = upstream
+
+    def item(request: LlmRequest) -> dict[str, Any]:
+        return {**request.as_item(), **extra} if extra else request.as_item()
+
+    options: dict[str, Any] = {"tenant": tenant, "idempotency_key": idempotency_key}
+    if shard_size is not None:
+        options["shard_size"] = shard_size
+    if lease_ttl_s is not None:
+        options["lease_ttl_s"] = lease_ttl_s
     if isinstance(requests, AsyncIterable):
         stream = requests
 
         async def items() -> AsyncIterator[dict[str, Any]]:
             async for request in stream:
-                yield request.as_item()
+                yield item(request)
 
-        return await app.submit(TASK, items(), tenant=tenant, idempotency_key=idempotency_key)
-    return await app.submit(
-        TASK, (r.as_item() for r in requests), tenant=tenant, idempotency_key=idempotency_key
-    )
+        return await app.submit(TASK, items(), **options)
+    return await app.submit(TASK, (item(r) for r in requests), **options)
 
 
 async def output_lines(

@@ -13,7 +13,7 @@ import email.utils
 import math
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,7 +42,8 @@ class UpstreamConfig:
     """Where requests go: base URL (…/v1), key, model names mapped to the upstream's."""
 
     base_url: str
-    api_key: str | None = None
+    # Never shown: not in repr (logs, tracebacks), not in any API or CLI answer.
+    api_key: str | None = field(default=None, repr=False)
     models: Mapping[str, str] = field(default_factory=dict)
     timeout_s: float = DEFAULT_TIMEOUT_S
     max_concurrency: int = DEFAULT_MAX_CONCURRENCY
@@ -76,6 +77,9 @@ class Reply:
     # Set when there was no HTTP answer: a timeout, a refused or dropped connection.
     failure: str | None = None
     elapsed_s: float = 0.0
+    # False when `send`'s gate held the request back (its key was paused meanwhile): it
+    # never left, so it costs no budget and no attempt.
+    sent: bool = True
 
     @property
     def ok(self) -> bool:
@@ -164,14 +168,22 @@ class UpstreamClient:
             transport=transport,
         )
 
-    async def send(self, url: str, body: Mapping[str, Any]) -> Reply:
-        """Send one request (its model mapped to the upstream's name) and return the reply."""
+    async def send(
+        self, url: str, body: Mapping[str, Any], *, gate: Callable[[], bool] | None = None
+    ) -> Reply:
+        """Send one request (its model mapped to the upstream's name) and return the reply.
+
+        `gate`, asked once a concurrency slot is free, may hold the request back (a 429
+        paused its key while it waited for the slot): the reply then has `sent=False`.
+        """
         model = body.get("model")
         if isinstance(model, str) and model in self.config.models:
             body = {**body, "model": self.config.models[model]}
         target = self.config.endpoint_url(url)
         started = time.monotonic()
         async with self._slots:
+            if gate is not None and not gate():
+                return Reply(None, failure="held back: the key is paused", sent=False)
             try:
                 response = await self._http.post(
                     target,

@@ -26,6 +26,7 @@ import { h, setText } from "./dom.js";
 import { waitingLabel, waitingReason, waitingSentence } from "./fleet.js";
 import { errorGroupsSection, lastErrorSection, loadErrorGroups, tracebackDetails } from "./failures.js";
 import { metadataChips } from "./labels.js";
+import { LLM_TASK, llmUsageCard } from "./llm.js";
 
 // The insight is read at most this often however fast events arrive (it counts shards
 // and scans throughput: cheap, but not for every event of a fast batch).
@@ -259,6 +260,18 @@ export function mountDetail(root, batchId, ctx) {
     tick();
     renderDetails();
     renderButtons();
+    renderWorkload();
+  }
+
+  let llmCard = null;
+  /** An LLM batch gets its usage card after the progress card. */
+  function renderWorkload() {
+    if (batch.task !== LLM_TASK) return;
+    if (!llmCard) {
+      llmCard = llmUsageCard(batchId);
+      view.querySelector(".progress-card").after(llmCard.el);
+    }
+    llmCard.refresh(["succeeded", "failed", "cancelled"].includes(batch.status));
   }
 
   function tick() {
