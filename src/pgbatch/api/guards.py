@@ -185,10 +185,11 @@ class RequestGuard:
 
     def _is_upload(self, scope: Scope) -> bool:
         content_type = (_header(scope, b"content-type") or "").split(";")[0].strip().lower()
-        return (
-            scope["method"] == "POST"
-            and scope["path"] == "/v1/batches"
-            and (content_type == NDJSON)
+        return scope["method"] == "POST" and (
+            (scope["path"] == "/v1/batches" and content_type == NDJSON)
+            # A multipart upload (a workload's files, e.g. the OpenAI Files API) streams to
+            # its route's spool under the same limit: it is never buffered here.
+            or content_type == "multipart/form-data"
         )
 
     def _too_large(self, limit: int, upload: bool) -> ApiError:
