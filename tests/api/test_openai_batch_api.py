@@ -579,3 +579,21 @@ async def test_a_large_file_is_stored_and_validated_without_being_held_in_memory
         # the custom_ids: 3 MB and 15 MB here, the same for a file of 8 MB.
         for what, peak in (("upload", upload_peak), ("create", create_peak)):
             assert peak < len(data) // 3, f"{what}: peak {peak} B for a {len(data)} B file"
+
+
+@pytest.mark.asyncio
+async def test_requests_too_large_for_a_shard_fail_the_batch_and_nothing_runs(
+    start_api: StartApi, upstream: FakeUpstream
+) -> None:
+    # 50 requests a shard of 2 KB each: past a 64 KiB shard limit, as 50 images of 2 MB
+    # are past the default 64 MiB.
+    lines = [request_line(f"s{i}", "z" * 2000) for i in range(60)]
+    async with (
+        start_api(tenants=("acme",), max_shard_bytes=64 * 1024) as api,
+        api.client("acme") as http,
+    ):
+        batch = (await _create(http, await _upload(http, request_file(lines)))).json()
+        assert batch["status"] == "failed", batch
+        assert _errors_of(batch) == [(None, "invalid_batch", "items")]
+        assert "PGBATCH_MAX_SHARD_BYTES" in batch["errors"]["data"][0]["message"]
+        assert await _run_batches(api) == 0 and upstream.served == []

@@ -19,6 +19,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 import orjson
 
+from pgbatch.errors import InvalidBatchError
 from pgbatch.workloads.llm.batches import output_lines, submit_requests
 from pgbatch.workloads.llm.db import openai as queries
 from pgbatch.workloads.llm.requests import (
@@ -514,6 +515,11 @@ async def create_batch(
             await queries.fail_batch(
                 app.db, tenant, batch_id, [e.as_openai() for e in exc.errors], total=count
             )
+        except InvalidBatchError as exc:
+            # The engine refused what the lines make together (a shard of requests past
+            # PGBATCH_MAX_SHARD_BYTES): the batch fails, as a bad line fails it.
+            error = LineError(None, "invalid_batch", str(exc), exc.field)
+            await queries.fail_batch(app.db, tenant, batch_id, [error.as_openai()], total=count)
         else:
             if run.total_items != count:
                 # The file was deleted while it was read: what was submitted is not it.
