@@ -224,11 +224,11 @@ async def _run_batches(api: RunningApi) -> int:
 BOUNDARY = "pgbatchtestboundary"
 
 
-def multipart_form(data: bytes) -> bytes:
+def multipart_form(data: bytes, filename: str = "b.jsonl") -> bytes:
     """Return a multipart body: purpose=batch and `data` as the file."""
     head = (
         f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
-        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="b.jsonl"'
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"'
         "\r\nContent-Type: application/octet-stream\r\n\r\n"
     )
     return head.encode() + data + f"\r\n--{BOUNDARY}--\r\n".encode()
@@ -279,6 +279,7 @@ async def test_a_bad_file_fails_validation_with_line_numbers_and_nothing_runs(
         b"",  # blank lines are skipped, still counted as lines
         request_line("e", url="/v1/embeddings"),  # 7: not the batch's endpoint
         orjson.dumps({"custom_id": "f", "method": "POST", "url": ENDPOINT}),  # 8: no body
+        request_line("g\u0000"),  # 9: an id PostgreSQL's text cannot hold
     ]
     async with start_api(tenants=("acme",)) as api, api.client("acme") as http:
         file_id = await _upload(http, request_file(lines))
@@ -291,6 +292,7 @@ async def test_a_bad_file_fails_validation_with_line_numbers_and_nothing_runs(
             (5, "duplicate_custom_id", "custom_id"),
             (7, "mismatched_endpoint", "url"),
             (8, "missing_required_parameter", "body"),
+            (9, "invalid_custom_id", "custom_id"),
         ]
         assert batch["output_file_id"] is None and batch["error_file_id"] is None
         assert (await http.get(f"/openai/v1/batches/{batch['id']}")).json() == batch
@@ -370,6 +372,9 @@ async def test_malformed_uploads_are_400_naming_the_field(start_api: StartApi) -
         assert_openai_error(broken, 400)
         assert (await http.get("/openai/v1/files")).json()["data"] == []
 
+        # A raw client may send a NUL in a part's file name (httpx escapes it).
+        nul_name = await _streamed_upload(http, multipart_form(data, filename="a\x00b.jsonl"))
+        assert nul_name.json()["filename"] == "ab.jsonl", nul_name.text
         file_id = await _upload(http, data)
         for body, param in (
             ({"endpoint": "/v1/images"}, "endpoint"),
@@ -378,6 +383,7 @@ async def test_malformed_uploads_are_400_naming_the_field(start_api: StartApi) -
             ({"metadata": {"k": "v" * 513}}, "metadata.k"),
             ({"metadata": {"k": 1}}, "metadata.k"),
             ({"surprise": True}, "surprise"),
+            ({"metadata": {"k": "nul \u0000"}}, "metadata"),
         ):
             assert_openai_error(await _create(http, file_id, **body), 400, param=param)
         missing = await http.post("/openai/v1/batches", json={"endpoint": ENDPOINT})

@@ -287,7 +287,8 @@ async def upload_file(request: Request, tenant: Tenant) -> dict[str, Any]:
             return await service.store_file(
                 state.app,
                 tenant,
-                filename=(upload.filename or "file")[:255],
+                # PostgreSQL's text cannot hold NUL; a name is kept for display only.
+                filename=(upload.filename or "file").replace("\x00", "")[:255] or "file",
                 purpose=purpose,
                 content=upload.file,
                 size=size,

@@ -380,6 +380,11 @@ async def check_lines(
             continue
         else:
             parsed = parse_request_line(raw, number, endpoint)
+        if isinstance(parsed, LlmRequest) and "\x00" in parsed.custom_id:
+            # PostgreSQL's text cannot hold it: such an id could not be read back.
+            parsed = LineError(
+                number, "invalid_custom_id", "custom_id must not contain NUL", "custom_id"
+            )
         if isinstance(parsed, LlmRequest):
             digest = hashlib.blake2b(parsed.custom_id.encode(), digest_size=16).digest()
             if digest in seen:
@@ -449,6 +454,11 @@ def check_batch_options(
             "metadata",
         )
     for key, value in metadata.items():
+        if "\x00" in key or "\x00" in value:
+            # PostgreSQL's jsonb cannot store it.
+            raise BatchApiError(
+                400, "invalid_value", "metadata must not contain NUL characters", "metadata"
+            )
         if len(key) > MAX_METADATA_KEY_CHARS:
             raise BatchApiError(
                 400,
