@@ -603,3 +603,25 @@ async def test_requests_too_large_for_a_shard_fail_the_batch_and_nothing_runs(
         assert _errors_of(batch) == [(None, "invalid_batch", "items")]
         assert "PGBATCH_MAX_SHARD_BYTES" in batch["errors"]["data"][0]["message"]
         assert await _run_batches(api) == 0 and upstream.served == []
+
+
+@pytest.mark.asyncio
+async def test_cancels_sent_at_once_all_answer_the_cancelled_batch(start_api: StartApi) -> None:
+    # No worker: the batch's shards stay queued until the cancels land.
+    async with start_api(tenants=("acme",), worker=False) as api, api.client("acme") as http:
+        file_id = await _upload(http, request_file([request_line(f"q{i}") for i in range(120)]))
+        batch_id = (await _create(http, file_id)).json()["id"]
+        barrier = asyncio.Barrier(5)
+        clients = [api.client("acme") for _ in range(5)]
+
+        async def cancel(client: httpx.AsyncClient) -> httpx.Response:
+            async with client:
+                await barrier.wait()
+                return await client.post(f"/openai/v1/batches/{batch_id}/cancel")
+
+        answers = await asyncio.gather(*(cancel(c) for c in clients))
+        assert [a.status_code for a in answers] == [200] * 5, [a.text for a in answers]
+        assert {a.json()["status"] for a in answers} == {"cancelled"}
+        done = (await http.get(f"/openai/v1/batches/{batch_id}")).json()
+        assert done["request_counts"] == {"total": 120, "completed": 0, "failed": 120}
+        assert done["cancelling_at"] is not None and done["cancelled_at"] is not None

@@ -42,6 +42,7 @@ __all__ = [
     "BatchFile",
     "batch_object",
     "cancel_batch",
+    "check_batch_options",
     "check_lines",
     "create_batch",
     "delete_file",
@@ -52,7 +53,9 @@ __all__ = [
     "get_file",
     "list_batches",
     "list_files",
+    "openai_status",
     "parse_batch_id",
+    "parse_file_id",
     "store_file",
 ]
 
@@ -639,12 +642,16 @@ async def cancel_batch(app: App, tenant: str, given: str) -> dict[str, Any]:
     row = await queries.get_batch(app.db, tenant, parse_batch_id(given))
     if row is None:
         raise _not_found("batch", given)
+    if openai_status(row) not in ("cancelling", "cancelled"):
+        if row.batch_id is not None and await app.cancel(row.batch_id, tenant=tenant):
+            await queries.mark_cancelling(app.db, tenant, row.id)
+        # Read again: a cancel of our own, or a concurrent one that got there first.
+        fresh = await queries.get_batch(app.db, tenant, row.id)
+        assert fresh is not None  # rows go only with their pgbatch batch (retention)
+        row = fresh
     status = openai_status(row)
-    if status in ("cancelling", "cancelled"):
-        return batch_object(row)
-    if row.batch_id is None or not await app.cancel(row.batch_id, tenant=tenant):
+    if status not in ("cancelling", "cancelled"):
         raise BatchApiError(
             409, "invalid_state", f"Cannot cancel a batch with status '{status}'.", None
         )
-    await queries.mark_cancelling(app.db, tenant, row.id)
-    return await get_batch(app, tenant, given)
+    return batch_object(row)
