@@ -348,6 +348,14 @@ async def test_an_oversized_upload_is_413_and_nothing_is_stored(start_api: Start
             assert await cur.fetchone() == (0, 0)
         # A file under the limit is stored.
         await _upload(http, request_file([request_line("small")]))
+    # A multipart body to any other route is not an upload: the JSON limit holds there.
+    async with (
+        start_api(tenants=("acme",), worker=False, api_max_json_bytes=4096) as api,
+        api.client("acme") as http,
+    ):
+        elsewhere = await http.post("/v1/documents", files={"file": ("big.jsonl", big)})
+        assert elsewhere.status_code == 413, elsewhere.text
+        assert "PGBATCH_API_MAX_JSON_BYTES" in elsewhere.json()["error"]["message"]
 
 
 @pytest.mark.asyncio

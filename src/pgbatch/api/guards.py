@@ -77,6 +77,9 @@ def _header(scope: Scope, name: bytes) -> str | None:
 # headers) -> response.
 ErrorShape = Callable[[int, str, str, str | None, dict[str, str] | None], JSONResponse]
 ERROR_SHAPES: dict[str, ErrorShape] = {}
+# Routes (a workload's) that spool a multipart upload as it streams, so the guard lets it
+# through under PGBATCH_API_MAX_UPLOAD_BYTES instead of buffering it under the JSON limit.
+MULTIPART_UPLOAD_PATHS: set[str] = set()
 
 
 def _error(
@@ -208,9 +211,10 @@ class RequestGuard:
         content_type = (_header(scope, b"content-type") or "").split(";")[0].strip().lower()
         return scope["method"] == "POST" and (
             (scope["path"] == "/v1/batches" and content_type == NDJSON)
-            # A multipart upload (a workload's files, e.g. the OpenAI Files API) streams to
-            # its route's spool under the same limit: it is never buffered here.
-            or content_type == "multipart/form-data"
+            # A multipart upload to a route that spools it (the OpenAI Files API) streams
+            # under the same limit; to any other route it is a body like JSON, bounded
+            # by PGBATCH_API_MAX_JSON_BYTES, since that route reads it whole.
+            or (scope["path"] in MULTIPART_UPLOAD_PATHS and content_type == "multipart/form-data")
         )
 
     def _too_large(self, limit: int, upload: bool) -> ApiError:

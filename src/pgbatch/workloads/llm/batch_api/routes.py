@@ -19,7 +19,7 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
 
-from pgbatch.api.guards import ERROR_SHAPES
+from pgbatch.api.guards import ERROR_SHAPES, MULTIPART_UPLOAD_PATHS
 from pgbatch.api.state import Tenant, api_state
 from pgbatch.workloads.llm.batch_api import service
 from pgbatch.workloads.llm.batch_api.service import BatchApiError
@@ -98,6 +98,8 @@ router = APIRouter(prefix=PREFIX, tags=["openai"], route_class=OpenAIRoute)
 # What the request guard refuses before routing (an upload past the limit, a stalled
 # body) reaches OpenAI clients in OpenAI's shape too.
 ERROR_SHAPES[PREFIX + "/"] = openai_error
+# Uploads stream to Starlette's spool under PGBATCH_API_MAX_UPLOAD_BYTES.
+MULTIPART_UPLOAD_PATHS.add(PREFIX + "/files")
 
 
 class OpenAIErrorDetail(BaseModel):
