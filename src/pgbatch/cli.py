@@ -716,11 +716,13 @@ def serve(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     from pgbatch.api.auth import TokenTable
     from pgbatch.api.server import check_bind, server
-    from pgbatch.workloads import documents
+    from pgbatch.workloads import documents, llm
 
     app = load_app(app_spec)
     # Documents are part of the HTTP surface `pgbatch serve` has always had.
     app.use(documents.WORKLOAD)
+    # The OpenAI Batch API (/openai/v1); its requests go to PGBATCH_LLM_BASE_URL.
+    app.use(llm.WORKLOAD)
     try:
         tokens = TokenTable.parse(app.settings.api_tokens)
         check_bind(host, tokens)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import io
 import os
 import threading
 import uuid
@@ -42,6 +43,7 @@ from pgbatch.api.auth import new_token
 from pgbatch.api.server import create_api
 from pgbatch.api.server import server as api_server
 from pgbatch.config import Settings
+from pgbatch.workloads.llm.batch_api import service as openai_batch_api
 from tests.apps.api_app import build_app
 from tests.conftest import settings_for
 
@@ -138,6 +140,19 @@ class ThreadedApi:
         self.batch_ids = [b.id for b in seeded]
         assert self.batch_ids == SEEDED_IDS, "the fuzzer aims at these ids"
         await app.cancel(seeded[4].id)
+        # An OpenAI request file and a batch that failed its validation (file-1, batch_1):
+        # something for the /openai/v1 operations to find, with nothing to run upstream.
+        await openai_batch_api.store_file(
+            app, TENANT, filename="f.jsonl", purpose="batch", content=io.BytesIO(b"{}"), size=2
+        )
+        await openai_batch_api.create_batch(
+            app,
+            TENANT,
+            input_file_id="file-1",
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+            metadata=None,
+        )
         for batch in (seeded[0], seeded[1], seeded[2], seeded[4], seeded[5]):
             await app.wait(batch.id, timeout_s=30)
 

@@ -18,6 +18,7 @@ def build_app(settings: pgbatch.Settings) -> tuple[pgbatch.App, asyncio.Event]:
     app = pgbatch.App(settings=settings)
     collections.install(app)
     app.use(documents.WORKLOAD)
+    # The OpenAI Batch API under /openai/v1 (its upstream: PGBATCH_LLM_BASE_URL).
     app.use(llm.WORKLOAD)
     gate = asyncio.Event()
 

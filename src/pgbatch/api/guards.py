@@ -77,9 +77,29 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
+# A router that answers errors in a shape of its own (the OpenAI API under /openai/v1)
+# registers its path prefix here, so the guard's refusals of its requests (a body too
+# large or too slow) come in that shape too: prefix -> (status, code, message, field,
+# headers) -> response.
+ErrorShape = Callable[[int, str, str, str | None, dict[str, str] | None], JSONResponse]
+ERROR_SHAPES: dict[str, ErrorShape] = {}
+# Routes (a workload's) that spool a multipart upload as it streams, so the guard lets it
+# through under PGBATCH_API_MAX_UPLOAD_BYTES instead of buffering it under the JSON limit.
+MULTIPART_UPLOAD_PATHS: set[str] = set()
+
+
 def _error(
-    status: int, code: str, message: str, field: str | None, headers: dict[str, str] | None = None
+    status: int,
+    code: str,
+    message: str,
+    field: str | None,
+    headers: dict[str, str] | None = None,
+    *,
+    path: str = "",
 ) -> JSONResponse:
+    for prefix, shape in ERROR_SHAPES.items():
+        if path.startswith(prefix):
+            return shape(status, code, message, field, headers)
     return JSONResponse(error_body(code, message, field), status_code=status, headers=headers)
 
 
@@ -104,8 +124,10 @@ class _BodyError(Exception):
         self.error = error
 
 
-def _response(error: ApiError) -> JSONResponse:
-    return _error(error.status, error.code, error.message, error.field, error.headers)
+def _response(error: ApiError, scope: Scope) -> JSONResponse:
+    return _error(
+        error.status, error.code, error.message, error.field, error.headers, path=scope["path"]
+    )
 
 
 class RequestGuard:
@@ -145,7 +167,7 @@ class RequestGuard:
                     limit = self.limits.upload_bytes
                     if self._declared_too_large(scope, limit):
                         # Refused before the route takes one of the tenant's upload slots.
-                        await _response(self._too_large(limit, True))(scope, receive, send)
+                        await _response(self._too_large(limit, True), scope)(scope, receive, send)
                         return
                     receive = self._streamed_body(receive)
                 else:
@@ -171,6 +193,7 @@ class RequestGuard:
             f"this server answers only localhost, 127.0.0.1 or [::1] without API tokens, not "
             f"Host {host[:100]!r}; set PGBATCH_API_TOKENS to serve other names",
             "Host",
+            path=scope["path"],
         )
 
     def _forbidden_origin(self, scope: Scope) -> JSONResponse | None:
@@ -187,20 +210,23 @@ class RequestGuard:
             f"writes from the web page at {origin[:100]!r} are refused: without API tokens "
             "only pages served from localhost may write",
             "Origin",
+            path=scope["path"],
         )
 
     def _is_upload(self, scope: Scope) -> bool:
         content_type = (_header(scope, b"content-type") or "").split(";")[0].strip().lower()
-        return (
-            scope["method"] == "POST"
-            and scope["path"] == "/v1/batches"
-            and content_type in NDJSON_MEDIA_TYPES
+        return scope["method"] == "POST" and (
+            (scope["path"] == "/v1/batches" and content_type in NDJSON_MEDIA_TYPES)
+            # A multipart upload to a route that spools it (the OpenAI Files API) streams
+            # under the same limit; to any other route it is a body like JSON, bounded
+            # by PGBATCH_API_MAX_JSON_BYTES, since that route reads it whole.
+            or (scope["path"] in MULTIPART_UPLOAD_PATHS and content_type == "multipart/form-data")
         )
 
     def _too_large(self, limit: int, upload: bool) -> ApiError:
         what = (
-            f"an {NDJSON} upload may be at most {limit} bytes (limit {limit}, "
-            "PGBATCH_API_MAX_UPLOAD_BYTES); split the batch"
+            f"an upload ({NDJSON}, or a multipart file) may be at most {limit} bytes "
+            f"(limit {limit}, PGBATCH_API_MAX_UPLOAD_BYTES); split it"
             if upload
             else f"a request body may be at most {limit} bytes (limit {limit}, "
             f"PGBATCH_API_MAX_JSON_BYTES); stream larger batches as {NDJSON}"
@@ -314,7 +340,11 @@ class RequestGuard:
                 raise  # too late for an answer: the server closes the connection
             _log.exception("unhandled error in an API request")
             response = _error(
-                500, "internal_error", "internal error; the server log has details", None
+                500,
+                "internal_error",
+                "internal error; the server log has details",
+                None,
+                path=scope["path"],
             )
             await response(scope, receive, send)
 
@@ -328,7 +358,7 @@ def _has_body(scope: Scope) -> bool:
 
 async def _answer(exc: _BodyError, scope: Scope, receive: Receive, send: Send) -> None:
     if exc.error is not None:
-        await _response(exc.error)(scope, receive, send)
+        await _response(exc.error, scope)(scope, receive, send)
         return
     # The client is gone: this answer reaches no one (the server drops it), but the
     # metrics middleware around us counts the request as 499, not as an error.

@@ -397,3 +397,49 @@ CREATE TABLE pgbatch.llm_cache (
     created_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (tenant, key)
 );
+-- llm, the OpenAI Batch API's files and batches (pgbatch/workloads/llm/migrations/0002)
+CREATE TABLE pgbatch.llm_files (
+    id         bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    tenant     text        NOT NULL,
+    filename   text        NOT NULL,
+    purpose    text        NOT NULL,
+    bytes      bigint      NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX llm_files_tenant_idx ON pgbatch.llm_files (tenant, id);
+
+CREATE TABLE pgbatch.llm_file_chunks (
+    file_id bigint NOT NULL REFERENCES pgbatch.llm_files (id) ON DELETE CASCADE,
+    seq     int    NOT NULL,
+    data    bytea  NOT NULL,
+    PRIMARY KEY (file_id, seq)
+);
+
+CREATE TABLE pgbatch.llm_batches (
+    id                bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    tenant            text        NOT NULL,
+    -- No foreign key: OpenAI lets a file be deleted while batches made from it live on
+    -- (their requests are the pgbatch batch's items by then).
+    input_file_id     bigint      NOT NULL,
+    endpoint          text        NOT NULL,
+    completion_window text        NOT NULL,
+    metadata          jsonb,
+    -- Only the states pgbatch's batch cannot tell: validating, failed (validation), and
+    -- submitted (then the pgbatch batch's status is the OpenAI status).
+    status            text        NOT NULL CONSTRAINT llm_batches_status_known
+                          CHECK (status IN ('validating', 'failed', 'submitted')),
+    errors            jsonb,
+    -- Retention removes the pgbatch batch, and this row with it (its files are its results).
+    batch_id          bigint      REFERENCES pgbatch.batches (id) ON DELETE CASCADE,
+    request_total     bigint,
+    -- The sizes of the output and error files, known once the batch has ended.
+    output_bytes      bigint,
+    error_bytes       bigint,
+    created_at        timestamptz NOT NULL DEFAULT now(),
+    in_progress_at    timestamptz,
+    failed_at         timestamptz,
+    cancelling_at     timestamptz,
+    expired_at        timestamptz
+);
+CREATE INDEX llm_batches_tenant_idx ON pgbatch.llm_batches (tenant, id);
+CREATE INDEX llm_batches_batch_idx ON pgbatch.llm_batches (batch_id);

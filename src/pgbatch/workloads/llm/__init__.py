@@ -1,8 +1,9 @@
 """LLM batches in the OpenAI batch format: shared rate limits, usage and cost, a cache.
 
 `app.use(WORKLOAD)` registers the `llm.request` task, creates the workload's tables
-(migrations/, component "llm") and mounts `/v1/llm` when the app is served. docs/llm.md
-describes the configuration (named upstreams, limits, prices) and the guarantees.
+(migrations/, component "llm") and, when the app is served, mounts `/v1/llm` and the
+OpenAI Batch API under `/openai/v1` (docs/openai-batch-api.md). docs/llm.md describes the
+configuration (named upstreams, limits, prices) and the guarantees.
 """
 
 from __future__ import annotations
@@ -26,7 +27,16 @@ async def _metrics(app: App) -> bytes:
 
 
 def _router() -> Any:
-    from pgbatch.workloads.llm.routes import router
+    # Imported only when the API is served: a library user needs no web stack. Two
+    # faces: our own /v1/llm (limits, usage) and the OpenAI Batch API under /openai/v1.
+    from fastapi import APIRouter
+
+    from pgbatch.workloads.llm.batch_api.routes import router as openai_batch_api
+    from pgbatch.workloads.llm.routes import router as llm_routes
+
+    router = APIRouter()
+    router.include_router(llm_routes)
+    router.include_router(openai_batch_api)
 
     return router
 

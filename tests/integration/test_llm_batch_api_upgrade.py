@@ -1,0 +1,67 @@
+"""A database of the previous release (pgbatch and its shipped workloads, no llm tables)
+takes the llm workload's migrations (0001 the limits and usage, 0002 the OpenAI Batch
+API's files and batches) in place: its batches stay and the new tables work."""
+
+from __future__ import annotations
+
+import io
+import uuid
+from collections.abc import Iterator, Sequence
+
+import psycopg
+import pytest
+from psycopg.conninfo import make_conninfo
+
+import pgbatch
+from pgbatch.db.migrations import applied_versions, migrate, pending_migrations
+from pgbatch.workloads import collections, documents, llm
+from pgbatch.workloads.llm.batch_api import service
+from tests.conftest import settings_for
+
+
+async def _echo(items: Sequence[pgbatch.Item], ctx: pgbatch.ShardContext) -> list[pgbatch.Outcome]:
+    return [pgbatch.ok(item.value) for item in items]
+
+
+PREVIOUS = [w.component for w in (collections.WORKLOAD, documents.WORKLOAD) if w.component]
+
+
+@pytest.fixture
+def old_database(server_url: str) -> Iterator[str]:
+    """Return the URL of an empty database (dropped afterwards)."""
+    name = f"pgbatch_llm_up_{uuid.uuid4().hex[:10]}"
+    admin = make_conninfo(server_url, dbname="postgres")
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield make_conninfo(server_url, dbname=name)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.mark.asyncio
+async def test_a_previous_release_database_takes_the_llm_migration_in_place(
+    old_database: str,
+) -> None:
+    async with await psycopg.AsyncConnection.connect(old_database, autocommit=True) as conn:
+        await migrate(conn, components=PREVIOUS)
+    before = pgbatch.App(settings=settings_for(old_database))
+    before.task("echo")(_echo)
+    async with before:
+        old = await before.submit("echo", ["a", "b"], tenant="acme")
+    component = llm.WORKLOAD.component
+    assert component is not None
+    async with await psycopg.AsyncConnection.connect(old_database, autocommit=True) as conn:
+        assert await pending_migrations(conn, [component]) == {"llm": [1, 2]}
+
+    app = pgbatch.App(settings=settings_for(old_database))
+    app.use(llm.WORKLOAD)
+    async with app:
+        kept = await app.get_batch(old.id)
+        assert (kept.task, kept.total_items, kept.tenant) == ("echo", 2, "acme")
+        stored = await service.store_file(
+            app, "acme", filename="f.jsonl", purpose="batch", content=io.BytesIO(b"x\n"), size=2
+        )
+        assert (await service.get_file(app, "acme", stored["id"]))["bytes"] == 2
+        async with app.db.connection() as conn:
+            assert await applied_versions(conn, component) == {1, 2}
+            assert await pending_migrations(conn, [component]) == {}
