@@ -144,7 +144,8 @@ async def test_a_database_at_0002_with_queued_work_upgrades_in_place_to_0003(
             )
         ).fetchall()
         assert after == before
-        assert await migrate(conn) == [4]  # the claim of this release reads 0004's column
+        # The claim of this release reads 0004's column (later migrations follow it).
+        assert (await migrate(conn))[:1] == [4]
         shards = await claim_shards(conn, worker_id="w", queues=["default"], tasks=["t"], limit=10)
         assert sorted((s.tenant, [i.value for i in s.items]) for s in shards) == [
             ("acme", ["acme0", "acme1"]),

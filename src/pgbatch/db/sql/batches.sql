@@ -2,10 +2,10 @@
 -- The unique idempotency key decides "already submitted": no row back means it exists.
 INSERT INTO pgbatch.batches
     (tenant, task, queue, priority, shard_size, max_attempts, lease_ttl_s, on_complete,
-     idempotency_key)
+     idempotency_key, retention_s)
 VALUES
     (%(tenant)s, %(task)s, %(queue)s, %(priority)s, %(shard_size)s, %(max_attempts)s, %(lease_ttl_s)s,
-     %(on_complete)s, %(idempotency_key)s)
+     %(on_complete)s, %(idempotency_key)s, %(retention_s)s)
 ON CONFLICT (tenant, idempotency_key) DO NOTHING
 RETURNING id;
 
@@ -38,14 +38,14 @@ WITH sealed AS (
     INSERT INTO pgbatch.batches
         (tenant, task, queue, priority, shard_size, max_attempts, lease_ttl_s, on_complete,
          idempotency_key, total_items, total_shards, payload_hash, status, started_at,
-         finished_at)
+         finished_at, retention_s)
     VALUES
         (%(tenant)s, %(task)s, %(queue)s, %(priority)s, %(shard_size)s, %(max_attempts)s, %(lease_ttl_s)s,
          %(on_complete)s, %(idempotency_key)s, %(total_items)s, %(total_shards)s,
          %(payload_hash)s,
          CASE WHEN %(total_shards)s = 0 THEN 'succeeded' ELSE 'pending' END,
          CASE WHEN %(total_shards)s = 0 THEN now() END,
-         CASE WHEN %(total_shards)s = 0 THEN now() END)
+         CASE WHEN %(total_shards)s = 0 THEN now() END, %(retention_s)s)
     ON CONFLICT (tenant, idempotency_key) DO NOTHING
     RETURNING *
 ), items AS (
