@@ -29,11 +29,23 @@ from pgbatch.db.database import Database, pool_wait_s, resolve_url
 from pgbatch.db.migrations import Component, migrate, pending_migrations
 from pgbatch.db.notify import PROGRESS_CHANNEL, progress_batch_id
 from pgbatch.db.results import error_groups, list_results
-from pgbatch.db.retention import PruneReport, batch_exists, due_batches, prune_batches
+from pgbatch.db.retention import (
+    PruneHook,
+    PruneReport,
+    batch_exists,
+    due_batches,
+    prune_batches,
+)
 from pgbatch.db.sessions import session_timeouts
 from pgbatch.engine.notifier import Notifier
 from pgbatch.errors import InvalidBatchError, InvalidStateError, UnknownTaskError
-from pgbatch.limits import MAX_LEASE_TTL_S, MAX_MAX_ATTEMPTS, MAX_SHARD_SIZE, MIN_LEASE_TTL_S
+from pgbatch.limits import (
+    MAX_LEASE_TTL_S,
+    MAX_MAX_ATTEMPTS,
+    MAX_RETENTION_S,
+    MAX_SHARD_SIZE,
+    MIN_LEASE_TTL_S,
+)
 from pgbatch.models import (
     Batch,
     BatchFilter,
@@ -349,10 +361,11 @@ class App:
             isinstance(retention_s, bool)
             or not isinstance(retention_s, int | float)
             or not math.isfinite(retention_s)
-            or retention_s < 0
+            or not 0 <= retention_s <= MAX_RETENTION_S
         ):
             raise InvalidBatchError(
-                f"retention_s must be a number of seconds >= 0 or null, got {retention_s!r}",
+                f"retention_s must be from 0 to {MAX_RETENTION_S:.0f} seconds or null (keep "
+                f"forever), got {retention_s!r}",
                 field="retention_s",
             )
         return batch_queries.BatchSpec(
@@ -607,20 +620,28 @@ class App:
             return await batch_queries.get_batches(conn, ids)
 
     async def prune(
-        self, *, finished_before: datetime | None = None, limit: int | None = None
+        self,
+        *,
+        finished_before: datetime | None = None,
+        limit: int | None = None,
+        extra_hooks: Sequence[PruneHook] = (),
     ) -> PruneReport:
         """Remove final batches past their retention (or finished before `finished_before`).
 
         Never touches a batch that is not final. Safe to run beside workers and other
-        pruners; a batch whose lock is busy is left for a later pass (report.busy).
+        pruners; a batch whose lock is busy is left for a later pass (report.busy). The
+        workloads this app uses delete their own rows of each batch; `extra_hooks` adds
+        others' (the CLI adds the shipped workloads').
         """
         await self.open()
+        hooks = [w.prune_rows for w in self.workloads if w.prune_rows is not None]
+        hooks += [hook for hook in extra_hooks if hook not in hooks]
         async with self.db.connection() as conn:
             return await prune_batches(
                 conn,
                 finished_before=finished_before,
                 limit=limit or self.settings.retention_batches_per_pass,
-                hooks=[w.prune_rows for w in self.workloads if w.prune_rows is not None],
+                hooks=hooks,
                 chunk_rows=self.settings.retention_chunk_rows,
                 lock_timeout_ms=self.settings.retention_lock_timeout_ms,
             )

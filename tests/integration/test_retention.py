@@ -367,3 +367,38 @@ async def test_workers_prune_on_their_own_one_process_at_a_time(database_url: st
 
             await wait_until(all_pruned, 30)
         assert await _orphans(app) == {}
+
+
+@pytest.mark.asyncio
+async def test_a_pruned_copy_takes_its_workload_rows_with_it(app: pgbatch.App) -> None:
+    from pgbatch.workloads import collections as copies
+
+    copies.install(app)
+    await copies.create_tables(app)
+    for name in ("src", "dst"):
+        assert await copies.create_collection(app, name)
+    assert await copies.seed_items(app, "src", 50) == 50
+    async with running(app):
+        batch = await copies.submit_copy(app, source="src", target="dst", item_ids=None,
+                                         keys_per_item=10)  # fmt: skip
+        await app.wait(batch.id, timeout_s=30)
+    async with app.db.connection() as conn:
+        stats = "SELECT count(*) FROM pgbatch.collection_copy_stats WHERE batch_id = %s"
+        before = await (await conn.execute(stats, (batch.id,))).fetchone()
+        assert before is not None and before[0] > 0
+        report = await prune_batches(
+            conn, finished_before=datetime.now(UTC) + timedelta(seconds=1), chunk_rows=2,
+            hooks=[w.prune_rows for w in app.workloads if w.prune_rows is not None],
+        )  # fmt: skip
+        assert report.cleaned == [batch.id]
+        assert await (await conn.execute(stats, (batch.id,))).fetchone() == (0,)
+    assert await _orphans(app) == {}
+    assert len(await _keys_in(app, "dst")) == 50  # the copied rows are the user's: kept
+
+
+async def _keys_in(app: pgbatch.App, collection: str) -> set[str]:
+    async with app.db.connection() as conn:
+        cur = await conn.execute(
+            "SELECT item_id FROM pgbatch.collection_items WHERE collection_id = %s", (collection,)
+        )
+        return {row[0] for row in await cur.fetchall()}

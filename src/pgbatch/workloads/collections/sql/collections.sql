@@ -137,3 +137,6 @@ DELETE FROM pgbatch.collection_copy_stats s
 WHERE s.batch_id = %(batch_id)s
   AND s.shard_id IN (SELECT q.shard_id FROM pgbatch.collection_copy_stats q
                      WHERE q.batch_id = %(batch_id)s ORDER BY q.shard_id LIMIT %(limit)s);
+
+-- name: collection_copy_stats_exists
+SELECT to_regclass('pgbatch.collection_copy_stats') IS NOT NULL;
