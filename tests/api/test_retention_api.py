@@ -44,6 +44,9 @@ async def test_a_pruned_batch_answers_410_with_when_for_its_tenant_only(
                 assert answer.status_code == 410, (path, answer.text)
                 error = answer.json()["error"]
                 assert error["code"] == "batch_pruned" and error["pruned_at"], error
+            scrape = (await api.client().get("/metrics")).text
+            assert "pgbatch_batches_pruned 1.0" in scrape
+            assert 'pgbatch_table_bytes{table="results"}' in scrape
             # Another tenant learns nothing: the id is simply not theirs.
             foreign = await other.get(f"/v1/batches/{batch_id}")
             assert foreign.status_code == 404

@@ -103,6 +103,7 @@ async def test_a_finished_batch_past_its_retention_is_removed_and_answers_pruned
             await app.wait(batch.id, timeout_s=30)
         await wait_until(lambda: _callbacks_done(app, expired.id), 10)
     still_running = await app.submit("t", range(4), shard_size=1, retention_s=0)
+    metrics_before = await app.metrics_snapshot()
 
     report = await app.prune()
 
@@ -125,6 +126,14 @@ async def test_a_finished_batch_past_its_retention_is_removed_and_answers_pruned
     with pytest.raises(BatchNotFoundError) as foreign:
         await app.get_batch(expired.id, tenant="someone-else")
     assert not isinstance(foreign.value, BatchPrunedError)
+    # The metrics' totals do not go down with the batch; the prune is counted.
+    metrics = await app.metrics_snapshot()
+    assert (metrics.items_ok, metrics.shards_done) == (
+        metrics_before.items_ok,
+        metrics_before.shards_done,
+    )
+    assert (metrics_before.batches_pruned, metrics.batches_pruned) == (0, 1)
+    assert {"items", "shards", "results", "batches"} <= set(metrics.table_bytes)
     # Pruning again finds nothing to do.
     again = await app.prune()
     assert again.pruned == [] and again.cleaned == []

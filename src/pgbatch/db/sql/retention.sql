@@ -18,7 +18,8 @@ LIMIT %(limit)s;
 -- delete the row (its callbacks cascade: one per run). Its shards, items, results and
 -- workload rows go afterwards in chunks (retention_clean_chunk). No row back: not pruned.
 WITH target AS (
-    SELECT b.id, b.tenant, b.task, b.status, b.total_items, b.finished_at
+    SELECT b.id, b.tenant, b.task, b.status, b.total_items, b.finished_at,
+           b.shards_done, b.shards_dead, b.items_ok, b.items_failed
     FROM pgbatch.batches b
     WHERE b.id = %(batch_id)s
       AND b.finished_at IS NOT NULL
@@ -39,8 +40,17 @@ WITH target AS (
     DELETE FROM pgbatch.batches b USING tomb t WHERE b.id = t.id
     RETURNING b.id
 ), counted AS (
+    -- The pruned batch's totals move to counters: the metrics' sums over batches (shards
+    -- done, items finished) must not go down when a batch goes.
     INSERT INTO pgbatch.counters AS c (name, value)
-    SELECT 'batches_pruned', count(*) FROM gone HAVING count(*) > 0
+    SELECT v.name, v.value
+    FROM target t JOIN gone g ON g.id = t.id,
+         LATERAL (VALUES ('batches_pruned', 1::bigint),
+                         ('pruned_items_failed', t.items_failed),
+                         ('pruned_items_ok', t.items_ok),
+                         ('pruned_shards_dead', t.shards_dead::bigint),
+                         ('pruned_shards_done', t.shards_done::bigint)) AS v(name, value)
+    ORDER BY v.name
     ON CONFLICT (name) DO UPDATE SET value = c.value + excluded.value
 )
 SELECT id FROM gone;
