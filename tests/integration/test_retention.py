@@ -12,7 +12,8 @@ import psycopg
 import pytest
 
 import pgbatch
-from pgbatch.db.retention import PruneReport, prune_batches
+from pgbatch.db.queries import query
+from pgbatch.db.retention import PruneReport, _detach, prune_batches
 from pgbatch.errors import BatchNotFoundError, BatchPrunedError
 from tests.conftest import settings_for
 from tests.helpers import register_noop, wait_until
@@ -174,28 +175,21 @@ async def test_a_huge_batch_goes_in_bounded_chunks_and_a_half_done_prune_is_fini
         async with running(app):
             await app.wait(batch.id, timeout_s=30)
         async with app.db.connection() as conn:
-            # A pruner that stops after its first chunk: detached, one chunk deleted.
-            report = await prune_batches(conn, chunk_rows=7, limit=1, hooks=[_die_after(1)])
-        assert report.pruned == [batch.id] and report.cleaned == []
+            # A pruner that stopped after its first chunk: detached, one range deleted.
+            assert await _detach(conn, batch.id, finished_before=None, now=None,
+                                 lock_timeout_ms=50)  # fmt: skip
+            await conn.execute(
+                query("retention_clean_range"), {"batch_id": batch.id, "lo": 0, "hi": 7}
+            )
+        with pytest.raises(BatchPrunedError):
+            await app.get_batch(batch.id)
         left = await _rows_of(app, batch.id)
         assert 0 < sum(left.values()) < 100 + 34 + 100
         # The next pass (any process) finishes it, chunk by chunk.
         report = await app.prune()
         assert report.cleaned == [batch.id] and report.pruned == []
-        assert report.rows_deleted > 7 * 3
+        assert report.rows_deleted == sum(left.values())
         assert await _orphans(app) == {}
-
-
-def _die_after(chunks: int) -> Any:
-    calls = {"n": 0}
-
-    async def hook(conn: psycopg.AsyncConnection[Any], batch_id: int, limit: int) -> int:
-        calls["n"] += 1
-        if calls["n"] > chunks:
-            raise psycopg.errors.LockNotAvailable("simulated: the pruner lost its turn")
-        return 0
-
-    return hook
 
 
 @pytest.mark.asyncio

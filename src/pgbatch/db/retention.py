@@ -114,14 +114,34 @@ async def _clean(
 ) -> tuple[bool, int]:
     """Delete a pruned batch's rows chunk by chunk; return (all gone, rows deleted).
 
-    False when another pruner holds the tombstone (it is cleaning this batch).
+    Items and results go by seq range and shards by shard_no range (a shard holds at
+    least one item, so both ranges end by total_items), then a last sweep and the
+    workloads' hooks until nothing is left. False when another pruner holds the
+    tombstone (it is cleaning this batch).
     """
     total = 0
+    lo = 0
     while True:
         async with conn.transaction():
             await _lock_timeout(conn, lock_timeout_ms)
             cur = await conn.execute(
-                query("retention_clean_chunk"), {"batch_id": batch_id, "limit": chunk_rows}
+                query("retention_clean_range"),
+                {"batch_id": batch_id, "lo": lo, "hi": lo + chunk_rows},
+            )
+            row = await cur.fetchone()
+            assert row is not None
+            claimed, deleted, total_items = int(row[0]), int(row[1]), row[2]
+        if not claimed:
+            return False, total
+        total += deleted
+        lo += chunk_rows
+        if lo >= (total_items or 0):
+            break
+    while True:
+        async with conn.transaction():
+            await _lock_timeout(conn, lock_timeout_ms)
+            cur = await conn.execute(
+                query("retention_clean_rest"), {"batch_id": batch_id, "limit": chunk_rows}
             )
             row = await cur.fetchone()
             assert row is not None

@@ -59,10 +59,41 @@ SELECT id FROM gone;
 -- Tombstones whose rows are not all gone yet (a pruner stopped half-way, or is at work).
 SELECT id FROM pgbatch.pruned_batches WHERE cleaned_at IS NULL ORDER BY id LIMIT %(limit)s;
 
--- name: retention_clean_chunk
--- One bounded step of a pruned batch's removal: at most %(limit)s rows of each of shards,
--- items and results, in key order. The tombstone's row lock (SKIP LOCKED) makes one
--- pruner at a time clean a batch; another one skips it (claimed = 0).
+-- name: retention_clean_range
+-- One bounded step of a pruned batch's removal: its items and results with seq in
+-- [%(lo)s, %(hi)s) and its shards with shard_no in that range, by primary-key range. A
+-- range, not "the first N left": rows deleted by earlier steps stay in the index as dead
+-- entries until vacuum, and a "first N" scan would read all of them again at every step
+-- (quadratic: 87 s for a million items, against seconds by range). The tombstone's row
+-- lock (SKIP LOCKED) makes one pruner at a time clean a batch; another skips it.
+WITH claim AS (
+    SELECT id FROM pgbatch.pruned_batches
+    WHERE id = %(batch_id)s AND cleaned_at IS NULL
+    FOR UPDATE SKIP LOCKED
+), shards AS (
+    DELETE FROM pgbatch.shards s
+    USING claim c
+    WHERE s.batch_id = c.id AND s.shard_no >= %(lo)s AND s.shard_no < %(hi)s
+    RETURNING 1
+), items AS (
+    DELETE FROM pgbatch.items i
+    USING claim c
+    WHERE i.batch_id = c.id AND i.seq >= %(lo)s AND i.seq < %(hi)s
+    RETURNING 1
+), results AS (
+    DELETE FROM pgbatch.results r
+    USING claim c
+    WHERE r.batch_id = c.id AND r.seq >= %(lo)s AND r.seq < %(hi)s
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM claim)::int AS claimed,
+       (SELECT count(*) FROM shards) + (SELECT count(*) FROM items)
+           + (SELECT count(*) FROM results) AS deleted,
+       (SELECT total_items FROM pgbatch.pruned_batches WHERE id = %(batch_id)s) AS total_items;
+
+-- name: retention_clean_rest
+-- The last step: whatever a range did not cover (nothing, for rows pgbatch wrote; this
+-- makes "no orphans" hold whatever the seqs), at most %(limit)s rows per table.
 WITH claim AS (
     SELECT id FROM pgbatch.pruned_batches
     WHERE id = %(batch_id)s AND cleaned_at IS NULL
