@@ -6,7 +6,8 @@ Run from the repository root:
 
 The same no-op batch of `--shards` one-item shards runs `--rounds` times in one database,
 on two `pgbatch worker` processes at concurrency 256 (as benchmarks/storage_rounds.py),
-but every batch is submitted with `retention_s=0` and the workers prune every second
+but every batch is submitted with `retention_s=2` (long enough to read
+the finished batch before it goes) and the workers prune every second
 (`PGBATCH_RETENTION_INTERVAL_S=1`). After each round the benchmark waits until the
 workers have pruned that round's batch, then prints its jobs/s and the bytes of
 `pgbatch.shards`, `items` and `results`, each against round 1 of the same run. Flat
@@ -44,6 +45,8 @@ from benchmarks.storage_rounds import APP, CONCURRENCY, WORKER_PROCESSES, table_
 BATCH_TIMEOUT_S = 1800.0
 # How long a round's batch may take to be pruned by the workers (they try every second).
 PRUNE_TIMEOUT_S = 300.0
+# Short, but long enough that the benchmark reads the finished batch before it goes.
+RETENTION_S = 2.0
 
 
 async def pruned(conninfo: str, batch_id: int) -> bool:
@@ -71,7 +74,7 @@ async def run(url: str, rounds: int, shards: int) -> list[dict[str, object]]:
                 for number in range(1, rounds + 1):
                     started = time.time()
                     batch = await app.submit(NOOP_TASK, [None] * shards, shard_size=1,
-                                             retention_s=0)  # fmt: skip
+                                             retention_s=RETENTION_S)  # fmt: skip
                     final = await app.wait(batch.id, timeout_s=BATCH_TIMEOUT_S)
                     if final.items_ok != shards or final.finished_at is None:
                         raise RuntimeError(f"round {number} ended {final.status}")
@@ -113,8 +116,9 @@ def main() -> None:
     url = server_url(args.database_url)
     require_local(url)
     info = asyncio.run(server_info(url))
-    print(f"growth: {args.rounds} x {args.shards} one-item shards, retention 0 s, workers "
-          f"prune every second, {WORKER_PROCESSES} workers x {CONCURRENCY}")  # fmt: skip
+    print(f"growth: {args.rounds} x {args.shards} one-item shards, retention "
+          f"{RETENTION_S:.0f} s, workers prune every second, "
+          f"{WORKER_PROCESSES} workers x {CONCURRENCY}")  # fmt: skip
     for line in info.describe():
         print(f"  {line}")
     figures = asyncio.run(run(url, args.rounds, args.shards))
