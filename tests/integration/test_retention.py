@@ -232,6 +232,7 @@ async def test_several_pruners_at_once_remove_each_batch_once_without_error(
         reports = await asyncio.gather(*(pruner() for _ in range(pruners)))
     pruned = [b for r in reports for b in r.pruned]
     assert sorted(pruned) == sorted(b.id for b in batches)  # each exactly once
+    assert all(not r.busy for r in reports)  # no deadlock, no lock given up
     async with pgbatch.App(settings=settings) as app:
         report = await app.prune()  # whatever a pruner left to another one is finished
         async with app.db.connection() as conn:
@@ -405,3 +406,66 @@ async def _keys_in(app: pgbatch.App, collection: str) -> set[str]:
             "SELECT item_id FROM pgbatch.collection_items WHERE collection_id = %s", (collection,)
         )
         return {row[0] for row in await cur.fetchall()}
+
+
+@pytest.mark.asyncio
+async def test_a_retry_and_a_prune_at_once_end_one_way_or_the_other(app: pgbatch.App) -> None:
+    _register(app)
+    outcomes = set()
+    for _ in range(6):
+        batch = await app.submit("half", range(6), shard_size=2, retention_s=0)
+        async with running(app):
+            await app.wait(batch.id, timeout_s=30)
+            barrier = asyncio.Barrier(2)
+
+            async def retry(
+                batch_id: int = batch.id, gate: asyncio.Barrier = barrier
+            ) -> int | None:
+                await gate.wait()
+                try:
+                    return await app.retry(batch_id)
+                except BatchPrunedError:
+                    return None
+
+            async def prune(gate: asyncio.Barrier = barrier) -> PruneReport:
+                await gate.wait()
+                return await app.prune()
+
+            requeued, report = await asyncio.gather(retry(), prune())
+            if requeued is None:  # the prune won: the batch is gone, whole
+                assert batch.id in report.pruned
+                assert await _rows_of(app, batch.id) == dict.fromkeys(
+                    ("items", "shards", "results", "callbacks"), 0
+                )
+                outcomes.add("pruned")
+            else:  # the retry won: the reopened batch was not touched, and reruns
+                assert requeued == 3 and batch.id not in report.pruned
+                rerun = await app.wait(batch.id, timeout_s=30)
+                await _intact(app, rerun)
+                assert rerun.items_failed == 3  # the odd items fail again
+                outcomes.add("retried")
+    assert await _orphans(app) == {}
+    print("retry/prune outcomes:", outcomes)  # which side wins is the scheduler's choice
+    assert outcomes
+
+
+@pytest.mark.asyncio
+async def test_a_cancelled_batch_whose_shards_still_run_is_not_pruned(app: pgbatch.App) -> None:
+    _register(app)
+    RELEASE.clear()
+    batch = await app.submit("slow", range(4), shard_size=1, retention_s=0)
+    async with running(app, concurrency=2):
+
+        async def two_running() -> bool:
+            return (await app.get_batch(batch.id)).status == "running"
+
+        await wait_until(two_running, 30)
+        assert await app.cancel(batch.id)
+        cancelled = await app.get_batch(batch.id)
+        assert cancelled.status == "cancelled" and not cancelled.is_final
+        assert (await app.prune()).pruned == []  # still ending: two shards run
+        await _intact(app, cancelled)
+        RELEASE.set()
+        await app.wait(batch.id, timeout_s=30)
+    assert (await app.prune()).pruned == [batch.id]  # final now
+    assert await _orphans(app) == {}
