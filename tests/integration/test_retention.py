@@ -43,11 +43,13 @@ def _register(app: pgbatch.App) -> None:
 
     @app.task(name="slow")  # holds its shards until released: a batch kept running
     async def slow(items: list[pgbatch.Item], ctx: pgbatch.ShardContext) -> list[pgbatch.Outcome]:
-        await RELEASE.wait()
+        await GATE["release"].wait()
         return [pgbatch.ok() for _ in items]
 
 
-RELEASE = asyncio.Event()
+# The event that releases the "slow" task; each test that uses it makes a new one in its
+# own event loop (an asyncio.Event belongs to the loop that first waits on it).
+GATE: dict[str, asyncio.Event] = {}
 
 
 async def _orphans(app: pgbatch.App) -> dict[str, int]:
@@ -252,7 +254,7 @@ async def test_prune_racing_running_batches_submits_retries_and_streams(
 ) -> None:
     # No automatic pruning here: this test counts every prune it makes.
     settings = settings_for(database_url, retention_chunk_rows=50, retention_interval_s=3600)
-    RELEASE.clear()
+    GATE["release"] = asyncio.Event()
     async with pgbatch.App(settings=settings) as app:
         _register(app)
         held = await app.submit("slow", range(6), shard_size=1, retention_s=0)
@@ -308,7 +310,7 @@ async def test_prune_racing_running_batches_submits_retries_and_streams(
             held_now = await app.get_batch(held.id)  # never pruned while its shards run
             assert not held_now.is_final
             await _intact(app, held_now)
-            RELEASE.set()
+            GATE["release"].set()
             await app.wait(held.id, timeout_s=30)
             for batch in [*failing, *submitted]:
                 try:
@@ -452,7 +454,7 @@ async def test_a_retry_and_a_prune_at_once_end_one_way_or_the_other(app: pgbatch
 @pytest.mark.asyncio
 async def test_a_cancelled_batch_whose_shards_still_run_is_not_pruned(app: pgbatch.App) -> None:
     _register(app)
-    RELEASE.clear()
+    GATE["release"] = asyncio.Event()
     batch = await app.submit("slow", range(4), shard_size=1, retention_s=0)
     async with running(app, concurrency=2):
 
@@ -465,7 +467,7 @@ async def test_a_cancelled_batch_whose_shards_still_run_is_not_pruned(app: pgbat
         assert cancelled.status == "cancelled" and not cancelled.is_final
         assert (await app.prune()).pruned == []  # still ending: two shards run
         await _intact(app, cancelled)
-        RELEASE.set()
+        GATE["release"].set()
         await app.wait(batch.id, timeout_s=30)
     assert (await app.prune()).pruned == [batch.id]  # final now
     assert await _orphans(app) == {}
