@@ -3,6 +3,7 @@
 Run from the repository root:
 
     .venv/bin/python benchmarks/storage_rounds.py [--rounds 8] [--shards 50000] [--database-url URL]
+        [--baseline-src DIR]
 
 Runs the same no-op batch of `--shards` one-item shards `--rounds` times, one after the
 other, in one database, with two `pgbatch worker` processes at concurrency 256 (the
@@ -11,12 +12,18 @@ setting of the storage issue's table). Prints per round: jobs/s, its ratio to ro
 `pgbatch.shards`, `pgbatch.items` and `pgbatch.results`; then the median ratio of rounds
 2..N to round 1 and the worst. Flat storage means ratios near 1.0 and sizes that stop
 growing once retention applies. Writes benchmarks/results/storage_rounds.json.
+
+With `--baseline-src DIR` (a `src/` folder of another pgbatch, e.g. `git archive REV src |
+tar -x -C /tmp/base`), odd rounds run their workers on that code and even rounds on this
+tree, in the same database, workers restarted every round: a before/after comparison that
+shares the database's history. It then prints the median of each side and their ratio.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 import time
@@ -26,6 +33,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import pgbatch
 from benchmarks.apps import NOOP_TASK, make_app
 from benchmarks.harness import (
     WorkerProcesses,
@@ -54,6 +62,7 @@ class Round:
     seconds: float
     jobs_per_s: float
     sizes_mb: dict[str, float]
+    code: str = "this tree"
 
 
 async def table_sizes_mb(conninfo: str) -> dict[str, float]:
@@ -69,30 +78,55 @@ async def table_sizes_mb(conninfo: str) -> dict[str, float]:
         return sizes
 
 
-async def run(url: str, rounds: int, shards: int) -> list[Round]:
+async def drain(app: pgbatch.App, conninfo: str, number: int, shards: int, code: str) -> Round:
+    """Submit one batch of `shards` one-item shards, wait for it; return the round's figures."""
+    started = time.time()
+    batch = await app.submit(NOOP_TASK, [None] * shards, shard_size=1)
+    final = await app.wait(batch.id, timeout_s=BATCH_TIMEOUT_S)
+    if final.items_ok != shards or final.finished_at is None:
+        raise RuntimeError(f"round {number} ended {final.status}")
+    seconds = final.finished_at.timestamp() - started
+    sizes_mb = await table_sizes_mb(conninfo)
+    return Round(number, shards, round(seconds, 2), round(shards / seconds), sizes_mb, code)
+
+
+def _code_env(baseline_src: str | None) -> dict[str, str]:
+    """Return PYTHONPATH for workers on `baseline_src` (first on the path), or as it is."""
+    path = os.environ.get("PYTHONPATH", "")
+    if baseline_src is None:
+        return {"PYTHONPATH": path}
+    return {"PYTHONPATH": os.pathsep.join([baseline_src, path]).rstrip(os.pathsep)}
+
+
+async def run(url: str, rounds: int, shards: int, baseline_src: str | None) -> list[Round]:
     """Drain `rounds` batches of `shards` one-item shards; return each round's figures."""
     results: list[Round] = []
     async with bench_database(url, "storage") as conninfo:
         app = make_app(conninfo)
         async with app:
-            async with WorkerProcesses(
-                conninfo, app=APP, count=WORKER_PROCESSES, concurrency=CONCURRENCY, label="rounds"
-            ):
-                for number in range(1, rounds + 1):
-                    started = time.time()
-                    batch = await app.submit(NOOP_TASK, [None] * shards, shard_size=1)
-                    final = await app.wait(batch.id, timeout_s=BATCH_TIMEOUT_S)
-                    if final.items_ok != shards or final.finished_at is None:
-                        raise RuntimeError(f"round {number} ended {final.status}")
-                    seconds = final.finished_at.timestamp() - started
-                    sizes_mb = await table_sizes_mb(conninfo)
-                    figures = Round(number, shards, round(seconds, 2), round(shards / seconds),
-                                    sizes_mb)  # fmt: skip
-                    results.append(figures)
-                    ratio = figures.jobs_per_s / results[0].jobs_per_s
-                    sizes = "  ".join(f"{t} {mb:7.1f} MB" for t, mb in figures.sizes_mb.items())
-                    print(f"  round {number}: {fmt_int(figures.jobs_per_s):>8} jobs/s  "
-                          f"x{ratio:4.2f} of round 1   {sizes}", flush=True)  # fmt: skip
+            for number in range(1, rounds + 1):
+                on_baseline = baseline_src is not None and number % 2 == 1
+                code = "baseline" if on_baseline else "this tree"
+                saved = os.environ.get("PYTHONPATH")
+                # child_env copies os.environ: the workers import pgbatch from the path's
+                # first entry that has it.
+                os.environ.update(_code_env(baseline_src if on_baseline else None))
+                try:
+                    async with WorkerProcesses(
+                        conninfo, app=APP, count=WORKER_PROCESSES, concurrency=CONCURRENCY,
+                        label="rounds",
+                    ):  # fmt: skip
+                        figures = await drain(app, conninfo, number, shards, code)
+                finally:
+                    if saved is None:
+                        os.environ.pop("PYTHONPATH", None)
+                    else:
+                        os.environ["PYTHONPATH"] = saved
+                results.append(figures)
+                ratio = figures.jobs_per_s / results[0].jobs_per_s
+                sizes = "  ".join(f"{t} {mb:7.1f} MB" for t, mb in figures.sizes_mb.items())
+                print(f"  round {number} ({code}): {fmt_int(figures.jobs_per_s):>8} jobs/s  "
+                      f"x{ratio:4.2f} of round 1   {sizes}", flush=True)  # fmt: skip
     return results
 
 
@@ -102,6 +136,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--shards", type=int, default=50_000)
     parser.add_argument("--database-url", default=None)
+    parser.add_argument("--baseline-src", default=None, help="src/ of the code to compare with")
     args = parser.parse_args()
     if args.rounds < 2 or args.shards < 1:
         parser.error("--rounds must be >= 2 and --shards >= 1")
@@ -112,13 +147,25 @@ def main() -> None:
           f"{WORKER_PROCESSES} workers x {CONCURRENCY}")  # fmt: skip
     for line in info.describe():
         print(f"  {line}")
-    rounds = asyncio.run(run(url, args.rounds, args.shards))
+    baseline_src = str(Path(args.baseline_src).resolve()) if args.baseline_src else None
+    rounds = asyncio.run(run(url, args.rounds, args.shards, baseline_src))
     ratios = [r.jobs_per_s / rounds[0].jobs_per_s for r in rounds[1:]]
     print(f"  rounds 2..{args.rounds} vs round 1: median x{statistics.median(ratios):.2f}, "
           f"worst x{min(ratios):.2f}")  # fmt: skip
+    summary: dict[str, object] = {}
+    if baseline_src is not None:
+        medians = {
+            code: statistics.median(r.jobs_per_s for r in rounds if r.code == code)
+            for code in ("baseline", "this tree")
+        }
+        ratio = medians["this tree"] / medians["baseline"]
+        summary = {"median_jobs_per_s": medians, "this_tree_over_baseline": ratio}
+        print(f"  median jobs/s: baseline {fmt_int(medians['baseline'])}, this tree "
+              f"{fmt_int(medians['this tree'])}: x{ratio:.2f}")  # fmt: skip
     path = write_results("storage_rounds", {
         "server": asdict(info), "rounds": [asdict(r) for r in rounds],
         "median_ratio_to_round_1": statistics.median(ratios), "worst_ratio": min(ratios),
+        **summary,
     })  # fmt: skip
     print(f"  wrote {path}")
 

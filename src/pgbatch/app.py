@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
+import math
 import time
 from collections.abc import (
     AsyncIterable,
@@ -15,7 +17,8 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
-from typing import TYPE_CHECKING, Any
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Literal
 
 import psycopg
 
@@ -28,13 +31,26 @@ from pgbatch.db.database import Database, pool_wait_s, resolve_url
 from pgbatch.db.migrations import Component, migrate, pending_migrations
 from pgbatch.db.notify import PROGRESS_CHANNEL, progress_batch_id
 from pgbatch.db.results import error_groups, list_results
+from pgbatch.db.retention import (
+    PruneHook,
+    PruneReport,
+    batch_exists,
+    due_batches,
+    prune_batches,
+)
 from pgbatch.db.sessions import session_timeouts
 from pgbatch.engine.notifier import Notifier
 from pgbatch.engine.waiters import BatchWaiters
 from pgbatch.errors import InvalidBatchError, InvalidStateError, UnknownTaskError
 from pgbatch.fleet import QueueState, WaitingReason, WorkerInfo
 from pgbatch.labels import check_metadata, check_name
-from pgbatch.limits import MAX_LEASE_TTL_S, MAX_MAX_ATTEMPTS, MAX_SHARD_SIZE, MIN_LEASE_TTL_S
+from pgbatch.limits import (
+    MAX_LEASE_TTL_S,
+    MAX_MAX_ATTEMPTS,
+    MAX_RETENTION_S,
+    MAX_SHARD_SIZE,
+    MIN_LEASE_TTL_S,
+)
 from pgbatch.models import (
     Batch,
     BatchFilter,
@@ -61,7 +77,17 @@ from pgbatch.workload import Workload
 if TYPE_CHECKING:
     from pgbatch.engine.worker import Worker
 
-__all__ = ["App"]
+__all__ = ["DEFAULT_RETENTION", "App", "Retention"]
+
+
+class _Default(enum.Enum):
+    RETENTION = "the app's retention_s setting"
+
+
+# submit(retention_s=...) left out: the app's default (Settings.retention_s) applies.
+DEFAULT_RETENTION = _Default.RETENTION
+# Seconds to keep a finished batch, None to keep it forever, or the app's default.
+Retention = float | None | Literal[_Default.RETENTION]
 
 # Idempotency keys are client-chosen strings; a bound keeps the unique index small.
 MAX_IDEMPOTENCY_KEY_CHARS = 200
@@ -274,6 +300,7 @@ class App:
         tenant: str = "default",
         name: str | None = None,
         metadata: Mapping[str, str] | None = None,
+        retention_s: Retention = DEFAULT_RETENTION,
     ) -> Batch:
         """Store a batch of `items` for `task` and queue its shards; return the batch.
 
@@ -281,6 +308,7 @@ class App:
         With an idempotency key, a repeat of the same submission returns the same batch.
         `name` and `metadata` (string keys and values, pgbatch.labels' bounds) label it
         for people and for `list_batches` filters.
+        `retention_s`: how long after it finishes the batch is pruned (None: never).
         """
         spec = self._batch_spec(
             task,
@@ -295,6 +323,7 @@ class App:
             tenant=tenant,
             name=name,
             metadata=metadata,
+            retention_s=retention_s,
         )
         batch, _ = await self._submit_spec(spec, items)
         return batch
@@ -337,6 +366,7 @@ class App:
         tenant: str,
         name: str | None = None,
         metadata: Mapping[str, str] | None = None,
+        retention_s: Retention = DEFAULT_RETENTION,
     ) -> batch_queries.BatchSpec:
         spec = self.tasks.get(task)
         if spec is None:
@@ -369,7 +399,21 @@ class App:
             raise InvalidBatchError(
                 f"unknown callback {on_complete!r} (registered: {known})", field="on_complete"
             )
+        if retention_s is DEFAULT_RETENTION:
+            retention_s = self.settings.retention_s
+        elif retention_s is not None and (
+            isinstance(retention_s, bool)
+            or not isinstance(retention_s, int | float)
+            or not math.isfinite(retention_s)
+            or not 0 <= retention_s <= MAX_RETENTION_S
+        ):
+            raise InvalidBatchError(
+                f"retention_s must be from 0 to {MAX_RETENTION_S:.0f} seconds or null (keep "
+                f"forever), got {retention_s!r}",
+                field="retention_s",
+            )
         return batch_queries.BatchSpec(
+            retention_s=None if retention_s is None else float(retention_s),
             task=task,
             shard_size=shard_size,
             max_attempts=max_attempts,
@@ -528,6 +572,12 @@ class App:
                     limit=RESULT_PAGE_ROWS,
                     errors_only=errors_only,
                 )
+                # After the page, not before: a batch pruned while this page was read
+                # loses its row first, so a page read before that commit is whole, and
+                # one read after it (maybe short) ends the stream with an error here,
+                # never as a silently short result set.
+                if not await batch_exists(conn, batch_id):
+                    raise await batch_queries.missing_batch(conn, batch_id, tenant=tenant)
             for row in rows:
                 yield row
             if len(rows) < RESULT_PAGE_ROWS:
@@ -683,6 +733,44 @@ class App:
         async with self.db.connection() as conn:
             return await fleet_queries.batch_waiting_reasons(conn, waiting)
 
+    # -- retention -------------------------------------------------------------------------
+
+    async def due_for_pruning(
+        self, *, finished_before: datetime | None = None, limit: int = 1000
+    ) -> list[Batch]:
+        """Return the final batches a prune would remove now (what `--dry-run` lists)."""
+        await self.open()
+        async with self.db.connection() as conn:
+            ids = await due_batches(conn, finished_before=finished_before, limit=limit)
+            return await batch_queries.get_batches(conn, ids)
+
+    async def prune(
+        self,
+        *,
+        finished_before: datetime | None = None,
+        limit: int | None = None,
+        extra_hooks: Sequence[PruneHook] = (),
+    ) -> PruneReport:
+        """Remove final batches past their retention (or finished before `finished_before`).
+
+        Never touches a batch that is not final. Safe to run beside workers and other
+        pruners; a batch whose lock is busy is left for a later pass (report.busy). The
+        workloads this app uses delete their own rows of each batch; `extra_hooks` adds
+        others' (the CLI adds the shipped workloads').
+        """
+        await self.open()
+        hooks = [w.prune_rows for w in self.workloads if w.prune_rows is not None]
+        hooks += [hook for hook in extra_hooks if hook not in hooks]
+        async with self.db.connection() as conn:
+            return await prune_batches(
+                conn,
+                finished_before=finished_before,
+                limit=limit or self.settings.retention_batches_per_pass,
+                hooks=hooks,
+                chunk_rows=self.settings.retention_chunk_rows,
+                lock_timeout_ms=self.settings.retention_lock_timeout_ms,
+            )
+
     # -- workers ---------------------------------------------------------------------------
 
     def worker(self, *, concurrency: int = 32, queues: list[str] | None = None) -> Worker:
@@ -704,6 +792,7 @@ _SUBMIT_OPTIONS = (
     "tenant",
     "name",
     "metadata",
+    "retention_s",
 )
 
 
@@ -712,7 +801,7 @@ def _submit_options(options: Mapping[str, Any]) -> dict[str, Any]:
     if unknown:
         raise TypeError(f"unknown submit options: {', '.join(sorted(unknown))}")
     defaults: dict[str, Any] = {name: None for name in _SUBMIT_OPTIONS}
-    defaults.update(priority=0, tenant="default")
+    defaults.update(priority=0, tenant="default", retention_s=DEFAULT_RETENTION)
     return {**defaults, **options}
 
 

@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 from collections.abc import Coroutine, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
@@ -21,7 +22,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from pgbatch.app import App
+from pgbatch.app import DEFAULT_RETENTION, App
 from pgbatch.errors import PgbatchError
 from pgbatch.labels import check_metadata, check_name, parse_metadata_pair
 from pgbatch.models import Batch, BatchFilter, ShardFailure
@@ -332,10 +333,21 @@ def submit(
     on_complete: Annotated[str | None, typer.Option(help="Callback name.")] = None,
     name: Annotated[str | None, typer.Option(help="A label for lists and filters.")] = None,
     metadata: MetadataOption = None,
+    retention_s: Annotated[
+        float | None,
+        typer.Option(
+            help="Seconds to keep the batch once finished (default: PGBATCH_RETENTION_S)."
+        ),
+    ] = None,
+    keep_forever: Annotated[
+        bool, typer.Option("--keep-forever", help="Never prune this batch.")
+    ] = False,
     watch: Annotated[bool, typer.Option(help="Show progress until it ends.")] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Submit a batch of items for a task."""
+    if keep_forever and retention_s is not None:
+        _fail("--retention-s and --keep-forever do not go together", 2)
     if watch and as_json:
         _fail("--watch and --json do not go together: --json prints the batch once", 2)
     if app_spec is None:
@@ -362,6 +374,9 @@ def submit(
             on_complete=on_complete,
             name=checked_name,
             metadata=checked_metadata,
+            retention_s=None
+            if keep_forever
+            else (DEFAULT_RETENTION if retention_s is None else retention_s),
         )
         if as_json:
             _print_json(_batch_json(batch))
@@ -589,6 +604,73 @@ def results(
         except BaseException:
             partial.unlink(missing_ok=True)
             raise
+
+    _run(_closing(app, run()))
+
+
+def _parse_time(text: str) -> datetime:
+    """Read an ISO 8601 time (a date alone is midnight UTC; no zone means UTC)."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        _fail(f"--finished-before must be an ISO 8601 date or time, got {text!r}", 2)
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+@cli.command()
+def prune(
+    finished_before: Annotated[
+        str | None,
+        typer.Option(
+            help="Also remove every final batch that finished before this ISO 8601 time, "
+            "whatever its retention (kept-forever batches too)."
+        ),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="List what would be removed; remove nothing.")
+    ] = False,
+    limit: Annotated[int, typer.Option(min=1, help="At most this many batches.")] = 1000,
+    app_spec: AppOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Remove finished batches past their retention period (workers also do it on their own)."""
+    from pgbatch.workloads import collections, llm
+
+    shipped_hooks = [
+        w.prune_rows for w in (collections.WORKLOAD, llm.WORKLOAD) if w.prune_rows is not None
+    ]
+    before = _parse_time(finished_before) if finished_before is not None else None
+    app = load_app(app_spec) if app_spec is not None else _existing_app()
+
+    async def run() -> None:
+        if dry_run:
+            due = await app.due_for_pruning(finished_before=before, limit=limit)
+            if as_json:
+                _print_json({"dry_run": True, "batches": [_batch_json(b) for b in due]})
+            elif due:
+                console.print(f"{len(due)} batches would be removed:")
+                console.print(_batch_table(due))
+            else:
+                console.print("nothing to prune")
+            return
+        # The shipped workloads' rows go too, whichever app runs this (a no-op without
+        # their tables).
+        report = await app.prune(finished_before=before, limit=limit, extra_hooks=shipped_hooks)
+        if as_json:
+            _print_json(
+                {
+                    "dry_run": False,
+                    "pruned": report.pruned,
+                    "cleaned": report.cleaned,
+                    "busy": report.busy,
+                    "rows_deleted": report.rows_deleted,
+                }
+            )
+            return
+        console.print(
+            f"pruned {len(report.pruned)} batches ({report.rows_deleted} rows deleted)"
+            + (f"; {len(report.busy)} busy, left for later" if report.busy else "")
+        )
 
     _run(_closing(app, run()))
 

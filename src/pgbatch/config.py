@@ -43,6 +43,22 @@ class Settings(BaseSettings):
     callback_max_attempts: int = Field(default=10, ge=1)
     callback_lease_ttl_s: float = Field(default=60.0, gt=0)
 
+    # -- retention (issue 13, docs/design/retention.md) -------------------------------------
+    # A finished batch is pruned this long after it finished, unless it was submitted with
+    # its own retention_s (null keeps it). A week leaves time to export results; a batch's
+    # rows are what makes the database grow.
+    retention_s: float | None = Field(default=7 * 24 * 3600.0, ge=0)
+    # Workers prune at most this often (one process at a time, under an advisory lock).
+    retention_interval_s: float = Field(default=60.0, gt=0)
+    # ...and at most this many batches per pass: pruning is background work.
+    retention_batches_per_pass: int = Field(default=10, ge=1)
+    # Rows of each table deleted per transaction: bounds a transaction to tens of ms
+    # (docs/design/retention.md has the measured cost per million items).
+    retention_chunk_rows: int = Field(default=10_000, ge=1)
+    # A pruner waits at most this long for a row lock, then skips the batch until its
+    # next pass: claims and completions are never stalled behind it.
+    retention_lock_timeout_ms: int = Field(default=50, ge=1)
+
     # -- HTTP API (`pgbatch serve`) --------------------------------------------------------
     # Comma-separated `tenant:sha256:<hex digest of the token>` entries (`pgbatch token new`
     # prints one). Unset: no authentication, and the server binds to loopback only.

@@ -10,6 +10,7 @@ PgbatchError
 │   └── ShardTooLargeError    a shard's items hold more bytes than max_shard_bytes
 ├── IdempotencyConflictError  same idempotency key, different payload
 ├── BatchNotFoundError
+│   └── BatchPrunedError      it existed, and was removed after its retention period
 ├── StaleVersionError         optimistic update against an old version
 └── InvalidStateError         the batch's status does not allow the operation
 
@@ -18,8 +19,11 @@ Snooze (not an error: a handler's request to put its shard back for a while)
 
 from __future__ import annotations
 
+from datetime import datetime
+
 __all__ = [
     "BatchNotFoundError",
+    "BatchPrunedError",
     "ConfigurationError",
     "IdempotencyConflictError",
     "InvalidBatchError",
@@ -98,6 +102,15 @@ class IdempotencyConflictError(PgbatchError):
 
 class BatchNotFoundError(PgbatchError, LookupError):
     """No batch has that id."""
+
+
+class BatchPrunedError(BatchNotFoundError):
+    """The batch finished and was removed after its retention period (HTTP 410)."""
+
+    def __init__(self, message: str, *, batch_id: int, pruned_at: datetime) -> None:
+        super().__init__(message)
+        self.batch_id = batch_id
+        self.pruned_at = pruned_at
 
 
 class StaleVersionError(PgbatchError):

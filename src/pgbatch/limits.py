@@ -24,3 +24,6 @@ MAX_SHARD_SIZE = 1_000_000
 # PostgreSQL caps at 1 GB; 64 MiB keeps a shard far below that and a claim of many shards
 # within a worker's memory. PGBATCH_MAX_SHARD_BYTES overrides it (Settings.max_shard_bytes).
 DEFAULT_MAX_SHARD_BYTES = 64 * 1024 * 1024
+# A batch's retention_s (seconds after it finishes until it is pruned): at most a
+# century, far inside what PostgreSQL's interval arithmetic holds.
+MAX_RETENTION_S = 100 * 365 * 24 * 3600.0

@@ -248,6 +248,10 @@ class MetricsSnapshot:
     lease_takeovers: int
     lease_refunds: int
     batches_by_status: dict[str, int]
+    # finished batches removed by retention, ever
+    batches_pruned: int = 0
+    # total bytes (heap, indexes, TOAST) of each per-batch table
+    table_bytes: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pgbatch.db.migrations import Component
+from pgbatch.db.retention import PruneHook
 
 if TYPE_CHECKING:
     from pgbatch.app import App
@@ -29,6 +30,9 @@ class Workload:
     migrations_package: str | None = None
     router: Callable[[], Any] | None = None
     metrics: Callable[[App], Awaitable[bytes]] | None = None
+    # Called in each chunk of a pruned batch's removal: (conn, batch id, max rows) -> rows
+    # deleted; retention keeps calling until it returns 0 (db/retention.py).
+    prune_rows: PruneHook | None = None
 
     @property
     def component(self) -> Component | None:

@@ -16,6 +16,7 @@ from starlette.requests import ClientDisconnect
 from pgbatch.api.schemas import ErrorOut
 from pgbatch.errors import (
     BatchNotFoundError,
+    BatchPrunedError,
     IdempotencyConflictError,
     InvalidBatchError,
     InvalidStateError,
@@ -67,6 +68,7 @@ def _errors(
     described = {
         401: "Missing or invalid API token.",
         404: "No such batch (for this tenant).",
+        410: "The batch finished and was pruned after its retention period (`pruned_at`).",
         409: "Conflict with the batch's state or an earlier submission.",
         412: "If-Match names an old version.",
         413: "The request is larger than the server accepts.",
@@ -74,6 +76,8 @@ def _errors(
         422: "The request is malformed; `field` names the part.",
         428: "If-Match is required.",
     }
+    if 404 in codes:  # any route that names a batch may find it pruned
+        codes = (*codes, 410)
     out: dict[int | str, dict[str, Any]] = dict(extra or {})
     out.update({c: {"model": ErrorOut, "description": described[c]} for c in (401, 422, *codes)})
     return out
@@ -156,6 +160,13 @@ def install_error_handlers(api: FastAPI) -> None:
     @api.exception_handler(BatchNotFoundError)
     async def not_found(_: Request, exc: BatchNotFoundError) -> JSONResponse:
         return _respond(404, "batch_not_found", str(exc))
+
+    @api.exception_handler(BatchPrunedError)
+    async def pruned(_: Request, exc: BatchPrunedError) -> JSONResponse:
+        # 410, not 404: the batch existed and its retention period removed it.
+        return _respond(
+            410, "batch_pruned", str(exc), details={"pruned_at": exc.pruned_at.isoformat()}
+        )
 
     @api.exception_handler(IdempotencyConflictError)
     async def idempotency_conflict(_: Request, exc: IdempotencyConflictError) -> JSONResponse:

@@ -101,6 +101,17 @@ class ApiMetrics:
             ["state"],
             registry=r,
         )
+        self.batches_pruned = Gauge(
+            "pgbatch_batches_pruned",
+            "Finished batches removed after their retention period, ever (a running total).",
+            registry=r,
+        )
+        self.table_bytes = Gauge(
+            "pgbatch_table_bytes",
+            "Size of pgbatch's per-batch tables: heap, indexes and TOAST.",
+            ["table"],
+            registry=r,
+        )
         self._flush_sources: dict[str, Callable[[], Mapping[int, int]]] = {}
         r.register(FlushSizeCollector(self._flush_sources))
         self.writer_items = Counter(
@@ -162,6 +173,9 @@ class ApiMetrics:
             self.batches.labels(status).set(count)
         self.lease_takeovers.set(snap.lease_takeovers)
         self.lease_refunds.set(snap.lease_refunds)
+        self.batches_pruned.set(snap.batches_pruned)
+        for table, size in snap.table_bytes.items():
+            self.table_bytes.labels(table).set(size)
         now, total = time.monotonic(), snap.items_ok + snap.items_failed
         if self._previous is not None and now > self._previous[0]:
             rate = max(0, total - self._previous[1]) / (now - self._previous[0])

@@ -17,7 +17,13 @@ from pgbatch.labels import (
     MAX_METADATA_VALUE_CHARS,
     MAX_NAME_CHARS,
 )
-from pgbatch.limits import MAX_LEASE_TTL_S, MAX_MAX_ATTEMPTS, MAX_SHARD_SIZE, MIN_LEASE_TTL_S
+from pgbatch.limits import (
+    MAX_LEASE_TTL_S,
+    MAX_MAX_ATTEMPTS,
+    MAX_RETENTION_S,
+    MAX_SHARD_SIZE,
+    MIN_LEASE_TTL_S,
+)
 from pgbatch.models import Batch, BatchInsight, BatchStatus, ErrorGroup
 
 __all__ = [
@@ -135,6 +141,9 @@ class BatchSubmit(BatchOptions):
 
     task: str = Field(min_length=1, max_length=200, pattern=NAME_PATTERN)
     items: list[Any]
+    # Seconds after it finishes until the batch is pruned; null keeps it forever; left
+    # out, the server's PGBATCH_RETENTION_S (7 days) applies.
+    retention_s: float | None = Field(default=None, ge=0, le=MAX_RETENTION_S)
 
 
 class BatchPatch(_Strict):
@@ -300,6 +309,8 @@ class ErrorDetail(BaseModel):
     code: ErrorCode
     message: str
     field: str | None
+    # 410 batch_pruned only: when the batch was removed.
+    pruned_at: datetime | None = None
 
 
 class ErrorOut(BaseModel):

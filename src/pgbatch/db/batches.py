@@ -17,8 +17,10 @@ from psycopg.rows import dict_row
 from pgbatch import json_values
 from pgbatch.db.copy import encode_json
 from pgbatch.db.queries import query
+from pgbatch.db.retention import tombstone
 from pgbatch.errors import (
     BatchNotFoundError,
+    BatchPrunedError,
     IdempotencyConflictError,
     InvalidBatchError,
     InvalidStateError,
@@ -46,6 +48,7 @@ __all__ = [
     "get_batches",
     "last_shard_failure",
     "list_batches",
+    "missing_batch",
     "requeue_failed",
     "set_priority",
     "submit_batch",
@@ -81,6 +84,9 @@ class BatchSpec:
     # the batch with the labels it was first given).
     name: str | None = None
     metadata: Mapping[str, str] = field(default_factory=dict)
+    # Seconds after it finishes until the batch is pruned; None keeps it. Not part of the
+    # fingerprint: how long to keep a result is not what was asked.
+    retention_s: float | None = None
 
     def fingerprint(self) -> bytes:
         """Encode the options that make two submissions "the same payload"."""
@@ -325,7 +331,23 @@ def _spec_params(spec: BatchSpec) -> dict[str, Any]:
         "idempotency_key": spec.idempotency_key,
         "name": spec.name,
         "metadata": orjson.dumps(dict(spec.metadata)).decode(),
+        "retention_s": spec.retention_s,
     }
+
+
+async def missing_batch(
+    conn: psycopg.AsyncConnection[Any], batch_id: int, *, tenant: str | None = None
+) -> BatchNotFoundError:
+    """Return the error for a batch id with no row: pruned (with when), or never there."""
+    pruned = await tombstone(conn, batch_id, tenant=tenant)
+    if pruned is None:
+        return BatchNotFoundError(f"no batch with id {batch_id}")
+    return BatchPrunedError(
+        f"batch {batch_id} was pruned at {pruned.pruned_at.isoformat()} "
+        f"(it finished at {pruned.finished_at.isoformat()}, and its retention period ended)",
+        batch_id=batch_id,
+        pruned_at=pruned.pruned_at,
+    )
 
 
 def batch_from_row(row: dict[str, Any]) -> Batch:
@@ -342,7 +364,7 @@ async def get_batch(
         await cur.execute(query("batch_get"), {"batch_id": batch_id, "tenant": tenant})
         row = await cur.fetchone()
     if row is None:
-        raise BatchNotFoundError(f"no batch with id {batch_id}")
+        raise await missing_batch(conn, batch_id, tenant=tenant)
     return batch_from_row(row)
 
 
@@ -440,7 +462,7 @@ async def _lock_batch(
         await conn.execute(query("batch_get_for_update"), {"batch_id": batch_id, "tenant": tenant})
     ).fetchone()
     if row is None:
-        raise BatchNotFoundError(f"no batch with id {batch_id}")
+        raise await missing_batch(conn, batch_id, tenant=tenant)
     _, status, version, finished = row
     if expected_version is not None and version != expected_version:
         raise StaleVersionError(

@@ -7,6 +7,7 @@ from typing import Any
 import psycopg
 
 from pgbatch.db.queries import query
+from pgbatch.db.retention import table_bytes
 from pgbatch.models import MetricsSnapshot
 
 __all__ = ["metrics_snapshot"]
@@ -17,7 +18,7 @@ async def metrics_snapshot(conn: psycopg.AsyncConnection[Any]) -> MetricsSnapsho
     row = await (await conn.execute(query("metrics_snapshot"))).fetchone()
     status_rows = await (await conn.execute(query("metrics_batches"))).fetchall()
     assert row is not None  # an aggregate without GROUP BY always answers one row
-    queued, running, done, dead, ok, failed, takeovers, refunds = (int(v) for v in row)
+    queued, running, done, dead, ok, failed, takeovers, refunds, pruned = (int(v) for v in row)
     return MetricsSnapshot(
         shards_queued=queued,
         shards_running=running,
@@ -28,4 +29,6 @@ async def metrics_snapshot(conn: psycopg.AsyncConnection[Any]) -> MetricsSnapsho
         lease_takeovers=takeovers,
         lease_refunds=refunds,
         batches_by_status={str(status): int(count) for status, count in status_rows},
+        batches_pruned=pruned,
+        table_bytes=await table_bytes(conn),
     )

@@ -48,6 +48,8 @@ CREATE TABLE pgbatch.batches (
     metadata        jsonb       NOT NULL DEFAULT '{}',
     -- Items ended by a cancellation, apart from items_failed (issue 12 §3).
     items_cancelled bigint      NOT NULL DEFAULT 0,
+    -- Seconds after finished_at until the batch is pruned; NULL keeps it (0008).
+    retention_s     double precision CONSTRAINT batches_retention_s_check CHECK (retention_s >= 0),
     CHECK (shards_done <= total_shards),
     -- Per tenant: one tenant's keys can neither collide with nor reveal another's.
     CONSTRAINT batches_tenant_idempotency_key_key UNIQUE (tenant, idempotency_key)
@@ -60,6 +62,23 @@ CREATE INDEX batches_tenant_id_idx ON pgbatch.batches (tenant, id DESC);
 CREATE INDEX batches_tenant_name_id_idx ON pgbatch.batches (tenant, name, id DESC)
     WHERE name IS NOT NULL;
 CREATE INDEX batches_metadata_idx ON pgbatch.batches USING gin (metadata jsonb_path_ops);
+-- The pruner's scan: finished batches that have a retention, oldest first.
+CREATE INDEX batches_finished_retained_idx ON pgbatch.batches (finished_at)
+    WHERE retention_s IS NOT NULL;
+
+-- A pruned batch's tombstone: its id answers 410 with pruned_at, scoped to its tenant.
+-- Its rows go in chunks after the batch row; cleaned_at is set once none is left.
+CREATE TABLE pgbatch.pruned_batches (
+    id          bigint      PRIMARY KEY,
+    tenant      text        NOT NULL,
+    task        text        NOT NULL,
+    status      text        NOT NULL,
+    total_items bigint      NOT NULL,
+    finished_at timestamptz NOT NULL,
+    pruned_at   timestamptz NOT NULL DEFAULT now(),
+    cleaned_at  timestamptz
+);
+CREATE INDEX pruned_batches_unclean_idx ON pgbatch.pruned_batches (id) WHERE cleaned_at IS NULL;
 
 -- Items and outputs are json, not jsonb: pgbatch never looks inside them, and json is
 -- stored and returned as the text it was given, which COPY writes and the claim reads
@@ -76,7 +95,8 @@ CREATE TABLE pgbatch.items (
 
 CREATE TABLE pgbatch.shards (
     id               bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    batch_id         bigint      NOT NULL REFERENCES pgbatch.batches (id) ON DELETE CASCADE,
+    -- No foreign key (0008): a pruned batch's shards go after its row, in chunks.
+    batch_id         bigint      NOT NULL,
     -- Its batch's tenant, copied so the claim can share a queue fairly between tenants.
     tenant           text        NOT NULL,
     shard_no         integer     NOT NULL,
@@ -359,7 +379,8 @@ $$;
 -- What each request used, written with its result in the shard's completion. Not keyed:
 -- a retried batch reruns its failed requests, and each run's usage is a row.
 CREATE TABLE pgbatch.llm_request_usage (
-    batch_id          bigint  NOT NULL REFERENCES pgbatch.batches (id) ON DELETE CASCADE,
+    -- No foreign key (0003): retention deletes these rows in chunks (the prune hook).
+    batch_id          bigint  NOT NULL,
     seq               bigint  NOT NULL,
     model             text    NOT NULL,
     -- sends to the upstream (0 for a cache hit); 429s included

@@ -438,9 +438,9 @@ async def complete_shards(
     # One completion per (shard, epoch): a duplicate would write its results twice.
     unique = {(c.shard_id, c.lease_epoch): c for c in reversed(completions)}
     ordered = sorted(unique.values(), key=lambda c: (c.shard_id, c.lease_epoch))
-    # Not prepared: a generic plan built while the table held no running shard expects
-    # one row and nests loops over the flush, quadratic in its size (seconds per flush
-    # when it happened). A custom plan sees the real array lengths every time.
+    # psycopg prepares it after five executions, so PostgreSQL may settle on a generic
+    # plan: the statement's shape (each outcome probes its shard by primary key) keeps
+    # any plan linear in the flush (tests/integration/test_complete_plan.py).
     cur = await conn.execute(
         query("shard_complete_many"),
         {

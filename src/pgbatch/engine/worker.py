@@ -30,6 +30,7 @@ from pgbatch.db.callbacks import (
 from pgbatch.db.copy import copy_table_rows
 from pgbatch.db.database import Database
 from pgbatch.db.fleet import WorkerBeat, beat_worker, remove_worker
+from pgbatch.db.retention import PruneHook, PruneReport
 from pgbatch.db.sessions import is_transient
 from pgbatch.db.shards import (
     ClaimCursor,
@@ -47,6 +48,7 @@ from pgbatch.engine.completer import Completer
 from pgbatch.engine.context import CallbackContext, ShardContext
 from pgbatch.engine.failures import RunFailed, describe, isolate, traceback_of
 from pgbatch.engine.notifier import Notifier
+from pgbatch.engine.pruner import prune_loop
 from pgbatch.errors import NonRetryableError, Snooze
 from pgbatch.models import BatchStatus, ClaimedShard, Item, Outcome, ShardStatus
 from pgbatch.tasks import CallbackSpec, TaskSpec
@@ -139,6 +141,8 @@ class WorkerStats:
     callbacks_run: int = 0
     callbacks_failed: int = 0
     rescued: int = 0
+    # finished batches this worker's pruning passes removed (retention)
+    batches_pruned: int = 0
     started_at: float = field(default_factory=time.monotonic)
 
     def summary(self) -> str:
@@ -245,6 +249,10 @@ class Worker:
             asyncio.create_task(self._heartbeat_loop(), name="pgbatch-heartbeat"),
             asyncio.create_task(self._rescue_loop(), name="pgbatch-rescue"),
             asyncio.create_task(self._callback_loop(), name="pgbatch-callbacks"),
+            asyncio.create_task(
+                prune_loop(db, self.settings, self._prune_hooks(), self._on_prune_report),
+                name="pgbatch-prune",
+            ),
         ]
         _log.info(
             "worker %s started: %d slots, queues %s", self.worker_id, self.concurrency, self.queues
@@ -880,6 +888,12 @@ class Worker:
             if rescued:
                 self.stats.rescued += rescued
                 _log.info("returned %d expired leases to the queue", rescued)
+
+    def _prune_hooks(self) -> list[PruneHook]:
+        return [w.prune_rows for w in self.app.workloads if w.prune_rows is not None]
+
+    def _on_prune_report(self, report: PruneReport) -> None:
+        self.stats.batches_pruned += len(report.pruned)
 
     # -- wake-ups --------------------------------------------------------------------------
 

@@ -50,7 +50,13 @@ from pgbatch.labels import (
     check_name,
     parse_metadata_pair,
 )
-from pgbatch.limits import MAX_LEASE_TTL_S, MAX_MAX_ATTEMPTS, MAX_SHARD_SIZE, MIN_LEASE_TTL_S
+from pgbatch.limits import (
+    MAX_LEASE_TTL_S,
+    MAX_MAX_ATTEMPTS,
+    MAX_RETENTION_S,
+    MAX_SHARD_SIZE,
+    MIN_LEASE_TTL_S,
+)
 from pgbatch.models import Batch, BatchFilter, BatchStatus, Outcome
 
 __all__ = ["router"]
@@ -178,6 +184,14 @@ async def submit_batch(
     ] = None,
     name: Annotated[str | None, Query(max_length=MAX_NAME_CHARS)] = None,
     metadata: MetadataPairs = None,
+    retention_s: Annotated[
+        str | None,
+        Query(
+            max_length=40,
+            pattern=RETENTION_PATTERN,
+            description="Seconds to keep the batch once finished, or 'forever'.",
+        ),
+    ] = None,
 ) -> BatchOut:
     """Submit a batch: a JSON body with its items, or NDJSON items streamed to the database."""
     state = api_state(request)
@@ -191,6 +205,7 @@ async def submit_batch(
         "on_complete": on_complete,
         "name": name,
         "metadata": None if metadata is None else _metadata_pairs(metadata),
+        "retention_s": retention_s,
     }
     items: Any
     if content_type in ("application/json", ""):
@@ -233,6 +248,8 @@ async def submit_batch(
             raise _too_many_items(state)
         task_name = submit.task
         options = submit.model_dump(exclude={"task", "items"}, exclude_none=True)
+        if "retention_s" in submit.model_fields_set:  # null (keep forever) is a choice too
+            options["retention_s"] = submit.retention_s
         items = submit.items
     elif content_type in NDJSON_MEDIA_TYPES:
         if task is None:
@@ -241,6 +258,8 @@ async def submit_batch(
             )
         _refuse_internal(state, task)
         options = {k: v for k, v in query_options.items() if v is not None}
+        if retention_s is not None:
+            options["retention_s"] = _retention_query(retention_s)
         async with state.uploads.slot(tenant):
             with await _spool(request, state.settings.api_max_item_bytes) as spool:
                 # Only now, with the whole body here, does the submission take a pooled
@@ -266,6 +285,24 @@ async def submit_batch(
         task_name, items, idempotency_key=idempotency_key, tenant=tenant, **options
     )
     return _created(response, batch, created)
+
+
+# ?retention_s=: seconds (an integer or decimal number), or "forever" (kept, never pruned).
+RETENTION_PATTERN = r"^(forever|[0-9]{1,12}(\.[0-9]{1,6})?)$"
+
+
+def _retention_query(text: str) -> float | None:
+    if text == "forever":
+        return None
+    value = float(text)
+    if value > MAX_RETENTION_S:
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"retention_s: at most {MAX_RETENTION_S:.0f} seconds, or 'forever'",
+            field="retention_s",
+        )
+    return value
 
 
 def _created(response: Response, batch: Batch, created: bool) -> BatchOut:

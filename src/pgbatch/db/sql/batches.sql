@@ -2,10 +2,10 @@
 -- The unique idempotency key decides "already submitted": no row back means it exists.
 INSERT INTO pgbatch.batches
     (tenant, task, queue, priority, shard_size, max_attempts, lease_ttl_s, on_complete,
-     idempotency_key, name, metadata)
+     idempotency_key, name, metadata, retention_s)
 VALUES
     (%(tenant)s, %(task)s, %(queue)s, %(priority)s, %(shard_size)s, %(max_attempts)s, %(lease_ttl_s)s,
-     %(on_complete)s, %(idempotency_key)s, %(name)s, %(metadata)s::jsonb)
+     %(on_complete)s, %(idempotency_key)s, %(name)s, %(metadata)s::jsonb, %(retention_s)s)
 ON CONFLICT (tenant, idempotency_key) DO NOTHING
 RETURNING id;
 
@@ -38,7 +38,7 @@ WITH sealed AS (
     INSERT INTO pgbatch.batches
         (tenant, task, queue, priority, shard_size, max_attempts, lease_ttl_s, on_complete,
          idempotency_key, total_items, total_shards, payload_hash, status, started_at,
-         finished_at, name, metadata)
+         finished_at, name, metadata, retention_s)
     VALUES
         (%(tenant)s, %(task)s, %(queue)s, %(priority)s, %(shard_size)s, %(max_attempts)s, %(lease_ttl_s)s,
          %(on_complete)s, %(idempotency_key)s, %(total_items)s, %(total_shards)s,
@@ -46,7 +46,7 @@ WITH sealed AS (
          CASE WHEN %(total_shards)s = 0 THEN 'succeeded' ELSE 'pending' END,
          CASE WHEN %(total_shards)s = 0 THEN now() END,
          CASE WHEN %(total_shards)s = 0 THEN now() END,
-         %(name)s, %(metadata)s::jsonb)
+         %(name)s, %(metadata)s::jsonb, %(retention_s)s)
     ON CONFLICT (tenant, idempotency_key) DO NOTHING
     RETURNING *
 ), items AS (

@@ -264,26 +264,40 @@ RETURNING s.id, s.queue;
 -- locked in id order (invariant 6). A requeued shard keeps its attempts (the claim counted
 -- the run; lease_refunds, not this statement, gives attempts back) and gets no
 -- finished_at; a finished one keeps its worker_id, for people reading the table.
-WITH outcome AS (
-    SELECT * FROM unnest(%(ids)s::bigint[], %(epochs)s::int[], %(statuses)s::text[],
-                         %(errors)s::text[], %(delays_s)s::float8[], %(tracebacks)s::text[])
+--
+-- Its shape keeps every plan linear in the flush, generic or custom (issue 13): the array
+-- drives, and each outcome probes its own shard by primary key in a LATERAL subquery that
+-- locks it. The subquery's LIMIT keeps the planner from flattening it into a join it could
+-- reorder: a generic plan estimating 1 running shard and 10 outcomes (statistics from
+-- before the batch ran) once put the running shards outside and rescanned the outcomes
+-- for each, 500 x 500 rows per flush of 500. So rows are locked in the array's order,
+-- which complete_shards sorts by id (invariant 6). The running/epoch test is applied to
+-- the row as locked (the latest version), outside the subquery, so no partial index on
+-- status can stand in for the primary key. The UPDATE then joins "locked" to shards by
+-- primary key alone.
+WITH locked AS (
+    SELECT v.id, v.epoch, v.status, v.error, v.delay_s, v.traceback
+    FROM unnest(%(ids)s::bigint[], %(epochs)s::int[], %(statuses)s::text[],
+                %(errors)s::text[], %(delays_s)s::float8[], %(tracebacks)s::text[])
         AS v(id, epoch, status, error, delay_s, traceback)
-), locked AS (
-    SELECT s.id FROM pgbatch.shards s JOIN outcome v ON v.id = s.id
+    CROSS JOIN LATERAL (
+        SELECT s.status, s.lease_epoch FROM pgbatch.shards s
+        WHERE s.id = v.id
+        LIMIT 1
+        FOR NO KEY UPDATE OF s
+    ) s
     WHERE s.status = 'running' AND s.lease_epoch = v.epoch
-    ORDER BY s.id
-    FOR NO KEY UPDATE OF s
 )
 UPDATE pgbatch.shards s
-SET status = v.status, last_error = v.error, lease_expires_at = NULL,
-    last_traceback = v.traceback,
-    last_error_at = CASE WHEN v.error IS NULL THEN NULL ELSE now() END,
-    finished_at = CASE WHEN v.status = 'queued' THEN NULL ELSE now() END,
-    run_after = CASE WHEN v.status = 'queued'
-                     THEN now() + v.delay_s * interval '1 second' ELSE s.run_after END,
-    worker_id = CASE WHEN v.status = 'queued' THEN NULL ELSE s.worker_id END
-FROM outcome v, locked l
-WHERE s.id = v.id AND s.lease_epoch = v.epoch AND l.id = s.id
+SET status = l.status, last_error = l.error, lease_expires_at = NULL,
+    last_traceback = l.traceback,
+    last_error_at = CASE WHEN l.error IS NULL THEN NULL ELSE now() END,
+    finished_at = CASE WHEN l.status = 'queued' THEN NULL ELSE now() END,
+    run_after = CASE WHEN l.status = 'queued'
+                     THEN now() + l.delay_s * interval '1 second' ELSE s.run_after END,
+    worker_id = CASE WHEN l.status = 'queued' THEN NULL ELSE s.worker_id END
+FROM locked l
+WHERE s.id = l.id AND s.lease_epoch = l.epoch
 RETURNING s.id, s.lease_epoch;
 
 -- name: shard_snooze_refund

@@ -30,6 +30,7 @@ from pgbatch.workloads.collections.copy import (
     submit_copy,
     submit_copy_or_find,
 )
+from pgbatch.workloads.collections.queries import prune_copy_stats
 
 if TYPE_CHECKING:
     from pgbatch.app import App
@@ -75,4 +76,6 @@ WORKLOAD = Workload(
     install=register_tasks,
     migrations_package="pgbatch.workloads.collections",
     router=_router,
+    # Its copy statistics name batches: they go when the batch is pruned.
+    prune_rows=prune_copy_stats,
 )

@@ -24,6 +24,7 @@ __all__ = [
     "existing_collections",
     "generate_collection_items",
     "plan_copy_ranges",
+    "prune_copy_stats",
 ]
 
 
@@ -180,3 +181,18 @@ async def copy_endpoints(
     cur = await conn.execute(query("collection_copy_endpoints"), {"batch_id": batch_id})
     row = await cur.fetchone()
     return None if row is None else (row[0], row[1])
+
+
+async def prune_copy_stats(conn: psycopg.AsyncConnection[Any], batch_id: int, limit: int) -> int:
+    """Delete up to `limit` copy statistics rows of a pruned batch; return how many.
+
+    0 in a database without the workload's tables: `pgbatch prune` calls it whether or not
+    the app it runs with uses collections.
+    """
+    exists = await (await conn.execute(query("collection_copy_stats_exists"))).fetchone()
+    if not (exists and exists[0]):
+        return 0
+    cur = await conn.execute(
+        query("collection_copy_stats_prune"), {"batch_id": batch_id, "limit": limit}
+    )
+    return cur.rowcount

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from pgbatch.workload import Workload
 from pgbatch.workloads.llm.batches import TASK, output_lines, register_tasks, submit_requests
-from pgbatch.workloads.llm.queries import COMPONENT
+from pgbatch.workloads.llm.queries import COMPONENT, prune_request_usage
 
 if TYPE_CHECKING:
     from pgbatch.app import App
@@ -47,4 +47,5 @@ WORKLOAD = Workload(
     migrations_package=COMPONENT.package,
     router=_router,
     metrics=_metrics,
+    prune_rows=prune_request_usage,
 )

@@ -29,6 +29,7 @@ __all__ = [
     "cache_put_statement",
     "limits_state",
     "pause",
+    "prune_request_usage",
     "request_usage",
     "reserve",
     "settle_statement",
@@ -233,3 +234,18 @@ async def limits_state(conn: psycopg.AsyncConnection[Any]) -> list[LimitState]:
         )
         for name, rpm, tpm, flight, paused, pauses, req, tok, fly in await cur.fetchall()
     ]
+
+
+async def prune_request_usage(conn: psycopg.AsyncConnection[Any], batch_id: int, limit: int) -> int:
+    """Delete up to `limit` per-request usage rows of a pruned batch; return how many.
+
+    0 in a database without the workload's tables: `pgbatch prune` calls it whether or not
+    the app it runs with uses the LLM workload.
+    """
+    exists = await (await conn.execute(query("llm_request_usage_exists"))).fetchone()
+    if not (exists and exists[0]):
+        return 0
+    cur = await conn.execute(
+        query("llm_request_usage_prune"), {"batch_id": batch_id, "limit": limit}
+    )
+    return cur.rowcount

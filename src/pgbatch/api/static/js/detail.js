@@ -547,13 +547,13 @@ export function mountDetail(root, batchId, ctx) {
     );
   }
 
-  function notFound(message) {
+  function notFound(message, { title = `No batch #${batchId}`, testId = "not-found" } = {}) {
     view.replaceChildren(
       h("nav", { class: "crumbs" }, h("a", { href: "#/", "data-testid": "back-link" }, "← All batches")),
       h(
         "div",
-        { class: "card empty", "data-testid": "not-found" },
-        h("p", { class: "empty-title" }, `No batch #${batchId}`),
+        { class: "card empty", "data-testid": testId },
+        h("p", { class: "empty-title" }, title),
         h("p", {}, message),
       ),
     );
@@ -571,6 +571,12 @@ export function mountDetail(root, batchId, ctx) {
     } catch (error) {
       if (error instanceof ApiError && error.status === 404) {
         notFound(`${error.message}. It may belong to another tenant, or the id is wrong.`);
+      } else if (error instanceof ApiError && error.status === 410) {
+        // Retention removed it: say when, not "no such batch".
+        notFound(`${error.message}. Export results before a batch's retention period ends.`, {
+          title: `Batch #${batchId} has expired`,
+          testId: "expired",
+        });
       } else {
         ctx.fail(error);
       }

@@ -131,3 +131,13 @@ FROM pgbatch.items
 WHERE batch_id = %(batch_id)s
 ORDER BY seq
 LIMIT 1;
+
+-- name: collection_copy_stats_prune
+-- A pruned batch's copy statistics, a bounded chunk at a time (pgbatch's retention).
+DELETE FROM pgbatch.collection_copy_stats s
+WHERE s.batch_id = %(batch_id)s
+  AND s.shard_id IN (SELECT q.shard_id FROM pgbatch.collection_copy_stats q
+                     WHERE q.batch_id = %(batch_id)s ORDER BY q.shard_id LIMIT %(limit)s);
+
+-- name: collection_copy_stats_exists
+SELECT to_regclass('pgbatch.collection_copy_stats') IS NOT NULL;

@@ -99,3 +99,13 @@ LEFT JOIN LATERAL (
     WHERE r.name = l.name AND NOT r.settled
 ) f ON true
 ORDER BY l.name;
+
+-- name: llm_request_usage_prune
+-- A pruned batch's per-request usage, a bounded chunk at a time (pgbatch's retention).
+DELETE FROM pgbatch.llm_request_usage u
+WHERE u.batch_id = %(batch_id)s
+  AND u.seq IN (SELECT q.seq FROM pgbatch.llm_request_usage q
+                WHERE q.batch_id = %(batch_id)s ORDER BY q.seq LIMIT %(limit)s);
+
+-- name: llm_request_usage_exists
+SELECT to_regclass('pgbatch.llm_request_usage') IS NOT NULL;
