@@ -22,12 +22,12 @@ from tests.conftest import settings_for
 from tests.helpers import register_noop
 
 FLUSH = 500
-PARAMS = ("ids", "epochs", "statuses", "errors", "delays_s")
-PARAM_TYPES = "bigint[], int[], text[], text[], float8[]"
+PARAMS = ("ids", "epochs", "statuses", "errors", "delays_s", "tracebacks")
+PARAM_TYPES = "bigint[], int[], text[], text[], float8[], text[]"
 
 
 def _as_prepared(sql: str) -> str:
-    """Return the named query with its %(name)s placeholders as $1..$5, for PREPARE."""
+    """Return the named query with its %(name)s placeholders as $1..$6, for PREPARE."""
     for number, name in enumerate(PARAMS, start=1):
         sql = sql.replace(f"%({name})s", f"${number}")
     assert "%(" not in sql, "shard_complete_many has a parameter this test does not bind"
@@ -66,11 +66,12 @@ async def _explain_generic(app: pgbatch.App, leases: list[tuple[int, int]]) -> d
             cur = psycopg.AsyncClientCursor(conn)
             await cur.execute(
                 "EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE complete_plan "
-                "(%s::bigint[], %s::int[], %s::text[], %s::text[], %s::float8[])",
+                "(%s::bigint[], %s::int[], %s::text[], %s::text[], %s::float8[], %s::text[])",
                 (
                     [s for s, _ in leases],
                     [e for _, e in leases],
                     ["done"] * len(leases),
+                    [None] * len(leases),
                     [None] * len(leases),
                     [None] * len(leases),
                 ),
@@ -134,6 +135,7 @@ async def test_flush_prepared_many_times_still_fences_by_epoch(database_url: str
                         "statuses": ["done"] * len(leases),
                         "errors": [None] * len(leases),
                         "delays_s": [None] * len(leases),
+                        "tracebacks": [None] * len(leases),
                     },
                 )
                 accepted = sorted(await cur.fetchall())
