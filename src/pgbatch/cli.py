@@ -535,11 +535,13 @@ def serve(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     from pgbatch.api.auth import TokenTable
     from pgbatch.api.server import check_bind, server
-    from pgbatch.workloads import documents
+    from pgbatch.workloads import documents, vectors
 
     app = load_app(app_spec)
-    # Documents are part of the HTTP surface `pgbatch serve` has always had.
+    # Documents are part of the HTTP surface `pgbatch serve` has always had; vector
+    # libraries are served too (their tables need no pgvector until a library is made).
     app.use(documents.WORKLOAD)
+    app.use(vectors.WORKLOAD)
     try:
         tokens = TokenTable.parse(app.settings.api_tokens)
         check_bind(host, tokens)

@@ -8,7 +8,7 @@ from typing import Any
 
 import pgbatch
 from pgbatch import Item, Outcome, ShardContext
-from pgbatch.workloads import collections, documents
+from pgbatch.workloads import collections, documents, vectors
 
 TASKS = ("echo", "flaky", "slow", "gated")
 
@@ -18,6 +18,7 @@ def build_app(settings: pgbatch.Settings) -> tuple[pgbatch.App, asyncio.Event]:
     app = pgbatch.App(settings=settings)
     collections.install(app)
     app.use(documents.WORKLOAD)
+    app.use(vectors.WORKLOAD)
     gate = asyncio.Event()
 
     @app.task("echo", shard_size=10)

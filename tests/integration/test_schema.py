@@ -15,11 +15,13 @@ from psycopg.conninfo import make_conninfo
 from pgbatch.db.database import Database
 from pgbatch.db.migrations import applied_versions, available_migrations, migrate
 from pgbatch.db.sessions import SessionTimeouts
-from pgbatch.workloads import collections, documents
+from pgbatch.workloads import collections, documents, vectors
 from tests.helpers import fetch_one, wait_until
 
 SHIPPED_COMPONENTS = [
-    w.component for w in (collections.WORKLOAD, documents.WORKLOAD) if w.component is not None
+    w.component
+    for w in (collections.WORKLOAD, documents.WORKLOAD, vectors.WORKLOAD)
+    if w.component is not None
 ]
 
 CATALOG_QUERIES = {
