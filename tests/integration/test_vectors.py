@@ -184,6 +184,7 @@ async def test_searches_during_reindexes_see_all_old_or_all_new_chunks(vapp: pgb
             for hit in hits:
                 by_document.setdefault(hit.document_id, set()).add(hit.content_version)
                 counts[hit.document_id] = counts.get(hit.document_id, 0) + 1
+            assert len(by_document) == 3, by_document  # never none of a document's chunks
             for document_id, versions in by_document.items():
                 assert len(versions) == 1, (document_id, versions)
                 assert counts[document_id] == chunks_per_doc, (document_id, counts)
