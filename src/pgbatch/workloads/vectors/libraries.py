@@ -19,6 +19,7 @@ document's chunks is one transaction, so a search sees the old ones or the new o
 
 from __future__ import annotations
 
+import math
 import re
 import weakref
 from collections.abc import Sequence
@@ -27,6 +28,7 @@ from typing import Any
 
 import psycopg
 
+from pgbatch import json_values
 from pgbatch.app import App
 from pgbatch.engine.context import ShardContext
 from pgbatch.errors import InvalidBatchError
@@ -204,10 +206,29 @@ def _check_document(document: DocumentIn, field: str) -> DocumentIn:
                 )
     elif not document.text or not document.text.strip():
         raise InvalidBatchError("text must not be empty", field=f"{field}.text")
+    _check_json(document.metadata or {}, f"{field}.metadata")
     for value in (document.text, *(document.chunks or ())):
         if value is not None and "\x00" in value:
             raise InvalidBatchError("text cannot hold NUL characters", field=field)
     return document
+
+
+def _check_json(value: Any, field: str) -> None:
+    """Refuse what jsonb cannot store or read back exactly (NUL, huge or non-finite numbers)."""
+    try:
+        json_values.check_value(value)
+    except json_values.JsonValueError as exc:
+        raise InvalidBatchError(f"{field}: {exc}", field=field) from None
+    stack: list[Any] = [value]
+    while stack:
+        current = stack.pop()
+        if isinstance(current, str) and "\x00" in current:
+            raise InvalidBatchError(f"{field}: JSON text cannot hold NUL here", field=field)
+        if isinstance(current, dict):
+            stack.extend(current.keys())
+            stack.extend(current.values())
+        elif isinstance(current, list):
+            stack.extend(current)
 
 
 def _vector_text(vector: Sequence[float]) -> str:
@@ -230,6 +251,7 @@ async def create_library(
     naming the field for a bad name, embedder or dimension. Nothing is written then.
     """
     _check_name(name)
+    _check_json(metadata or {}, "metadata")
     try:
         made = embedders(app).get(embedder)
     except EmbedderError as exc:
@@ -314,6 +336,8 @@ async def update_library(
     """
     if name is not None:
         _check_name(name)
+    if metadata is not None:
+        _check_json(metadata, "metadata")
     await app.open()
 
     async def work(conn: psycopg.AsyncConnection[Any]) -> LibraryRecord:
@@ -470,6 +494,7 @@ async def update_document(
     metadata: dict[str, Any],
 ) -> DocumentRecord:
     """Replace the document's metadata at `version` (VersionMismatchError if it moved on)."""
+    _check_json(metadata, "metadata")
     await app.open()
 
     async def work(conn: psycopg.AsyncConnection[Any]) -> DocumentRecord:
@@ -578,6 +603,8 @@ async def search(
         raise InvalidBatchError("give either text or vector", field="text")
     if not 1 <= k <= MAX_K:
         raise InvalidBatchError(f"k must be from 1 to {MAX_K}", field="k")
+    if metadata_filter is not None:
+        _check_json(metadata_filter, "filter")
     library = await get_library(app, library_id, tenant=tenant)
     if text is not None:
         try:
@@ -588,7 +615,12 @@ async def search(
             ) from None
     else:
         assert vector is not None
-        query_vector = list(vector)
+        try:
+            query_vector = [float(x) for x in vector]
+        except (OverflowError, TypeError, ValueError):
+            query_vector = [math.inf]
+        if not all(math.isfinite(x) for x in query_vector):
+            raise InvalidBatchError("vector values must be finite numbers", field="vector")
     if len(query_vector) != library.dimension:
         raise InvalidBatchError(
             f"the vector has {len(query_vector)} values; the library's dimension is "

@@ -583,7 +583,7 @@ async def search_library(
             library_id,
             tenant=tenant,
             text=body.text,
-            vector=None if body.vector is None else [float(x) for x in body.vector],
+            vector=body.vector,
             k=body.k,
             metadata_filter=body.filter,
             exact=body.exact,
