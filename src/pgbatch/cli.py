@@ -24,6 +24,7 @@ from rich.text import Text
 from pgbatch.app import App
 from pgbatch.errors import PgbatchError
 from pgbatch.models import Batch
+from pgbatch.workloads.vectors.cli import libraries_cli
 
 __all__ = ["cli", "load_app", "main"]
 
@@ -41,6 +42,7 @@ db_cli = typer.Typer(help="The embedded PostgreSQL server.", no_args_is_help=Tru
 cli.add_typer(db_cli, name="db")
 token_cli = typer.Typer(help="API tokens for `pgbatch serve`.", no_args_is_help=True)
 cli.add_typer(token_cli, name="token")
+cli.add_typer(libraries_cli, name="libraries")
 
 console = Console()
 err_console = Console(stderr=True)
