@@ -131,6 +131,7 @@ class OpenAIEmbedder:
     max_concurrency: int = OPENAI_MAX_CONCURRENCY
     max_attempts: int = OPENAI_MAX_ATTEMPTS
     timeout_s: float = OPENAI_TIMEOUT_S
+    backoff_base_s: float = OPENAI_BACKOFF_BASE_S
     _http: httpx.AsyncClient | None = field(default=None, init=False, repr=False)
     _slots: asyncio.Semaphore | None = field(default=None, init=False, repr=False)
 
@@ -178,7 +179,7 @@ class OpenAIEmbedder:
                 )
             # Full jitter spreads the retries of many workers over the window, unless
             # the upstream said how long to wait.
-            backoff = min(OPENAI_BACKOFF_MAX_S, OPENAI_BACKOFF_BASE_S * 2**attempt)
+            backoff = min(OPENAI_BACKOFF_MAX_S, self.backoff_base_s * 2**attempt)
             await asyncio.sleep(wait if wait is not None else random.uniform(0, backoff))
         raise AssertionError("unreachable")  # pragma: no cover
 
