@@ -17,8 +17,12 @@ import pytest
 import pytest_asyncio
 
 import pgbatch
+from pgbatch.db.shards import ShardCompletion, claim_shards, complete_shards, rescue_expired_shards
+from pgbatch.engine.context import ShardContext
+from pgbatch.models import ShardStatus
 from pgbatch.workloads import vectors
 from pgbatch.workloads.vectors import queries as vector_queries
+from pgbatch.workloads.vectors.libraries import index_shard
 from tests.conftest import settings_for
 from tests.helpers import wait_until
 
@@ -325,3 +329,55 @@ def test_the_hashed_embedder_is_deterministic_and_lexical() -> None:
     assert sum(a * b for a, b in zip(one, other, strict=True)) < 0.5
     assert vectors.chunk_text("a " * 10, max_chars=5) == ["a a a", "a a a", "a a a", "a"]
     assert vectors.chunk_text("x" * 12, max_chars=5) == ["xxxxx", "xxxxx", "xx"]
+
+
+async def _claim_and_run(app: pgbatch.App, worker: str) -> ShardCompletion:
+    """Claim the indexing shard as `worker`, run its handler, and build its completion."""
+    async with app.db.connection() as conn:
+        [shard] = await claim_shards(
+            conn, worker_id=worker, queues=["default"], tasks=[vectors.TASK], limit=1
+        )
+    ctx = ShardContext(
+        batch_id=shard.batch_id,
+        shard_id=shard.id,
+        attempt=shard.attempts,
+        lease_epoch=shard.lease_epoch,
+        task=shard.task,
+    )
+    outcomes = await index_shard(app, list(shard.items), ctx)
+    return ShardCompletion.build(
+        shard.id,
+        shard.batch_id,
+        shard.lease_epoch,
+        ShardStatus.DONE,
+        [(item.seq, outcome) for item, outcome in zip(shard.items, outcomes, strict=True)],
+        ctx.writes,
+        statements=ctx.statements,
+    )
+
+
+@pytest.mark.asyncio
+async def test_a_worker_that_lost_its_lease_writes_no_chunk(vapp: pgbatch.App) -> None:
+    library = await vectors.create_library(vapp, tenant="t", name="fence", embedder=f"hash-{DIM}")
+    [doc], batch = await vectors.add_documents(
+        vapp, library.id, [vectors.DocumentIn(text="fenced words")], tenant="t"
+    )
+    assert batch is not None
+    zombie = await _claim_and_run(vapp, "A")
+    async with vapp.db.connection() as conn:
+        await conn.execute("UPDATE pgbatch.shards SET lease_expires_at = now() - interval '1 s'")
+        assert await rescue_expired_shards(conn) == 1
+    holder = await _claim_and_run(vapp, "B")
+
+    async def complete(completion: ShardCompletion) -> set[tuple[int, int]]:
+        async def work(conn: psycopg.AsyncConnection[Any]) -> set[tuple[int, int]]:
+            return (await complete_shards(conn, [completion])).accepted
+
+        return await vapp.db.run_in_transaction(work)
+
+    assert await complete(zombie) == set()  # the zombie finishes first: fenced out
+    assert await _chunks(vapp, library.id) == []
+    assert (await vectors.get_document(vapp, library.id, doc.id, tenant="t")).status == "indexing"
+    assert await complete(holder) == {(holder.shard_id, holder.lease_epoch)}
+    assert await _chunks(vapp, library.id) == [(doc.id, 0, 1, "fenced words")]
+    assert (await vectors.get_document(vapp, library.id, doc.id, tenant="t")).status == "indexed"
