@@ -126,15 +126,20 @@ async def raw_copy(url: str, table: Sequence[list[float]]) -> float:
 
 
 async def measure_search(
-    app: pgbatch.App, library_id: int, queries: list[list[float]], metadata_filter: dict | None
+    app: pgbatch.App,
+    library_id: int,
+    queries: list[list[float]],
+    metadata_filter: dict | None,
+    ef_search: int,
 ) -> tuple[float, float, float, float]:
     """Return HNSW p50, p99 (s), exact p50 (s) and mean recall@10 against exact."""
     hnsw_times, exact_times, recalls = [], [], []
     for query in queries:
         started = time.perf_counter()
         approx = await vectors.search(
-            app, library_id, tenant="bench", vector=query, k=K, metadata_filter=metadata_filter
-        )
+            app, library_id, tenant="bench", vector=query, k=K,
+            metadata_filter=metadata_filter, ef_search=ef_search,
+        )  # fmt: skip
         hnsw_times.append(time.perf_counter() - started)
         started = time.perf_counter()
         exact = await vectors.search(
@@ -157,6 +162,7 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--chunks", type=int, default=20_000)
     parser.add_argument("--queries", type=int, default=100)
+    parser.add_argument("--ef-search", type=int, nargs="+", default=[100])
     parser.add_argument("--database-url")
     args = parser.parse_args()
     url = server_url(args.database_url)
@@ -182,11 +188,15 @@ async def main() -> None:
                 f"({args.chunks / baseline:,.0f} chunks/s); ratio {baseline / ours:.2f}"
             )
             for label, where in (("unfiltered", None), ("filter 1%", {"bucket": 0})):
-                p50, p99, exact50, recall = await measure_search(app, library.id, queries, where)
-                print(
-                    f"search k={K} {label}: HNSW p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms; "
-                    f"exact p50 {exact50 * 1000:.1f} ms; recall@{K} {recall:.3f}"
-                )
+                for ef in args.ef_search:
+                    p50, p99, exact50, recall = await measure_search(
+                        app, library.id, queries, where, ef
+                    )
+                    print(
+                        f"search k={K} {label} ef_search={ef}: HNSW p50 {p50 * 1000:.1f} ms, "
+                        f"p99 {p99 * 1000:.1f} ms; exact p50 {exact50 * 1000:.1f} ms; "
+                        f"recall@{K} {recall:.3f}"
+                    )
 
 
 if __name__ == "__main__":

@@ -381,3 +381,46 @@ async def test_a_worker_that_lost_its_lease_writes_no_chunk(vapp: pgbatch.App) -
     assert await complete(holder) == {(holder.shard_id, holder.lease_epoch)}
     assert await _chunks(vapp, library.id) == [(doc.id, 0, 1, "fenced words")]
     assert (await vectors.get_document(vapp, library.id, doc.id, tenant="t")).status == "indexed"
+
+
+@pytest.mark.asyncio
+async def test_a_database_of_the_previous_release_gains_the_workload_in_place(
+    database_url: str,
+) -> None:
+    # The release before had no vectors workload: a database it made, with a finished
+    # batch and the other shipped workloads' tables, is opened by two apps of this
+    # release at once; the workload's migration applies once and nothing else changes.
+    from pgbatch.workloads import collections, documents
+
+    old = pgbatch.App(settings=settings_for(database_url))
+    old.use(collections.WORKLOAD)
+    old.use(documents.WORKLOAD)
+
+    @old.task("echo")
+    async def echo(items: list[pgbatch.Item], _: pgbatch.ShardContext) -> list[pgbatch.Outcome]:
+        return [pgbatch.ok(item.value) for item in items]
+
+    async with old:
+        batch = await old.submit("echo", [1, 2, 3])
+        await collections.create_collection(old, "kept")
+    apps = [pgbatch.App(settings=settings_for(database_url)) for _ in range(2)]
+    for app in apps:
+        app.use(collections.WORKLOAD)
+        app.use(documents.WORKLOAD)
+        app.use(vectors.WORKLOAD)
+    await asyncio.gather(*(app.open() for app in apps))
+    try:
+        app = apps[0]
+        async with app.db.connection() as conn:
+            cur = await conn.execute(
+                "SELECT component, version FROM pgbatch.workload_migrations ORDER BY 1"
+            )
+            assert await cur.fetchall() == [("collections", 1), ("documents", 1), ("vectors", 1)]
+            cur = await conn.execute("SELECT id FROM pgbatch.collections")
+            assert await cur.fetchall() == [("kept",)]
+        assert (await app.get_batch(batch.id)).total_items == 3
+        if _has_pgvector(database_url):
+            library = await vectors.create_library(app, tenant="t", name="new")
+            assert library.id == 1
+    finally:
+        await asyncio.gather(*(app.close() for app in apps))
