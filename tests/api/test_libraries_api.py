@@ -178,3 +178,35 @@ async def test_without_pgvector_a_create_answers_503_naming_it(
         assert answer.json()["error"]["code"] == "pgvector_missing"
         assert "pgvector" in answer.json()["error"]["message"]
         assert (await client.get("/v1/libraries")).json()["libraries"] == []
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("needs_pgvector")
+async def test_lists_are_cursor_pages(api: RunningApi) -> None:
+    async with api.client() as client:
+        for name in ("a", "b", "c"):
+            assert (await _create(client, name)).status_code == 201
+        first = (await client.get("/v1/libraries", params={"limit": 2})).json()
+        assert [x["name"] for x in first["libraries"]] == ["a", "b"]
+        second = (
+            await client.get("/v1/libraries", params={"limit": 2, "cursor": first["next_cursor"]})
+        ).json()
+        assert [x["name"] for x in second["libraries"]] == ["c"] and second["next_cursor"] is None
+        bad = await client.get("/v1/libraries", params={"cursor": "x"})
+        assert bad.status_code == 422 and bad.json()["error"]["field"] == "cursor"
+
+        base = f"/v1/libraries/{first['libraries'][0]['id']}"
+        posted = await client.post(
+            f"{base}/documents/bulk", json={"documents": [{"text": f"d{n}"} for n in range(5)]}
+        )
+        await api.app.wait(posted.json()["batch_id"], timeout_s=30)
+        page = (await client.get(f"{base}/documents", params={"limit": 3})).json()
+        rest = (
+            await client.get(f"{base}/documents", params={"cursor": page["next_cursor"]})
+        ).json()
+        ids = [d["id"] for d in page["documents"] + rest["documents"]]
+        assert ids == sorted(ids) and len(ids) == 5
+        indexed = (await client.get(f"{base}/documents", params={"status": "indexed"})).json()
+        assert len(indexed["documents"]) == 5
+        pending = (await client.get(f"{base}/documents", params={"status": "pending"})).json()
+        assert pending["documents"] == []
