@@ -167,14 +167,14 @@ async def test_another_tenants_library_answers_404(start_api: StartApi) -> None:
 
 
 @pytest.mark.asyncio
-async def test_without_pgvector_a_create_answers_503_naming_it(
+async def test_without_pgvector_a_create_answers_409_naming_it(
     api: RunningApi, database_url: str
 ) -> None:
     if _has_pgvector(database_url):
         pytest.skip("this server has pgvector: test_vectors simulates its absence instead")
     async with api.client() as client:
         answer = await _create(client)
-        assert answer.status_code == 503
+        assert answer.status_code == 409
         assert answer.json()["error"]["code"] == "pgvector_missing"
         assert "pgvector" in answer.json()["error"]["message"]
         assert (await client.get("/v1/libraries")).json()["libraries"] == []

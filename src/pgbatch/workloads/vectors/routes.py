@@ -40,9 +40,6 @@ Metadata = Annotated[
 ]
 ChunkText = Annotated[str, Field(min_length=1, max_length=100_000, pattern=r"^[^\x00]*$")]
 DocumentStatus = Literal["pending", "indexing", "indexed", "failed"]
-_UNAVAILABLE: dict[int | str, dict[str, Any]] = {
-    503: {"description": "pgvector is missing on this server, or it is busy."}
-}
 
 
 class _Strict(BaseModel):
@@ -243,7 +240,9 @@ async def _call(work: Awaitable[T]) -> T:
             headers={"ETag": _etag(exc.current_version)},
         ) from None
     except lib.ExtensionMissingError as exc:
-        raise ApiError(503, "pgvector_missing", str(exc)) from None
+        # A 4xx, not a 503: a server without the extension will not grow one if the
+        # client retries, and the request cannot succeed on it as it is.
+        raise ApiError(409, "pgvector_missing", str(exc)) from None
     except InvalidBatchError as exc:
         raise ApiError(422, "invalid_request", str(exc), field=exc.field) from None
 
@@ -274,13 +273,13 @@ def _chunk_out(chunk: ChunkRow) -> ChunkOut:
     "",
     status_code=201,
     response_model=LibraryOut,
-    responses=ERRORS(409, 415, extra=_UNAVAILABLE),
+    responses=ERRORS(409, 415),
     dependencies=[JSON_BODY],
 )
 async def create_library(
     request: Request, response: Response, tenant: Tenant, body: LibraryCreate
 ) -> LibraryOut:
-    """Create a library; 409 if the tenant has one of that name already."""
+    """Create a library; 409 if the tenant has one of that name, or the server no pgvector."""
     library = await _call(
         lib.create_library(
             api_state(request).app,
