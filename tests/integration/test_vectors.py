@@ -424,3 +424,32 @@ async def test_a_database_of_the_previous_release_gains_the_workload_in_place(
             assert library.id == 1
     finally:
         await asyncio.gather(*(app.close() for app in apps))
+
+
+class ShortEmbedder:
+    """Claims DIM dimensions and returns one fewer: a deterministic embedder failure."""
+
+    dimension = DIM
+
+    async def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        """Return vectors one value short."""
+        return [[1.0] * (DIM - 1) for _ in texts]
+
+
+@pytest.mark.asyncio
+async def test_a_document_the_embedder_cannot_index_is_failed_with_the_reason(
+    vapp: pgbatch.App,
+) -> None:
+    vectors.embedders(vapp).register("short", ShortEmbedder)
+    library = await vectors.create_library(vapp, tenant="t", name="bad", embedder="short")
+    [doc], batch = await vectors.add_documents(
+        vapp, library.id, [vectors.DocumentIn(text="anything")], tenant="t"
+    )
+    assert batch is not None
+    async with running(vapp):
+        done = await vapp.wait(batch.id, timeout_s=30)
+    assert (done.status, done.items_failed) == ("succeeded", 1)
+    failed = await vectors.get_document(vapp, library.id, doc.id, tenant="t")
+    assert failed.status == "failed" and failed.error is not None
+    assert f"not {DIM}" in failed.error
+    assert await _chunks(vapp, library.id) == []
