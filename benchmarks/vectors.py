@@ -52,13 +52,26 @@ def _unit(values: list[float]) -> list[float]:
     return [v / norm for v in values]
 
 
-def make_vectors(count: int, rng: random.Random) -> list[list[float]]:
-    """Return `count` unit vectors around CENTRES random centres."""
+def make_vectors(count: int, rng: random.Random, noise: float, latent: int) -> list[list[float]]:
+    """Return `count` unit vectors around CENTRES random centres.
+
+    With `latent` > 0 the spread around a centre lives in a random `latent`-dimensional
+    subspace (real embeddings have a low intrinsic dimension); with 0 it is isotropic
+    Gaussian noise in all DIM dimensions (the hardest case for a graph index).
+    """
     centres = [_unit([rng.gauss(0, 1) for _ in range(DIM)]) for _ in range(CENTRES)]
+    basis = [[rng.gauss(0, 1) / math.sqrt(DIM) for _ in range(DIM)] for _ in range(latent)]
     out = []
     for _ in range(count):
         centre = centres[rng.randrange(CENTRES)]
-        out.append(_unit([c + rng.gauss(0, 0.05) for c in centre]))
+        if latent:
+            weights = [rng.gauss(0, noise * math.sqrt(DIM / latent)) for _ in range(latent)]
+            spread = [
+                sum(w * b[i] for w, b in zip(weights, basis, strict=True)) for i in range(DIM)
+            ]
+            out.append(_unit([c + s for c, s in zip(centre, spread, strict=True)]))
+        else:
+            out.append(_unit([c + rng.gauss(0, noise) for c in centre]))
     return out
 
 
@@ -162,15 +175,19 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--chunks", type=int, default=20_000)
     parser.add_argument("--queries", type=int, default=100)
-    parser.add_argument("--ef-search", type=int, nargs="+", default=[100])
+    parser.add_argument("--ef-search", type=int, nargs="+", default=[200])
+    # 0.05 per value makes tight clusters of near-duplicates (norm of the noise ~1, so
+    # ~0.7 of a centre's direction); larger is more spread out.
+    parser.add_argument("--noise", type=float, default=0.05)
+    parser.add_argument("--latent", type=int, default=0, help="intrinsic dimension (0: all)")
     parser.add_argument("--database-url")
     args = parser.parse_args()
     url = server_url(args.database_url)
     require_local(url)
     rng = random.Random(11)
     print(f"making {args.chunks:,} vectors of {DIM} ...", flush=True)
-    table = make_vectors(args.chunks, rng)
-    queries = make_vectors(args.queries, rng)
+    table = make_vectors(args.chunks, rng, args.noise, args.latent)
+    queries = make_vectors(args.queries, rng, args.noise, args.latent)
     async with bench_database(url, "pgbatch_bench_vectors") as conninfo:
         app = pgbatch.App(settings=pgbatch.Settings(database_url=conninfo))
         app.use(vectors.WORKLOAD)
