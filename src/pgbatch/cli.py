@@ -27,6 +27,7 @@ from pgbatch.errors import PgbatchError
 from pgbatch.labels import check_metadata, check_name, parse_metadata_pair
 from pgbatch.models import Batch, BatchFilter, ShardFailure
 from pgbatch.workloads.llm.cli import llm_cli
+from pgbatch.workloads.vectors.cli import libraries_cli
 
 __all__ = ["cli", "load_app", "main"]
 
@@ -46,6 +47,7 @@ token_cli = typer.Typer(help="API tokens for `pgbatch serve`.", no_args_is_help=
 cli.add_typer(token_cli, name="token")
 # A workload's commands live in the workload (its cli.py); mounted here.
 cli.add_typer(llm_cli, name="llm")
+cli.add_typer(libraries_cli, name="libraries")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -798,13 +800,15 @@ def serve(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     from pgbatch.api.auth import TokenTable
     from pgbatch.api.server import check_bind, server
-    from pgbatch.workloads import documents, llm
+    from pgbatch.workloads import documents, llm, vectors
 
     app = load_app(app_spec)
-    # Documents are part of the HTTP surface `pgbatch serve` has always had.
+    # Documents are part of the HTTP surface `pgbatch serve` has always had; vector
+    # libraries are served too (their tables need no pgvector until a library is made).
     app.use(documents.WORKLOAD)
     # The OpenAI Batch API (/openai/v1); its requests go to PGBATCH_LLM_BASE_URL.
     app.use(llm.WORKLOAD)
+    app.use(vectors.WORKLOAD)
     try:
         tokens = TokenTable.parse(app.settings.api_tokens)
         check_bind(host, tokens)

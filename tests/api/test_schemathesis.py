@@ -44,6 +44,7 @@ from pgbatch.api.server import create_api
 from pgbatch.api.server import server as api_server
 from pgbatch.config import Settings
 from pgbatch.workloads.llm.batch_api import service as openai_batch_api
+from pgbatch.workloads import vectors
 from tests.apps.api_app import build_app
 from tests.conftest import settings_for
 
@@ -155,6 +156,20 @@ class ThreadedApi:
         )
         for batch in (seeded[0], seeded[1], seeded[2], seeded[4], seeded[5]):
             await app.wait(batch.id, timeout_s=30)
+        await _seed_library(app)
+
+
+async def _seed_library(app: Any) -> None:
+    """A vector library (id 1) with an indexed document (id 1), where pgvector exists."""
+    try:
+        library = await vectors.create_library(app, tenant=TENANT, name="seeded")
+    except vectors.ExtensionMissingError:
+        return  # the server has no pgvector: library routes answer 404 and 503 there
+    _, batch = await vectors.add_documents(
+        app, library.id, [vectors.DocumentIn(text="seeded text", metadata={"k": 1})], tenant=TENANT
+    )
+    assert batch is not None
+    await app.wait(batch.id, timeout_s=30)
 
 
 def _openapi_document() -> dict[str, Any]:
@@ -244,10 +259,25 @@ def flatmap_path_parameters(context: Any, path_parameters: dict[str, Any]) -> An
     """
     value = (path_parameters or {}).get("batch_id")
     if not isinstance(value, int) or isinstance(value, bool):
-        return st.just(path_parameters)
+        return _seeded_library(path_parameters)
     return st.sampled_from([value, *SEEDED_IDS]).map(
         lambda batch_id: {**path_parameters, "batch_id": batch_id}
     )
+
+
+def _seeded_library(path_parameters: dict[str, Any] | None) -> Any:
+    """Aim half the generated library and document ids at the seeded ones (id 1)."""
+    result = st.just(path_parameters)
+    for name in ("library_id", "document_id"):
+        value = (path_parameters or {}).get(name)
+        # Only a valid id (1 ... 2**63-1) is swapped, so an invalid case stays invalid.
+        if isinstance(value, int) and not isinstance(value, bool) and 1 <= value < 2**63:
+            result = result.flatmap(
+                lambda params, name=name, value=value: st.sampled_from([value, 1]).map(
+                    lambda chosen: {**params, name: chosen}
+                )
+            )
+    return result
 
 
 @schemathesis.serializer("application/x-ndjson")

@@ -8,7 +8,7 @@ from typing import Any
 
 import pgbatch
 from pgbatch import Item, Outcome, ShardContext
-from pgbatch.workloads import collections, documents, llm
+from pgbatch.workloads import collections, documents, llm, vectors
 
 TASKS = ("echo", "flaky", "slow", "gated")
 
@@ -20,6 +20,7 @@ def build_app(settings: pgbatch.Settings) -> tuple[pgbatch.App, asyncio.Event]:
     app.use(documents.WORKLOAD)
     # The OpenAI Batch API under /openai/v1 (its upstream: PGBATCH_LLM_BASE_URL).
     app.use(llm.WORKLOAD)
+    app.use(vectors.WORKLOAD)
     gate = asyncio.Event()
 
     @app.task("echo", shard_size=10)

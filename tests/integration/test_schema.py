@@ -15,12 +15,12 @@ from psycopg.conninfo import make_conninfo
 from pgbatch.db.database import Database
 from pgbatch.db.migrations import applied_versions, available_migrations, migrate
 from pgbatch.db.sessions import SessionTimeouts
-from pgbatch.workloads import collections, documents, llm
+from pgbatch.workloads import collections, documents, llm, vectors
 from tests.helpers import fetch_one, wait_until
 
 SHIPPED_COMPONENTS = [
     w.component
-    for w in (collections.WORKLOAD, documents.WORKLOAD, llm.WORKLOAD)
+    for w in (collections.WORKLOAD, documents.WORKLOAD, llm.WORKLOAD, vectors.WORKLOAD)
     if w.component is not None
 ]
 

@@ -464,3 +464,41 @@ CREATE TABLE pgbatch.llm_batches (
 );
 CREATE INDEX llm_batches_tenant_idx ON pgbatch.llm_batches (tenant, id);
 CREATE INDEX llm_batches_batch_idx ON pgbatch.llm_batches (batch_id);
+-- vectors (pgbatch/workloads/vectors/migrations; also its index-commit functions). Each
+-- library's chunks are a table of their own, pgbatch.vector_chunks_<id>, made with
+-- pgvector when the library is created (workloads/vectors/sql/vectors.sql).
+CREATE TABLE pgbatch.vector_libraries (
+    id         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    tenant     text COLLATE "C" NOT NULL,
+    name       text NOT NULL,
+    metadata   jsonb NOT NULL DEFAULT '{}' CONSTRAINT vector_libraries_metadata_is_object
+                   CHECK (jsonb_typeof(metadata) = 'object'),
+    embedder   text NOT NULL,
+    dimension  integer NOT NULL CONSTRAINT vector_libraries_dimension_range
+                   CHECK (dimension BETWEEN 1 AND 2000),
+    version    bigint NOT NULL DEFAULT 1,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT vector_libraries_tenant_name_key UNIQUE (tenant, name)
+);
+CREATE TABLE pgbatch.vector_documents (
+    id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    library_id      bigint NOT NULL REFERENCES pgbatch.vector_libraries (id) ON DELETE CASCADE,
+    metadata        jsonb NOT NULL DEFAULT '{}' CONSTRAINT vector_documents_metadata_is_object
+                        CHECK (jsonb_typeof(metadata) = 'object'),
+    body            text,
+    chunks          jsonb CONSTRAINT vector_documents_chunks_is_array
+                        CHECK (chunks IS NULL OR jsonb_typeof(chunks) = 'array'),
+    status          text NOT NULL DEFAULT 'pending' CONSTRAINT vector_documents_status_known
+                        CHECK (status IN ('pending', 'indexing', 'indexed', 'failed')),
+    error           text,
+    version         bigint NOT NULL DEFAULT 1,
+    content_version bigint NOT NULL DEFAULT 1,
+    indexed_version bigint,
+    chunk_count     integer NOT NULL DEFAULT 0,
+    batch_id        bigint,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    updated_at      timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT vector_documents_has_content CHECK (body IS NOT NULL OR chunks IS NOT NULL)
+);
+CREATE INDEX vector_documents_library_idx ON pgbatch.vector_documents (library_id, id);

@@ -6,6 +6,7 @@ import { mountDetail } from "./detail.js";
 import { mountFleetStrip } from "./fleet.js";
 import { h } from "./dom.js";
 import { mountJobs } from "./jobs.js";
+import { mountLibraries, mountLibrary } from "./libraries.js";
 import { mountList } from "./list.js";
 
 const main = document.querySelector("main");
@@ -68,6 +69,9 @@ function route() {
   const [path, query = ""] = location.hash.replace(/^#/, "").split("?");
   const batch = path.match(/^\/batches\/(\d{1,19})$/);
   if (batch) return { name: "batch", id: batch[1] };
+  const library = path.match(/^\/libraries\/(\d{1,19})$/);
+  if (library) return { name: "library", id: library[1] };
+  if (path === "/libraries") return { name: "libraries" };
   return { name: "list", query: new URLSearchParams(query) };
 }
 
@@ -82,7 +86,12 @@ function render({ focus = false } = {}) {
   main.replaceChildren();
   forgetButton.hidden = !token();
   const where = route();
-  view = where.name === "batch" ? mountDetail(main, where.id, ctx) : mountList(main, where.query, ctx);
+  const mount = {
+    batch: () => mountDetail(main, where.id, ctx),
+    library: () => mountLibrary(main, where.id, ctx),
+    libraries: () => mountLibraries(main, ctx),
+  }[where.name];
+  view = mount ? mount() : mountList(main, where.query, ctx);
   // A new page for screen readers too: move focus to its heading.
   if (focus) view.heading.focus();
 }

@@ -1,0 +1,724 @@
+"""Vector libraries: what the API and the CLI call, and the indexing task.
+
+A library (name unique per tenant) fixes its embedder and dimension at creation; its
+documents are text (chunked here) or pre-cut chunks; chunks are embedded by an indexing
+batch and searched with pgvector. Every change a client makes is one transaction through
+`Database.run_in_transaction`, which retries deadlocks and serialization failures with
+jittered backoff (invariant 6); every update and delete names the version it read.
+
+**Indexing is a pgbatch batch** of task `TASK`: one item per document, `{library_id,
+document_id, content_version}`. The handler reads the documents still at those content
+versions, marks them `indexing`, chunks and embeds them, and queues one statement
+(`pgbatch.vector_index_commit`) that runs in the shard's fenced completion transaction:
+it replaces each document's chunks and marks it `indexed` only if its content_version is
+still the one indexed. So a worker that lost its lease writes nothing; a re-index asked
+while a worker indexes bumps the content version, the old shard's commit then writes
+nothing, and the new batch's writes the last request's chunks; the replacement of a
+document's chunks is one transaction, so a search sees the old ones or the new ones.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from pgbatch import json_values
+from pgbatch.app import App
+from pgbatch.engine.context import ShardContext
+from pgbatch.errors import InvalidBatchError
+from pgbatch.models import Batch, Item, Outcome, error, ok
+from pgbatch.workloads.vectors import queries
+from pgbatch.workloads.vectors.embedders import (
+    DEFAULT_EMBEDDER,
+    EmbedderError,
+    EmbedderRegistry,
+    default_registry,
+)
+from pgbatch.workloads.vectors.queries import (
+    ChunkRow,
+    DocumentRecord,
+    LibraryRecord,
+    SearchRow,
+)
+
+__all__ = [
+    "CHUNK_CHARS",
+    "TASK",
+    "DocumentIn",
+    "DocumentNotFoundError",
+    "ExtensionMissingError",
+    "LibraryExistsError",
+    "LibraryNotFoundError",
+    "SearchHit",
+    "VersionMismatchError",
+    "add_documents",
+    "chunk_text",
+    "create_library",
+    "delete_document",
+    "delete_library",
+    "embedders",
+    "get_document",
+    "get_library",
+    "index_shard",
+    "list_chunks",
+    "list_documents",
+    "list_libraries",
+    "register_tasks",
+    "reindex_documents",
+    "search",
+    "update_document",
+    "update_library",
+]
+
+TASK = "pgbatch.vector_index"
+# Documents per indexing shard: a shard's embedding call and its commit stay short
+# against the lease (32 documents of a few chunks is a few hundred vectors, ~1 MB of
+# vector text), and a crash re-indexes at most this many documents.
+DOCUMENTS_PER_SHARD = 32
+# A chunk is at most this many characters, cut at whitespace: about 200 tokens, inside
+# the 256-token window of the small sentence models and far inside OpenAI's 8k.
+CHUNK_CHARS = 1_000
+MAX_CHUNKS_PER_DOCUMENT = 10_000
+MAX_K = 1_000
+# HNSW's candidate list at search (pgvector's default is 40). benchmarks/vectors.py at
+# 20,000 clustered chunks gave recall@10 0.35 at 40, 0.60-0.88 at 100 and 0.97 at 200
+# (docs/vectors.md): 200 is the smallest measured value that meets the 0.95 target.
+DEFAULT_EF_SEARCH = 200
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,199}$")
+_REGISTRIES: weakref.WeakKeyDictionary[App, EmbedderRegistry] = weakref.WeakKeyDictionary()
+
+
+class LibraryNotFoundError(InvalidBatchError, LookupError):
+    """The tenant has no such library (another tenant's reads the same)."""
+
+
+class DocumentNotFoundError(InvalidBatchError, LookupError):
+    """The library has no such document (for this tenant)."""
+
+
+class LibraryExistsError(InvalidBatchError):
+    """The tenant already has a library of that name (the unique constraint said so)."""
+
+
+class VersionMismatchError(InvalidBatchError):
+    """The resource changed since the caller read it: `current_version` is its version now."""
+
+    def __init__(self, message: str, *, current_version: int) -> None:
+        super().__init__(message, field="If-Match")
+        self.current_version = current_version
+
+
+class ExtensionMissingError(InvalidBatchError):
+    """The PostgreSQL server has no pgvector: libraries cannot be created on it."""
+
+
+@dataclass(frozen=True, slots=True)
+class DocumentIn:
+    """A document to add: its text or its pre-cut chunks, and its metadata."""
+
+    text: str | None = None
+    chunks: list[str] | None = None
+    metadata: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SearchHit:
+    """A search result: the chunk, its document, and its score (1 - cosine distance)."""
+
+    document_id: int
+    seq: int
+    content_version: int
+    text: str
+    metadata: dict[str, Any]
+    score: float
+
+
+def embedders(app: App) -> EmbedderRegistry:
+    """Return the app's embedder registry (register OpenAI or local models on it)."""
+    registry = _REGISTRIES.get(app)
+    if registry is None:
+        registry = _REGISTRIES[app] = default_registry()
+    return registry
+
+
+def register_tasks(app: App) -> None:
+    """Register the indexing task on `app` (what `app.use(vectors.WORKLOAD)` runs)."""
+    if TASK in app.tasks:
+        return
+
+    async def handler(items: list[Item], ctx: ShardContext) -> list[Outcome]:
+        return await index_shard(app, items, ctx)
+
+    app.task(TASK, shard_size=DOCUMENTS_PER_SHARD, internal=True)(handler)
+
+
+def chunk_text(text: str, *, max_chars: int = CHUNK_CHARS) -> list[str]:
+    """Cut `text` into chunks of at most `max_chars`, at whitespace where it can."""
+    words = text.split()
+    chunks: list[str] = []
+    current: list[str] = []
+    size = 0
+    for word in words:
+        while len(word) > max_chars:  # a "word" longer than a chunk is cut hard
+            if current:
+                chunks.append(" ".join(current))
+                current, size = [], 0
+            chunks.append(word[:max_chars])
+            word = word[max_chars:]
+        if size + len(word) + (1 if current else 0) > max_chars:
+            chunks.append(" ".join(current))
+            current, size = [], 0
+        size += len(word) + (1 if current else 0)
+        current.append(word)
+    if current:
+        chunks.append(" ".join(current))
+    return chunks
+
+
+def _check_name(name: object) -> str:
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise InvalidBatchError(
+            "name must be 1-200 letters, digits, '.', '_', '-' or spaces, not starting "
+            "with a symbol",
+            field="name",
+        )
+    return name
+
+
+def _check_document(document: DocumentIn, field: str) -> DocumentIn:
+    if (document.text is None) == (document.chunks is None):
+        raise InvalidBatchError("give either text or chunks", field=field)
+    if document.chunks is not None:
+        if not 0 < len(document.chunks) <= MAX_CHUNKS_PER_DOCUMENT:
+            raise InvalidBatchError(
+                f"chunks must hold 1 to {MAX_CHUNKS_PER_DOCUMENT} strings", field=f"{field}.chunks"
+            )
+        for n, chunk in enumerate(document.chunks):
+            if not isinstance(chunk, str) or not chunk.strip():
+                raise InvalidBatchError(
+                    "a chunk must be non-empty text", field=f"{field}.chunks.{n}"
+                )
+    elif not document.text or not document.text.strip():
+        raise InvalidBatchError("text must not be empty", field=f"{field}.text")
+    _check_json(document.metadata or {}, f"{field}.metadata")
+    for value in (document.text, *(document.chunks or ())):
+        if value is not None and "\x00" in value:
+            raise InvalidBatchError("text cannot hold NUL characters", field=field)
+    return document
+
+
+def _check_json(value: Any, field: str) -> None:
+    """Refuse what jsonb cannot store or read back exactly (NUL, huge or non-finite numbers)."""
+    try:
+        json_values.check_value(value)
+    except json_values.JsonValueError as exc:
+        raise InvalidBatchError(f"{field}: {exc}", field=field) from None
+    stack: list[Any] = [value]
+    while stack:
+        current = stack.pop()
+        if isinstance(current, str) and "\x00" in current:
+            raise InvalidBatchError(f"{field}: JSON text cannot hold NUL here", field=field)
+        if isinstance(current, dict):
+            stack.extend(current.keys())
+            stack.extend(current.values())
+        elif isinstance(current, list):
+            stack.extend(current)
+
+
+def _vector_text(vector: Sequence[float]) -> str:
+    # pgvector's text form; repr keeps every float's digits.
+    return "[" + ",".join(repr(float(x)) for x in vector) + "]"
+
+
+async def create_library(
+    app: App,
+    *,
+    tenant: str,
+    name: str,
+    metadata: dict[str, Any] | None = None,
+    embedder: str = DEFAULT_EMBEDDER,
+    dimension: int | None = None,
+) -> LibraryRecord:
+    """Create a library and its chunk table; raise LibraryExistsError for a taken name.
+
+    Raise ExtensionMissingError when the server has no pgvector, InvalidBatchError
+    naming the field for a bad name, embedder or dimension. Nothing is written then.
+    """
+    _check_name(name)
+    _check_json(metadata or {}, "metadata")
+    try:
+        made = embedders(app).get(embedder)
+    except EmbedderError as exc:
+        raise InvalidBatchError(str(exc), field="embedder") from None
+    if dimension is None:
+        dimension = made.dimension
+    if dimension != made.dimension:
+        raise InvalidBatchError(
+            f"embedder {embedder!r} makes vectors of {made.dimension}, not {dimension}",
+            field="dimension",
+        )
+    await app.open()
+
+    async def work(conn: psycopg.AsyncConnection[Any]) -> LibraryRecord:
+        installed, available = await queries.extension_state(conn)
+        if not installed:
+            if not available:
+                raise ExtensionMissingError(
+                    "this PostgreSQL server has no pgvector extension ('vector'): install "
+                    "it (https://github.com/pgvector/pgvector) or use the embedded server",
+                    field="embedder",
+                )
+            await queries.create_extension(conn)
+        library = await queries.insert_library(
+            conn,
+            tenant=tenant,
+            name=name,
+            metadata=metadata or {},
+            embedder=embedder,
+            dimension=dimension,
+        )
+        if library is None:
+            raise LibraryExistsError(f"a library named {name!r} exists already", field="name")
+        await queries.create_chunks_table(conn, library.id, library.dimension)
+        return library
+
+    return await app.db.run_in_transaction(work)
+
+
+async def get_library(app: App, library_id: int, *, tenant: str) -> LibraryRecord:
+    """Return `tenant`'s library; raise LibraryNotFoundError."""
+    await app.open()
+    async with app.db.connection() as conn:
+        library = await queries.get_library(conn, tenant, library_id)
+    if library is None:
+        raise LibraryNotFoundError(f"no library {library_id}", field="library_id")
+    return library
+
+
+async def list_libraries(
+    app: App, *, tenant: str, after: int = 0, limit: int = 100
+) -> list[LibraryRecord]:
+    """Return a page of `tenant`'s libraries in id order, after the id `after`."""
+    await app.open()
+    async with app.db.connection() as conn:
+        return await queries.list_libraries(conn, tenant, after=after, limit=limit)
+
+
+async def _stale_or_missing(
+    conn: psycopg.AsyncConnection[Any], tenant: str, library_id: int
+) -> Exception:
+    current = await queries.get_library(conn, tenant, library_id)
+    if current is None:
+        return LibraryNotFoundError(f"no library {library_id}", field="library_id")
+    return VersionMismatchError(
+        f"library {library_id} is at version {current.version}", current_version=current.version
+    )
+
+
+async def update_library(
+    app: App,
+    library_id: int,
+    *,
+    tenant: str,
+    version: int,
+    name: str | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> LibraryRecord:
+    """Change the name and/or metadata of the library at `version`.
+
+    Raise VersionMismatchError if it moved on, LibraryExistsError for a taken name.
+    """
+    if name is not None:
+        _check_name(name)
+    if metadata is not None:
+        _check_json(metadata, "metadata")
+    await app.open()
+
+    async def work(conn: psycopg.AsyncConnection[Any]) -> LibraryRecord:
+        try:
+            async with conn.transaction():
+                updated = await queries.update_library(
+                    conn, tenant, library_id, version=version, name=name, metadata=metadata
+                )
+        except psycopg.errors.UniqueViolation:
+            raise LibraryExistsError(
+                f"a library named {name!r} exists already", field="name"
+            ) from None
+        if updated is None:
+            raise await _stale_or_missing(conn, tenant, library_id)
+        return updated
+
+    return await app.db.run_in_transaction(work)
+
+
+async def delete_library(app: App, library_id: int, *, tenant: str, version: int) -> None:
+    """Delete the library at `version`: its chunk table, documents and chunks, at once.
+
+    The library row is locked first, as an indexing commit locks it (FOR SHARE) before
+    writing: a commit in flight finishes before the delete, and one after it writes nothing.
+    """
+    await app.open()
+
+    async def work(conn: psycopg.AsyncConnection[Any]) -> None:
+        current = await queries.lock_library(conn, tenant, library_id)
+        if current is None:
+            raise LibraryNotFoundError(f"no library {library_id}", field="library_id")
+        if current != version:
+            raise VersionMismatchError(
+                f"library {library_id} is at version {current}", current_version=current
+            )
+        await queries.drop_chunks_table(conn, library_id)
+        await queries.delete_library(conn, tenant, library_id, version=version)
+
+    await app.db.run_in_transaction(work)
+
+
+async def _submit_indexing(
+    app: App, tenant: str, library_id: int, documents: Sequence[DocumentRecord]
+) -> Batch | None:
+    if not documents:
+        return None
+    batch = await app.submit(
+        TASK,
+        [
+            {"library_id": library_id, "document_id": d.id, "content_version": d.content_version}
+            for d in documents
+        ],
+        tenant=tenant,
+    )
+
+    async def work(conn: psycopg.AsyncConnection[Any]) -> None:
+        await queries.set_documents_batch(
+            conn, batch.id, [d.id for d in documents], [d.content_version for d in documents]
+        )
+
+    await app.db.run_in_transaction(work)
+    return batch
+
+
+async def add_documents(
+    app: App, library_id: int, documents: Sequence[DocumentIn], *, tenant: str
+) -> tuple[list[DocumentRecord], Batch | None]:
+    """Add documents (pending) and submit the batch that indexes them; return both.
+
+    The documents commit before the batch is submitted: if the submit fails they stay
+    pending, and a re-index (reindex_documents) indexes them.
+    """
+    checked = [_check_document(d, f"documents.{n}") for n, d in enumerate(documents)]
+    if TASK not in app.tasks:
+        raise InvalidBatchError("the vectors workload is not used by this app", field="task")
+    await app.open()
+
+    async def work(conn: psycopg.AsyncConnection[Any]) -> list[DocumentRecord]:
+        if await queries.get_library(conn, tenant, library_id) is None:
+            raise LibraryNotFoundError(f"no library {library_id}", field="library_id")
+        return await queries.insert_documents(
+            conn, library_id, [(d.metadata or {}, d.text, d.chunks) for d in checked]
+        )
+
+    added = await app.db.run_in_transaction(work)
+    batch = await _submit_indexing(app, tenant, library_id, added)
+    if batch is not None:
+        added = [_with_batch(d, batch.id) for d in added]
+    return added, batch
+
+
+def _with_batch(document: DocumentRecord, batch_id: int) -> DocumentRecord:
+    fields = {f: getattr(document, f) for f in DocumentRecord.__dataclass_fields__}
+    return DocumentRecord(**{**fields, "batch_id": batch_id})
+
+
+async def get_document(
+    app: App, library_id: int, document_id: int, *, tenant: str
+) -> DocumentRecord:
+    """Return the document; raise DocumentNotFoundError."""
+    await app.open()
+    async with app.db.connection() as conn:
+        document = await queries.get_document(conn, tenant, library_id, document_id)
+    if document is None:
+        raise DocumentNotFoundError(f"no document {document_id}", field="document_id")
+    return document
+
+
+async def list_documents(
+    app: App,
+    library_id: int,
+    *,
+    tenant: str,
+    after: int = 0,
+    limit: int = 100,
+    status: str | None = None,
+) -> list[DocumentRecord]:
+    """Return a page of the library's documents (LibraryNotFoundError if it has none such)."""
+    await app.open()
+    async with app.db.connection() as conn:
+        if await queries.get_library(conn, tenant, library_id) is None:
+            raise LibraryNotFoundError(f"no library {library_id}", field="library_id")
+        return await queries.list_documents(
+            conn, tenant, library_id, after=after, limit=limit, status=status
+        )
+
+
+async def status_counts(app: App, library_id: int, *, tenant: str) -> dict[str, int]:
+    """Return how many of the library's documents are in each status."""
+    await app.open()
+    async with app.db.connection() as conn:
+        return await queries.document_status_counts(conn, tenant, library_id)
+
+
+async def _document_stale_or_missing(
+    conn: psycopg.AsyncConnection[Any], tenant: str, library_id: int, document_id: int
+) -> Exception:
+    current = await queries.get_document(conn, tenant, library_id, document_id)
+    if current is None:
+        return DocumentNotFoundError(f"no document {document_id}", field="document_id")
+    return VersionMismatchError(
+        f"document {document_id} is at version {current.version}",
+        current_version=current.version,
+    )
+
+
+async def update_document(
+    app: App,
+    library_id: int,
+    document_id: int,
+    *,
+    tenant: str,
+    version: int,
+    metadata: dict[str, Any],
+) -> DocumentRecord:
+    """Replace the document's metadata at `version` (VersionMismatchError if it moved on)."""
+    _check_json(metadata, "metadata")
+    await app.open()
+
+    async def work(conn: psycopg.AsyncConnection[Any]) -> DocumentRecord:
+        updated = await queries.update_document(
+            conn, tenant, library_id, document_id, version=version, metadata=metadata
+        )
+        if updated is None:
+            raise await _document_stale_or_missing(conn, tenant, library_id, document_id)
+        return updated
+
+    return await app.db.run_in_transaction(work)
+
+
+async def reindex_documents(
+    app: App,
+    library_id: int,
+    document_ids: Sequence[int],
+    *,
+    tenant: str,
+    version: int | None = None,
+    content: DocumentIn | None = None,
+) -> tuple[list[DocumentRecord], Batch | None]:
+    """Index documents again (with new content, for one document, when given).
+
+    Each gets a new content version and is pending; the indexing of an older version
+    that is still running then commits nothing. With `version` (one document), only
+    at that version (VersionMismatchError otherwise).
+    """
+    if content is not None:
+        _check_document(content, "body")
+        if len(document_ids) != 1:
+            raise InvalidBatchError("new content re-indexes one document", field="document_ids")
+    await app.open()
+
+    async def work(conn: psycopg.AsyncConnection[Any]) -> list[DocumentRecord]:
+        changed = await queries.reindex_documents(
+            conn,
+            tenant,
+            library_id,
+            document_ids,
+            version=version,
+            content=None if content is None else (content.text, content.chunks),
+        )
+        if len(document_ids) == 1 and not changed:
+            raise await _document_stale_or_missing(conn, tenant, library_id, document_ids[0])
+        return changed
+
+    changed = await app.db.run_in_transaction(work)
+    batch = await _submit_indexing(app, tenant, library_id, changed)
+    if batch is not None:
+        changed = [_with_batch(d, batch.id) for d in changed]
+    return changed, batch
+
+
+async def delete_document(
+    app: App, library_id: int, document_id: int, *, tenant: str, version: int
+) -> None:
+    """Delete the document at `version`; its chunks go with it (a foreign key cascades)."""
+    await app.open()
+
+    async def work(conn: psycopg.AsyncConnection[Any]) -> None:
+        if not await queries.delete_document(
+            conn, tenant, library_id, document_id, version=version
+        ):
+            raise await _document_stale_or_missing(conn, tenant, library_id, document_id)
+
+    await app.db.run_in_transaction(work)
+
+
+async def list_chunks(
+    app: App, library_id: int, document_id: int, *, tenant: str, after: int = -1, limit: int = 100
+) -> list[ChunkRow]:
+    """Return a page of the document's chunks (DocumentNotFoundError for another's)."""
+    await app.open()
+    async with app.db.connection() as conn:
+        if await queries.get_document(conn, tenant, library_id, document_id) is None:
+            raise DocumentNotFoundError(f"no document {document_id}", field="document_id")
+        try:
+            return await queries.list_chunks(
+                conn, library_id, document_id, after=after, limit=limit
+            )
+        except psycopg.errors.UndefinedTable:
+            # The library was deleted between the two statements.
+            raise DocumentNotFoundError(f"no document {document_id}", field="document_id") from None
+
+
+async def search(
+    app: App,
+    library_id: int,
+    *,
+    tenant: str,
+    text: str | None = None,
+    vector: Sequence[float] | None = None,
+    k: int = 10,
+    metadata_filter: dict[str, Any] | None = None,
+    exact: bool = False,
+    ef_search: int = DEFAULT_EF_SEARCH,
+) -> list[SearchHit]:
+    """Return the `k` chunks nearest to `text` (embedded as the library's) or `vector`.
+
+    `metadata_filter` keeps chunks whose document's metadata contains it (jsonb @>).
+    HNSW with iterative scans by default, so a filter still yields k hits when k exist;
+    `exact` compares every chunk instead.
+    """
+    if (text is None) == (vector is None):
+        raise InvalidBatchError("give either text or vector", field="text")
+    if not 1 <= k <= MAX_K:
+        raise InvalidBatchError(f"k must be from 1 to {MAX_K}", field="k")
+    if metadata_filter is not None:
+        _check_json(metadata_filter, "filter")
+    library = await get_library(app, library_id, tenant=tenant)
+    if text is not None:
+        try:
+            [query_vector] = await embedders(app).get(library.embedder).embed([text])
+        except EmbedderError as exc:
+            raise InvalidBatchError(
+                f"the query could not be embedded: {exc}", field="text"
+            ) from None
+    else:
+        assert vector is not None
+        try:
+            query_vector = [float(x) for x in vector]
+        except (OverflowError, TypeError, ValueError):
+            query_vector = [math.inf]
+        if not all(math.isfinite(x) for x in query_vector):
+            raise InvalidBatchError("vector values must be finite numbers", field="vector")
+    if len(query_vector) != library.dimension:
+        raise InvalidBatchError(
+            f"the vector has {len(query_vector)} values; the library's dimension is "
+            f"{library.dimension}",
+            field="vector",
+        )
+    if not any(query_vector):
+        raise InvalidBatchError("a zero vector has no cosine distance", field="vector")
+    ef = max(ef_search, k)
+
+    async def work(conn: psycopg.AsyncConnection[Any]) -> list[SearchRow]:
+        try:
+            return await queries.search(
+                conn,
+                library_id,
+                vector_text=_vector_text(query_vector),
+                k=k,
+                metadata_filter=metadata_filter,
+                exact=exact,
+                ef_search=ef,
+            )
+        except psycopg.errors.UndefinedTable:
+            raise LibraryNotFoundError(f"no library {library_id}", field="library_id") from None
+
+    rows = await app.db.run_in_transaction(work)
+    return [
+        SearchHit(r.document_id, r.seq, r.content_version, r.text, r.metadata, 1.0 - r.distance)
+        for r in rows
+    ]
+
+
+async def index_shard(app: App, items: list[Item], ctx: ShardContext) -> list[Outcome]:
+    """Chunk and embed the shard's documents; queue their fenced commit (see the module)."""
+    wanted = [(int(i.value["document_id"]), int(i.value["content_version"])) for i in items]
+    library_id = int(items[0].value["library_id"])
+    if any(int(i.value["library_id"]) != library_id for i in items):
+        raise ValueError("a shard of an indexing batch mixes libraries")
+    async with app.db.connection() as conn:
+        library = await queries.library_by_id(conn, library_id)
+        if library is None:
+            return [ok({"skipped": "library deleted"}) for _ in items]
+        contents = await queries.document_contents(
+            conn, library_id, [d for d, _ in wanted], [v for _, v in wanted]
+        )
+        await conn.commit()
+        await queries.mark_indexing(conn, [c[0] for c in contents], [c[1] for c in contents])
+        await conn.commit()
+    embedder = embedders(app).get(library.embedder)
+    pieces: list[tuple[int, int, str]] = []
+    for document_id, _, body, chunks in contents:
+        for seq, chunk in enumerate(chunks if chunks is not None else chunk_text(body or "")):
+            pieces.append((document_id, seq, chunk))
+    failures: dict[int, str] = {}
+    vectors: list[list[float]] = []
+    try:
+        vectors = await embedder.embed([text for _, _, text in pieces])
+    except EmbedderError as exc:
+        if exc.retryable:
+            raise  # the shard is retried with the engine's backoff
+        failures = {c[0]: str(exc) for c in contents}
+    if not failures and len(vectors) != len(pieces):
+        failures = {c[0]: "the embedder returned a wrong number of vectors" for c in contents}
+    for (document_id, _, _), vector in zip(pieces, vectors, strict=False):
+        if len(vector) != library.dimension:
+            failures[document_id] = (
+                f"the embedder returned {len(vector)} values, not {library.dimension}"
+            )
+    indexed = [(d, v) for d, v, _, _ in contents if d not in failures]
+    chunk_rows = [
+        (document_id, seq, text, _vector_text(vector))
+        for (document_id, seq, text), vector in zip(pieces, vectors, strict=False)
+        if document_id not in failures
+    ]
+    if indexed:
+        statement = queries.index_commit_statement(
+            library_id, [d for d, _ in indexed], [v for _, v in indexed], chunk_rows
+        )
+        ctx.execute_at_commit(statement.statement, statement.params)
+    failed = [(d, v) for d, v, _, _ in contents if d in failures]
+    if failed:
+        statement = queries.index_fail_statement(
+            library_id,
+            [d for d, _ in failed],
+            [v for _, v in failed],
+            [failures[d] for d, _ in failed],
+        )
+        ctx.execute_at_commit(statement.statement, statement.params)
+    present = {c[0] for c in contents}
+    counts: dict[int, int] = {}
+    for document_id, _, _ in pieces:
+        counts[document_id] = counts.get(document_id, 0) + 1
+    outcomes: list[Outcome] = []
+    for document_id, _ in wanted:
+        if document_id not in present:
+            outcomes.append(ok({"document_id": document_id, "skipped": "superseded or deleted"}))
+        elif document_id in failures:
+            outcomes.append(error(failures[document_id]))
+        else:
+            outcomes.append(ok({"document_id": document_id, "chunks": counts.get(document_id, 0)}))
+    return outcomes
