@@ -43,8 +43,8 @@ from pgbatch.api.auth import new_token
 from pgbatch.api.server import create_api
 from pgbatch.api.server import server as api_server
 from pgbatch.config import Settings
-from pgbatch.workloads.llm.batch_api import service as openai_batch_api
 from pgbatch.workloads import vectors
+from pgbatch.workloads.llm.batch_api import service as openai_batch_api
 from tests.apps.api_app import build_app
 from tests.conftest import settings_for
 

@@ -40,8 +40,12 @@ class ErrorCode(StrEnum):
     MISDIRECTED_REQUEST = "misdirected_request"
     # The state of what the request names
     BATCH_NOT_FOUND = "batch_not_found"
+    BATCH_PRUNED = "batch_pruned"
     COLLECTION_NOT_FOUND = "collection_not_found"
     DOCUMENT_NOT_FOUND = "document_not_found"
+    LIBRARY_NOT_FOUND = "library_not_found"
+    LIBRARY_EXISTS = "library_exists"
+    PGVECTOR_MISSING = "pgvector_missing"
     MISSING_REFERENCES = "missing_references"
     IDEMPOTENCY_CONFLICT = "idempotency_conflict"
     INVALID_STATE = "invalid_state"

@@ -66,7 +66,8 @@ def register_tasks(app: App) -> None:
     """Register the request task on `app` (what `app.use(llm.WORKLOAD)` runs)."""
     if TASK in app.tasks:
         return
-    app.task(TASK, shard_size=DEFAULT_SHARD_SIZE)(runner_of(app).run)
+    # Internal: only the workload submits it (request files checked line by line first).
+    app.task(TASK, shard_size=DEFAULT_SHARD_SIZE, internal=True)(runner_of(app).run)
 
 
 async def submit_requests(

@@ -87,7 +87,7 @@ class LibraryList(BaseModel):
     next_cursor: str | None
 
 
-class DocumentCreate(_Strict):
+class LibraryDocumentCreate(_Strict):
     """A document: its text (chunked by the server) or its chunks, and its metadata."""
 
     text: ChunkText | None = None
@@ -95,26 +95,26 @@ class DocumentCreate(_Strict):
     metadata: Metadata = Field(default_factory=dict)
 
 
-class DocumentsCreate(_Strict):
+class LibraryDocumentsCreate(_Strict):
     """Up to 1,000 documents, indexed by one batch."""
 
-    documents: list[DocumentCreate] = Field(min_length=1, max_length=1_000)
+    documents: list[LibraryDocumentCreate] = Field(min_length=1, max_length=1_000)
 
 
-class DocumentPatch(_Strict):
+class LibraryDocumentPatch(_Strict):
     """Replace the document's metadata."""
 
     metadata: Metadata
 
 
-class ReindexRequest(_Strict):
+class LibraryReindex(_Strict):
     """Index the document again, with new text or chunks when given."""
 
     text: ChunkText | None = None
     chunks: list[ChunkText] | None = Field(default=None, min_length=1, max_length=10_000)
 
 
-class DocumentOut(BaseModel):
+class LibraryDocumentOut(BaseModel):
     """A document's state; its ETag is `version`; `batch_id` is its latest indexing batch."""
 
     id: int
@@ -131,21 +131,21 @@ class DocumentOut(BaseModel):
     updated_at: datetime
 
 
-class DocumentList(BaseModel):
+class LibraryDocumentList(BaseModel):
     """One page of documents by id."""
 
-    documents: list[DocumentOut]
+    documents: list[LibraryDocumentOut]
     next_cursor: str | None
 
 
-class DocumentsOut(BaseModel):
+class LibraryDocumentsOut(BaseModel):
     """Documents added or re-indexed, and the batch that indexes them."""
 
-    documents: list[DocumentOut]
+    documents: list[LibraryDocumentOut]
     batch_id: int | None
 
 
-class ChunkOut(BaseModel):
+class LibraryChunkOut(BaseModel):
     """One chunk of a document."""
 
     seq: int
@@ -153,14 +153,14 @@ class ChunkOut(BaseModel):
     text: str
 
 
-class ChunkList(BaseModel):
+class LibraryChunkList(BaseModel):
     """One page of a document's chunks, in order."""
 
-    chunks: list[ChunkOut]
+    chunks: list[LibraryChunkOut]
     next_cursor: str | None
 
 
-class SearchRequest(_Strict):
+class LibrarySearch(_Strict):
     """Search by text (embedded as the library's documents) or by a vector."""
 
     text: Annotated[str, Field(min_length=1, max_length=100_000, pattern=r"^[^\x00]*$")] | None = (
@@ -176,7 +176,7 @@ class SearchRequest(_Strict):
     exact: bool = Field(default=False, description="Compare every chunk instead of HNSW.")
 
 
-class SearchHitOut(BaseModel):
+class LibrarySearchHit(BaseModel):
     """A hit: the chunk, its document, and its score (1 - cosine distance)."""
 
     document_id: int
@@ -187,10 +187,10 @@ class SearchHitOut(BaseModel):
     score: float
 
 
-class SearchOut(BaseModel):
+class LibrarySearchResults(BaseModel):
     """The hits, best first."""
 
-    hits: list[SearchHitOut]
+    hits: list[LibrarySearchHit]
 
 
 def _etag(version: int) -> str:
@@ -261,12 +261,12 @@ def _library_out(library: LibraryRecord, counts: dict[str, int] | None = None) -
     )
 
 
-def _document_out(document: DocumentRecord) -> DocumentOut:
-    return DocumentOut.model_validate(document, from_attributes=True)
+def _document_out(document: DocumentRecord) -> LibraryDocumentOut:
+    return LibraryDocumentOut.model_validate(document, from_attributes=True)
 
 
-def _chunk_out(chunk: ChunkRow) -> ChunkOut:
-    return ChunkOut(seq=chunk.seq, content_version=chunk.content_version, text=chunk.text)
+def _chunk_out(chunk: ChunkRow) -> LibraryChunkOut:
+    return LibraryChunkOut(seq=chunk.seq, content_version=chunk.content_version, text=chunk.text)
 
 
 @router.post(
@@ -366,7 +366,7 @@ async def delete_library(
 @router.post(
     "/{library_id}/documents",
     status_code=201,
-    response_model=DocumentOut,
+    response_model=LibraryDocumentOut,
     responses=ERRORS(404, 415),
     dependencies=[JSON_BODY],
 )
@@ -375,8 +375,8 @@ async def add_document(
     response: Response,
     tenant: Tenant,
     library_id: LibraryId,
-    body: DocumentCreate,
-) -> DocumentOut:
+    body: LibraryDocumentCreate,
+) -> LibraryDocumentOut:
     """Add one document (pending) and submit the batch that indexes it."""
     document = lib.DocumentIn(text=body.text, chunks=body.chunks, metadata=body.metadata)
     added, _ = await _call(
@@ -390,13 +390,13 @@ async def add_document(
 @router.post(
     "/{library_id}/documents/bulk",
     status_code=201,
-    response_model=DocumentsOut,
+    response_model=LibraryDocumentsOut,
     responses=ERRORS(404, 415),
     dependencies=[JSON_BODY],
 )
 async def add_documents(
-    request: Request, tenant: Tenant, library_id: LibraryId, body: DocumentsCreate
-) -> DocumentsOut:
+    request: Request, tenant: Tenant, library_id: LibraryId, body: LibraryDocumentsCreate
+) -> LibraryDocumentsOut:
     """Add up to 1,000 documents, indexed by one batch."""
     documents = [
         lib.DocumentIn(text=d.text, chunks=d.chunks, metadata=d.metadata) for d in body.documents
@@ -404,12 +404,12 @@ async def add_documents(
     added, batch = await _call(
         lib.add_documents(api_state(request).app, library_id, documents, tenant=tenant)
     )
-    return DocumentsOut(
+    return LibraryDocumentsOut(
         documents=[_document_out(d) for d in added], batch_id=None if batch is None else batch.id
     )
 
 
-@router.get("/{library_id}/documents", response_model=DocumentList, responses=ERRORS(404))
+@router.get("/{library_id}/documents", response_model=LibraryDocumentList, responses=ERRORS(404))
 async def list_documents(
     request: Request,
     tenant: Tenant,
@@ -417,7 +417,7 @@ async def list_documents(
     status: DocumentStatus | None = None,
     cursor: Cursor = None,
     limit: Limit = 50,
-) -> DocumentList:
+) -> LibraryDocumentList:
     """List the library's documents by id (of one status, when given)."""
     found = await _call(
         lib.list_documents(
@@ -430,11 +430,13 @@ async def list_documents(
         )
     )
     next_cursor = str(found[-1].id) if len(found) == limit else None
-    return DocumentList(documents=[_document_out(d) for d in found], next_cursor=next_cursor)
+    return LibraryDocumentList(documents=[_document_out(d) for d in found], next_cursor=next_cursor)
 
 
 @router.get(
-    "/{library_id}/documents/{document_id}", response_model=DocumentOut, responses=ERRORS(404)
+    "/{library_id}/documents/{document_id}",
+    response_model=LibraryDocumentOut,
+    responses=ERRORS(404),
 )
 async def get_document(
     request: Request,
@@ -442,7 +444,7 @@ async def get_document(
     tenant: Tenant,
     library_id: LibraryId,
     document_id: DocumentId,
-) -> DocumentOut:
+) -> LibraryDocumentOut:
     """Read a document's state."""
     document = await _call(
         lib.get_document(api_state(request).app, library_id, document_id, tenant=tenant)
@@ -453,7 +455,7 @@ async def get_document(
 
 @router.patch(
     "/{library_id}/documents/{document_id}",
-    response_model=DocumentOut,
+    response_model=LibraryDocumentOut,
     responses=ERRORS(404, 412, 415, 428),
     dependencies=[JSON_BODY],
 )
@@ -463,9 +465,9 @@ async def patch_document(
     tenant: Tenant,
     library_id: LibraryId,
     document_id: DocumentId,
-    body: DocumentPatch,
+    body: LibraryDocumentPatch,
     if_match: IfMatchHeader = None,
-) -> DocumentOut:
+) -> LibraryDocumentOut:
     """Replace a document's metadata; needs If-Match."""
     version = _expected_version(if_match)
     document = await _call(
@@ -508,7 +510,7 @@ async def delete_document(
 @router.post(
     "/{library_id}/documents/{document_id}/reindex",
     status_code=202,
-    response_model=DocumentsOut,
+    response_model=LibraryDocumentsOut,
     responses=ERRORS(404, 412, 415),
     dependencies=[JSON_BODY],
 )
@@ -517,9 +519,9 @@ async def reindex_document(
     tenant: Tenant,
     library_id: LibraryId,
     document_id: DocumentId,
-    body: ReindexRequest,
+    body: LibraryReindex,
     if_match: IfMatchHeader = None,
-) -> DocumentsOut:
+) -> LibraryDocumentsOut:
     """Index a document again (new text or chunks when given); If-Match optional."""
     version = None if if_match is None else _expected_version(if_match)
     content = None
@@ -535,13 +537,15 @@ async def reindex_document(
             content=content,
         )
     )
-    return DocumentsOut(
+    return LibraryDocumentsOut(
         documents=[_document_out(d) for d in changed], batch_id=None if batch is None else batch.id
     )
 
 
 @router.get(
-    "/{library_id}/documents/{document_id}/chunks", response_model=ChunkList, responses=ERRORS(404)
+    "/{library_id}/documents/{document_id}/chunks",
+    response_model=LibraryChunkList,
+    responses=ERRORS(404),
 )
 async def list_chunks(
     request: Request,
@@ -550,7 +554,7 @@ async def list_chunks(
     document_id: DocumentId,
     cursor: Cursor = None,
     limit: Limit = 100,
-) -> ChunkList:
+) -> LibraryChunkList:
     """List a document's chunks in order."""
     found = await _call(
         lib.list_chunks(
@@ -563,18 +567,18 @@ async def list_chunks(
         )
     )
     next_cursor = str(found[-1].seq) if len(found) == limit else None
-    return ChunkList(chunks=[_chunk_out(c) for c in found], next_cursor=next_cursor)
+    return LibraryChunkList(chunks=[_chunk_out(c) for c in found], next_cursor=next_cursor)
 
 
 @router.post(
     "/{library_id}/search",
-    response_model=SearchOut,
+    response_model=LibrarySearchResults,
     responses=ERRORS(404, 415),
     dependencies=[JSON_BODY],
 )
 async def search_library(
-    request: Request, tenant: Tenant, library_id: LibraryId, body: SearchRequest
-) -> SearchOut:
+    request: Request, tenant: Tenant, library_id: LibraryId, body: LibrarySearch
+) -> LibrarySearchResults:
     """Return the k chunks nearest to the text or vector, filtered by document metadata."""
     hits = await _call(
         lib.search(
@@ -588,9 +592,9 @@ async def search_library(
             exact=body.exact,
         )
     )
-    return SearchOut(
+    return LibrarySearchResults(
         hits=[
-            SearchHitOut(
+            LibrarySearchHit(
                 document_id=h.document_id,
                 seq=h.seq,
                 content_version=h.content_version,

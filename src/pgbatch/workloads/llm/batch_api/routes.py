@@ -132,7 +132,7 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     }
 
 
-class FileOut(BaseModel):
+class OpenAIFile(BaseModel):
     """OpenAI's file object."""
 
     id: str
@@ -146,17 +146,17 @@ class FileOut(BaseModel):
     expires_at: int | None
 
 
-class FileList(BaseModel):
+class OpenAIFileList(BaseModel):
     """A page of files, newest first."""
 
     object: Literal["list"]
-    data: list[FileOut]
+    data: list[OpenAIFile]
     first_id: str | None
     last_id: str | None
     has_more: bool
 
 
-class FileDeleted(BaseModel):
+class OpenAIFileDeleted(BaseModel):
     """The answer to a file's deletion."""
 
     id: str
@@ -164,7 +164,7 @@ class FileDeleted(BaseModel):
     deleted: bool
 
 
-class BatchCreate(BaseModel):
+class OpenAIBatchCreate(BaseModel):
     """A batch to run: the uploaded file of requests, their endpoint and the window."""
 
     model_config = ConfigDict(extra="forbid")
@@ -175,7 +175,7 @@ class BatchCreate(BaseModel):
     metadata: dict[str, str] | None = None
 
 
-class BatchErrorOut(BaseModel):
+class OpenAIBatchError(BaseModel):
     """One reason a file failed validation: its line, code, message and parameter."""
 
     code: str
@@ -184,14 +184,14 @@ class BatchErrorOut(BaseModel):
     param: str | None
 
 
-class BatchErrors(BaseModel):
+class OpenAIBatchErrors(BaseModel):
     """Validation errors of a failed batch."""
 
     object: Literal["list"]
-    data: list[BatchErrorOut]
+    data: list[OpenAIBatchError]
 
 
-class RequestCounts(BaseModel):
+class OpenAIRequestCounts(BaseModel):
     """Requests in the batch, done with a 2xx answer, and failed."""
 
     total: int
@@ -199,13 +199,13 @@ class RequestCounts(BaseModel):
     failed: int
 
 
-class BatchOut(BaseModel):
+class OpenAIBatch(BaseModel):
     """OpenAI's batch object."""
 
     id: str
     object: Literal["batch"]
     endpoint: str
-    errors: BatchErrors | None
+    errors: OpenAIBatchErrors | None
     input_file_id: str
     completion_window: str
     status: Literal[
@@ -229,15 +229,15 @@ class BatchOut(BaseModel):
     expired_at: int | None
     cancelling_at: int | None
     cancelled_at: int | None
-    request_counts: RequestCounts
+    request_counts: OpenAIRequestCounts
     metadata: dict[str, str] | None
 
 
-class BatchList(BaseModel):
+class OpenAIBatchList(BaseModel):
     """A page of batches, newest first."""
 
     object: Literal["list"]
-    data: list[BatchOut]
+    data: list[OpenAIBatch]
     first_id: str | None
     last_id: str | None
     has_more: bool
@@ -248,7 +248,7 @@ FileId = Annotated[str, Field(max_length=200)]
 
 @router.post(
     "/files",
-    response_model=FileOut,
+    response_model=OpenAIFile,
     responses=_errors(413, 429),
     openapi_extra={
         "requestBody": {
@@ -256,6 +256,8 @@ FileId = Annotated[str, Field(max_length=200)]
             "content": {
                 "multipart/form-data": {
                     "schema": {
+                        # Titled, so the document names it (OpenAIFileUpload) for generators.
+                        "title": "OpenAIFileUpload",
                         "type": "object",
                         "required": ["file", "purpose"],
                         "properties": {
@@ -268,7 +270,7 @@ FileId = Annotated[str, Field(max_length=200)]
         }
     },
 )
-async def upload_file(request: Request, tenant: Tenant) -> dict[str, Any]:
+async def openai_upload_file(request: Request, tenant: Tenant) -> dict[str, Any]:
     """Upload a request file (multipart: `file`, `purpose=batch`), spooled, then stored."""
     state = api_state(request)
     async with state.uploads.slot(tenant):
@@ -297,8 +299,8 @@ async def upload_file(request: Request, tenant: Tenant) -> dict[str, Any]:
             )
 
 
-@router.get("/files", response_model=FileList, responses=_errors(404))
-async def list_files(
+@router.get("/files", response_model=OpenAIFileList, responses=_errors(404))
+async def openai_list_files(
     request: Request,
     tenant: Tenant,
     after: Annotated[str | None, Query(max_length=200)] = None,
@@ -311,14 +313,14 @@ async def list_files(
     )
 
 
-@router.get("/files/{file_id}", response_model=FileOut, responses=_errors(404))
-async def get_file(request: Request, tenant: Tenant, file_id: FileId) -> dict[str, Any]:
+@router.get("/files/{file_id}", response_model=OpenAIFile, responses=_errors(404))
+async def openai_get_file(request: Request, tenant: Tenant, file_id: FileId) -> dict[str, Any]:
     """Return a file: an upload, or a finished batch's output or error file."""
     return await service.get_file(api_state(request).app, tenant, file_id)
 
 
-@router.delete("/files/{file_id}", response_model=FileDeleted, responses=_errors(404))
-async def delete_file(request: Request, tenant: Tenant, file_id: FileId) -> dict[str, Any]:
+@router.delete("/files/{file_id}", response_model=OpenAIFileDeleted, responses=_errors(404))
+async def openai_delete_file(request: Request, tenant: Tenant, file_id: FileId) -> dict[str, Any]:
     """Delete an uploaded file; batches made from it keep running."""
     return await service.delete_file(api_state(request).app, tenant, file_id)
 
@@ -331,7 +333,9 @@ async def delete_file(request: Request, tenant: Tenant, file_id: FileId) -> dict
         **_errors(404),
     },
 )
-async def file_content(request: Request, tenant: Tenant, file_id: FileId) -> StreamingResponse:
+async def openai_file_content(
+    request: Request, tenant: Tenant, file_id: FileId
+) -> StreamingResponse:
     """Stream a file's content: as uploaded, or a batch's output or error lines (JSONL)."""
     chunks = await service.file_content(api_state(request).app, tenant, file_id)
 
@@ -342,8 +346,10 @@ async def file_content(request: Request, tenant: Tenant, file_id: FileId) -> Str
     return StreamingResponse(body(), media_type="application/octet-stream")
 
 
-@router.post("/batches", response_model=BatchOut, responses=_errors(404))
-async def create_batch(request: Request, tenant: Tenant, batch: BatchCreate) -> dict[str, Any]:
+@router.post("/batches", response_model=OpenAIBatch, responses=_errors(404))
+async def openai_create_batch(
+    request: Request, tenant: Tenant, batch: OpenAIBatchCreate
+) -> dict[str, Any]:
     """Validate a file of requests and run it: `failed` with line errors, or `in_progress`."""
     return await service.create_batch(
         api_state(request).app,
@@ -355,8 +361,8 @@ async def create_batch(request: Request, tenant: Tenant, batch: BatchCreate) -> 
     )
 
 
-@router.get("/batches", response_model=BatchList, responses=_errors(404))
-async def list_batches(
+@router.get("/batches", response_model=OpenAIBatchList, responses=_errors(404))
+async def openai_list_batches(
     request: Request,
     tenant: Tenant,
     after: Annotated[str | None, Query(max_length=200)] = None,
@@ -366,14 +372,14 @@ async def list_batches(
     return await service.list_batches(api_state(request).app, tenant, after=after, limit=limit)
 
 
-@router.get("/batches/{batch_id}", response_model=BatchOut, responses=_errors(404))
-async def get_batch(request: Request, tenant: Tenant, batch_id: FileId) -> dict[str, Any]:
+@router.get("/batches/{batch_id}", response_model=OpenAIBatch, responses=_errors(404))
+async def openai_get_batch(request: Request, tenant: Tenant, batch_id: FileId) -> dict[str, Any]:
     """Return a batch: its status, request counts, times and files."""
     return await service.get_batch(api_state(request).app, tenant, batch_id)
 
 
-@router.post("/batches/{batch_id}/cancel", response_model=BatchOut, responses=_errors(404, 409))
-async def cancel_batch(request: Request, tenant: Tenant, batch_id: FileId) -> dict[str, Any]:
+@router.post("/batches/{batch_id}/cancel", response_model=OpenAIBatch, responses=_errors(404, 409))
+async def openai_cancel_batch(request: Request, tenant: Tenant, batch_id: FileId) -> dict[str, Any]:
     """Cancel a batch: `cancelling` until its running requests end, then `cancelled`."""
     return await service.cancel_batch(api_state(request).app, tenant, batch_id)
 
