@@ -379,7 +379,7 @@ $$;
 -- What each request used, written with its result in the shard's completion. Not keyed:
 -- a retried batch reruns its failed requests, and each run's usage is a row.
 CREATE TABLE pgbatch.llm_request_usage (
-    -- No foreign key (0003): retention deletes these rows in chunks (the prune hook).
+    -- No foreign key: retention deletes these rows in chunks (the workload's prune hook).
     batch_id          bigint  NOT NULL,
     seq               bigint  NOT NULL,
     model             text    NOT NULL,

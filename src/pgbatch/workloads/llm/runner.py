@@ -127,6 +127,8 @@ class LlmRunner:
         self.app = app
         self._config = config
         self._clients: dict[str, UpstreamClient] = {}
+        # The event loop the clients were opened in: their connections belong to it.
+        self._clients_loop: asyncio.AbstractEventLoop | None = None
         # Monotonic time until which a limit is paused, as this process last heard (a
         # 429 it got): requests waiting for a slot see it without asking the database.
         self._paused_until: dict[str, float] = {}
@@ -156,6 +158,10 @@ class LlmRunner:
 
     def client(self, upstream: Upstream) -> UpstreamClient:
         """Return the pooled client of an upstream (one per process: connections reused)."""
+        loop = asyncio.get_running_loop()
+        if self._clients_loop is not loop:
+            # Clients opened in another (finished) loop are unusable here, and not closable.
+            self._clients, self._clients_loop = {}, loop
         found = self._clients.get(upstream.name)
         if found is None:
             found = self._clients[upstream.name] = UpstreamClient(upstream.config)
@@ -164,6 +170,11 @@ class LlmRunner:
     async def aclose(self) -> None:
         """Close every upstream client's connection pool."""
         clients, self._clients = list(self._clients.values()), {}
+        loop, self._clients_loop = self._clients_loop, None
+        if loop is not asyncio.get_running_loop():
+            # Their loop has ended (another test's, another asyncio.run): their sockets
+            # went with it, and closing them from this loop would fail.
+            return
         for client in clients:
             await client.aclose()
 

@@ -118,7 +118,9 @@ $$;
 -- What each request used, written with its result in the shard's completion. Not keyed:
 -- a retried batch reruns its failed requests, and each run's usage is a row.
 CREATE TABLE pgbatch.llm_request_usage (
-    batch_id          bigint  NOT NULL REFERENCES pgbatch.batches (id) ON DELETE CASCADE,
+    -- No foreign key: pgbatch's retention deletes these rows in chunks (the workload's
+    -- prune hook), where a cascade would delete a million requests in one transaction.
+    batch_id          bigint  NOT NULL,
     seq               bigint  NOT NULL,
     model             text    NOT NULL,
     -- sends to the upstream (0 for a cache hit); 429s included
