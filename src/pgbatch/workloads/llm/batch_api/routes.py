@@ -199,6 +199,28 @@ class RequestCounts(BaseModel):
     failed: int
 
 
+class InputTokensDetails(BaseModel):
+    """Prompt tokens the upstream served from its prompt cache."""
+
+    cached_tokens: int
+
+
+class OutputTokensDetails(BaseModel):
+    """Completion tokens spent reasoning (not kept apart here: 0)."""
+
+    reasoning_tokens: int
+
+
+class BatchUsage(BaseModel):
+    """Tokens the batch's requests used so far, as OpenAI's batch object reports them."""
+
+    input_tokens: int
+    input_tokens_details: InputTokensDetails
+    output_tokens: int
+    output_tokens_details: OutputTokensDetails
+    total_tokens: int
+
+
 class BatchOut(BaseModel):
     """OpenAI's batch object."""
 
@@ -231,6 +253,7 @@ class BatchOut(BaseModel):
     cancelled_at: int | None
     request_counts: RequestCounts
     metadata: dict[str, str] | None
+    usage: BatchUsage | None = None
 
 
 class BatchList(BaseModel):

@@ -20,6 +20,7 @@ from typing import IO, TYPE_CHECKING, Any
 import orjson
 
 from pgbatch.errors import InvalidBatchError
+from pgbatch.workloads.llm import queries as llm_queries
 from pgbatch.workloads.llm.batches import output_lines, submit_requests
 from pgbatch.workloads.llm.db import openai as queries
 from pgbatch.workloads.llm.requests import (
@@ -558,8 +559,8 @@ def openai_status(row: queries.BatchRow) -> str:
     return "in_progress"
 
 
-def batch_object(row: queries.BatchRow) -> dict[str, Any]:
-    """Return the batch as OpenAI's batch object."""
+def batch_object(row: queries.BatchRow, usage: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Return the batch as OpenAI's batch object (`usage`: its tokens, see _usage)."""
     status = openai_status(row)
     window = COMPLETION_WINDOWS.get(row.completion_window, timedelta(hours=24))
     ended = row.finished_at is not None and row.status == "submitted"
@@ -593,7 +594,30 @@ def batch_object(row: queries.BatchRow) -> dict[str, Any]:
             "failed": row.items_failed or 0,
         },
         "metadata": row.metadata,
+        "usage": usage,
     }
+
+
+async def _usage(app: App, row: queries.BatchRow) -> dict[str, Any] | None:
+    """Return the tokens the batch's requests used so far, in OpenAI's `usage` shape."""
+    if row.batch_id is None:
+        return None  # failed validation: nothing ran
+    async with app.db.connection() as conn:
+        rows = await llm_queries.batch_usage(conn, row.batch_id)
+    prompt = sum(r.prompt_tokens for r in rows)
+    completion = sum(r.completion_tokens for r in rows)
+    return {
+        "input_tokens": prompt,
+        "input_tokens_details": {"cached_tokens": sum(r.cached_tokens for r in rows)},
+        "output_tokens": completion,
+        # The upstream's usage is kept as prompt, completion and cached tokens only.
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": prompt + completion,
+    }
+
+
+async def _batch_object(app: App, row: queries.BatchRow) -> dict[str, Any]:
+    return batch_object(row, await _usage(app, row))
 
 
 async def _expire_if_due(app: App, row: queries.BatchRow) -> queries.BatchRow:
@@ -621,7 +645,7 @@ async def get_batch(app: App, tenant: str, given: str) -> dict[str, Any]:
     row = await queries.get_batch(app.db, tenant, parse_batch_id(given))
     if row is None:
         raise _not_found("batch", given)
-    return batch_object(await _expire_if_due(app, row))
+    return await _batch_object(app, await _expire_if_due(app, row))
 
 
 async def list_batches(app: App, tenant: str, *, after: str | None, limit: int) -> dict[str, Any]:
@@ -633,7 +657,7 @@ async def list_batches(app: App, tenant: str, *, after: str | None, limit: int) 
         except BatchApiError:
             raise _not_found("batch", after, "after") from None
     rows = await queries.list_batches(app.db, tenant, after=cursor, limit=limit + 1)
-    data = [batch_object(await _expire_if_due(app, row)) for row in rows[:limit]]
+    data = [await _batch_object(app, await _expire_if_due(app, row)) for row in rows[:limit]]
     return _page(data, has_more=len(rows) > limit)
 
 
@@ -654,4 +678,4 @@ async def cancel_batch(app: App, tenant: str, given: str) -> dict[str, Any]:
         raise BatchApiError(
             409, "invalid_state", f"Cannot cancel a batch with status '{status}'.", None
         )
-    return batch_object(row)
+    return await _batch_object(app, row)
