@@ -68,6 +68,12 @@ FILE_PURPOSES = ("batch",)
 MAX_METADATA_PAIRS = 16
 MAX_METADATA_KEY_CHARS = 64
 MAX_METADATA_VALUE_CHARS = 512
+# A create validates and submits within one request; a batch still `validating` this
+# long after its creation belongs to a create that died (a server killed mid-request):
+# its next read resumes it or fails it (see _recover_if_stale). Validating 200 MB takes
+# well under a minute; a create still at work past this whose batch was failed cancels
+# what it then submits.
+VALIDATION_STALE = timedelta(minutes=30)
 # Lines of an output or error file gathered before one write to the client (and one
 # look-up of custom_ids the engine's own failures lack).
 LINES_PER_WRITE = 500
@@ -540,8 +546,12 @@ async def create_batch(
                 await app.cancel(run.id, tenant=tenant)
                 error = LineError(None, "file_deleted", "the input file was deleted while read")
                 await queries.fail_batch(app.db, tenant, batch_id, [error.as_openai()], count)
-            else:
-                await queries.mark_submitted(app.db, tenant, batch_id, run.id, count)
+            elif not await queries.mark_submitted(app.db, tenant, batch_id, run.id, count):
+                # A read found this create stale meanwhile: it linked this run (resumed),
+                # or failed the batch, and then the run belongs to nothing a client sees.
+                now = await queries.get_batch(app.db, tenant, batch_id)
+                if now is None or now.batch_id != run.id:
+                    await app.cancel(run.id, tenant=tenant)
     return await get_batch(app, tenant, f"{BATCH_PREFIX}{batch_id}")
 
 
@@ -620,8 +630,25 @@ async def _batch_object(app: App, row: queries.BatchRow) -> dict[str, Any]:
     return batch_object(row, await _usage(app, row))
 
 
+async def _recover_if_stale(app: App, row: queries.BatchRow) -> queries.BatchRow:
+    """Resume or fail a batch whose create died while it was validating."""
+    if row.status != "validating" or datetime.now(UTC) < row.created_at + VALIDATION_STALE:
+        return row
+    error = LineError(
+        None,
+        "validation_interrupted",
+        "the server stopped while this batch was created; create it again",
+    )
+    stale_s = VALIDATION_STALE.total_seconds()
+    await queries.recover_stale(app.db, row.tenant, row.id, stale_s, [error.as_openai()])
+    refreshed = await queries.get_batch(app.db, row.tenant, row.id)
+    assert refreshed is not None
+    return refreshed
+
+
 async def _expire_if_due(app: App, row: queries.BatchRow) -> queries.BatchRow:
     """Expire a batch read past its completion window: its unfinished requests stop."""
+    row = await _recover_if_stale(app, row)
     window = COMPLETION_WINDOWS.get(row.completion_window)
     if (
         window is None

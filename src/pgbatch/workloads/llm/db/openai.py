@@ -193,11 +193,12 @@ async def insert_batch(
     return await db.run_in_transaction(work)
 
 
-async def _update(db: Database, name: str, params: dict[str, Any]) -> None:
-    async def work(conn: psycopg.AsyncConnection[Any]) -> None:
-        await conn.execute(query(name), params)
+async def _update(db: Database, name: str, params: dict[str, Any]) -> bool:
+    async def work(conn: psycopg.AsyncConnection[Any]) -> bool:
+        cur = await conn.execute(query(name), params)
+        return cur.rowcount > 0
 
-    await db.run_in_transaction(work)
+    return await db.run_in_transaction(work)
 
 
 async def fail_batch(
@@ -213,12 +214,23 @@ async def fail_batch(
 
 async def mark_submitted(
     db: Database, tenant: str, batch_id: int, run_batch_id: int, total: int
-) -> None:
-    """Link a validated batch to the pgbatch batch that runs its requests."""
-    await _update(
+) -> bool:
+    """Link a validated batch to its pgbatch batch; False if it was no longer validating."""
+    return await _update(
         db,
         "openai_batch_submitted",
         {"id": batch_id, "tenant": tenant, "batch_id": run_batch_id, "total": total},
+    )
+
+
+async def recover_stale(
+    db: Database, tenant: str, batch_id: int, stale_s: float, errors: list[dict[str, Any]]
+) -> None:
+    """Resume or fail a batch left validating for `stale_s` seconds (its create died)."""
+    await _update(
+        db,
+        "openai_batch_recover_stale",
+        {"id": batch_id, "tenant": tenant, "stale_s": stale_s, "errors": Jsonb(errors)},
     )
 
 
