@@ -173,6 +173,13 @@ class BatchCreate(BaseModel):
     endpoint: str = Field(max_length=200)
     completion_window: str = Field(max_length=20)
     metadata: dict[str, str] | None = None
+    # pgbatch's extensions (the openai client sends them as `extra_body`).
+    cache: bool = Field(
+        default=False, description="Reuse stored answers to identical requests; store these."
+    )
+    upstream: str | None = Field(
+        default=None, max_length=200, description="A configured upstream's name."
+    )
 
 
 class BatchErrorOut(BaseModel):
@@ -375,6 +382,8 @@ async def create_batch(request: Request, tenant: Tenant, batch: BatchCreate) -> 
         endpoint=batch.endpoint,
         completion_window=batch.completion_window,
         metadata=batch.metadata,
+        cache=batch.cache,
+        upstream=batch.upstream,
     )
 
 

@@ -19,9 +19,9 @@ from typing import IO, TYPE_CHECKING, Any
 
 import orjson
 
-from pgbatch.errors import InvalidBatchError
+from pgbatch.errors import BatchNotFoundError, InvalidBatchError
 from pgbatch.workloads.llm import queries as llm_queries
-from pgbatch.workloads.llm.batches import output_lines, submit_requests
+from pgbatch.workloads.llm.batches import check_upstream, output_lines, submit_requests
 from pgbatch.workloads.llm.db import openai as queries
 from pgbatch.workloads.llm.requests import (
     ENDPOINTS,
@@ -57,6 +57,7 @@ __all__ = [
     "openai_status",
     "parse_batch_id",
     "parse_file_id",
+    "run_batch_id",
     "store_file",
 ]
 
@@ -494,6 +495,8 @@ async def create_batch(
     endpoint: str,
     completion_window: str,
     metadata: dict[str, str] | None,
+    cache: bool = False,
+    upstream: str | None = None,
 ) -> dict[str, Any]:
     """Validate the input file and submit its requests; return the batch object.
 
@@ -501,6 +504,11 @@ async def create_batch(
     pgbatch batch: nothing is queued, no request reaches the upstream.
     """
     check_batch_options(endpoint, completion_window, metadata)
+    if upstream is not None:
+        try:
+            check_upstream(app, upstream)
+        except InvalidBatchError as exc:
+            raise BatchApiError(400, "invalid_value", str(exc), "upstream") from None
     resolved = parse_file_id(input_file_id, "input_file_id")
     if resolved.file_id is None or await queries.get_file(app.db, tenant, resolved.file_id) is None:
         raise _not_found("file", input_file_id, "input_file_id")
@@ -530,6 +538,8 @@ async def create_batch(
                 tenant=tenant,
                 # A retried create of the same OpenAI batch finds the batch it submitted.
                 idempotency_key=f"openai-batch:{batch_id}",
+                cache=cache,
+                upstream=upstream,
             )
         except RequestFileError as exc:
             await queries.fail_batch(
@@ -706,3 +716,22 @@ async def cancel_batch(app: App, tenant: str, given: str) -> dict[str, Any]:
             409, "invalid_state", f"Cannot cancel a batch with status '{status}'.", None
         )
     return await _batch_object(app, row)
+
+
+async def run_batch_id(app: App, given: str) -> int:
+    """Return the pgbatch batch id `given` names: itself if numeric, or `batch_N`'s run."""
+    if given.isascii() and given.isdigit():
+        return int(given)
+    try:
+        number = parse_batch_id(given)
+    except BatchApiError:
+        raise BatchNotFoundError(
+            f"{given[:100]!r} is neither a batch number nor an OpenAI batch id (batch_N)"
+        ) from None
+    await app.open()
+    exists, run = await queries.run_batch_of(app.db, number)
+    if not exists:
+        raise BatchNotFoundError(f"no OpenAI batch {given[:100]}")
+    if run is None:
+        raise BatchNotFoundError(f"OpenAI batch {given[:100]} ran nothing (it failed validation)")
+    return run
