@@ -287,3 +287,11 @@ async def item_custom_ids(db: Database, run_batch_id: int, seqs: Sequence[int]) 
             query("openai_item_custom_ids"), {"batch_id": run_batch_id, "seqs": list(seqs)}
         )
         return {int(seq): str(custom_id) for seq, custom_id in await cur.fetchall()}
+
+
+async def run_batch_of(db: Database, batch_id: int) -> tuple[bool, int | None]:
+    """Return whether the OpenAI batch exists and its pgbatch batch (None: nothing ran)."""
+    async with db.connection() as conn:
+        cur = await conn.execute(query("openai_batch_run_of"), {"id": batch_id})
+        row = await cur.fetchone()
+    return (False, None) if row is None else (True, row[0])

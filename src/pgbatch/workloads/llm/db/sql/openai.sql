@@ -126,3 +126,7 @@ SET status = CASE WHEN s.run_id IS NULL THEN 'failed' ELSE 'submitted' END,
     errors = CASE WHEN s.run_id IS NULL THEN %(errors)s END
 FROM stale s
 WHERE b.id = s.id;
+
+-- name: openai_batch_run_of
+-- The pgbatch batch of an OpenAI batch, whatever its tenant (for the operator's CLI).
+SELECT batch_id FROM pgbatch.llm_batches WHERE id = %(id)s;
