@@ -175,7 +175,7 @@ class LlmRunner:
         cache_tenant = first.get("cache")
         requests = [self._request(item, upstream) for item in items]
         if cache_tenant:
-            await self._answer_from_cache(requests, str(cache_tenant), ctx)
+            await self._answer_from_cache(requests, str(cache_tenant), upstream, ctx)
         limit = upstream.limit
         if limit is not None and limit.tpm is not None:
             for request in requests:
@@ -201,10 +201,11 @@ class LlmRunner:
         return _Request(item, url, body, model, estimate_tokens(url, body))
 
     async def _answer_from_cache(
-        self, requests: list[_Request], tenant: str, ctx: ShardContext
+        self, requests: list[_Request], tenant: str, upstream: Upstream, ctx: ShardContext
     ) -> None:
+        scope = None if upstream.name == DEFAULT_UPSTREAM else upstream.name
         for request in requests:
-            request.key = cache_key(request.url, request.body)
+            request.key = cache_key(request.url, request.body, scope)
         async with self.app.db.connection() as conn:
             found = await queries.cache_get(
                 conn, tenant=tenant, keys=[r.key for r in requests if r.key is not None]
