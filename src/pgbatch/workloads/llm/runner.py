@@ -126,7 +126,9 @@ class LlmRunner:
         """Bind to `app`; the configuration is read when the first shard runs."""
         self.app = app
         self._config = config
-        self._clients: dict[str, UpstreamClient] = {}
+        # Each client with the event loop it was made in: its pooled connections belong
+        # to that loop, so another loop (a second asyncio.run) gets a client of its own.
+        self._clients: dict[str, tuple[asyncio.AbstractEventLoop, UpstreamClient]] = {}
         # Monotonic time until which a limit is paused, as this process last heard (a
         # 429 it got): requests waiting for a slot see it without asking the database.
         self._paused_until: dict[str, float] = {}
@@ -156,16 +158,20 @@ class LlmRunner:
 
     def client(self, upstream: Upstream) -> UpstreamClient:
         """Return the pooled client of an upstream (one per process: connections reused)."""
+        loop = asyncio.get_running_loop()
         found = self._clients.get(upstream.name)
-        if found is None:
-            found = self._clients[upstream.name] = UpstreamClient(upstream.config)
-        return found
+        if found is None or found[0] is not loop:
+            # A client of an ended loop cannot be closed from this one: it is dropped.
+            found = self._clients[upstream.name] = (loop, UpstreamClient(upstream.config))
+        return found[1]
 
     async def aclose(self) -> None:
-        """Close every upstream client's connection pool."""
+        """Close the upstream clients of this event loop; forget those of ended ones."""
+        loop = asyncio.get_running_loop()
         clients, self._clients = list(self._clients.values()), {}
-        for client in clients:
-            await client.aclose()
+        for owner, client in clients:
+            if owner is loop:
+                await client.aclose()
 
     async def run(self, items: list[Item], ctx: ShardContext) -> list[Outcome]:
         """Run one shard's requests; return each one's output line (ok) or error line."""
