@@ -58,6 +58,11 @@ __all__ = [
 # per-write cost vanishes, small enough that a 10-million-item batch never sits in memory
 # (orjson's output buffers start at ~1 KB each, so a chunk peaks at about 1 MB per 500).
 COPY_CHUNK_ITEMS = 500
+# ...and of about this many bytes: a chunk of 500 requests of 100 KB each (long LLM
+# prompts) held ~400 MB while encoded. The first chunk is small, and each next one is
+# sized from the bytes per item seen so far.
+COPY_CHUNK_BYTES = 4 * 2**20
+FIRST_CHUNK_ITEMS = 8
 # A list or tuple this short is sent in one statement (one round trip, the commit
 # included) instead of a COPY: what matters for small batches is latency, and COPY costs
 # four round trips.
@@ -206,20 +211,32 @@ class _ItemEncoder:
 
 
 async def _chunks(items: Iterable[Any] | AsyncIterable[Any], encoder: _ItemEncoder) -> Any:
+    sent_bytes = sent_items = 0
+    size = FIRST_CHUNK_ITEMS
+
+    def encoded(buffer: list[Any]) -> bytes:
+        nonlocal sent_bytes, sent_items, size
+        chunk = encoder.encode(buffer)
+        sent_bytes += len(chunk)
+        sent_items += len(buffer)
+        per_item = max(1, sent_bytes // sent_items)
+        size = max(1, min(COPY_CHUNK_ITEMS, COPY_CHUNK_BYTES // per_item))
+        return chunk
+
     buffer: list[Any] = []
     if isinstance(items, AsyncIterable):
         async for item in items:
             buffer.append(item)
-            if len(buffer) >= COPY_CHUNK_ITEMS:
-                yield encoder.encode(buffer)
+            if len(buffer) >= size:
+                yield encoded(buffer)
                 buffer = []
     else:
         iterator = iter(items)
-        while buffer := list(itertools.islice(iterator, COPY_CHUNK_ITEMS)):
-            yield encoder.encode(buffer)
+        while buffer := list(itertools.islice(iterator, size)):
+            yield encoded(buffer)
         return
     if buffer:
-        yield encoder.encode(buffer)
+        yield encoded(buffer)
 
 
 async def _hash_only(items: Iterable[Any] | AsyncIterable[Any], spec: BatchSpec) -> bytes:

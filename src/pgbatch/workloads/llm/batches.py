@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from pgbatch.errors import ConfigurationError
+from pgbatch.errors import ConfigurationError, InvalidBatchError
 from pgbatch.models import Batch
 from pgbatch.workloads.llm.config import DEFAULT_UPSTREAM, load_config
 from pgbatch.workloads.llm.requests import LlmRequest
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "TASK",
+    "check_upstream",
     "line_id",
     "output_lines",
     "register_tasks",
@@ -70,6 +71,17 @@ def register_tasks(app: App) -> None:
     app.task(TASK, shard_size=DEFAULT_SHARD_SIZE, internal=True)(runner_of(app).run)
 
 
+def check_upstream(app: App, name: str) -> None:
+    """Raise InvalidBatchError (field "upstream") unless `name` is a configured upstream.
+
+    Otherwise a batch naming it is accepted and each of its shards fails when it runs.
+    """
+    try:
+        runner_of(app).config.upstream(name)
+    except ConfigurationError as exc:
+        raise InvalidBatchError(str(exc), field="upstream") from None
+
+
 async def submit_requests(
     app: App,
     requests: Iterable[LlmRequest] | AsyncIterable[LlmRequest],
@@ -88,6 +100,8 @@ async def submit_requests(
     names a configured upstream (default: "default"). Both ride on every item, so a shard
     knows them without another read and they cannot drift from the batch.
     """
+    if upstream is not None:
+        check_upstream(app, upstream)
     await app.open()
     await runner_of(app).ensure_schema()
     extra: dict[str, Any] = {}

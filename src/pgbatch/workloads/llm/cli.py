@@ -16,8 +16,9 @@ from rich.table import Table
 
 from pgbatch.errors import PgbatchError
 from pgbatch.workloads import llm
+from pgbatch.workloads.llm.batch_api.service import run_batch_id
 from pgbatch.workloads.llm.requests import ENDPOINTS, RequestFileError, check_request_lines
-from pgbatch.workloads.llm.status import batch_usage_report, limit_states
+from pgbatch.workloads.llm.status import UsageReport, batch_usage_report, limit_states
 
 if TYPE_CHECKING:
     from pgbatch.app import App
@@ -37,6 +38,10 @@ AppOption = Annotated[
     typer.Option("--app", "-a", envvar="PGBATCH_APP", help="Your app as module:attribute."),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+
+
+# What `results` and `status` take: pgbatch's number, or the id the OpenAI API answered.
+BATCH_HELP = "The batch: its number, or an OpenAI batch id (batch_N) of /openai/v1."
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
@@ -134,7 +139,7 @@ def submit(
 
 @llm_cli.command()
 def results(
-    batch_id: Annotated[int, typer.Argument(help="The batch.")],
+    batch_id: Annotated[str, typer.Argument(help=BATCH_HELP)],
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the lines.")],
     errors: Annotated[bool, typer.Option(help="Write the error lines instead.")] = False,
     wait: Annotated[bool, typer.Option(help="Show a progress bar until the batch ends.")] = True,
@@ -144,13 +149,14 @@ def results(
     application = _app(app_spec, existing=True)
 
     async def work() -> int:
+        number = await run_batch_id(application, batch_id)
         if wait:
             from pgbatch.progress import watch_batch
 
-            await watch_batch(application, batch_id, console=err_console)
+            await watch_batch(application, number, console=err_console)
         written = 0
         with output.open("wb") as stream:
-            async for line in llm.output_lines(application, batch_id, errors=errors):
+            async for line in llm.output_lines(application, number, errors=errors):
                 stream.write(orjson.dumps(line) + b"\n")
                 written += 1
         return written
@@ -162,13 +168,17 @@ def results(
 
 @llm_cli.command()
 def status(
-    batch_id: Annotated[int, typer.Argument(help="The batch.")],
+    batch_id: Annotated[str, typer.Argument(help=BATCH_HELP)],
     app_spec: AppOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Show a batch's usage per model, its upstream calls and 429s, and its estimated cost."""
     application = _app(app_spec, existing=True)
-    report = _run(application, batch_usage_report(application, batch_id))
+
+    async def work() -> UsageReport:
+        return await batch_usage_report(application, await run_batch_id(application, batch_id))
+
+    report = _run(application, work())
     document = report.as_dict()
     if as_json:
         sys.stdout.write(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode() + "\n")

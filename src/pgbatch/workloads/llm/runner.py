@@ -126,9 +126,9 @@ class LlmRunner:
         """Bind to `app`; the configuration is read when the first shard runs."""
         self.app = app
         self._config = config
-        self._clients: dict[str, UpstreamClient] = {}
-        # The event loop the clients were opened in: their connections belong to it.
-        self._clients_loop: asyncio.AbstractEventLoop | None = None
+        # Each client with the event loop it was made in: its pooled connections belong
+        # to that loop, so another loop (a second asyncio.run) gets a client of its own.
+        self._clients: dict[str, tuple[asyncio.AbstractEventLoop, UpstreamClient]] = {}
         # Monotonic time until which a limit is paused, as this process last heard (a
         # 429 it got): requests waiting for a slot see it without asking the database.
         self._paused_until: dict[str, float] = {}
@@ -159,24 +159,19 @@ class LlmRunner:
     def client(self, upstream: Upstream) -> UpstreamClient:
         """Return the pooled client of an upstream (one per process: connections reused)."""
         loop = asyncio.get_running_loop()
-        if self._clients_loop is not loop:
-            # Clients opened in another (finished) loop are unusable here, and not closable.
-            self._clients, self._clients_loop = {}, loop
         found = self._clients.get(upstream.name)
-        if found is None:
-            found = self._clients[upstream.name] = UpstreamClient(upstream.config)
-        return found
+        if found is None or found[0] is not loop:
+            # A client of an ended loop cannot be closed from this one: it is dropped.
+            found = self._clients[upstream.name] = (loop, UpstreamClient(upstream.config))
+        return found[1]
 
     async def aclose(self) -> None:
-        """Close every upstream client's connection pool."""
+        """Close the upstream clients of this event loop; forget those of ended ones."""
+        loop = asyncio.get_running_loop()
         clients, self._clients = list(self._clients.values()), {}
-        loop, self._clients_loop = self._clients_loop, None
-        if loop is not asyncio.get_running_loop():
-            # Their loop has ended (another test's, another asyncio.run): their sockets
-            # went with it, and closing them from this loop would fail.
-            return
-        for client in clients:
-            await client.aclose()
+        for owner, client in clients:
+            if owner is loop:
+                await client.aclose()
 
     async def run(self, items: list[Item], ctx: ShardContext) -> list[Outcome]:
         """Run one shard's requests; return each one's output line (ok) or error line."""
@@ -186,7 +181,7 @@ class LlmRunner:
         cache_tenant = first.get("cache")
         requests = [self._request(item, upstream) for item in items]
         if cache_tenant:
-            await self._answer_from_cache(requests, str(cache_tenant), ctx)
+            await self._answer_from_cache(requests, str(cache_tenant), upstream, ctx)
         limit = upstream.limit
         if limit is not None and limit.tpm is not None:
             for request in requests:
@@ -212,10 +207,11 @@ class LlmRunner:
         return _Request(item, url, body, model, estimate_tokens(url, body))
 
     async def _answer_from_cache(
-        self, requests: list[_Request], tenant: str, ctx: ShardContext
+        self, requests: list[_Request], tenant: str, upstream: Upstream, ctx: ShardContext
     ) -> None:
+        scope = None if upstream.name == DEFAULT_UPSTREAM else upstream.name
         for request in requests:
-            request.key = cache_key(request.url, request.body)
+            request.key = cache_key(request.url, request.body, scope)
         async with self.app.db.connection() as conn:
             found = await queries.cache_get(
                 conn, tenant=tenant, keys=[r.key for r in requests if r.key is not None]

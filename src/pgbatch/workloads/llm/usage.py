@@ -163,11 +163,16 @@ def usage_of(body: Any) -> Usage:
     return Usage(prompt, completion, cached)
 
 
-def cache_key(url: str, body: Mapping[str, Any]) -> bytes:
+def cache_key(url: str, body: Mapping[str, Any], upstream: str | None = None) -> bytes:
     """Return the SHA-256 of a request's canonical form: the same request, the same key.
 
     Keys are sorted so that field order does not matter; every field counts (model,
     messages, temperature, seed...), so a changed parameter is a different request.
+    `upstream` names a non-default upstream: another server's answer is not this one's
+    (the default's keys stay as they were, so its stored answers still match).
     """
-    canonical = orjson.dumps({"url": url, "body": body}, option=orjson.OPT_SORT_KEYS)
+    request: dict[str, Any] = {"url": url, "body": body}
+    if upstream is not None:
+        request["upstream"] = upstream
+    canonical = orjson.dumps(request, option=orjson.OPT_SORT_KEYS)
     return hashlib.sha256(canonical).digest()

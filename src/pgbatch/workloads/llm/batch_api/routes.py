@@ -173,6 +173,13 @@ class OpenAIBatchCreate(BaseModel):
     endpoint: str = Field(max_length=200)
     completion_window: str = Field(max_length=20)
     metadata: dict[str, str] | None = None
+    # pgbatch's extensions (the openai client sends them as `extra_body`).
+    cache: bool = Field(
+        default=False, description="Reuse stored answers to identical requests; store these."
+    )
+    upstream: str | None = Field(
+        default=None, max_length=200, description="A configured upstream's name."
+    )
 
 
 class OpenAIBatchError(BaseModel):
@@ -197,6 +204,28 @@ class OpenAIRequestCounts(BaseModel):
     total: int
     completed: int
     failed: int
+
+
+class OpenAIInputTokensDetails(BaseModel):
+    """Prompt tokens the upstream served from its prompt cache."""
+
+    cached_tokens: int
+
+
+class OpenAIOutputTokensDetails(BaseModel):
+    """Completion tokens spent reasoning (not kept apart here: 0)."""
+
+    reasoning_tokens: int
+
+
+class OpenAIBatchUsage(BaseModel):
+    """Tokens the batch's requests used so far, as OpenAI's batch object reports them."""
+
+    input_tokens: int
+    input_tokens_details: OpenAIInputTokensDetails
+    output_tokens: int
+    output_tokens_details: OpenAIOutputTokensDetails
+    total_tokens: int
 
 
 class OpenAIBatch(BaseModel):
@@ -231,6 +260,7 @@ class OpenAIBatch(BaseModel):
     cancelled_at: int | None
     request_counts: OpenAIRequestCounts
     metadata: dict[str, str] | None
+    usage: OpenAIBatchUsage | None = None
 
 
 class OpenAIBatchList(BaseModel):
@@ -358,6 +388,8 @@ async def openai_create_batch(
         endpoint=batch.endpoint,
         completion_window=batch.completion_window,
         metadata=batch.metadata,
+        cache=batch.cache,
+        upstream=batch.upstream,
     )
 
 

@@ -19,8 +19,9 @@ from typing import IO, TYPE_CHECKING, Any
 
 import orjson
 
-from pgbatch.errors import InvalidBatchError
-from pgbatch.workloads.llm.batches import output_lines, submit_requests
+from pgbatch.errors import BatchNotFoundError, InvalidBatchError
+from pgbatch.workloads.llm import queries as llm_queries
+from pgbatch.workloads.llm.batches import check_upstream, output_lines, submit_requests
 from pgbatch.workloads.llm.db import openai as queries
 from pgbatch.workloads.llm.requests import (
     ENDPOINTS,
@@ -56,6 +57,7 @@ __all__ = [
     "openai_status",
     "parse_batch_id",
     "parse_file_id",
+    "run_batch_id",
     "store_file",
 ]
 
@@ -67,6 +69,12 @@ FILE_PURPOSES = ("batch",)
 MAX_METADATA_PAIRS = 16
 MAX_METADATA_KEY_CHARS = 64
 MAX_METADATA_VALUE_CHARS = 512
+# A create validates and submits within one request; a batch still `validating` this
+# long after its creation belongs to a create that died (a server killed mid-request):
+# its next read resumes it or fails it (see _recover_if_stale). Validating 200 MB takes
+# well under a minute; a create still at work past this whose batch was failed cancels
+# what it then submits.
+VALIDATION_STALE = timedelta(minutes=30)
 # Lines of an output or error file gathered before one write to the client (and one
 # look-up of custom_ids the engine's own failures lack).
 LINES_PER_WRITE = 500
@@ -487,6 +495,8 @@ async def create_batch(
     endpoint: str,
     completion_window: str,
     metadata: dict[str, str] | None,
+    cache: bool = False,
+    upstream: str | None = None,
 ) -> dict[str, Any]:
     """Validate the input file and submit its requests; return the batch object.
 
@@ -494,6 +504,11 @@ async def create_batch(
     pgbatch batch: nothing is queued, no request reaches the upstream.
     """
     check_batch_options(endpoint, completion_window, metadata)
+    if upstream is not None:
+        try:
+            check_upstream(app, upstream)
+        except InvalidBatchError as exc:
+            raise BatchApiError(400, "invalid_value", str(exc), "upstream") from None
     resolved = parse_file_id(input_file_id, "input_file_id")
     if resolved.file_id is None or await queries.get_file(app.db, tenant, resolved.file_id) is None:
         raise _not_found("file", input_file_id, "input_file_id")
@@ -523,6 +538,8 @@ async def create_batch(
                 tenant=tenant,
                 # A retried create of the same OpenAI batch finds the batch it submitted.
                 idempotency_key=f"openai-batch:{batch_id}",
+                cache=cache,
+                upstream=upstream,
             )
         except RequestFileError as exc:
             await queries.fail_batch(
@@ -539,8 +556,12 @@ async def create_batch(
                 await app.cancel(run.id, tenant=tenant)
                 error = LineError(None, "file_deleted", "the input file was deleted while read")
                 await queries.fail_batch(app.db, tenant, batch_id, [error.as_openai()], count)
-            else:
-                await queries.mark_submitted(app.db, tenant, batch_id, run.id, count)
+            elif not await queries.mark_submitted(app.db, tenant, batch_id, run.id, count):
+                # A read found this create stale meanwhile: it linked this run (resumed),
+                # or failed the batch, and then the run belongs to nothing a client sees.
+                now = await queries.get_batch(app.db, tenant, batch_id)
+                if now is None or now.batch_id != run.id:
+                    await app.cancel(run.id, tenant=tenant)
     return await get_batch(app, tenant, f"{BATCH_PREFIX}{batch_id}")
 
 
@@ -558,8 +579,8 @@ def openai_status(row: queries.BatchRow) -> str:
     return "in_progress"
 
 
-def batch_object(row: queries.BatchRow) -> dict[str, Any]:
-    """Return the batch as OpenAI's batch object."""
+def batch_object(row: queries.BatchRow, usage: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Return the batch as OpenAI's batch object (`usage`: its tokens, see _usage)."""
     status = openai_status(row)
     window = COMPLETION_WINDOWS.get(row.completion_window, timedelta(hours=24))
     ended = row.finished_at is not None and row.status == "submitted"
@@ -593,11 +614,51 @@ def batch_object(row: queries.BatchRow) -> dict[str, Any]:
             "failed": row.items_failed or 0,
         },
         "metadata": row.metadata,
+        "usage": usage,
     }
+
+
+async def _usage(app: App, row: queries.BatchRow) -> dict[str, Any] | None:
+    """Return the tokens the batch's requests used so far, in OpenAI's `usage` shape."""
+    if row.batch_id is None:
+        return None  # failed validation: nothing ran
+    async with app.db.connection() as conn:
+        rows = await llm_queries.batch_usage(conn, row.batch_id)
+    prompt = sum(r.prompt_tokens for r in rows)
+    completion = sum(r.completion_tokens for r in rows)
+    return {
+        "input_tokens": prompt,
+        "input_tokens_details": {"cached_tokens": sum(r.cached_tokens for r in rows)},
+        "output_tokens": completion,
+        # The upstream's usage is kept as prompt, completion and cached tokens only.
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": prompt + completion,
+    }
+
+
+async def _batch_object(app: App, row: queries.BatchRow) -> dict[str, Any]:
+    return batch_object(row, await _usage(app, row))
+
+
+async def _recover_if_stale(app: App, row: queries.BatchRow) -> queries.BatchRow:
+    """Resume or fail a batch whose create died while it was validating."""
+    if row.status != "validating" or datetime.now(UTC) < row.created_at + VALIDATION_STALE:
+        return row
+    error = LineError(
+        None,
+        "validation_interrupted",
+        "the server stopped while this batch was created; create it again",
+    )
+    stale_s = VALIDATION_STALE.total_seconds()
+    await queries.recover_stale(app.db, row.tenant, row.id, stale_s, [error.as_openai()])
+    refreshed = await queries.get_batch(app.db, row.tenant, row.id)
+    assert refreshed is not None
+    return refreshed
 
 
 async def _expire_if_due(app: App, row: queries.BatchRow) -> queries.BatchRow:
     """Expire a batch read past its completion window: its unfinished requests stop."""
+    row = await _recover_if_stale(app, row)
     window = COMPLETION_WINDOWS.get(row.completion_window)
     if (
         window is None
@@ -621,7 +682,7 @@ async def get_batch(app: App, tenant: str, given: str) -> dict[str, Any]:
     row = await queries.get_batch(app.db, tenant, parse_batch_id(given))
     if row is None:
         raise _not_found("batch", given)
-    return batch_object(await _expire_if_due(app, row))
+    return await _batch_object(app, await _expire_if_due(app, row))
 
 
 async def list_batches(app: App, tenant: str, *, after: str | None, limit: int) -> dict[str, Any]:
@@ -633,7 +694,7 @@ async def list_batches(app: App, tenant: str, *, after: str | None, limit: int) 
         except BatchApiError:
             raise _not_found("batch", after, "after") from None
     rows = await queries.list_batches(app.db, tenant, after=cursor, limit=limit + 1)
-    data = [batch_object(await _expire_if_due(app, row)) for row in rows[:limit]]
+    data = [await _batch_object(app, await _expire_if_due(app, row)) for row in rows[:limit]]
     return _page(data, has_more=len(rows) > limit)
 
 
@@ -654,4 +715,23 @@ async def cancel_batch(app: App, tenant: str, given: str) -> dict[str, Any]:
         raise BatchApiError(
             409, "invalid_state", f"Cannot cancel a batch with status '{status}'.", None
         )
-    return batch_object(row)
+    return await _batch_object(app, row)
+
+
+async def run_batch_id(app: App, given: str) -> int:
+    """Return the pgbatch batch id `given` names: itself if numeric, or `batch_N`'s run."""
+    if given.isascii() and given.isdigit():
+        return int(given)
+    try:
+        number = parse_batch_id(given)
+    except BatchApiError:
+        raise BatchNotFoundError(
+            f"{given[:100]!r} is neither a batch number nor an OpenAI batch id (batch_N)"
+        ) from None
+    await app.open()
+    exists, run = await queries.run_batch_of(app.db, number)
+    if not exists:
+        raise BatchNotFoundError(f"no OpenAI batch {given[:100]}")
+    if run is None:
+        raise BatchNotFoundError(f"OpenAI batch {given[:100]} ran nothing (it failed validation)")
+    return run

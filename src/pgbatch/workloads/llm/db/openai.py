@@ -193,11 +193,12 @@ async def insert_batch(
     return await db.run_in_transaction(work)
 
 
-async def _update(db: Database, name: str, params: dict[str, Any]) -> None:
-    async def work(conn: psycopg.AsyncConnection[Any]) -> None:
-        await conn.execute(query(name), params)
+async def _update(db: Database, name: str, params: dict[str, Any]) -> bool:
+    async def work(conn: psycopg.AsyncConnection[Any]) -> bool:
+        cur = await conn.execute(query(name), params)
+        return cur.rowcount > 0
 
-    await db.run_in_transaction(work)
+    return await db.run_in_transaction(work)
 
 
 async def fail_batch(
@@ -213,12 +214,23 @@ async def fail_batch(
 
 async def mark_submitted(
     db: Database, tenant: str, batch_id: int, run_batch_id: int, total: int
-) -> None:
-    """Link a validated batch to the pgbatch batch that runs its requests."""
-    await _update(
+) -> bool:
+    """Link a validated batch to its pgbatch batch; False if it was no longer validating."""
+    return await _update(
         db,
         "openai_batch_submitted",
         {"id": batch_id, "tenant": tenant, "batch_id": run_batch_id, "total": total},
+    )
+
+
+async def recover_stale(
+    db: Database, tenant: str, batch_id: int, stale_s: float, errors: list[dict[str, Any]]
+) -> None:
+    """Resume or fail a batch left validating for `stale_s` seconds (its create died)."""
+    await _update(
+        db,
+        "openai_batch_recover_stale",
+        {"id": batch_id, "tenant": tenant, "stale_s": stale_s, "errors": Jsonb(errors)},
     )
 
 
@@ -275,3 +287,11 @@ async def item_custom_ids(db: Database, run_batch_id: int, seqs: Sequence[int]) 
             query("openai_item_custom_ids"), {"batch_id": run_batch_id, "seqs": list(seqs)}
         )
         return {int(seq): str(custom_id) for seq, custom_id in await cur.fetchall()}
+
+
+async def run_batch_of(db: Database, batch_id: int) -> tuple[bool, int | None]:
+    """Return whether the OpenAI batch exists and its pgbatch batch (None: nothing ran)."""
+    async with db.connection() as conn:
+        cur = await conn.execute(query("openai_batch_run_of"), {"id": batch_id})
+        row = await cur.fetchone()
+    return (False, None) if row is None else (True, row[0])

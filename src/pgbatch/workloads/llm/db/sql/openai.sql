@@ -103,3 +103,30 @@ SELECT seq, payload ->> 'custom_id'
 FROM pgbatch.items
 WHERE batch_id = %(batch_id)s AND seq = ANY(%(seqs)s)
 ORDER BY seq;
+
+-- name: openai_batch_recover_stale
+-- A create that died between recording its batch and finishing left it validating:
+-- once older than %(stale_s)s, it is linked to the pgbatch batch its create had
+-- submitted (found by the create's idempotency key), or failed if there is none.
+WITH stale AS (
+    SELECT b.id, r.id AS run_id, r.total_items
+    FROM pgbatch.llm_batches b
+    LEFT JOIN pgbatch.batches r
+        ON r.tenant = b.tenant AND r.idempotency_key = 'openai-batch:' || b.id
+    WHERE b.id = %(id)s AND b.tenant = %(tenant)s AND b.status = 'validating'
+      AND b.created_at < now() - make_interval(secs => %(stale_s)s)
+    FOR UPDATE OF b
+)
+UPDATE pgbatch.llm_batches b
+SET status = CASE WHEN s.run_id IS NULL THEN 'failed' ELSE 'submitted' END,
+    batch_id = s.run_id,
+    request_total = coalesce(s.total_items, 0),
+    in_progress_at = CASE WHEN s.run_id IS NOT NULL THEN now() END,
+    failed_at = CASE WHEN s.run_id IS NULL THEN now() END,
+    errors = CASE WHEN s.run_id IS NULL THEN %(errors)s END
+FROM stale s
+WHERE b.id = s.id;
+
+-- name: openai_batch_run_of
+-- The pgbatch batch of an OpenAI batch, whatever its tenant (for the operator's CLI).
+SELECT batch_id FROM pgbatch.llm_batches WHERE id = %(id)s;
