@@ -275,9 +275,13 @@ def worker(
         _fail("worker needs --app module:attribute naming your pgbatch.App", 2)
     app = load_app(app_spec)
     _say_database(app)
+    try:
+        # Built before the database is opened: a bad --queue is a message, not a traceback.
+        work = app.worker(concurrency=concurrency, queues=queue)
+    except ValueError as exc:
+        _fail(f"--queue: {exc}", 2)
 
     async def run() -> None:
-        work = app.worker(concurrency=concurrency, queues=queue)
         work.drain_timeout_s = drain_timeout_s
         if metrics_port is not None:
             from pgbatch.metrics import serve_worker_metrics
