@@ -7,6 +7,7 @@ SELECT (SELECT count(*) FROM pgbatch.shards WHERE status = 'queued') AS queued,
        coalesce(sum(shards_dead), 0) AS dead,
        coalesce(sum(items_ok), 0) AS items_ok,
        coalesce(sum(items_failed), 0) AS items_failed,
+       coalesce(sum(items_cancelled), 0) AS items_cancelled,
        (SELECT coalesce(sum(value), 0) FROM pgbatch.counters WHERE name = 'lease_takeovers')
            AS lease_takeovers,
        (SELECT coalesce(sum(value), 0) FROM pgbatch.counters WHERE name = 'lease_refunds')
