@@ -252,7 +252,7 @@ async def submit_batch(
                     tenant=tenant,
                     **options,
                 )
-        return _created(response, batch, created)
+        return await _created(state, response, batch, created)
     else:
         raise ApiError(
             415,
@@ -265,13 +265,16 @@ async def submit_batch(
     batch, created = await state.app.submit_or_find(
         task_name, items, idempotency_key=idempotency_key, tenant=tenant, **options
     )
-    return _created(response, batch, created)
+    return await _created(state, response, batch, created)
 
 
-def _created(response: Response, batch: Batch, created: bool) -> BatchOut:
+async def _created(state: ApiState, response: Response, batch: Batch, created: bool) -> BatchOut:
     response.status_code = 201 if created else 200
     response.headers["Location"] = f"/v1/batches/{batch.id}"
-    return _with_etag(response, batch)
+    out = _with_etag(response, batch)
+    # As a GET of it would say: a batch submitted into a paused queue says so at once.
+    out.waiting_reason = (await state.app.waiting_reasons([batch])).get(batch.id)
+    return out
 
 
 def _refuse_internal(state: ApiState, task_name: str) -> None:
