@@ -564,7 +564,10 @@ def results(
     ] = None,
     database_url: DatabaseUrlOption = None,
 ) -> None:
-    """Print a batch's results in item order: NDJSON {seq, ok, output, error}, or CSV."""
+    """Print a batch's results in item order: NDJSON {seq, ok, output, error}, or CSV.
+
+    A failed item's NDJSON line also has its traceback, as the API's does.
+    """
     from pgbatch.export import encode_results
 
     if result_format not in ("ndjson", "csv"):
