@@ -755,6 +755,11 @@ def _check_options(
         )
     if not isinstance(queue, str) or not queue:
         raise InvalidBatchError("queue must be a non-empty string", field="queue")
+    try:
+        _check_queue_name(queue)
+    except ValueError as exc:
+        # A queue no claim can name (a NUL, not UTF-8) would fail every claim of its worker.
+        raise InvalidBatchError(str(exc), field="queue") from None
 
 
 # A queue name as batches carry it (the API's submit allows 1-200 characters, no NUL).

@@ -85,3 +85,16 @@ def test_a_name_postgresql_or_the_api_cannot_take_is_refused(name: str) -> None:
     with pytest.raises(RegistrationError, match=r"callback .*: a name has 1 to 200 characters"):
         app.callback(name)(handler)
     assert app.tasks == {} and app.callbacks == {}
+
+
+@pytest.mark.parametrize("queue", ["q\x00", "lone \ud800", "q" * 201])
+def test_a_queue_no_claim_can_name_is_refused_at_registration(queue: str) -> None:
+    # Attack on issue 12 §2/§4: as a NUL task name, a NUL queue failed every claim.
+    app = pgbatch.App()
+
+    async def handler(items: Any, ctx: Any) -> list[Any]:
+        return []
+
+    with pytest.raises(pgbatch.InvalidBatchError, match=r"a queue name has 1 to 200"):
+        app.task("t", queue=queue)(handler)
+    assert app.tasks == {}
