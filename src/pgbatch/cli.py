@@ -8,9 +8,10 @@ import importlib
 import json
 import logging
 import os
+import re
 import signal
 import sys
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine, Iterable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
@@ -18,6 +19,7 @@ import orjson
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.segment import Segment
 from rich.table import Table
 from rich.text import Text
 
@@ -46,8 +48,33 @@ cli.add_typer(token_cli, name="token")
 # A workload's commands live in the workload (its cli.py); mounted here.
 cli.add_typer(llm_cli, name="llm")
 
-console = Console()
-err_console = Console(stderr=True)
+# Terminal control characters (ESC, CSI, ...) but newline and tab: what a user string must
+# not send to the terminal, where ESC sequences retitle, clear or rewrite the screen.
+_TERMINAL_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def _visible(text: str) -> str:
+    """Return `text` with terminal control characters shown as escapes (\\x1b), not sent."""
+    return _TERMINAL_CONTROLS.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+class SafeConsole(Console):
+    """A Console that never sends a control character of the text it prints to the terminal.
+
+    Batch names, metadata, task names and handlers' errors are anyone's strings: an ESC in
+    one would otherwise reach the operator's terminal as a command. Rich's own control
+    segments (cursor moves of a live progress bar) are kept.
+    """
+
+    def _render_buffer(self, buffer: Iterable[Segment]) -> str:
+        return super()._render_buffer(
+            segment if segment.control else Segment(_visible(segment.text), segment.style)
+            for segment in buffer
+        )
+
+
+console = SafeConsole()
+err_console = SafeConsole(stderr=True)
 
 AppOption = Annotated[
     str | None,
