@@ -8,18 +8,15 @@ import importlib
 import json
 import logging
 import os
-import re
 import signal
 import sys
-from collections.abc import Coroutine, Iterable, Iterator
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
 import orjson
 import typer
-from rich.console import Console
 from rich.markup import escape
-from rich.segment import Segment
 from rich.table import Table
 from rich.text import Text
 
@@ -27,6 +24,7 @@ from pgbatch.app import App
 from pgbatch.errors import PgbatchError
 from pgbatch.labels import check_metadata, check_name, parse_metadata_pair
 from pgbatch.models import Batch, BatchFilter, ShardFailure
+from pgbatch.terminal import SafeConsole
 from pgbatch.workloads.llm.cli import llm_cli
 
 __all__ = ["cli", "load_app", "main"]
@@ -47,31 +45,6 @@ token_cli = typer.Typer(help="API tokens for `pgbatch serve`.", no_args_is_help=
 cli.add_typer(token_cli, name="token")
 # A workload's commands live in the workload (its cli.py); mounted here.
 cli.add_typer(llm_cli, name="llm")
-
-# Terminal control characters (ESC, CSI, ...) but newline and tab: what a user string must
-# not send to the terminal, where ESC sequences retitle, clear or rewrite the screen.
-_TERMINAL_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-
-
-def _visible(text: str) -> str:
-    """Return `text` with terminal control characters shown as escapes (\\x1b), not sent."""
-    return _TERMINAL_CONTROLS.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
-
-
-class SafeConsole(Console):
-    """A Console that never sends a control character of the text it prints to the terminal.
-
-    Batch names, metadata, task names and handlers' errors are anyone's strings: an ESC in
-    one would otherwise reach the operator's terminal as a command. Rich's own control
-    segments (cursor moves of a live progress bar) are kept.
-    """
-
-    def _render_buffer(self, buffer: Iterable[Segment]) -> str:
-        return super()._render_buffer(
-            segment if segment.control else Segment(_visible(segment.text), segment.style)
-            for segment in buffer
-        )
-
 
 console = SafeConsole()
 err_console = SafeConsole(stderr=True)
