@@ -43,7 +43,7 @@ from pgbatch.engine.notifier import Notifier
 from pgbatch.engine.waiters import BatchWaiters
 from pgbatch.errors import InvalidBatchError, InvalidStateError, UnknownTaskError
 from pgbatch.fleet import QueueState, WaitingReason, WorkerInfo
-from pgbatch.labels import check_metadata, check_name
+from pgbatch.labels import check_metadata, check_name, is_utf8
 from pgbatch.limits import (
     MAX_LEASE_TTL_S,
     MAX_MAX_ATTEMPTS,
@@ -778,6 +778,8 @@ class App:
         # Imported here: the worker module imports this one.
         from pgbatch.engine.worker import Worker
 
+        for queue in queues or ():
+            _check_queue_name(queue)
         return Worker(self, concurrency=concurrency, queues=queues)
 
 
@@ -842,6 +844,11 @@ def _check_options(
         )
     if not isinstance(queue, str) or not queue:
         raise InvalidBatchError("queue must be a non-empty string", field="queue")
+    try:
+        _check_queue_name(queue)
+    except ValueError as exc:
+        # A queue no claim can name (a NUL, not UTF-8) would fail every claim of its worker.
+        raise InvalidBatchError(str(exc), field="queue") from None
 
 
 # A queue name as batches carry it (the API's submit allows 1-200 characters, no NUL).
@@ -849,5 +856,7 @@ MAX_QUEUE_NAME_CHARS = 200
 
 
 def _check_queue_name(queue: str) -> None:
-    if not queue or len(queue) > MAX_QUEUE_NAME_CHARS or "\x00" in queue:
-        raise ValueError(f"a queue name has 1 to {MAX_QUEUE_NAME_CHARS} characters, no NUL")
+    if not queue or len(queue) > MAX_QUEUE_NAME_CHARS or "\x00" in queue or not is_utf8(queue):
+        raise ValueError(
+            f"a queue name has 1 to {MAX_QUEUE_NAME_CHARS} characters, no NUL, valid UTF-8"
+        )

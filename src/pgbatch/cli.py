@@ -17,7 +17,6 @@ from typing import Annotated, Any, NoReturn, TypeVar
 
 import orjson
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
@@ -26,6 +25,7 @@ from pgbatch.app import DEFAULT_RETENTION, App
 from pgbatch.errors import PgbatchError
 from pgbatch.labels import check_metadata, check_name, parse_metadata_pair
 from pgbatch.models import Batch, BatchFilter, ShardFailure
+from pgbatch.terminal import SafeConsole
 from pgbatch.workloads.llm.cli import llm_cli
 from pgbatch.workloads.vectors.cli import libraries_cli
 
@@ -49,8 +49,8 @@ cli.add_typer(token_cli, name="token")
 cli.add_typer(llm_cli, name="llm")
 cli.add_typer(libraries_cli, name="libraries")
 
-console = Console()
-err_console = Console(stderr=True)
+console = SafeConsole()
+err_console = SafeConsole(stderr=True)
 
 AppOption = Annotated[
     str | None,
@@ -278,9 +278,13 @@ def worker(
         _fail("worker needs --app module:attribute naming your pgbatch.App", 2)
     app = load_app(app_spec)
     _say_database(app)
+    try:
+        # Built before the database is opened: a bad --queue is a message, not a traceback.
+        work = app.worker(concurrency=concurrency, queues=queue)
+    except ValueError as exc:
+        _fail(f"--queue: {exc}", 2)
 
     async def run() -> None:
-        work = app.worker(concurrency=concurrency, queues=queue)
         work.drain_timeout_s = drain_timeout_s
         if metrics_port is not None:
             from pgbatch.metrics import serve_worker_metrics
@@ -577,7 +581,10 @@ def results(
     ] = None,
     database_url: DatabaseUrlOption = None,
 ) -> None:
-    """Print a batch's results in item order: NDJSON {seq, ok, output, error}, or CSV."""
+    """Print a batch's results in item order: NDJSON {seq, ok, output, error}, or CSV.
+
+    A failed item's NDJSON line also has its traceback, as the API's does.
+    """
     from pgbatch.export import encode_results
 
     if result_format not in ("ndjson", "csv"):

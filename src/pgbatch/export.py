@@ -25,7 +25,9 @@ async def encode_results(
 ) -> AsyncIterator[bytes]:
     """Yield the results as NDJSON lines `{"seq", "ok", "output", "error"}` or CSV rows.
 
-    CSV has a header row; `output` is its JSON text (empty for none), `ok` is true/false.
+    A failed item's NDJSON line also has `"traceback"` (text, or null). CSV has a header
+    row and no traceback column; `output` is its JSON text (empty for none), `ok` is
+    true/false.
     """
     encode = _ndjson_line if result_format == "ndjson" else _CsvRow()
     chunk = bytearray(b"" if result_format == "ndjson" else encode(None))
@@ -41,12 +43,11 @@ async def encode_results(
 def _ndjson_line(row: tuple[int, Outcome] | None) -> bytes:
     assert row is not None
     seq, outcome = row
-    return (
-        orjson.dumps(
-            {"seq": seq, "ok": outcome.ok, "output": outcome.output, "error": outcome.error}
-        )
-        + b"\n"
-    )
+    line = {"seq": seq, "ok": outcome.ok, "output": outcome.output, "error": outcome.error}
+    if not outcome.ok:
+        # Failed items only: a success's line is unchanged.
+        line["traceback"] = outcome.traceback
+    return orjson.dumps(line) + b"\n"
 
 
 class _CsvRow:

@@ -5,6 +5,7 @@ The CLI holds the database URL, so it is the operator's view: every tenant's wor
 
 from __future__ import annotations
 
+import shlex
 from typing import Annotated, Any
 
 import typer
@@ -31,7 +32,9 @@ cli.add_typer(queue_cli, name="queue")
 
 # What `pgbatch status` says of a batch that waits for a reason pgbatch can tell.
 _WAITING_TEXT = {
-    WaitingReason.QUEUE_PAUSED: "its queue {queue!r} is paused (pgbatch queue resume {queue})",
+    WaitingReason.QUEUE_PAUSED: (
+        "its queue {queue!r} is paused (pgbatch queue resume {shell_queue})"
+    ),
     WaitingReason.NO_LIVE_WORKER: (
         "no live worker serves task {task!r} on queue {queue!r} (see pgbatch workers)"
     ),
@@ -40,7 +43,10 @@ _WAITING_TEXT = {
 
 def waiting_text(reason: WaitingReason, *, task: str, queue: str) -> str:
     """Return the sentence that tells why a batch waits."""
-    return "waiting: " + _WAITING_TEXT[reason].format(task=task, queue=queue)
+    # The hint is a command to paste: the queue is quoted as a shell reads it.
+    return "waiting: " + _WAITING_TEXT[reason].format(
+        task=task, queue=queue, shell_queue=shlex.quote(queue)
+    )
 
 
 def _ago(seconds: float) -> str:

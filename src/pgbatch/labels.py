@@ -19,6 +19,7 @@ __all__ = [
     "METADATA_FILTER_SEPARATOR",
     "check_metadata",
     "check_name",
+    "is_utf8",
     "parse_metadata_pair",
 ]
 
@@ -34,8 +35,18 @@ METADATA_FILTER_SEPARATOR = ":"
 
 
 def _has_nul(text: str) -> bool:
-    # PostgreSQL text and jsonb cannot hold NUL: refused here, not a database error.
-    return "\x00" in text
+    # PostgreSQL text and jsonb cannot hold NUL, nor a lone surrogate (what Python makes
+    # of a command-line argument that is not UTF-8): refused here, not a database error.
+    return "\x00" in text or not is_utf8(text)
+
+
+def is_utf8(text: str) -> bool:
+    """Tell whether `text` encodes as UTF-8 (no lone surrogates), as PostgreSQL needs."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def check_name(name: object) -> str | None:
@@ -47,7 +58,7 @@ def check_name(name: object) -> str | None:
     if len(name) > MAX_NAME_CHARS:
         raise InvalidBatchError(f"name must be at most {MAX_NAME_CHARS} characters", field="name")
     if _has_nul(name):
-        raise InvalidBatchError("name must not contain NUL characters", field="name")
+        raise InvalidBatchError("name must not contain NUL or non-UTF-8 characters", field="name")
     return name
 
 
@@ -75,7 +86,8 @@ def check_metadata(metadata: object) -> dict[str, str]:
         field = f"metadata.{key}"
         if METADATA_FILTER_SEPARATOR in key or _has_nul(key):
             raise InvalidBatchError(
-                f"metadata key {key!r} must not contain {METADATA_FILTER_SEPARATOR!r} or NUL",
+                f"metadata key {key!r} must not contain {METADATA_FILTER_SEPARATOR!r}, NUL "
+                "or non-UTF-8 characters",
                 field=field,
             )
         if not isinstance(value, str):
@@ -90,7 +102,8 @@ def check_metadata(metadata: object) -> dict[str, str]:
             )
         if _has_nul(value):
             raise InvalidBatchError(
-                f"metadata value of {key!r} must not contain NUL characters", field=field
+                f"metadata value of {key!r} must not contain NUL or non-UTF-8 characters",
+                field=field,
             )
         checked[key] = value
     return checked
@@ -102,4 +115,8 @@ def parse_metadata_pair(pair: str, *, field: str = "metadata") -> tuple[str, str
     key, separator, value = pair.partition(METADATA_FILTER_SEPARATOR)
     if not separator or not key:
         raise InvalidBatchError(f"{field}: expected key:value, got {pair!r}", field=field)
+    if _has_nul(pair):
+        raise InvalidBatchError(
+            f"{field}: {pair!r} must not contain NUL or non-UTF-8 characters", field=field
+        )
     return key, value

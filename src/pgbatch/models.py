@@ -248,6 +248,8 @@ class MetricsSnapshot:
     lease_takeovers: int
     lease_refunds: int
     batches_by_status: dict[str, int]
+    # Ended by a cancellation: apart from failed, and not throughput.
+    items_cancelled: int = 0
     # finished batches removed by retention, ever
     batches_pruned: int = 0
     # total bytes (heap, indexes, TOAST) of each per-batch table

@@ -69,6 +69,11 @@ def check_registration(kind: str, name: str, fn: object, registered: Mapping[str
     Both mistakes showed only later: a plain function failed every shard with "object is
     not awaitable", and a second registration under a name silently replaced the first.
     """
+    if not _storable_name(name):
+        raise RegistrationError(
+            f"{kind} {name[:80]!r}: a name has 1 to {MAX_REGISTERED_NAME_CHARS} characters, "
+            "no NUL, valid UTF-8 (what PostgreSQL stores and the API accepts)"
+        )
     if not callable(fn):
         raise RegistrationError(f"{kind} {name!r}: {fn!r} is not a function")
     if not _is_async(fn):
@@ -81,6 +86,20 @@ def check_registration(kind: str, name: str, fn: object, registered: Mapping[str
             f"{kind} {name!r} is already registered: give this one another name "
             f'(@app.{kind}("other_name"))'
         )
+
+
+# The API takes task and callback names of at most this many characters.
+MAX_REGISTERED_NAME_CHARS = 200
+
+
+def _storable_name(name: object) -> bool:
+    if not isinstance(name, str) or not 0 < len(name) <= MAX_REGISTERED_NAME_CHARS:
+        return False
+    try:
+        name.encode()
+    except UnicodeEncodeError:
+        return False
+    return "\x00" not in name
 
 
 def _is_async(fn: object) -> bool:

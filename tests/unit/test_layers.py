@@ -33,6 +33,7 @@ LAYERS: dict[str, tuple[str, int]] = {
     "pgbatch.limits": ("base", BASE),
     "pgbatch.fleet": ("base", BASE),
     "pgbatch.labels": ("base", BASE),
+    "pgbatch.terminal": ("base", BASE),
     "pgbatch.db": ("db", DB),
     "pgbatch.engine.group_commit": ("commit", COMMIT),
     "pgbatch.engine": ("engine", RUNTIME),

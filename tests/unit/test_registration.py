@@ -68,3 +68,33 @@ def test_the_same_name_on_two_apps_is_fine() -> None:
 
     for app in (pgbatch.App(), pgbatch.App()):
         app.task("same")(handler)
+
+
+@pytest.mark.parametrize("name", ["a\x00b", "lone \ud800", "x" * 201])
+def test_a_name_postgresql_or_the_api_cannot_take_is_refused(name: str) -> None:
+    # Attack on issue 12 §4. Seen failing: a task named "a\x00b" registered, and its worker
+    # then logged "claiming one shard at a time failed: PostgreSQL text fields cannot
+    # contain NUL" at every claim, forever.
+    app = pgbatch.App()
+
+    async def handler(items: Any, ctx: Any) -> list[Any]:
+        return []
+
+    with pytest.raises(RegistrationError, match=r"task .*: a name has 1 to 200 characters"):
+        app.task(name)(handler)
+    with pytest.raises(RegistrationError, match=r"callback .*: a name has 1 to 200 characters"):
+        app.callback(name)(handler)
+    assert app.tasks == {} and app.callbacks == {}
+
+
+@pytest.mark.parametrize("queue", ["q\x00", "lone \ud800", "q" * 201])
+def test_a_queue_no_claim_can_name_is_refused_at_registration(queue: str) -> None:
+    # Attack on issue 12 §2/§4: as a NUL task name, a NUL queue failed every claim.
+    app = pgbatch.App()
+
+    async def handler(items: Any, ctx: Any) -> list[Any]:
+        return []
+
+    with pytest.raises(pgbatch.InvalidBatchError, match=r"a queue name has 1 to 200"):
+        app.task("t", queue=queue)(handler)
+    assert app.tasks == {}

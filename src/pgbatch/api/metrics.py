@@ -58,7 +58,8 @@ class ApiMetrics:
         self.shards = Gauge("pgbatch_shards", "Shards by state.", ["state"], registry=r)
         self.items_finished = Gauge(
             "pgbatch_items_finished",
-            "Items with a terminal result, over all batches (use rate() for items/s).",
+            "Items with a terminal result, over all batches, by outcome: ok, failed or "
+            "cancelled (use rate() for items/s; cancelled items are not throughput).",
             ["outcome"],
             registry=r,
         )
@@ -169,6 +170,7 @@ class ApiMetrics:
             self.shards.labels(state).set(value)
         self.items_finished.labels("ok").set(snap.items_ok)
         self.items_finished.labels("failed").set(snap.items_failed)
+        self.items_finished.labels("cancelled").set(snap.items_cancelled)
         for status, count in snap.batches_by_status.items():
             self.batches.labels(status).set(count)
         self.lease_takeovers.set(snap.lease_takeovers)

@@ -24,6 +24,7 @@ __all__ = [
     "encode_rows",
     "encode_table_rows",
     "encode_traced_result_rows",
+    "storable_text",
     "traceback_digest",
 ]
 
@@ -36,6 +37,21 @@ def encode_json(value: Any) -> bytes:
     # orjson escapes every control character, so a backslash is the only byte COPY's text
     # format would misread.
     return orjson.dumps(value).replace(b"\\", b"\\\\")
+
+
+def storable_text(text: str) -> str:
+    """Return `text` as PostgreSQL text can hold it: NUL and lone surrogates escaped.
+
+    Error messages and tracebacks come from any exception a handler raises; one that
+    cannot be stored must still end its shard with that error, shown escaped.
+    """
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode()
+    return text
 
 
 def _encode_text(value: str) -> bytes:
@@ -72,7 +88,7 @@ def encode_result_rows(batch_id: int, results: Iterable[tuple[int, Outcome]]) ->
             out += b"\t\\N\n"
         else:
             out += b"\tf\t\\N\t"
-            out += _encode_text(outcome.error or "error")
+            out += _encode_text(storable_text(outcome.error or "error"))
             out += b"\n"
     return bytes(out)
 
@@ -102,10 +118,11 @@ def encode_traced_result_rows(
             out += b"\t\\N\t\\N\n"
             continue
         out += b"\tf\t\\N\t"
-        out += _encode_text(outcome.error or "error")
+        out += _encode_text(storable_text(outcome.error or "error"))
         if outcome.traceback:
-            digest = traceback_digest(outcome.traceback)
-            texts.setdefault(digest, outcome.traceback)
+            trace = storable_text(outcome.traceback)
+            digest = traceback_digest(trace)
+            texts.setdefault(digest, trace)
             out += b"\t\\\\x" + digest.hex().encode() + b"\n"
         else:
             out += b"\t\\N\n"

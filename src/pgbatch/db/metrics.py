@@ -18,7 +18,9 @@ async def metrics_snapshot(conn: psycopg.AsyncConnection[Any]) -> MetricsSnapsho
     row = await (await conn.execute(query("metrics_snapshot"))).fetchone()
     status_rows = await (await conn.execute(query("metrics_batches"))).fetchall()
     assert row is not None  # an aggregate without GROUP BY always answers one row
-    queued, running, done, dead, ok, failed, takeovers, refunds, pruned = (int(v) for v in row)
+    queued, running, done, dead, ok, failed, cancelled, takeovers, refunds, pruned = (
+        int(v) for v in row
+    )
     return MetricsSnapshot(
         shards_queued=queued,
         shards_running=running,
@@ -26,6 +28,7 @@ async def metrics_snapshot(conn: psycopg.AsyncConnection[Any]) -> MetricsSnapsho
         shards_dead=dead,
         items_ok=ok,
         items_failed=failed,
+        items_cancelled=cancelled,
         lease_takeovers=takeovers,
         lease_refunds=refunds,
         batches_by_status={str(status): int(count) for status, count in status_rows},

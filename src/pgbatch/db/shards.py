@@ -17,6 +17,7 @@ from pgbatch.db.copy import (
     encode_result_rows,
     encode_rows,
     encode_traced_result_rows,
+    storable_text,
 )
 from pgbatch.db.queries import query
 from pgbatch.models import ClaimedShard, Item, Outcome, ShardStatus, TableRows
@@ -91,8 +92,8 @@ class ShardCompletion:
         traceback: str | None = None,
     ) -> ShardCompletion:
         """Return the change that sends a failed attempt back to the queue after `delay_s`."""
-        return cls(shard_id, batch_id, lease_epoch, ShardStatus.QUEUED, b"", 0, 0, (), error,
-                   (), delay_s, traceback)  # fmt: skip
+        return cls(shard_id, batch_id, lease_epoch, ShardStatus.QUEUED, b"", 0, 0, (),
+                   _storable(error), (), delay_s, _storable(traceback))  # fmt: skip
 
     @classmethod
     def snooze(
@@ -113,8 +114,8 @@ class ShardCompletion:
         refund = CommitStatement(
             query("shard_snooze_refund"), {"shard_id": shard_id, "epoch": lease_epoch}
         )
-        return cls(shard_id, batch_id, lease_epoch, ShardStatus.QUEUED, b"", 0, 0, (), reason,
-                   (*statements, refund), delay_s)  # fmt: skip
+        return cls(shard_id, batch_id, lease_epoch, ShardStatus.QUEUED, b"", 0, 0, (),
+                   _storable(reason), (*statements, refund), delay_s)  # fmt: skip
 
     @property
     def counts(self) -> bool:
@@ -156,13 +157,17 @@ class ShardCompletion:
             items_ok,
             len(results) - items_ok,
             [encode_rows(write) for write in writes],
-            error,
+            _storable(error),
             tuple(statements),
             None,
-            traceback,
+            _storable(traceback),
             traced,
             texts,
         )
+
+
+def _storable(text: str | None) -> str | None:
+    return None if text is None else storable_text(text)
 
 
 @dataclass(slots=True)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import re
 import tempfile
 from collections.abc import AsyncIterator
@@ -41,6 +39,7 @@ from pgbatch.api.schemas import (
 )
 from pgbatch.api.state import ApiState, Tenant, TenantOrQueryToken, api_state
 from pgbatch.errors import InvalidBatchError
+from pgbatch.export import encode_results
 from pgbatch.labels import (
     MAX_METADATA_KEY_CHARS,
     MAX_METADATA_KEYS,
@@ -271,7 +270,7 @@ async def submit_batch(
                     tenant=tenant,
                     **options,
                 )
-        return _created(response, batch, created)
+        return await _created(state, response, batch, created)
     else:
         raise ApiError(
             415,
@@ -284,7 +283,7 @@ async def submit_batch(
     batch, created = await state.app.submit_or_find(
         task_name, items, idempotency_key=idempotency_key, tenant=tenant, **options
     )
-    return _created(response, batch, created)
+    return await _created(state, response, batch, created)
 
 
 # ?retention_s=: seconds (an integer or decimal number), or "forever" (kept, never pruned).
@@ -305,10 +304,13 @@ def _retention_query(text: str) -> float | None:
     return value
 
 
-def _created(response: Response, batch: Batch, created: bool) -> BatchOut:
+async def _created(state: ApiState, response: Response, batch: Batch, created: bool) -> BatchOut:
     response.status_code = 201 if created else 200
     response.headers["Location"] = f"/v1/batches/{batch.id}"
-    return _with_etag(response, batch)
+    out = _with_etag(response, batch)
+    # As a GET of it would say: a batch submitted into a paused queue says so at once.
+    out.waiting_reason = (await state.app.waiting_reasons([batch])).get(batch.id)
+    return out
 
 
 def _refuse_internal(state: ApiState, task_name: str) -> None:
@@ -616,37 +618,11 @@ async def batch_results(
                 yield row
             row = await anext(rows, None)
 
-    async def ndjson() -> AsyncIterator[bytes]:
-        lines: list[bytes] = []
-        async for seq, outcome in selected():
-            row = {"seq": seq, "ok": outcome.ok, "output": outcome.output, "error": outcome.error}
-            if not outcome.ok:
-                # Failed items only: a success's line is unchanged.
-                row["traceback"] = outcome.traceback
-            lines.append(orjson.dumps(row))
-            if len(lines) >= 1000:
-                yield b"\n".join(lines) + b"\n"
-                lines = []
-        if lines:
-            yield b"\n".join(lines) + b"\n"
-
-    async def csv_rows() -> AsyncIterator[str]:
-        out = io.StringIO()
-        writer = csv.writer(out)
-        writer.writerow(["seq", "ok", "output", "error"])
-        async for seq, outcome in selected():
-            output = "" if outcome.output is None else orjson.dumps(outcome.output).decode()
-            writer.writerow([seq, "true" if outcome.ok else "false", output, outcome.error or ""])
-            if out.tell() > 64 * 1024:
-                yield out.getvalue()
-                out.seek(0)
-                out.truncate()
-        yield out.getvalue()
-
+    # One encoder with `pgbatch results` (pgbatch.export): the same lines and rows.
     if as_csv:
         return StreamingResponse(
-            csv_rows(),
+            encode_results(selected(), "csv"),
             media_type="text/csv",
             headers={"Content-Disposition": f'attachment; filename="batch-{batch_id}.csv"'},
         )
-    return StreamingResponse(ndjson(), media_type=NDJSON)
+    return StreamingResponse(encode_results(selected(), "ndjson"), media_type=NDJSON)

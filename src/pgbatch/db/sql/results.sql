@@ -39,6 +39,8 @@ WITH batch AS (
     FROM batch b
     JOIN pgbatch.results r ON r.batch_id = b.id AND NOT r.ok
     LEFT JOIN pgbatch.shards s ON s.batch_id = b.id AND s.shard_no = r.seq / b.shard_size
+    -- A cancelled shard's items are counted as cancelled, not failed: no error group.
+    WHERE s.status IS DISTINCT FROM 'cancelled'
     GROUP BY r.error
     ORDER BY count(*) DESC, min(r.seq)
     LIMIT %(limit)s
@@ -53,6 +55,10 @@ CROSS JOIN LATERAL (
         SELECT r.seq FROM pgbatch.results r
         WHERE r.batch_id = %(batch_id)s AND NOT r.ok AND r.seq >= g.first_seq
           AND r.error = g.error
+          AND NOT EXISTS (
+              SELECT 1 FROM pgbatch.shards s, batch b
+              WHERE s.batch_id = b.id AND s.shard_no = r.seq / b.shard_size
+                AND s.status = 'cancelled')
         ORDER BY r.seq
         LIMIT %(samples)s
     ) f

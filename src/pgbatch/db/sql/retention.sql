@@ -19,7 +19,7 @@ LIMIT %(limit)s;
 -- workload rows go afterwards in chunks (retention_clean_chunk). No row back: not pruned.
 WITH target AS (
     SELECT b.id, b.tenant, b.task, b.status, b.total_items, b.finished_at,
-           b.shards_done, b.shards_dead, b.items_ok, b.items_failed
+           b.shards_done, b.shards_dead, b.items_ok, b.items_failed, b.items_cancelled
     FROM pgbatch.batches b
     WHERE b.id = %(batch_id)s
       AND b.finished_at IS NOT NULL
@@ -46,6 +46,7 @@ WITH target AS (
     SELECT v.name, v.value
     FROM target t JOIN gone g ON g.id = t.id,
          LATERAL (VALUES ('batches_pruned', 1::bigint),
+                         ('pruned_items_cancelled', t.items_cancelled),
                          ('pruned_items_failed', t.items_failed),
                          ('pruned_items_ok', t.items_ok),
                          ('pruned_shards_dead', t.shards_dead::bigint),

@@ -10,11 +10,11 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import orjson
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from pgbatch.errors import PgbatchError
+from pgbatch.terminal import SafeConsole
 from pgbatch.workloads import llm
 from pgbatch.workloads.llm.batch_api.service import run_batch_id
 from pgbatch.workloads.llm.requests import ENDPOINTS, RequestFileError, check_request_lines
@@ -30,8 +30,8 @@ T = TypeVar("T")
 llm_cli = typer.Typer(
     help="LLM batches in the OpenAI batch format (docs/llm.md).", no_args_is_help=True
 )
-console = Console()
-err_console = Console(stderr=True)
+console = SafeConsole()
+err_console = SafeConsole(stderr=True)
 
 AppOption = Annotated[
     str | None,
