@@ -26,6 +26,7 @@ from pgbatch.errors import (
     ShardTooLargeError,
     StaleVersionError,
 )
+from pgbatch.labels import LabelChange
 from pgbatch.limits import DEFAULT_MAX_SHARD_BYTES
 from pgbatch.models import (
     Batch,
@@ -44,6 +45,7 @@ __all__ = [
     "get_batches",
     "list_batches",
     "requeue_failed",
+    "set_labels",
     "set_priority",
     "submit_batch",
 ]
@@ -493,5 +495,28 @@ async def set_priority(
             query("batch_set_priority"), {"batch_id": batch_id, "priority": priority}
         )
     ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def set_labels(
+    conn: psycopg.AsyncConnection[Any],
+    batch_id: int,
+    change: LabelChange,
+    *,
+    expected_version: int | None = None,
+    tenant: str | None = None,
+) -> int:
+    """Change the batch's name and/or metadata (any status); return the new version."""
+    await _lock_batch(conn, batch_id, expected_version, tenant)
+    params = {
+        "batch_id": batch_id,
+        "set_name": change.set_name,
+        "name": change.name,
+        "metadata": None
+        if change.metadata is None
+        else orjson.dumps(dict(change.metadata)).decode(),
+    }
+    row = await (await conn.execute(query("batch_set_labels"), params)).fetchone()
     assert row is not None
     return int(row[0])
