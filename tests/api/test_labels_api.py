@@ -204,6 +204,13 @@ async def test_a_cancelled_batch_counts_cancelled_apart_and_is_not_throughput(
         # The chart counts what ran, not what the cancel ended.
         assert sum(point["items"] for point in insight["throughput"]) == 3
         assert insight["shard_states"] == {"done": 3, "cancelled": 20}
+        # Nor errors: what the cancel ended is not among the failures.
+        assert insight["error_samples"] == []
+        errors = (await client.get(f"{url}/errors")).json()
+        assert (errors["items_failed"], errors["groups_total"], errors["groups"]) == (0, 0, [])
+        # Each item still has its one result, which says so.
+        results = (await client.get(f"{url}/results", params={"status": "error"})).text
+        assert [orjson.loads(line)["error"] for line in results.splitlines()] == ["cancelled"] * 20
 
 
 @pytest.mark.asyncio

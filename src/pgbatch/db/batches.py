@@ -377,7 +377,8 @@ async def batch_insight(
     conn: psycopg.AsyncConnection[Any], batch: Batch, *, samples: int = 10
 ) -> BatchInsight:
     """Return shard states, items finished over time and error samples of `batch`."""
-    params = {"batch_id": batch.id, "limit": samples}
+    # A batch that counts cancelled items apart shows them apart, not among its errors.
+    params = {"batch_id": batch.id, "limit": samples, "skip_cancelled": batch.items_cancelled > 0}
     rows = await (await conn.execute(query("batch_shard_states"), params)).fetchall()
     states = {str(status): int(count) for status, count in rows}
     # About 60 buckets over the batch's life so far, never finer than a second.

@@ -147,6 +147,8 @@ ORDER BY 1;
 -- name: batch_error_samples
 SELECT seq, error FROM pgbatch.results
 WHERE batch_id = %(batch_id)s AND NOT ok
+  -- The items a cancel ended are counted as cancelled, not as an error (issue 12 §3).
+  AND NOT (%(skip_cancelled)s AND error = 'cancelled')
 ORDER BY seq
 LIMIT %(limit)s;
 

@@ -24,6 +24,8 @@ SELECT r.error, count(*) AS items, min(r.seq) AS first_seq,
        count(*) OVER () AS groups
 FROM pgbatch.results r
 WHERE r.batch_id = %(batch_id)s AND NOT r.ok
+  -- The items a cancel ended are counted as cancelled, not as an error (issue 12 §3).
+  AND NOT (%(skip_cancelled)s AND r.error = 'cancelled')
 GROUP BY r.error
 ORDER BY count(*) DESC, min(r.seq)
 LIMIT %(limit)s;
