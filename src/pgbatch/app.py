@@ -43,7 +43,7 @@ from pgbatch.engine.notifier import Notifier
 from pgbatch.engine.waiters import BatchWaiters
 from pgbatch.errors import InvalidBatchError, InvalidStateError, UnknownTaskError
 from pgbatch.fleet import QueueState, WaitingReason, WorkerInfo
-from pgbatch.labels import check_metadata, check_name, is_utf8
+from pgbatch.labels import LabelChange, check_metadata, check_name, is_utf8
 from pgbatch.limits import (
     MAX_LEASE_TTL_S,
     MAX_MAX_ATTEMPTS,
@@ -465,7 +465,13 @@ class App:
         await self.open()
         async with self.db.connection() as conn:
             batch = await batch_queries.get_batch(conn, batch_id, tenant=tenant)
-            groups, total = await error_groups(conn, batch_id, limit=limit, samples=samples)
+            groups, total = await error_groups(
+                conn,
+                batch_id,
+                limit=limit,
+                samples=samples,
+                skip_cancelled=batch.items_cancelled > 0,
+            )
         return batch, groups, total
 
     async def last_failure(
@@ -496,25 +502,34 @@ class App:
         *,
         priority: int | None = None,
         cancel: bool = False,
+        labels: LabelChange | None = None,
         expected_version: int | None = None,
         tenant: str | None = None,
     ) -> Batch:
-        """Change the priority and/or cancel, in one transaction against one version.
+        """Change the labels, the priority and/or cancel, in one transaction against one
+        version.
 
         Raises InvalidStateError when cancelling a batch that has already ended.
         """
         if priority is not None:
             _check_priority(priority)
+        labels = None if labels is None else labels.checked()
         await self.open()
 
         async def work(conn: psycopg.AsyncConnection[Any]) -> Batch:
+            # The first change checks the version; it moves it, so the next ones do not.
+            checked = expected_version
+            if labels is not None:
+                await batch_queries.set_labels(
+                    conn, batch_id, labels, expected_version=checked, tenant=tenant
+                )
+                checked = None
             if priority is not None:
                 await batch_queries.set_priority(
-                    conn, batch_id, priority, expected_version=expected_version, tenant=tenant
+                    conn, batch_id, priority, expected_version=checked, tenant=tenant
                 )
+                checked = None
             if cancel:
-                # The version was checked above when the priority changed (and moved).
-                checked = None if priority is not None else expected_version
                 if not await batch_queries.cancel_batch(
                     conn, batch_id, expected_version=checked, tenant=tenant
                 ):

@@ -8,6 +8,7 @@ thing (no "1" vs 1) and containment in PostgreSQL (`metadata @> '{"k": "v"}'`) i
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from pgbatch.errors import InvalidBatchError
 
@@ -17,6 +18,7 @@ __all__ = [
     "MAX_METADATA_VALUE_CHARS",
     "MAX_NAME_CHARS",
     "METADATA_FILTER_SEPARATOR",
+    "LabelChange",
     "check_metadata",
     "check_name",
     "is_utf8",
@@ -32,6 +34,24 @@ MAX_METADATA_VALUE_CHARS = 512
 MAX_NAME_CHARS = 256
 # A filter pair is "key:value", split at the first separator: a key cannot hold one.
 METADATA_FILTER_SEPARATOR = ":"
+
+
+@dataclass(frozen=True, slots=True)
+class LabelChange:
+    """A client's change of a batch's labels: a new name (None clears it) when `set_name`,
+    and new metadata (replacing the old) unless None."""
+
+    set_name: bool = False
+    name: str | None = None
+    metadata: Mapping[str, str] | None = None
+
+    def checked(self) -> LabelChange:
+        """Return the change with its name and metadata checked (InvalidBatchError if not)."""
+        return LabelChange(
+            self.set_name,
+            check_name(self.name) if self.set_name else None,
+            None if self.metadata is None else check_metadata(self.metadata),
+        )
 
 
 def _has_nul(text: str) -> bool:

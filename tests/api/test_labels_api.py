@@ -204,6 +204,13 @@ async def test_a_cancelled_batch_counts_cancelled_apart_and_is_not_throughput(
         # The chart counts what ran, not what the cancel ended.
         assert sum(point["items"] for point in insight["throughput"]) == 3
         assert insight["shard_states"] == {"done": 3, "cancelled": 20}
+        # Nor errors: what the cancel ended is not among the failures.
+        assert insight["error_samples"] == []
+        errors = (await client.get(f"{url}/errors")).json()
+        assert (errors["items_failed"], errors["groups_total"], errors["groups"]) == (0, 0, [])
+        # Each item still has its one result, which says so.
+        results = (await client.get(f"{url}/results", params={"status": "error"})).text
+        assert [orjson.loads(line)["error"] for line in results.splitlines()] == ["cancelled"] * 20
 
 
 @pytest.mark.asyncio
@@ -212,3 +219,52 @@ async def test_a_pending_batch_has_no_waiting_or_running_time_yet(start_api: Sta
         batch = await _submit(client, name="queued")
         assert (batch["waiting_s"], batch["running_s"]) == (None, None)
         assert batch["items_cancelled"] == 0
+
+
+@pytest.mark.asyncio
+async def test_patch_changes_the_labels_under_if_match(start_api: StartApi) -> None:
+    async with start_api(worker=False) as api, api.client() as client:
+        batch = await _submit(client, name="before", metadata={"a": "1"})
+        url = f"/v1/batches/{batch['id']}"
+        etag = (await client.get(url)).headers["etag"]
+        # Without If-Match: 428; with a stale one: 412; nothing changes either way.
+        assert_error(await client.patch(url, json={"name": "x"}), 428, field="If-Match")
+        stale = await client.patch(url, json={"name": "x"}, headers={"If-Match": '"999"'})
+        assert_error(stale, 412)
+        renamed = await client.patch(
+            url, json={"name": "after", "metadata": {"b": "2"}}, headers={"If-Match": etag}
+        )
+        assert renamed.status_code == 200, renamed.text
+        body = renamed.json()
+        assert (body["name"], body["metadata"]) == ("after", {"b": "2"})
+        assert renamed.headers["etag"] != etag  # the version moved
+        # Only what is given changes; a null name clears it.
+        cleared = await client.patch(
+            url, json={"name": None}, headers={"If-Match": renamed.headers["etag"]}
+        )
+        assert (cleared.json()["name"], cleared.json()["metadata"]) == (None, {"b": "2"})
+        # Out of bounds: 422 naming the pair, and the labels stay.
+        bad = await client.patch(
+            url,
+            json={"metadata": {"b": "x" * (MAX_METADATA_VALUE_CHARS + 1)}},
+            headers={"If-Match": cleared.headers["etag"]},
+        )
+        assert_error(bad, 422, field="metadata.b")
+        assert (await client.get(url)).json()["metadata"] == {"b": "2"}
+        assert await _listed(client, {"metadata": "b:2"}) == [batch["id"]]
+        assert await _listed(client, {"metadata": "a:1"}) == []
+
+
+@pytest.mark.asyncio
+async def test_patch_of_another_tenants_labels_is_404(start_api: StartApi) -> None:
+    async with (
+        start_api(tenants=("acme", "globex"), worker=False) as api,
+        api.client("acme") as acme,
+        api.client("globex") as globex,
+    ):
+        theirs = await _submit(globex, name="theirs")
+        answer = await acme.patch(
+            f"/v1/batches/{theirs['id']}", json={"name": "mine"}, headers={"If-Match": "*"}
+        )
+        assert_error(answer, 404)
+        assert (await globex.get(f"/v1/batches/{theirs['id']}")).json()["name"] == "theirs"

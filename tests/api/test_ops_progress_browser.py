@@ -142,28 +142,34 @@ async def test_the_copy_view_and_the_active_jobs_drawer(
     await list_ready(page)
     button = page.get_by_test_id("jobs-button")
     await expect(page.get_by_test_id("jobs-count")).to_have_text("1")
+    # The count follows the stream with the drawer shut: a new job shows at once.
+    second = await _submit(api, task="gated", items=[1])
+    await expect(page.get_by_test_id("jobs-count")).to_have_text("2")
     await button.click()
     drawer = page.get_by_test_id("jobs-drawer")
     await expect(drawer).to_be_visible()
     jobs = drawer.get_by_test_id("job")
-    await expect(jobs).to_have_count(1)
-    await expect(jobs.first.get_by_test_id("job-title")).to_have_text("export <b>nightly</b>")
+    await expect(jobs).to_have_count(2)
+    # Newest first; a job without a name shows its task and id.
+    await expect(jobs.nth(0).get_by_test_id("job-title")).to_have_text(f"gated #{second}")
+    await expect(jobs.nth(1).get_by_test_id("job-title")).to_have_text("export <b>nightly</b>")
     await screenshot(page, tmp_path, "dashboard-jobs-drawer.png")
-    await jobs.first.get_by_test_id("job-link").click()
+    await jobs.nth(1).get_by_test_id("job-link").click()
     await expect(page).to_have_url(re.compile(rf"#/batches/{export}$"))
     await expect(drawer).to_be_hidden()
 
     # The drawer is on every page: here on a batch's page, and it follows the stream.
     await button.click()
-    await expect(jobs).to_have_count(1)
+    await expect(jobs).to_have_count(2)
     api.gate.set()
 
     async def ended() -> bool:
-        return (await api.app.get_batch(export)).is_final
+        return all([(await api.app.get_batch(b)).is_final for b in (export, second)])
 
     await wait_until(ended, STREAM_TIMEOUT_S, message="the gated job never ended")
     await expect(jobs).to_have_count(0)
     await expect(drawer.get_by_test_id("jobs-empty")).to_be_visible()
+    await expect(page.get_by_test_id("jobs-count")).to_have_text("0")
     await page.keyboard.press("Escape")
     await expect(drawer).to_be_hidden()
 

@@ -147,11 +147,19 @@ class BatchSubmit(BatchOptions):
 
 
 class BatchPatch(_Strict):
-    """A client's change to a batch: its priority, or cancelling it (or both at once)."""
+    """A client's change to a batch: its labels, its priority, cancelling it (or several)."""
 
     priority: int | None = Field(default=None, ge=-INT32, lt=INT32)
     status: Literal["cancelled"] | None = Field(
         default=None, description="Set to 'cancelled' to cancel the batch."
+    )
+    name: str | None = Field(
+        default=None, max_length=MAX_NAME_CHARS, description="A new name; null clears it."
+    )
+    metadata: dict[str, str] | None = Field(
+        default=None,
+        max_length=MAX_METADATA_KEYS,
+        description="New metadata, replacing the old; {} or null clears it.",
     )
 
 

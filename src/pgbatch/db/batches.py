@@ -28,6 +28,7 @@ from pgbatch.errors import (
     ShardTooLargeError,
     StaleVersionError,
 )
+from pgbatch.labels import LabelChange
 from pgbatch.limits import DEFAULT_MAX_SHARD_BYTES
 from pgbatch.models import (
     Batch,
@@ -50,6 +51,7 @@ __all__ = [
     "list_batches",
     "missing_batch",
     "requeue_failed",
+    "set_labels",
     "set_priority",
     "submit_batch",
 ]
@@ -417,7 +419,8 @@ async def batch_insight(
     conn: psycopg.AsyncConnection[Any], batch: Batch, *, samples: int = 10
 ) -> BatchInsight:
     """Return shard states, items finished over time and error samples of `batch`."""
-    params = {"batch_id": batch.id, "limit": samples}
+    # A batch that counts cancelled items apart shows them apart, not among its errors.
+    params = {"batch_id": batch.id, "limit": samples, "skip_cancelled": batch.items_cancelled > 0}
     rows = await (await conn.execute(query("batch_shard_states"), params)).fetchall()
     states = {str(status): int(count) for status, count in rows}
     # About 60 buckets over the batch's life so far, never finer than a second.
@@ -563,5 +566,28 @@ async def set_priority(
             query("batch_set_priority"), {"batch_id": batch_id, "priority": priority}
         )
     ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def set_labels(
+    conn: psycopg.AsyncConnection[Any],
+    batch_id: int,
+    change: LabelChange,
+    *,
+    expected_version: int | None = None,
+    tenant: str | None = None,
+) -> int:
+    """Change the batch's name and/or metadata (any status); return the new version."""
+    await _lock_batch(conn, batch_id, expected_version, tenant)
+    params = {
+        "batch_id": batch_id,
+        "set_name": change.set_name,
+        "name": change.name,
+        "metadata": None
+        if change.metadata is None
+        else orjson.dumps(dict(change.metadata)).decode(),
+    }
+    row = await (await conn.execute(query("batch_set_labels"), params)).fetchone()
     assert row is not None
     return int(row[0])

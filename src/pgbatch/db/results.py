@@ -32,11 +32,25 @@ async def list_results(
 
 
 async def error_groups(
-    conn: psycopg.AsyncConnection[Any], batch_id: int, *, limit: int, samples: int
+    conn: psycopg.AsyncConnection[Any],
+    batch_id: int,
+    *,
+    limit: int,
+    samples: int,
+    skip_cancelled: bool = False,
 ) -> tuple[list[ErrorGroup], int]:
-    """Return the batch's largest error groups (up to `limit`) and how many groups it has."""
+    """Return the batch's largest error groups (up to `limit`) and how many groups it has.
+
+    With `skip_cancelled` the results a cancellation wrote ('cancelled') are left out.
+    """
     cur = await conn.execute(
-        query("result_error_groups"), {"batch_id": batch_id, "limit": limit, "samples": samples}
+        query("result_error_groups"),
+        {
+            "batch_id": batch_id,
+            "limit": limit,
+            "samples": samples,
+            "skip_cancelled": skip_cancelled,
+        },
     )
     rows = await cur.fetchall()
     wanted = [seq for row in rows for seq in row[3]]

@@ -45,6 +45,7 @@ from pgbatch.labels import (
     MAX_METADATA_KEYS,
     MAX_METADATA_VALUE_CHARS,
     MAX_NAME_CHARS,
+    LabelChange,
     check_metadata,
     check_name,
     parse_metadata_pair,
@@ -502,16 +503,30 @@ async def update_batch(
     patch: BatchPatch,
     if_match: IfMatchHeader = None,
 ) -> BatchOut:
-    """Change the priority and/or cancel (`"status": "cancelled"`); needs If-Match."""
+    """Change the name, metadata, priority and/or cancel (`"status": "cancelled"`); needs
+    If-Match."""
     expected = _expected_version(if_match, required=True)
-    if patch.priority is None and patch.status is None:
+    given = patch.model_fields_set
+    if patch.priority is None and patch.status is None and not given & {"name", "metadata"}:
         raise ApiError(
-            422, "invalid_request", "body: nothing to change (priority or status)", field="body"
+            422,
+            "invalid_request",
+            "body: nothing to change (name, metadata, priority or status)",
+            field="body",
+        )
+    labels = None
+    if given & {"name", "metadata"}:
+        metadata = patch.metadata if patch.metadata is not None else {}
+        labels = LabelChange(
+            set_name="name" in given,
+            name=patch.name,
+            metadata=metadata if "metadata" in given else None,
         )
     batch = await api_state(request).app.update(
         batch_id,
         priority=patch.priority,
         cancel=patch.status == "cancelled",
+        labels=labels,
         expected_version=expected,
         tenant=tenant,
     )

@@ -147,6 +147,8 @@ ORDER BY 1;
 -- name: batch_error_samples
 SELECT seq, error FROM pgbatch.results
 WHERE batch_id = %(batch_id)s AND NOT ok
+  -- The items a cancel ended are counted as cancelled, not as an error (issue 12 §3).
+  AND NOT (%(skip_cancelled)s AND error = 'cancelled')
 ORDER BY seq
 LIMIT %(limit)s;
 
@@ -285,3 +287,14 @@ SET shards_done  = shards_done - %(shards)s,
 WHERE id = %(batch_id)s
 -- The re-queued shards wake the workers of the batch's queue; watchers see the change.
 RETURNING pg_notify('pgbatch_shards', queue)::text, pg_notify('pgbatch_progress', id::text)::text;
+
+-- name: batch_set_labels
+-- A client's new name and/or metadata (issue 12 §2). A null metadata keeps the stored one;
+-- set_name false keeps the name (a null name with set_name clears it).
+UPDATE pgbatch.batches
+SET name     = CASE WHEN %(set_name)s THEN %(name)s::text ELSE name END,
+    metadata = coalesce(%(metadata)s::jsonb, metadata),
+    version  = version + 1
+WHERE id = %(batch_id)s
+-- Watchers see the new labels and version (and ETag) at once.
+RETURNING version, pg_notify('pgbatch_progress', id::text)::text;

@@ -150,6 +150,7 @@ function askForToken(rejected) {
 forgetButton.addEventListener("click", () => {
   forgetToken();
   render({ focus: true });
+  jobs.reload();
 });
 window.addEventListener("hashchange", () => render({ focus: true }));
 // The active-jobs drawer lives in the top bar: on every page, across route changes.

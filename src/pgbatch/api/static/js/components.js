@@ -229,7 +229,9 @@ export class RateMeter {
       const left = (batch.total_items - itemsRan(batch)) / speed;
       return `${rate(speed)} · ~${duration(left)} left`;
     }
-    return speed === 0 ? `0/s · running ${spent}` : `running ${spent}`;
+    // Running since the first claim: the wait in the queue before it is not running time.
+    const since = batch.started_at ? duration((Date.now() - Date.parse(batch.started_at)) / 1000) : spent;
+    return speed === 0 ? `0/s · running ${since}` : `running ${since}`;
   }
 
   forget(batchId) {

@@ -1,8 +1,8 @@
 // The drawer of active jobs (issue 12 §3), reachable from every page through the top
 // bar, as product UIs show their exports: every batch of the tenant still running or
 // pending (copies, imports, exports, any task), with its progress and a link to it.
-// While the drawer is open the tenant's event stream keeps it current; closed, only the
-// count on its button is re-read now and then.
+// The tenant's event stream keeps it and the count on its button current, open or shut
+// (one more stream per tab, fanned out by the server from its one LISTEN).
 
 import { AuthRequired, LiveStream, isNewer, request } from "./api.js";
 import { ProgressBar, count, itemsOf, percentDone, statusLabel } from "./components.js";
@@ -11,8 +11,6 @@ import { h, setText } from "./dom.js";
 
 // The API's largest page: a drawer of more active jobs than this says "and more".
 const MAX_JOBS = 100;
-// The button's count is re-read this often while the drawer is closed (one small request).
-const COUNT_REFRESH_MS = 10000;
 const ACTIVE = ["running", "pending"];
 
 function kindOf(batch) {
@@ -52,11 +50,10 @@ class Job {
   }
 }
 
-/** Put the active-jobs button and drawer into `root` (the top bar); return {unmount}. */
+/** Put the active-jobs button and drawer into `root` (the top bar); return {reload}. */
 export function mountJobs(root) {
   const jobs = new Map();
   let stream = null;
-  let countTimer = null;
   let more = false;
 
   const badgeCount = h("span", { class: "jobs-count", "data-testid": "jobs-count" }, "0");
@@ -133,15 +130,10 @@ export function mountJobs(root) {
     });
   }
 
-  function refreshCount() {
-    quietly(load());
-    countTimer = setTimeout(refreshCount, COUNT_REFRESH_MS);
-  }
-
-  function open() {
-    drawer.hidden = false;
-    button.setAttribute("aria-expanded", "true");
-    clearTimeout(countTimer);
+  function follow() {
+    stream?.close();
+    // Each opening (and reopening) reads the active jobs again, as the list page does:
+    // what changed while the stream was down is not missed.
     stream = new LiveStream("v1/events", {
       onOpen: () => quietly(load()),
       onBatch: (batch) => {
@@ -153,16 +145,18 @@ export function mountJobs(root) {
       probe: () => request("v1/batches?limit=1"),
       onFail: () => {},
     }).start();
-    drawer.querySelector("h2").focus?.();
+  }
+
+  function open() {
+    drawer.hidden = false;
+    button.setAttribute("aria-expanded", "true");
+    drawer.querySelector("h2").focus();
   }
 
   function close() {
     if (drawer.hidden) return;
     drawer.hidden = true;
     button.setAttribute("aria-expanded", "false");
-    stream?.close();
-    stream = null;
-    countTimer = setTimeout(refreshCount, COUNT_REFRESH_MS);
   }
 
   document.addEventListener("keydown", (event) => {
@@ -171,10 +165,10 @@ export function mountJobs(root) {
       button.focus();
     }
   });
-  refreshCount();
+  follow();
 
   return {
-    /** Re-read (after a token was given, say). */
-    reload: () => quietly(load()),
+    /** Follow the stream again (after a token was given: the stream's address carries it). */
+    reload: follow,
   };
 }
