@@ -509,8 +509,8 @@ async def batch_results(
         lines: list[bytes] = []
         async for seq, outcome in selected():
             row = {"seq": seq, "ok": outcome.ok, "output": outcome.output, "error": outcome.error}
-            if not outcome.ok:
-                # Failed items only: a success's line is unchanged.
+            if outcome.traceback is not None:
+                # Only a failure the handler raised has one: other lines are unchanged.
                 row["traceback"] = outcome.traceback
             lines.append(orjson.dumps(row))
             if len(lines) >= 1000:
