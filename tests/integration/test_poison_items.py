@@ -235,7 +235,8 @@ async def test_an_ordinary_item_failure_found_while_isolating_retries_the_shard_
             raise pgbatch.NonRetryableError("ten never parses")
         if 60 in values and ctx.attempt == 1:
             raise RuntimeError("a passing glitch")  # may be transient: worth a retry
-        return [pgbatch.ok(i.value) for i in items]
+        # An error the handler returns is not a poison item: it stays as it was said.
+        return [pgbatch.error("thirty") if i.value == 30 else pgbatch.ok(i.value) for i in items]
 
     await app.open()
     try:
@@ -249,11 +250,13 @@ async def test_an_ordinary_item_failure_found_while_isolating_retries_the_shard_
             await asyncio.wait_for(running, 30)
         # Attempt 1 found item 60's glitch while isolating: the shard was retried whole;
         # attempt 2 isolated item 10 alone.
-        assert (done.status, done.items_ok, done.items_failed) == ("succeeded", 99, 1)
+        assert (done.status, done.items_ok, done.items_failed) == ("succeeded", 98, 2)
         assert worker.stats.shards_retried == 1
-        [(seq, outcome)] = [r async for r in app.results(batch.id, errors_only=True)]
-        assert seq == 10
-        assert outcome.error == "not retried (attempt 2): NonRetryableError: ten never parses"
+        failed = [(seq, o.error) async for seq, o in app.results(batch.id, errors_only=True)]
+        assert failed == [
+            (10, "not retried (attempt 2): NonRetryableError: ten never parses"),
+            (30, "thirty"),
+        ]
         await _check_side_writes(database_url, set(range(100)) - {10}, ("side_rows",))
         assert await fetch_all(database_url, "SELECT DISTINCT attempt FROM public.side_rows") == [
             (2,)

@@ -76,9 +76,9 @@ class ShardCompletion:
     # The failure's traceback, kept with the shard's last error (bounded by the engine).
     traceback: str | None = None
     # results_copy has the traceback_digest column (result_copy_traced), and these are the
-    # traceback texts its rows name, by digest, for pgbatch.tracebacks.
+    # (digest, text) of the tracebacks its rows name, for pgbatch.tracebacks.
     results_traced: bool = False
-    tracebacks: Mapping[bytes, str] = field(default_factory=dict)
+    tracebacks: tuple[tuple[bytes, str], ...] = ()
 
     @classmethod
     def retry(
@@ -143,9 +143,10 @@ class ShardCompletion:
         shard's results are encoded without the column, as before.
         """
         items_ok = sum(1 for _, outcome in results if outcome.ok)
-        texts: Mapping[bytes, str] = {}
+        texts: tuple[tuple[bytes, str], ...] = ()
         if traced:
-            encoded, texts = encode_traced_result_rows(batch_id, results)
+            encoded, by_digest = encode_traced_result_rows(batch_id, results)
+            texts = tuple(by_digest.items())
         else:
             encoded = encode_result_rows(batch_id, results)
         return cls(
@@ -525,7 +526,7 @@ async def _write_traced_results(
                 await copy.write(completion.results_copy)
     # One row per (batch, digest), in key order (invariant 6): concurrent flushes that
     # insert the same traceback wait on each other in one order, never in a cycle.
-    texts = sorted({(c.batch_id, d): t for c in traced for d, t in c.tracebacks.items()}.items())
+    texts = sorted({(c.batch_id, d): t for c in traced for d, t in c.tracebacks}.items())
     if texts:
         await conn.execute(
             query("traceback_insert_many"),

@@ -135,14 +135,20 @@ class Isolation:
     writes: list[TableRows] = field(default_factory=list)
     statements: list[CommitStatement] = field(default_factory=list)
     runs: int = 0  # handler calls made while isolating
-    poison: int = 0  # items that failed alone
+    # The seqs of the items that failed alone (an error a good run returned is not one).
+    poison_seqs: set[int] = field(default_factory=set)
     # The first item failure that was not a NonRetryableError: with attempts left, the
     # worker retries the whole shard for it instead of failing the item.
     retryable: BaseException | None = None
 
     @property
+    def poison(self) -> int:
+        """Count the items that failed alone."""
+        return len(self.poison_seqs)
+
+    @property
     def items_ok(self) -> int:
-        """Count the items that succeeded."""
+        """Count the items that did not fail alone (a good run's outcomes)."""
         return len(self.outcomes) - self.poison
 
 
@@ -178,7 +184,7 @@ async def _bisect(
 ) -> None:
     if len(items) == 1:
         # Known to fail alone: no need to run it again.
-        found.poison += 1
+        found.poison_seqs.add(items[0].seq)
         found.outcomes.append(
             (items[0].seq, Outcome(False, None, describe(failure), traceback_of(failure)))
         )

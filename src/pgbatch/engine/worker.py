@@ -610,8 +610,9 @@ class Worker:
             if not retry
             else (f"failed after {shard.attempts} attempts")
         )
+        poison = found.poison_seqs
         found.outcomes = [
-            (seq, o if o.ok else o._replace(error=f"{prefix}: {o.error}"[:2000]))
+            (seq, o._replace(error=f"{prefix}: {o.error}"[:2000]) if seq in poison else o)
             for seq, o in found.outcomes
         ]
         if not found.items_ok:
