@@ -74,6 +74,20 @@ def database_url(server_url: str, template_db: str) -> Iterator[str]:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+@pytest.fixture
+def empty_database(server_url: str) -> Iterator[str]:
+    """Return the URL of a new database with no pgbatch schema (dropped afterwards).
+
+    For upgrade tests: they apply an older release's migrations, add its data, upgrade.
+    """
+    name = f"pgbatch_empty_{uuid.uuid4().hex[:12]}"
+    with _admin(server_url) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield make_conninfo(server_url, dbname=name)
+    with _admin(server_url) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 def settings_for(database_url: str, **overrides: Any) -> Settings:
     """Return settings for tests: fast polling and rescue so nothing waits long."""
     values: dict[str, Any] = {

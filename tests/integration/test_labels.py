@@ -3,14 +3,11 @@ and a database at migration 0004 with batches upgrading to 0007 with its data.""
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import orjson
 import psycopg
 import pytest
-from psycopg.conninfo import make_conninfo
 
 import pgbatch
 from pgbatch.db.migrations import migrate
@@ -84,18 +81,6 @@ async def test_the_label_filters_use_their_indexes(database_url: str) -> None:
             )
             plan = "\n".join(row[0] for row in await cur.fetchall())
             assert index in plan, plan
-
-
-@pytest.fixture
-def empty_database(server_url: str) -> Iterator[str]:
-    """Return the URL of a new database with no pgbatch schema (dropped afterwards)."""
-    name = f"pgbatch_0004_{uuid.uuid4().hex[:10]}"
-    admin = make_conninfo(server_url, dbname="postgres")
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    yield make_conninfo(server_url, dbname=name)
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.mark.asyncio

@@ -5,12 +5,10 @@ API's files and batches) in place: its batches stay and the new tables work."""
 from __future__ import annotations
 
 import io
-import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import psycopg
 import pytest
-from psycopg.conninfo import make_conninfo
 
 import pgbatch
 from pgbatch.db.migrations import applied_versions, migrate, pending_migrations
@@ -26,34 +24,22 @@ async def _echo(items: Sequence[pgbatch.Item], ctx: pgbatch.ShardContext) -> lis
 PREVIOUS = [w.component for w in (collections.WORKLOAD, documents.WORKLOAD) if w.component]
 
 
-@pytest.fixture
-def old_database(server_url: str) -> Iterator[str]:
-    """Return the URL of an empty database (dropped afterwards)."""
-    name = f"pgbatch_llm_up_{uuid.uuid4().hex[:10]}"
-    admin = make_conninfo(server_url, dbname="postgres")
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    yield make_conninfo(server_url, dbname=name)
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
 @pytest.mark.asyncio
 async def test_a_previous_release_database_takes_the_llm_migration_in_place(
-    old_database: str,
+    empty_database: str,
 ) -> None:
-    async with await psycopg.AsyncConnection.connect(old_database, autocommit=True) as conn:
+    async with await psycopg.AsyncConnection.connect(empty_database, autocommit=True) as conn:
         await migrate(conn, components=PREVIOUS)
-    before = pgbatch.App(settings=settings_for(old_database))
+    before = pgbatch.App(settings=settings_for(empty_database))
     before.task("echo")(_echo)
     async with before:
         old = await before.submit("echo", ["a", "b"], tenant="acme")
     component = llm.WORKLOAD.component
     assert component is not None
-    async with await psycopg.AsyncConnection.connect(old_database, autocommit=True) as conn:
+    async with await psycopg.AsyncConnection.connect(empty_database, autocommit=True) as conn:
         assert await pending_migrations(conn, [component]) == {"llm": [1, 2]}
 
-    app = pgbatch.App(settings=settings_for(old_database))
+    app = pgbatch.App(settings=settings_for(empty_database))
     app.use(llm.WORKLOAD)
     async with app:
         kept = await app.get_batch(old.id)

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
-from collections.abc import Iterator
 from importlib import resources
 from typing import Any
 
 import psycopg
 import pytest
-from psycopg.conninfo import make_conninfo
 
 from pgbatch.db.database import Database
 from pgbatch.db.migrations import applied_versions, available_migrations, migrate
@@ -42,18 +39,6 @@ CATALOG_QUERIES = {
 def _catalog(url: str) -> dict[str, list[tuple[Any, ...]]]:
     with psycopg.connect(url) as conn:
         return {name: conn.execute(sql).fetchall() for name, sql in CATALOG_QUERIES.items()}
-
-
-@pytest.fixture
-def empty_database(server_url: str) -> Iterator[str]:
-    """Return the URL of a new database with no pgbatch schema at all."""
-    name = f"pgbatch_empty_{uuid.uuid4().hex[:10]}"
-    admin = make_conninfo(server_url, dbname="postgres")
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    yield make_conninfo(server_url, dbname=name)
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 async def _migrate_shipped_workloads(url: str) -> None:

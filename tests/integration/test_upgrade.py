@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
-from psycopg.conninfo import make_conninfo
 
 import pgbatch
 from pgbatch.db.migrations import migrate
@@ -37,18 +35,6 @@ CORE_ROWS = {
     "results": "SELECT batch_id, seq, ok, output::text, error FROM pgbatch.results ORDER BY 1, 2",
     "callbacks": "SELECT batch_id, run_no, name, batch_status, status FROM pgbatch.callbacks",
 }
-
-
-@pytest.fixture
-def old_database(server_url: str) -> Iterator[str]:
-    """Return the URL of an empty database (dropped afterwards)."""
-    name = f"pgbatch_up_{uuid.uuid4().hex[:10]}"
-    admin = make_conninfo(server_url, dbname="postgres")
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    yield make_conninfo(server_url, dbname=name)
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 async def _fill_as_dbe590b(conn: psycopg.AsyncConnection[Any]) -> tuple[uuid.UUID, uuid.UUID]:
@@ -103,13 +89,13 @@ async def _rows(conn: psycopg.AsyncConnection[Any], sql: str) -> list[tuple[Any,
 
 
 @pytest.mark.asyncio
-async def test_a_dbe590b_database_upgrades_in_place_with_every_row(old_database: str) -> None:
-    async with await psycopg.AsyncConnection.connect(old_database, autocommit=True) as conn:
+async def test_a_dbe590b_database_upgrades_in_place_with_every_row(empty_database: str) -> None:
+    async with await psycopg.AsyncConnection.connect(empty_database, autocommit=True) as conn:
         parent, child = await _fill_as_dbe590b(conn)
         before = {name: await _rows(conn, sql) for name, sql in CORE_ROWS.items()}
 
     # Two processes of the new release open at once, as workers starting together would.
-    apps = [pgbatch.App(settings=settings_for(old_database)) for _ in range(2)]
+    apps = [pgbatch.App(settings=settings_for(empty_database)) for _ in range(2)]
     for app in apps:
         app.use(collections.WORKLOAD)
         app.use(documents.WORKLOAD)

@@ -4,13 +4,10 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import psycopg
 import pytest
-from psycopg.conninfo import make_conninfo
 
 import pgbatch
 from pgbatch.db.migrations import migrate
@@ -21,18 +18,6 @@ SHARDS = (
     "SELECT id, batch_id, tenant, shard_no, status, attempts, lease_epoch, lease_refunds,"
     " worker_id, run_after FROM pgbatch.shards ORDER BY id"
 )
-
-
-@pytest.fixture
-def empty_database(server_url: str) -> Iterator[str]:
-    """Return the URL of an empty database (dropped afterwards)."""
-    name = f"pgbatch_up5_{uuid.uuid4().hex[:10]}"
-    admin = make_conninfo(server_url, dbname="postgres")
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    yield make_conninfo(server_url, dbname=name)
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 async def _fill_at_0004(conn: psycopg.AsyncConnection[Any]) -> None:

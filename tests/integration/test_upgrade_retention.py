@@ -20,7 +20,7 @@ from pgbatch.db.migrations import migrate
 from pgbatch.errors import BatchPrunedError
 from tests.conftest import settings_for
 from tests.helpers import register_noop
-from tests.integration.test_upgrade import CORE_ROWS, old_database  # noqa: F401 (fixture)
+from tests.integration.test_upgrade import CORE_ROWS
 
 
 async def _fill_at_0004(conn: psycopg.AsyncConnection[Any]) -> None:
@@ -56,12 +56,12 @@ async def _rows(conn: psycopg.AsyncConnection[Any], sql: str) -> list[tuple[Any,
 
 
 @pytest.mark.asyncio
-async def test_a_0004_database_upgrades_through_0008_with_its_data(old_database: str) -> None:  # noqa: F811
-    async with await psycopg.AsyncConnection.connect(old_database, autocommit=True) as conn:
+async def test_a_0004_database_upgrades_through_0008_with_its_data(empty_database: str) -> None:
+    async with await psycopg.AsyncConnection.connect(empty_database, autocommit=True) as conn:
         await _fill_at_0004(conn)
         before = {name: await _rows(conn, sql) for name, sql in CORE_ROWS.items()}
 
-    async with pgbatch.App(settings=settings_for(old_database)) as app:  # migrates on open
+    async with pgbatch.App(settings=settings_for(empty_database)) as app:  # migrates on open
         register_noop(app)
         async with app.db.connection() as conn:
             applied = await _rows(conn, "SELECT version FROM pgbatch.schema_migrations")

@@ -7,12 +7,9 @@ failures keep their rows and read back with no traceback; new failures get one.
 from __future__ import annotations
 
 import asyncio
-import uuid
-from collections.abc import Iterator
 
 import psycopg
 import pytest
-from psycopg.conninfo import make_conninfo
 
 import pgbatch
 from pgbatch.db.migrations import migrate
@@ -22,21 +19,9 @@ RESULTS = "SELECT batch_id, seq, ok, output::text, error FROM pgbatch.results OR
 SHARDS = "SELECT id, status, attempts, last_error FROM pgbatch.shards ORDER BY id"
 
 
-@pytest.fixture
-def old_database(server_url: str) -> Iterator[str]:
-    """Return the URL of an empty database (dropped afterwards)."""
-    name = f"pgbatch_up6_{uuid.uuid4().hex[:10]}"
-    admin = make_conninfo(server_url, dbname="postgres")
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    yield make_conninfo(server_url, dbname=name)
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
 @pytest.mark.asyncio
-async def test_a_0004_database_with_failures_upgrades_and_keeps_them(old_database: str) -> None:
-    async with await psycopg.AsyncConnection.connect(old_database, autocommit=True) as conn:
+async def test_a_0004_database_with_failures_upgrades_and_keeps_them(empty_database: str) -> None:
+    async with await psycopg.AsyncConnection.connect(empty_database, autocommit=True) as conn:
         assert await migrate(conn, up_to=4) == [1, 2, 3, 4]
         await conn.execute(
             """
@@ -60,7 +45,7 @@ async def test_a_0004_database_with_failures_upgrades_and_keeps_them(old_databas
         )
         before = {sql: await (await conn.execute(sql)).fetchall() for sql in (RESULTS, SHARDS)}
 
-    app = pgbatch.App(settings=settings_for(old_database))
+    app = pgbatch.App(settings=settings_for(empty_database))
 
     @app.task("work", max_attempts=1, shard_size=2)
     async def work(items: list[pgbatch.Item], _: pgbatch.ShardContext) -> list[pgbatch.Outcome]:
