@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import psutil
+import psycopg
 
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -64,10 +66,10 @@ class RunResult:
         return self.rejected / self.sent if self.sent else 0.0
 
 
-def _requests(n: int, label: str) -> list[bytes]:
+def _requests(n: int, label: str, max_tokens: int = 40) -> list[bytes]:
     return [
         orjson.dumps({"custom_id": f"{label}{i}", "method": "POST", "url": "/v1/chat/completions",
-                      "body": {"model": "m", "max_tokens": 40,
+                      "body": {"model": "m", "max_tokens": max_tokens,
                                "messages": [{"role": "user", "content": f"{label} {i} " * 8}]}})
         for i in range(n)
     ]  # fmt: skip
@@ -96,7 +98,8 @@ async def _run(args: argparse.Namespace, url: str, *, shared: bool) -> RunResult
         try:
             # More than the limit lets through in the run: the queue never runs dry.
             total = int(args.rpm / 60 * args.duration_s * 1.5) + 50
-            requests = check_request_lines(_requests(total, label), "/v1/chat/completions")
+            lines = _requests(total, label, args.max_tokens)
+            requests = check_request_lines(lines, "/v1/chat/completions")
             async with WorkerProcesses(
                 conninfo, app=APP, count=args.workers, concurrency=args.concurrency, label=label
             ):
@@ -169,12 +172,96 @@ async def _throughput(args: argparse.Namespace, url: str) -> None:
                                       "pgbatch_rps": pg_rate})  # fmt: skip
 
 
+async def _server_cost(conn: psycopg.AsyncConnection[Any]) -> tuple[float, int]:
+    """Return the server's CPU seconds so far (its postmaster and every child) and WAL LSN.
+
+    CPU of backends that exited before the reading is not in it: read with the run's
+    connections open. The WAL position is the cluster's: keep other work off the server.
+    """
+    row = await (
+        await conn.execute("SELECT pg_backend_pid(), pg_current_wal_lsn() - '0/0'::pg_lsn")
+    ).fetchone()
+    assert row is not None
+    postmaster = psutil.Process(int(row[0])).parent()
+    assert postmaster is not None
+    cpu = 0.0
+    for process in [postmaster, *postmaster.children()]:
+        try:
+            times = process.cpu_times()
+        except psutil.Error:
+            continue  # exited meanwhile
+        cpu += times.user + times.system
+    return cpu, int(row[1])
+
+
+async def _cost(args: argparse.Namespace, url: str) -> None:
+    """(c) The database's cost per request: server CPU and WAL bytes, vs a raw COPY.
+
+    The baseline stores the same output lines (pgbatch's results of this run) with one
+    COPY into a plain table of (id, line jsonb) in the same database: the least any
+    durable store of the answers writes.
+    """
+    fake_upstream.WINDOW_S = 60.0
+    fake = FakeUpstream(FakeLimits(latency_ms=args.latency_ms))
+    async with serving(fake) as base_url, bench_database(url, "bench_llm_cost") as conninfo:
+        os.environ.update({"PGBATCH_LLM_BASE_URL": base_url})
+        for name in ("PGBATCH_LLM_RPM", "PGBATCH_LLM_TPM"):
+            os.environ.pop(name, None)
+        app = App(settings=Settings(database_url=conninfo))
+        app.use(llm.WORKLOAD)
+        await app.open()
+        try:
+            requests = list(
+                check_request_lines(_requests(args.requests, "cost"), "/v1/chat/completions")
+            )
+            async with (
+                WorkerProcesses(
+                    conninfo, app=APP, count=1, concurrency=args.concurrency, label="cost"
+                ),  # fmt: skip
+                await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as probe,
+            ):
+                await asyncio.sleep(2)  # the worker's pool is open before the first reading
+                cpu0, wal0 = await _server_cost(probe)
+                batch = await llm.submit_requests(app, requests, shard_size=args.shard_size)
+                done = await app.wait(batch.id, timeout_s=600)
+                cpu1, wal1 = await _server_cost(probe)
+                lines = [line async for line in llm.output_lines(app, batch.id)]
+                await probe.execute("CREATE TABLE raw_answers (id bigint, line jsonb)")
+                cpu2, wal2 = await _server_cost(probe)
+                async with probe.cursor().copy("COPY raw_answers (id, line) FROM STDIN") as copy:
+                    for n, line in enumerate(lines):
+                        await copy.write_row((n, orjson.dumps(line).decode()))
+                cpu3, wal3 = await _server_cost(probe)
+                size = await (
+                    await probe.execute("SELECT avg(octet_length(line::text)) FROM raw_answers")
+                ).fetchone()
+        finally:
+            await app.close()
+    assert done.items_ok == args.requests
+    n = args.requests
+    pg_cpu_us, raw_cpu_us = (cpu1 - cpu0) / n * 1e6, (cpu3 - cpu2) / n * 1e6
+    pg_wal, raw_wal = (wal1 - wal0) / n, (wal3 - wal2) / n
+    answer = float(size[0]) if size and size[0] is not None else 0.0
+    print(f"{n} requests, answers of {answer:.0f} bytes (the output line as JSON)")
+    print(f"  pgbatch: server CPU {pg_cpu_us:8.1f} us/request, WAL {pg_wal:8.0f} B/request")
+    print(f"  raw COPY of the same lines: CPU {raw_cpu_us:8.1f} us/request, "
+          f"WAL {raw_wal:8.0f} B/request")  # fmt: skip
+    print(f"  ratio pgbatch / raw COPY: CPU {pg_cpu_us / max(raw_cpu_us, 1e-9):.1f}x, "
+          f"WAL {pg_wal / max(raw_wal, 1e-9):.1f}x")  # fmt: skip
+    write_results("llm_cost", {"args": vars(args), "answer_bytes": answer,
+                               "pgbatch_cpu_us": pg_cpu_us, "pgbatch_wal_bytes": pg_wal,
+                               "raw_cpu_us": raw_cpu_us, "raw_wal_bytes": raw_wal})  # fmt: skip
+
+
 async def main(args: argparse.Namespace) -> None:
     """Run the shared-limit run and the baseline, print and store the comparison."""
     url = server_url(args.database_url)
     require_local(url)
     if args.mode == "throughput":
         await _throughput(args, url)
+        return
+    if args.mode == "cost":
+        await _cost(args, url)
         return
     results = [await _run(args, url, shared=True), await _run(args, url, shared=False)]
     print(f"{args.workers} workers x {args.concurrency} slots, limit {args.rpm} rpm / "
@@ -205,8 +292,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--duration-s", type=float, default=30.0)
     parser.add_argument("--latency-ms", type=float, default=20.0)
     parser.add_argument("--shard-size", type=int, default=10)
-    parser.add_argument("--mode", choices=("limits", "throughput"), default="limits")
-    parser.add_argument("--requests", type=int, default=3000, help="throughput mode")
+    # The answer cap of each request: with 40 (about 68 tokens a request) requests/min binds
+    # first; about 150 makes 1,200 rpm and 200k tpm bind together.
+    parser.add_argument("--max-tokens", type=int, default=40)
+    parser.add_argument("--mode", choices=("limits", "throughput", "cost"), default="limits")
+    parser.add_argument("--requests", type=int, default=3000, help="throughput and cost modes")
     return parser
 
 
