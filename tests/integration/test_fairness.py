@@ -86,8 +86,12 @@ async def test_a_small_batch_is_not_starved_behind_another_tenants_top_priority_
     # Every claim takes turns between the two tenants, so B's shards go in the first
     # rounds (with limit 1, a claimer alternates: A, B, A, ...; a B shard another claimer
     # holds is skipped, so allow a round per shard). Behind the flood they would wait
-    # FLOOD_SHARDS / (CLAIMERS * limit) rounds: 12 at limit 32, 375 at limit 1.
-    assert last_round <= (2 + SMALL_SHARDS if limit == 1 else 2), last_round
+    # FLOOD_SHARDS / (CLAIMERS * limit) rounds: 12 at limit 32, 94 at 4, 375 at 1.
+    # Rounds are counted per claimer, and claimers run at their own pace: a fast one may
+    # reach its third round while a B shard it was offered is still locked by a slower
+    # one's first (SKIP LOCKED passes it by), so allow twice the ideal 2 rounds (seen: 3,
+    # in 1 of 5 runs on a loaded machine, at the release before this test was loosened).
+    assert last_round <= (2 + SMALL_SHARDS if limit == 1 else 4), last_round
     assert flood_claimed < FLOOD_SHARDS // 2, flood_claimed
 
 
