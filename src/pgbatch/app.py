@@ -465,13 +465,7 @@ class App:
         await self.open()
         async with self.db.connection() as conn:
             batch = await batch_queries.get_batch(conn, batch_id, tenant=tenant)
-            groups, total = await error_groups(
-                conn,
-                batch_id,
-                limit=limit,
-                samples=samples,
-                skip_cancelled=batch.items_cancelled > 0,
-            )
+            groups, total = await error_groups(conn, batch_id, limit=limit, samples=samples)
         return batch, groups, total
 
     async def last_failure(

@@ -49,7 +49,6 @@ async def upstream(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeUpstrea
     fake = FakeUpstream()
     async with serving(fake) as base_url:
         monkeypatch.setenv("PGBATCH_LLM_BASE_URL", base_url)
-        monkeypatch.setattr(batches, "_client", None)
         yield fake
         await batches.upstream_client_close()
 

@@ -28,7 +28,6 @@ async def test_a_request_file_runs_and_reads_back_as_output_and_error_lines(
     fake = FakeUpstream()
     async with serving(fake) as base_url:
         monkeypatch.setenv("PGBATCH_LLM_BASE_URL", base_url)
-        monkeypatch.setattr(batches, "_client", None)
         app.use(llm.WORKLOAD)
         lines = [_line("a", "hello"), _line("b", "bad [fake:400]"), _line("c", "world")]
         requests = check_request_lines(lines, "/v1/chat/completions")

@@ -37,11 +37,10 @@ async def error_groups(
     *,
     limit: int,
     samples: int,
-    skip_cancelled: bool = False,
 ) -> tuple[list[ErrorGroup], int]:
     """Return the batch's largest error groups (up to `limit`) and how many groups it has.
 
-    With `skip_cancelled` the results a cancellation wrote ('cancelled') are left out.
+    Items of cancelled shards are counted as cancelled, not failed: they form no group.
     """
     cur = await conn.execute(
         query("result_error_groups"),
@@ -49,7 +48,6 @@ async def error_groups(
             "batch_id": batch_id,
             "limit": limit,
             "samples": samples,
-            "skip_cancelled": skip_cancelled,
         },
     )
     rows = await cur.fetchall()

@@ -44,10 +44,6 @@ TASK = "llm.request"
 # bounds a worker's burst per claimed shard and how much one lost lease re-sends.
 DEFAULT_SHARD_SIZE = 50
 
-# The seam's first version kept one client here; tests written against it reset it.
-# Clients now live in each App's runner (runner.py); this stays None.
-_client: None = None
-
 
 def upstream_from_env() -> UpstreamConfig:
     """Return the "default" upstream of the configuration (PGBATCH_LLM_* / its file)."""
