@@ -18,7 +18,7 @@ from collections.abc import (
     Sequence,
 )
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import psycopg
 
@@ -60,6 +60,7 @@ from pgbatch.models import (
     Outcome,
     ShardFailure,
 )
+from pgbatch.services import ServiceKey
 from pgbatch.tasks import (
     DEFAULT_LEASE_TTL_S,
     DEFAULT_MAX_ATTEMPTS,
@@ -78,6 +79,8 @@ if TYPE_CHECKING:
     from pgbatch.engine.worker import Worker
 
 __all__ = ["DEFAULT_RETENTION", "App", "Retention"]
+
+_S = TypeVar("_S")
 
 
 class _Default(enum.Enum):
@@ -120,6 +123,7 @@ class App:
         self.callbacks: dict[str, CallbackSpec] = {}
         self._on_open: list[Callable[[App], Awaitable[None]]] = []
         self._workloads: dict[str, Workload] = {}
+        self._services: dict[ServiceKey[Any], Any] = {}
         self._db: Database | None = None
         self._waiters: BatchWaiters | None = None
         self._open_lock = asyncio.Lock()
@@ -202,6 +206,15 @@ class App:
     def workloads(self) -> tuple[Workload, ...]:
         """Return the workloads this app uses, in the order they were installed."""
         return tuple(self._workloads.values())
+
+    def provide(self, key: ServiceKey[_S], service: _S) -> None:
+        """Offer `service` to the app's other workloads under `key` (pgbatch.services)."""
+        self._services[key] = service
+
+    def service(self, key: ServiceKey[_S]) -> _S | None:
+        """Return what an installed workload provides under `key`, or None if none does."""
+        found: _S | None = self._services.get(key)
+        return found
 
     def _components(self) -> list[Component]:
         return [w.component for w in self._workloads.values() if w.component is not None]

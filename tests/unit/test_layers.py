@@ -34,6 +34,8 @@ LAYERS: dict[str, tuple[str, int]] = {
     "pgbatch.fleet": ("base", BASE),
     "pgbatch.labels": ("base", BASE),
     "pgbatch.terminal": ("base", BASE),
+    "pgbatch.services": ("base", BASE),
+    "pgbatch.ratelimits": ("base", BASE),
     "pgbatch.db": ("db", DB),
     "pgbatch.engine.group_commit": ("commit", COMMIT),
     "pgbatch.engine": ("engine", RUNTIME),

@@ -32,6 +32,7 @@ __all__ = [
     "prune_request_usage",
     "request_usage",
     "reserve",
+    "settle",
     "settle_statement",
     "usage_totals",
 ]
@@ -92,6 +93,15 @@ async def pause(conn: psycopg.AsyncConnection[Any], *, name: str, wait_s: float)
     """Pause the limit `name` for everyone for `wait_s` (a 429's Retry-After)."""
     async with conn.transaction():
         await conn.execute(query("llm_pause"), {"name": name, "wait_s": wait_s})
+
+
+async def settle(
+    conn: psycopg.AsyncConnection[Any], settled: Sequence[tuple[int, int, int]]
+) -> None:
+    """Settle (reservation id, requests, tokens) at once: calls made outside any shard."""
+    statement = settle_statement(settled)
+    async with conn.transaction():
+        await conn.execute(statement.statement, statement.params)
 
 
 def settle_statement(settled: Sequence[tuple[int, int, int]]) -> CommitStatement:

@@ -173,6 +173,18 @@ class LlmRunner:
             if owner is loop:
                 await client.aclose()
 
+    def hold(self, key: str, wait_s: float) -> bool:
+        """Hold back this process's sends on `key` for `wait_s`; False if already held longer."""
+        until = time.monotonic() + wait_s
+        if until <= self._paused_until.get(key, 0.0):
+            return False
+        self._paused_until[key] = until
+        return True
+
+    def held_for_s(self, key: str) -> float:
+        """Return how long this process still holds back sends on `key` (0: not held)."""
+        return max(0.0, self._paused_until.get(key, 0.0) - time.monotonic())
+
     async def run(self, items: list[Item], ctx: ShardContext) -> list[Outcome]:
         """Run one shard's requests; return each one's output line (ok) or error line."""
         await self.ensure_schema()
@@ -333,9 +345,7 @@ class LlmRunner:
         if reply.rate_limited:
             request.rate_limited += 1
             wait_s = reply.retry_after_s or 1.0
-            until = time.monotonic() + wait_s
-            if until > self._paused_until.get(key, 0.0):
-                self._paused_until[key] = until
+            if self.hold(key, wait_s):
                 if limit is not None:
                     self.stats.pauses += 1
                     async with self.app.db.connection() as conn:
