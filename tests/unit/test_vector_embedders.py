@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
+import httpx
 import pytest
 
+import pgbatch
+from pgbatch.workloads import vectors
+from pgbatch.workloads.llm import fake_upstream
 from pgbatch.workloads.llm.fake_upstream import (
     EMBEDDING_DIMENSIONS,
     FakeLimits,
@@ -11,6 +17,11 @@ from pgbatch.workloads.llm.fake_upstream import (
     serving,
 )
 from pgbatch.workloads.vectors import EmbedderError, OpenAIEmbedder
+from pgbatch.workloads.vectors.embedders import (
+    OPENAI_BACKOFF_MAX_S,
+    _retry_after_s,
+    estimate_tokens,
+)
 
 
 @pytest.mark.asyncio
@@ -52,3 +63,47 @@ async def test_a_vector_of_another_width_is_refused() -> None:
         with pytest.raises(EmbedderError, match="vectors not of"):
             await embedder.embed(["x"])
         await embedder.aclose()
+
+
+@pytest.mark.asyncio
+async def test_without_shared_limits_a_429_pauses_the_embedder_itself(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An app without the LLM workload offers no limits: the embedder waits on its own."""
+    monkeypatch.setattr(fake_upstream, "WINDOW_S", 1.0)
+    fake = FakeUpstream(FakeLimits(rpm=2))
+    app = pgbatch.App()  # never opened: the fallback needs no database
+    app.use(vectors.WORKLOAD)
+    async with serving(fake) as url:
+        embedder = OpenAIEmbedder(
+            base_url=url, model="m", dimension=EMBEDDING_DIMENSIONS, batch_inputs=1,
+            max_concurrency=3, app=app, upstream="default",
+        )  # fmt: skip
+        with caplog.at_level(logging.WARNING):
+            vectors_out = await embedder.embed(["a", "b", "c"])
+            await embedder.embed(["d"])
+        await embedder.aclose()
+    assert len(vectors_out) == 3
+    assert "no shared rate limits are offered" in caplog.text
+    assert caplog.text.count("no shared rate limits") == 1  # said once, not per call
+    assert embedder.stats.rate_limited >= 1 and embedder.stats.pauses >= 1
+    # After the 429, nothing was sent until the fake's Retry-After had (nearly) passed.
+    served = sorted(fake.served, key=lambda s: s.at)
+    refused = next(s for s in served if s.status == 429)
+    admitted = [s.at for s in served if s.status != 429 and s.at <= refused.at]
+    free_at = admitted[-2] + 1.0
+    assert all(s.at >= free_at - 0.2 for s in served if s.at > refused.at), served
+
+
+def test_retry_after_is_read_in_milliseconds_first_and_capped() -> None:
+    assert _retry_after_s(httpx.Headers({"retry-after-ms": "1500", "retry-after": "2"})) == 1.5
+    assert _retry_after_s(httpx.Headers({"retry-after": "7"})) == 7.0
+    assert _retry_after_s(httpx.Headers({"retry-after": "99999"})) == OPENAI_BACKOFF_MAX_S
+    assert _retry_after_s(httpx.Headers({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"})) is None
+    assert _retry_after_s(httpx.Headers({"retry-after": "nan"})) is None
+
+
+def test_an_embeddings_request_is_estimated_at_its_input_tokens() -> None:
+    assert estimate_tokens(["x" * 40, "y" * 9]) == 10 + 3
+    assert estimate_tokens([""]) == 1
+    assert "secret" not in repr(OpenAIEmbedder("http://h/v1", "m", 8, api_key="secret"))
