@@ -328,8 +328,8 @@ class OpenAIEmbedder:
             backoff_s = max(backoff_s, hinted if hinted is not None else random.uniform(0, backoff))
         await limits.settle(grant, requests=answered, tokens=tokens)
         if pause_s > 0:
-            self.stats.pauses += 1
             await limits.pause(upstream, model=self.model, wait_s=pause_s)
+            self.stats.pauses += 1  # after the pause is everyone's: tests wait on it
         if failure is not None:
             raise failure
         if backoff_s > 0:
