@@ -270,3 +270,28 @@ async def test_the_llm_workload_offers_its_limits_and_only_it(database_url: str)
     assert bare.service(RATE_LIMITS) is None
     bare.use(llm.WORKLOAD)
     assert isinstance(bare.service(RATE_LIMITS), PgRateLimits)
+
+
+@pytest.mark.asyncio
+async def test_a_per_model_limit_charges_the_embedding_model_s_own_key(
+    database_url: str,
+) -> None:
+    fake = FakeUpstream(FakeLimits())
+    async with serving(fake) as base_url:
+        config = _config(base_url, Limit("default", rpm=100, per_model=True))
+        async with _two_apps(database_url, config) as (workers_app, embedder_app):
+            # A 429 on the chat model's key pauses that key, not the embedding model's.
+            limits = PgRateLimits(workers_app)
+            await limits.reserve("default", model="m", tokens=[1])
+            await limits.pause("default", model="m", wait_s=60.0)
+            embedder = _embedder(embedder_app, base_url)
+            try:
+                await embedder.embed(["a"])
+            finally:
+                await embedder.aclose()
+            names = await fetch_all(
+                database_url, "SELECT name, paused_until IS NOT NULL FROM pgbatch.llm_limits "
+                "ORDER BY name",
+            )  # fmt: skip
+    assert names == [("default/e", False), ("default/m", True)]
+    assert embedder.stats.refusals == 0 and len(fake.served) == 1
