@@ -10,9 +10,11 @@ embeddings has one budget.
 
 Such a reservation belongs to no shard (`shard_id` 0, which no shard has): it counts in
 the sliding window from its reserve, and from its settle once settled, exactly as a
-shard's; it never counts in `max_in_flight` (that bound is for shards, whose crashed
-workers' shares come back at the rescue: a reservation of no shard has no lease to be
-rescued by), and a crashed caller's charge ages out of the window like a zombie's.
+shard's. It waits while shards fill `max_in_flight` but never counts toward it (that
+bound is for shards, whose crashed workers' shares come back at the rescue: a
+reservation of no shard has no lease to be rescued by), and a crashed caller's charge
+ages out of the window like a zombie's. An upstream without a `limit` shares nothing:
+a 429 holds back this process only, as it does for shards.
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ class PgRateLimits:
             await queries.settle(conn, [(grant.reservation, requests, tokens)])
 
     async def pause(self, upstream: str, *, model: str, wait_s: float) -> None:
-        """Pause the key for every process (and this one's waiting LLM requests)."""
+        """Pause the key for every process; without a limit, for this process only."""
         runner = runner_of(self.app)
         found = runner.config.upstream(upstream)
         limit = found.limit
