@@ -20,6 +20,9 @@ contention levels (many rows, few rows, one row). Modes:
   product has no such path over HTTP (a lock cannot span two requests, and PATCH needs
   If-Match by design): this client is written here, over the product's pool, retry loop
   and update query (docs/vectors.md says why it is not a feature).
+- **http-optimistic**: the optimistic client over HTTP (`GET` for the ETag, `PATCH`
+  with `If-Match`, `GET` again on 412), the API in this process through httpx's ASGI
+  transport (no socket, no uvicorn): what the API layer adds per request.
 - **raw-optimistic**, **raw-pessimistic**: the same statements (the workload's own SQL
   text) over plain psycopg connections, no pgbatch layer: the same-run baseline whose
   ratio is what the product's layers cost.
@@ -54,6 +57,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import httpx
 import psycopg
 from psycopg.conninfo import make_conninfo
 from psycopg.types.json import Jsonb
@@ -70,11 +74,13 @@ from benchmarks.harness import (
     server_url,
     write_results,
 )
+from pgbatch.api.server import create_api
 from pgbatch.workloads import vectors
 from pgbatch.workloads.vectors import queries as vq
 
-TENANT = "bench"
-MODES = ("optimistic", "pessimistic", "raw-optimistic", "raw-pessimistic")
+# The tenant of an API without tokens, so that the HTTP mode reaches the same library.
+TENANT = "default"
+MODES = ("optimistic", "pessimistic", "raw-optimistic", "raw-pessimistic", "http-optimistic")
 # The claims of the design the issue quotes, printed beside ours.
 CLAIMED = {
     "pessimistic": "2,000-5,000 TPS at low contention",
@@ -120,6 +126,25 @@ class Cell:
         self.conninfo = conninfo
         self.library_id = library_id
         self.ids = ids
+        self.api = create_api(app)
+
+    async def http_optimistic(self, client: httpx.AsyncClient, doc_id: int, tally: Tally) -> None:
+        """GET, then PATCH with If-Match over HTTP; on 412 GET again and retry."""
+        url = f"/v1/libraries/{self.library_id}/documents/{doc_id}"
+        read = await client.get(url)
+        while True:
+            assert read.status_code == 200, read.text
+            tally.attempts += 1
+            patched = await client.patch(
+                url,
+                json={"metadata": _bumped(read.json()["metadata"])},
+                headers={"If-Match": read.headers["ETag"]},
+            )
+            if patched.status_code == 200:
+                return
+            assert patched.status_code == 412, patched.text
+            tally.conflicts += 1
+            read = await client.get(url)
 
     async def optimistic(self, doc_id: int, tally: Tally) -> None:
         """GET, then PATCH with If-Match; on 412 GET again and retry."""
@@ -200,6 +225,7 @@ class Cell:
         pids = await server_pids(self.conninfo)
         me = os.getpid()
         wal_before = await self._wal_lsn()
+        clients_http: list[httpx.AsyncClient] = []
         barrier = asyncio.Barrier(clients)
         deadline = 0.0
 
@@ -212,6 +238,12 @@ class Cell:
                 one = lambda d: self.optimistic(d, tally)  # noqa: E731
             elif mode == "pessimistic":
                 one = lambda d: self.pessimistic(d, tally)  # noqa: E731
+            elif mode == "http-optimistic":
+                http = httpx.AsyncClient(
+                    transport=httpx.ASGITransport(app=self.api), base_url="http://127.0.0.1"
+                )
+                clients_http.append(http)
+                one = lambda d: self.http_optimistic(http, d, tally)  # noqa: E731
             elif mode == "raw-optimistic":
                 assert conn is not None
                 one = lambda d: self.raw_optimistic(conn, d, tally)  # noqa: E731
@@ -235,6 +267,8 @@ class Cell:
         wal_after = await self._wal_lsn()
         for conn in raw:
             await conn.close()
+        for http in clients_http:
+            await http.aclose()
         after_sum = await self._counter_sum()
         lost = tally.successes - (after_sum - before_sum)
         if lost:
@@ -370,6 +404,10 @@ async def main() -> None:
             m = medians[(low, mode)]
             raw = medians.get((low, f"raw-{mode}"))
             ratio = f" ({m['tps'] / raw['tps']:.2f}x raw psycopg)" if raw else ""
+            http = medians.get((low, f"http-{mode}"))
+            if http:
+                ratio += f", over HTTP {http['tps']:,.0f} tx/s"
+
             # If the machine were ours alone: its cores over the CPU one transaction costs.
             ceiling = cores * 1e6 / max(1.0, m["client_us_per_tx"] + m["server_us_per_tx"])
             print(
