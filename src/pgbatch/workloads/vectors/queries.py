@@ -459,3 +459,48 @@ async def library_by_id(
     cur = await conn.execute(query("vector_library_by_id"), {"id": library_id})
     row = await cur.fetchone()
     return None if row is None else _library(row)
+
+
+async def settle_documents(
+    conn: psycopg.AsyncConnection[Any],
+    batch_id: int,
+    *,
+    status: str,
+    error: str,
+    limit: int,
+) -> tuple[int, int]:
+    """Settle up to `limit` documents the batch still owns; return (candidates, settled)."""
+    cur = await conn.execute(
+        query("vector_document_settle"),
+        {"batch_id": batch_id, "status": status, "error": error, "limit": limit},
+    )
+    row = await cur.fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])
+
+
+async def stage_import(conn: psycopg.AsyncConnection[Any]) -> None:
+    """Create the import's staging table (dropped when its transaction ends)."""
+    cur = await conn.execute(query("vector_import_sequence"))
+    row = await cur.fetchone()
+    assert row is not None and row[0] is not None
+    await conn.execute(sql.SQL(query("vector_import_stage")).format(sequence=sql.Literal(row[0])))
+
+
+def import_copy_statement() -> str:
+    """Return the COPY that streams staged documents (line, metadata, body, chunks)."""
+    return query("vector_import_copy")
+
+
+async def import_ranges(conn: psycopg.AsyncConnection[Any]) -> list[tuple[int, int]]:
+    """Return the staged ids as runs (first, last) of consecutive values, ascending."""
+    cur = await conn.execute(query("vector_import_ranges"))
+    return [(int(lo), int(hi)) for lo, hi in await cur.fetchall()]
+
+
+async def insert_staged(conn: psycopg.AsyncConnection[Any], library_id: int, batch_id: int) -> int:
+    """Insert the staged documents, owned by `batch_id`; return how many."""
+    cur = await conn.execute(
+        query("vector_import_insert"), {"library_id": library_id, "batch_id": batch_id}
+    )
+    return cur.rowcount
