@@ -218,7 +218,7 @@ def _check_name(name: object) -> str:
     return name
 
 
-def _check_document(document: DocumentIn, field: str) -> DocumentIn:
+def _check_document(document: DocumentIn, field: str, *, nul_free: bool = False) -> DocumentIn:
     if (document.text is None) == (document.chunks is None):
         raise InvalidBatchError("give either text or chunks", field=field)
     if document.chunks is not None:
@@ -233,19 +233,24 @@ def _check_document(document: DocumentIn, field: str) -> DocumentIn:
                 )
     elif not document.text or not document.text.strip():
         raise InvalidBatchError("text must not be empty", field=f"{field}.text")
-    _check_json(document.metadata or {}, f"{field}.metadata")
+    _check_json(document.metadata or {}, f"{field}.metadata", nul_free=nul_free)
     for value in (document.text, *(document.chunks or ())):
         if value is not None and "\x00" in value:
             raise InvalidBatchError("text cannot hold NUL characters", field=field)
     return document
 
 
-def _check_json(value: Any, field: str) -> None:
-    """Refuse what jsonb cannot store or read back exactly (NUL, huge or non-finite numbers)."""
+def _check_json(value: Any, field: str, *, nul_free: bool = False) -> None:
+    """Refuse what jsonb cannot store or read back exactly (NUL, huge or non-finite numbers).
+
+    `nul_free`: the caller knows no string holds a NUL (parsed JSON without `\\u0000`).
+    """
     try:
         json_values.check_value(value)
     except json_values.JsonValueError as exc:
         raise InvalidBatchError(f"{field}: {exc}", field=field) from None
+    if nul_free:
+        return
     stack: list[Any] = [value]
     while stack:
         current = stack.pop()
@@ -462,6 +467,23 @@ async def add_documents(
 
 
 _IMPORT_KEYS = frozenset({"text", "chunks", "metadata"})
+# An import sends COPY data in pieces of about this many characters: one write per ~1 MB
+# instead of one per document (psycopg's write_row per row cost 0.7 s per 20,000 here).
+IMPORT_COPY_CHUNK_CHARS = 1 << 20
+# COPY's text format: a backslash, tab, newline or carriage return in a value is escaped.
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def _copy_row(number: int, document: DocumentIn) -> str:
+    """Return a staged document as one line of COPY text: line, metadata, body, chunks."""
+    metadata = orjson.dumps(document.metadata or {}).decode().translate(_COPY_ESCAPES)
+    body = "\\N" if document.text is None else document.text.translate(_COPY_ESCAPES)
+    chunks = (
+        "\\N"
+        if document.chunks is None
+        else orjson.dumps(document.chunks).decode().translate(_COPY_ESCAPES)
+    )
+    return f"{number}\t{metadata}\t{body}\t{chunks}\n"
 
 
 def _import_document(number: int, line: bytes) -> DocumentIn:
@@ -480,7 +502,10 @@ def _import_document(number: int, line: bytes) -> DocumentIn:
     if not (metadata is None or isinstance(metadata, dict)):
         raise ImportLineError(number, "metadata must be an object")
     try:
-        return _check_document(DocumentIn(text, chunks, metadata), "document")
+        # JSON text holds a NUL only as the escape \u0000 (orjson refuses raw control
+        # characters): without one in the line, the walk looking for NULs is skipped.
+        nul_free = b"\\u0000" not in line
+        return _check_document(DocumentIn(text, chunks, metadata), "document", nul_free=nul_free)
     except InvalidBatchError as exc:
         raise ImportLineError(number, str(exc)) from None
 
@@ -523,7 +548,8 @@ async def import_documents(
             raise LibraryNotFoundError(f"no library {library_id}", field="library_id")
         await queries.stage_import(conn)
         count = 0
-        dumps = orjson.dumps
+        rows: list[str] = []
+        size = 0
         async with conn.cursor().copy(queries.import_copy_statement()) as copy:
             async for number, line in _numbered_lines(lines):
                 if not line.strip():
@@ -534,14 +560,14 @@ async def import_documents(
                     raise ImportLineError(
                         number, f"an import holds at most {max_documents} documents"
                     )
-                await copy.write_row(
-                    (
-                        number,
-                        dumps(document.metadata or {}).decode(),
-                        document.text,
-                        None if document.chunks is None else dumps(document.chunks).decode(),
-                    )
-                )
+                row = _copy_row(number, document)
+                rows.append(row)
+                size += len(row)
+                if size >= IMPORT_COPY_CHUNK_CHARS:
+                    await copy.write("".join(rows).encode())
+                    rows, size = [], 0
+            if rows:
+                await copy.write("".join(rows).encode())
         if count == 0:
             return 0, None
         ranges = await queries.import_ranges(conn)
