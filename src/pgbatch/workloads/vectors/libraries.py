@@ -548,9 +548,11 @@ async def import_documents(
             raise LibraryNotFoundError(f"no library {library_id}", field="library_id")
         await queries.stage_import(conn)
         count = 0
-        rows: list[str] = []
-        size = 0
-        async with conn.cursor().copy(queries.import_copy_statement()) as copy:
+
+        async def pieces() -> AsyncIterator[bytes]:
+            nonlocal count
+            rows: list[str] = []
+            size = 0
             async for number, line in _numbered_lines(lines):
                 if not line.strip():
                     continue
@@ -564,10 +566,12 @@ async def import_documents(
                 rows.append(row)
                 size += len(row)
                 if size >= IMPORT_COPY_CHUNK_CHARS:
-                    await copy.write("".join(rows).encode())
+                    yield "".join(rows).encode()
                     rows, size = [], 0
             if rows:
-                await copy.write("".join(rows).encode())
+                yield "".join(rows).encode()
+
+        await queries.copy_staged(conn, pieces())
         if count == 0:
             return 0, None
         ranges = await queries.import_ranges(conn)

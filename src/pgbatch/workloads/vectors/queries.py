@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -487,9 +487,14 @@ async def stage_import(conn: psycopg.AsyncConnection[Any]) -> None:
     await conn.execute(sql.SQL(query("vector_import_stage")).format(sequence=sql.Literal(row[0])))
 
 
-def import_copy_statement() -> str:
-    """Return the COPY that streams staged documents (line, metadata, body, chunks)."""
-    return query("vector_import_copy")
+async def copy_staged(conn: psycopg.AsyncConnection[Any], pieces: AsyncIterable[bytes]) -> None:
+    """COPY pieces of COPY text (line, metadata, body, chunks) into the staging table.
+
+    An exception raised by `pieces` (a bad line) ends the COPY and reaches the caller.
+    """
+    async with conn.cursor().copy(query("vector_import_copy")) as copy:
+        async for piece in pieces:
+            await copy.write(piece)
 
 
 async def import_ranges(conn: psycopg.AsyncConnection[Any]) -> list[tuple[int, int]]:
