@@ -386,3 +386,34 @@ async def test_a_database_at_vectors_0001_upgrades_to_0002_in_place(
         empty_database,
         "SELECT count(*) FROM pg_indexes WHERE indexname = 'vector_documents_batch_idx'",
     ) == (1,)
+
+
+@pytest.mark.asyncio
+async def test_documents_whose_batch_cannot_be_submitted_are_not_written(
+    database_url: str,
+) -> None:
+    # The documents and their batch are one transaction: a submit refused (here a shard
+    # over the size bound) leaves no document pending, for an add and for a re-index.
+    if not _has_pgvector(database_url):
+        pytest.skip("this PostgreSQL server has no pgvector (run without DATABASE_URL)")
+    app = pgbatch.App(settings=settings_for(database_url, max_shard_bytes=1024))
+    app.use(vectors.WORKLOAD)
+    async with app:
+        library_id = await _library(app, "atomic")
+        with pytest.raises(pgbatch.ShardTooLargeError):
+            await vectors.add_documents(
+                app, library_id, [vectors.DocumentIn(text=f"d{n}") for n in range(30)], tenant="t"
+            )
+        assert await _documents_of(app, library_id) == 0
+        docs, _ = await vectors.add_documents(
+            app, library_id, [vectors.DocumentIn(text=f"d{n}") for n in range(10)], tenant="t"
+        )
+        more, _ = await vectors.add_documents(
+            app, library_id, [vectors.DocumentIn(text=f"e{n}") for n in range(10)], tenant="t"
+        )
+        with pytest.raises(pgbatch.ShardTooLargeError):
+            await vectors.reindex_documents(
+                app, library_id, [d.id for d in docs + more], tenant="t"
+            )
+        for doc in docs + more:
+            assert (await _doc(app, library_id, doc.id)).content_version == 1
