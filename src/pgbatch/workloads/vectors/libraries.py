@@ -15,6 +15,12 @@ still the one indexed. So a worker that lost its lease writes nothing; a re-inde
 while a worker indexes bumps the content version, the old shard's commit then writes
 nothing, and the new batch's writes the last request's chunks; the replacement of a
 document's chunks is one transaction, so a search sees the old ones or the new ones.
+
+A document and the batch that indexes it commit in one transaction (`App.submit_in`),
+which records the batch as the document's `batch_id`. When the batch ends, its completion
+callback settles what it did not index (`settle_batch`: `failed` or `cancelled`, with
+the reason); retention's hook does the same for a pruned batch (`settle_pruned`). An
+NDJSON import is one such batch, streamed and all or nothing (`import_documents`).
 """
 
 from __future__ import annotations
@@ -911,6 +917,10 @@ async def settle_batch(app: App, batch: Batch) -> int:
     candidate any more. A batch retried after it (dead shards re-queued) still indexes
     them: its commit writes wherever the content version matches.
     """
+    if batch.status == "succeeded" and batch.items_failed == 0:
+        # Every item's outcome was written with its commit (or it was superseded): the
+        # batch owns no unfinished document. The common case costs no query.
+        return 0
     await app.open()
     _, failure = await app.last_failure(batch.id)
     status, error = _settled_state(batch, None if failure is None else failure.error)
