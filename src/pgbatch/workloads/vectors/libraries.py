@@ -943,8 +943,11 @@ async def settle_pruned(conn: psycopg.AsyncConnection[Any], batch_id: int, limit
 
     A batch is not pruned while its callback is queued or running, so this only finds
     documents when the settling callback was given up; it returns how many it looked at
-    (0 once none is left), as retention's hooks do.
+    (0 once none is left), as retention's hooks do. 0 in a database without the
+    workload's tables: `pgbatch prune` calls it whether or not its app uses vectors.
     """
+    if not await queries.documents_table_exists(conn):
+        return 0
     candidates, _ = await queries.settle_documents(
         conn,
         batch_id,

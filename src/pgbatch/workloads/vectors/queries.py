@@ -479,6 +479,12 @@ async def settle_documents(
     return int(row[0]), int(row[1])
 
 
+async def documents_table_exists(conn: psycopg.AsyncConnection[Any]) -> bool:
+    """Tell whether this database has the workload's tables (`pgbatch prune` asks)."""
+    row = await (await conn.execute(query("vector_documents_exist"))).fetchone()
+    return bool(row and row[0])
+
+
 async def stage_import(conn: psycopg.AsyncConnection[Any]) -> None:
     """Create the import's staging table (dropped when its transaction ends)."""
     cur = await conn.execute(query("vector_import_sequence"))

@@ -260,6 +260,9 @@ WITH candidates AS (
 )
 SELECT (SELECT count(*) FROM candidates), (SELECT count(*) FROM settled);
 
+-- name: vector_documents_exist
+SELECT to_regclass('pgbatch.vector_documents') IS NOT NULL;
+
 -- name: vector_import_sequence
 -- The sequence behind vector_documents.id: an import's staged rows draw their ids from it.
 SELECT pg_get_serial_sequence('pgbatch.vector_documents', 'id');
