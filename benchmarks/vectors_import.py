@@ -12,6 +12,11 @@ database no worker of the workload uses, as the embedded one of a checkout.
 
     .venv/bin/python benchmarks/vectors_import.py --documents 100000 --rounds 3
 
+`--http` adds both sides over HTTP, in a process that runs the API and posts the file
+to it (streamed, 1 MiB pieces): `POST /v1/libraries/{id}/documents/import` against
+`POST /v1/batches` with the same NDJSON body; that process's peak RSS is the server's
+plus a small client's.
+
 Uses the embedded server (pgvector) unless DATABASE_URL is set.
 """
 
@@ -25,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import orjson
@@ -62,6 +67,8 @@ async def child(mode: str, path: Path, url: str) -> dict[str, float]:
     async def noop(items: list[pgbatch.Item], _: pgbatch.ShardContext) -> list[pgbatch.Outcome]:
         return [pgbatch.ok(None) for _ in items]
 
+    if mode.startswith("http-"):
+        return await http_child(app, mode, path)
     async with app:
         if mode == "import":
             library = await vectors.create_library(
@@ -85,6 +92,50 @@ async def child(mode: str, path: Path, url: str) -> dict[str, float]:
     return {"seconds": elapsed, "documents": count}
 
 
+async def _body(path: Path) -> AsyncIterator[bytes]:
+    with path.open("rb") as source:
+        while piece := source.read(1 << 20):
+            yield piece
+
+
+async def http_child(app: pgbatch.App, mode: str, path: Path) -> dict[str, float]:
+    """Serve the API in this process and post the file to it once; return the figures."""
+    import httpx
+
+    from pgbatch.api.server import server as api_server
+
+    await app.open()
+    http = api_server(app, host="127.0.0.1", port=0, log_level="warning")
+    serving = asyncio.create_task(http.serve())
+    while not http.started:
+        if serving.done():
+            serving.result()
+        await asyncio.sleep(0.01)
+    port = http.servers[0].sockets[0].getsockname()[1]
+    headers = {"Content-Type": "application/x-ndjson"}
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=600) as client:
+            if mode == "http-import":
+                library = await vectors.create_library(
+                    app, tenant="default", name=f"http-{os.getpid()}-{time.time_ns()}"
+                )
+                url = f"/v1/libraries/{library.id}/documents/import"
+            else:
+                url = f"/v1/batches?task={NOOP_TASK}"
+            started = time.perf_counter()
+            answer = await client.post(url, content=_body(path), headers=headers)
+            elapsed = time.perf_counter() - started
+        if answer.status_code != 201:
+            raise SystemExit(f"{mode}: {answer.status_code} {answer.text[:300]}")
+        body = answer.json()
+        count = body["documents"] if mode == "http-import" else body["total_items"]
+    finally:
+        http.should_exit = True
+        await serving
+        await app.close()
+    return {"seconds": elapsed, "documents": count}
+
+
 def run_child(mode: str, path: Path, url: str) -> tuple[dict[str, float], float]:
     """Run one side in a child process; return its figures and its peak RSS in MiB."""
     proc = subprocess.Popen(
@@ -105,7 +156,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--documents", type=int, default=100_000)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--child", choices=["import", "submit", "idle"])
+    parser.add_argument("--http", action="store_true", help="Also measure both over HTTP.")
+    parser.add_argument(
+        "--child", choices=["import", "submit", "idle", "http-import", "http-submit"]
+    )
     parser.add_argument("--file", type=Path)
     parser.add_argument("--url")
     args = parser.parse_args()
@@ -120,27 +174,33 @@ def main() -> None:
         print(f"{args.documents} documents, {size / 2**20:.1f} MiB of NDJSON")
         print(f"load: {os.getloadavg()[0]:.2f} (1-minute average, {os.cpu_count()} cores)")
         _, idle_rss = run_child("idle", path, url)
-        seconds: dict[str, list[float]] = {"submit": [], "import": []}
-        rss: dict[str, list[float]] = {"submit": [], "import": []}
+        modes = ["submit", "import"] + (["http-submit", "http-import"] if args.http else [])
+        seconds: dict[str, list[float]] = {mode: [] for mode in modes}
+        rss: dict[str, list[float]] = {mode: [] for mode in modes}
         for round_no in range(args.rounds):
-            for mode in ("submit", "import") if round_no % 2 == 0 else ("import", "submit"):
+            for mode in modes if round_no % 2 == 0 else modes[::-1]:
                 figures, peak = run_child(mode, path, url)
                 assert figures["documents"] == args.documents, figures
                 seconds[mode].append(figures["seconds"])
                 rss[mode].append(peak)
                 print(
-                    f"round {round_no + 1} {mode:6}: {figures['seconds']:.2f} s, "
+                    f"round {round_no + 1} {mode:11}: {figures['seconds']:.2f} s, "
                     f"peak RSS {peak:.0f} MiB"
                 )
     print(f"idle process (open app, no work): peak RSS {idle_rss:.0f} MiB")
-    for mode in ("submit", "import"):
+    for mode in modes:
         median = statistics.median(seconds[mode])
         print(
-            f"{mode:6} median {median:.2f} s ({args.documents / median:,.0f} docs/s), "
+            f"{mode:11} median {median:.2f} s ({args.documents / median:,.0f} docs/s), "
             f"peak RSS median {statistics.median(rss[mode]):.0f} MiB"
         )
     ratio = statistics.median(seconds["import"]) / statistics.median(seconds["submit"])
     print(f"import / submit time: {ratio:.2f}")
+    if args.http:
+        ratio = statistics.median(seconds["http-import"]) / statistics.median(
+            seconds["http-submit"]
+        )
+        print(f"over HTTP, import / submit time: {ratio:.2f}")
 
 
 if __name__ == "__main__":
