@@ -79,6 +79,41 @@ async def test_a_document_whose_shard_died_ends_failed_with_the_reason(
     assert await _chunks(vapp, library_id) == []
 
 
+class PoisonEmbedder:
+    """The hashed embedder, except that a text holding "poison" always fails (retryably)."""
+
+    dimension = DIM
+
+    def __init__(self) -> None:
+        self.inner = vectors.HashEmbedder(DIM)
+
+    async def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        """Embed, unless a text is poison."""
+        if any("poison" in text for text in texts):
+            raise EmbedderError("poison text", retryable=True)
+        return await self.inner.embed(texts)
+
+
+@pytest.mark.asyncio
+async def test_a_document_isolated_as_poison_ends_failed_and_its_neighbours_indexed(
+    vapp: pgbatch.App,
+) -> None:
+    vectors.embedders(vapp).register("poison", PoisonEmbedder)
+    library_id = await _library(vapp, "poison", "poison")
+    texts = ["fine one", "a poison pill", "fine two", "fine three"]
+    docs, batch = await vectors.add_documents(
+        vapp, library_id, [vectors.DocumentIn(text=t) for t in texts], tenant="t"
+    )
+    assert batch is not None
+    async with running(vapp):
+        done = await vapp.wait(batch.id, timeout_s=60, callbacks=True)
+    assert (done.status, done.items_ok, done.items_failed) == ("succeeded", 3, 1)
+    states = [await _doc(vapp, library_id, d.id) for d in docs]
+    assert [s.status for s in states] == ["indexed", "failed", "indexed", "indexed"]
+    error = states[1].error or ""
+    assert f"indexing batch {batch.id} ended (succeeded)" in error and "poison text" in error
+
+
 @pytest.mark.asyncio
 async def test_a_cancelled_reindex_leaves_the_document_cancelled_with_its_old_chunks(
     vapp: pgbatch.App,
