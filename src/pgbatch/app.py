@@ -354,6 +354,27 @@ class App:
         spec = self._batch_spec(task, items, **_submit_options(options))
         return await self._submit_spec(spec, items)
 
+    async def submit_in(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        task: str,
+        items: Iterable[Any] | AsyncIterable[Any],
+        **options: Any,
+    ) -> Batch:
+        """Submit like `submit`, on `conn` and inside its open transaction.
+
+        The batch commits, and becomes claimable, only with the caller's own writes: a
+        workload that writes rows and the batch that processes them commits both or
+        neither. No idempotency key here (a repeat would need its own transaction).
+        """
+        if options.get("idempotency_key") is not None:
+            raise InvalidBatchError("submit_in takes no idempotency key", field="idempotency_key")
+        spec = self._batch_spec(task, items, **_submit_options(options))
+        result = await batch_queries.submit_batch(conn, spec, items)
+        if result.batch is not None:
+            return result.batch
+        return await batch_queries.get_batch(conn, result.batch_id)
+
     async def _submit_spec(
         self, spec: batch_queries.BatchSpec, items: Iterable[Any] | AsyncIterable[Any]
     ) -> tuple[Batch, bool]:

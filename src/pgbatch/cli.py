@@ -643,10 +643,12 @@ def prune(
     as_json: JsonOption = False,
 ) -> None:
     """Remove finished batches past their retention period (workers also do it on their own)."""
-    from pgbatch.workloads import collections, llm
+    from pgbatch.workloads import collections, llm, vectors
 
     shipped_hooks = [
-        w.prune_rows for w in (collections.WORKLOAD, llm.WORKLOAD) if w.prune_rows is not None
+        w.prune_rows
+        for w in (collections.WORKLOAD, llm.WORKLOAD, vectors.WORKLOAD)
+        if w.prune_rows is not None
     ]
     before = _parse_time(finished_before) if finished_before is not None else None
     app = load_app(app_spec) if app_spec is not None else _existing_app()

@@ -36,7 +36,7 @@ async def test_create_import_list_search(database_url: str, tmp_path: Path) -> N
         "libraries", "import", str(library_id), str(path), "--wait", database_url=database_url
     )
     assert imported.code == 0, imported.stderr
-    assert "31 documents imported" in imported.stdout
+    assert "31 documents imported" in imported.stdout and "batch " in imported.stdout
     listed = await run_cli("libraries", "list", "--json", database_url=database_url)
     assert orjson.loads(listed.stdout)[0]["documents"] == {"indexed": 31}
     found = await run_cli(
@@ -55,4 +55,7 @@ async def test_create_import_list_search(database_url: str, tmp_path: Path) -> N
         "libraries", "import", str(library_id), str(bad), database_url=database_url
     )
     assert refused.code == 1 and "bad.ndjson:2" in refused.stderr, refused.stderr
-    assert "Traceback" not in refused.stderr
+    assert "nothing was imported" in refused.stderr and "Traceback" not in refused.stderr
+    # All or nothing: the good line before the bad one was not written either.
+    listed = await run_cli("libraries", "list", "--json", database_url=database_url)
+    assert orjson.loads(listed.stdout)[0]["documents"] == {"indexed": 31}

@@ -415,7 +415,12 @@ async def test_a_database_of_the_previous_release_gains_the_workload_in_place(
             cur = await conn.execute(
                 "SELECT component, version FROM pgbatch.workload_migrations ORDER BY 1"
             )
-            assert await cur.fetchall() == [("collections", 1), ("documents", 1), ("vectors", 1)]
+            assert await cur.fetchall() == [
+                ("collections", 1),
+                ("documents", 1),
+                ("vectors", 1),
+                ("vectors", 2),
+            ]
             cur = await conn.execute("SELECT id FROM pgbatch.collections")
             assert await cur.fetchall() == [("kept",)]
         assert (await app.get_batch(batch.id)).total_items == 3

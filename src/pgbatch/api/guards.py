@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import re
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractContextManager
@@ -28,6 +29,7 @@ __all__ = [
     "CLIENT_CLOSED",
     "NDJSON",
     "NDJSON_MEDIA_TYPES",
+    "NDJSON_UPLOAD_PATHS",
     "OCTET_STREAM",
     "RequestGuard",
     "UploadSlots",
@@ -86,6 +88,9 @@ ERROR_SHAPES: dict[str, ErrorShape] = {}
 # Routes (a workload's) that spool a multipart upload as it streams, so the guard lets it
 # through under PGBATCH_API_MAX_UPLOAD_BYTES instead of buffering it under the JSON limit.
 MULTIPART_UPLOAD_PATHS: set[str] = set()
+# Routes (a workload's) that spool an NDJSON body as /v1/batches does, by path pattern
+# (their paths hold ids): streamed under PGBATCH_API_MAX_UPLOAD_BYTES, not buffered.
+NDJSON_UPLOAD_PATHS: list[re.Pattern[str]] = []
 
 
 def _error(
@@ -216,7 +221,13 @@ class RequestGuard:
     def _is_upload(self, scope: Scope) -> bool:
         content_type = (_header(scope, b"content-type") or "").split(";")[0].strip().lower()
         return scope["method"] == "POST" and (
-            (scope["path"] == "/v1/batches" and content_type in NDJSON_MEDIA_TYPES)
+            (
+                content_type in NDJSON_MEDIA_TYPES
+                and (
+                    scope["path"] == "/v1/batches"
+                    or any(p.fullmatch(scope["path"]) for p in NDJSON_UPLOAD_PATHS)
+                )
+            )
             # A multipart upload to a route that spools it (the OpenAI Files API) streams
             # under the same limit; to any other route it is a body like JSON, bounded
             # by PGBATCH_API_MAX_JSON_BYTES, since that route reads it whole.

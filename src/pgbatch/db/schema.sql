@@ -490,7 +490,7 @@ CREATE TABLE pgbatch.vector_documents (
     chunks          jsonb CONSTRAINT vector_documents_chunks_is_array
                         CHECK (chunks IS NULL OR jsonb_typeof(chunks) = 'array'),
     status          text NOT NULL DEFAULT 'pending' CONSTRAINT vector_documents_status_known
-                        CHECK (status IN ('pending', 'indexing', 'indexed', 'failed')),
+                        CHECK (status IN ('pending', 'indexing', 'indexed', 'failed', 'cancelled')),
     error           text,
     version         bigint NOT NULL DEFAULT 1,
     content_version bigint NOT NULL DEFAULT 1,
@@ -502,3 +502,4 @@ CREATE TABLE pgbatch.vector_documents (
     CONSTRAINT vector_documents_has_content CHECK (body IS NOT NULL OR chunks IS NOT NULL)
 );
 CREATE INDEX vector_documents_library_idx ON pgbatch.vector_documents (library_id, id);
+CREATE INDEX vector_documents_batch_idx ON pgbatch.vector_documents (batch_id);

@@ -59,7 +59,7 @@ from pgbatch.limits import (
 )
 from pgbatch.models import Batch, BatchFilter, BatchStatus, Outcome
 
-__all__ = ["router"]
+__all__ = ["router", "spool_upload"]
 
 # A page of error groups, and the sample items (with their input) shown per group.
 MAX_ERROR_GROUPS = 200
@@ -261,7 +261,7 @@ async def submit_batch(
         if retention_s is not None:
             options["retention_s"] = _retention_query(retention_s)
         async with state.uploads.slot(tenant):
-            with await _spool(request, state.settings.api_max_item_bytes) as spool:
+            with await spool_upload(request, state.settings.api_max_item_bytes) as spool:
                 # Only now, with the whole body here, does the submission take a pooled
                 # connection: a client trickling its upload holds none (issue 9, item 5).
                 batch, created = await state.app.submit_or_find(
@@ -342,7 +342,7 @@ def _item_too_large(line_no: int, max_line: int) -> ApiError:
     )
 
 
-async def _spool(request: Request, max_line: int) -> SpooledFile:
+async def spool_upload(request: Request, max_line: int) -> SpooledFile:
     """Receive the whole upload into memory, then a temporary file past SPOOL_MEMORY_BYTES.
 
     The request guard bounds its size (PGBATCH_API_MAX_UPLOAD_BYTES) and its read timeouts;

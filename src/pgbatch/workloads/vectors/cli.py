@@ -30,9 +30,6 @@ from pgbatch.workloads.vectors.embedders import DEFAULT_EMBEDDER
 __all__ = ["libraries_cli"]
 
 T = TypeVar("T")
-# Documents per indexing batch of an import: one INSERT and one submit per group, so a
-# file of 100,000 documents streams through memory a group at a time.
-IMPORT_GROUP_DOCUMENTS = 1_000
 
 libraries_cli = typer.Typer(
     help="Vector libraries: create, list, import, search.", no_args_is_help=True
@@ -171,26 +168,10 @@ def list_(
     console.print(table)
 
 
-def _read_documents(path: Path) -> Iterator[tuple[int, libraries.DocumentIn]]:
-    """Yield (line number, document) of an NDJSON file; exit naming a bad line."""
+def _lines(path: Path) -> Iterator[bytes]:
+    """Yield the file's lines as they are read: the import never holds the file."""
     with path.open("rb") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                value = orjson.loads(line)
-            except orjson.JSONDecodeError as exc:
-                _fail(f"{path}:{number}: not JSON ({exc})", 2)
-            if not isinstance(value, dict) or not set(value) <= {"text", "chunks", "metadata"}:
-                _fail(f'{path}:{number}: a line is an object of "text" or "chunks", "metadata"', 2)
-            yield (
-                number,
-                libraries.DocumentIn(
-                    text=value.get("text"),
-                    chunks=value.get("chunks"),
-                    metadata=value.get("metadata"),
-                ),
-            )
+        yield from lines
 
 
 @libraries_cli.command("import")
@@ -201,55 +182,33 @@ def import_(
     tenant: TenantOption = "default",
     app_spec: AppOption = None,
 ) -> None:
-    """Import documents, one JSON object per line: {"text"|"chunks", "metadata"}."""
+    """Import documents, one JSON object per line ({"text"|"chunks", "metadata"}), as one
+    indexing batch: all of them, or (a bad line) none."""
     app = _app(app_spec)
 
-    async def work() -> tuple[int, list[int]]:
-        await libraries.get_library(app, library_id, tenant=tenant)
-        added = 0
-        batch_ids: list[int] = []
-        group: list[libraries.DocumentIn] = []
-        first_line = 1
-
-        async def flush() -> None:
-            nonlocal added
-            try:
-                docs, batch = await libraries.add_documents(app, library_id, group, tenant=tenant)
-            except PgbatchError as exc:
-                # The group's field is "documents.N": name the file's line instead.
-                field = getattr(exc, "field", None) or ""
-                parts = field.split(".")
-                line = first_line + int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else None
-                where = f"{path}:{line}" if line else str(path)
-                _fail(f"{where}: {exc} ({added} documents imported before it)", 1)
-            added += len(docs)
-            if batch is not None:
-                batch_ids.append(batch.id)
-            group.clear()
-
-        for number, document in _read_documents(path):
-            if not group:
-                first_line = number
-            group.append(document)
-            if len(group) == IMPORT_GROUP_DOCUMENTS:
-                await flush()
-        if group:
-            await flush()
-        if wait and batch_ids:
+    async def work() -> tuple[int, int | None]:
+        try:
+            added, batch = await libraries.import_documents(
+                app, library_id, _lines(path), tenant=tenant
+            )
+        except libraries.ImportLineError as exc:
+            _fail(f"{path}:{exc.line}: {exc.reason} (nothing was imported)", 1)
+        if wait and batch is not None:
             worker = app.worker(concurrency=4, queues=["default"])
             running = asyncio.create_task(worker.run())
             try:
-                for batch_id in batch_ids:
-                    await app.wait(batch_id)
+                await app.wait(batch.id, callbacks=True)
             finally:
                 worker.request_stop()
                 await running
-        return added, batch_ids
+        return added, None if batch is None else batch.id
 
-    added, batch_ids = _run(app, work())
-    shown = ", ".join(str(b) for b in batch_ids) or "none"
+    added, batch_id = _run(app, work())
     state = "indexed" if wait else "pending (a worker indexes them)"
-    console.print(f"{added} documents imported into library {library_id}, {state}; batches {shown}")
+    console.print(
+        f"{added} documents imported into library {library_id}, {state}; "
+        f"batch {batch_id if batch_id is not None else 'none'}"
+    )
 
 
 @libraries_cli.command("search")

@@ -15,6 +15,12 @@ still the one indexed. So a worker that lost its lease writes nothing; a re-inde
 while a worker indexes bumps the content version, the old shard's commit then writes
 nothing, and the new batch's writes the last request's chunks; the replacement of a
 document's chunks is one transaction, so a search sees the old ones or the new ones.
+
+A document and the batch that indexes it commit in one transaction (`App.submit_in`),
+which records the batch as the document's `batch_id`. When the batch ends, its completion
+callback settles what it did not index (`settle_batch`: `failed` or `cancelled`, with
+the reason); retention's hook does the same for a pruned batch (`settle_pruned`). An
+NDJSON import is one such batch, streamed and all or nothing (`import_documents`).
 """
 
 from __future__ import annotations
@@ -22,15 +28,16 @@ from __future__ import annotations
 import math
 import re
 import weakref
-from collections.abc import Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import psycopg
 
 from pgbatch import json_values
 from pgbatch.app import App
-from pgbatch.engine.context import ShardContext
+from pgbatch.engine.context import CallbackContext, ShardContext
 from pgbatch.errors import InvalidBatchError
 from pgbatch.models import Batch, Item, Outcome, error, ok
 from pgbatch.workloads.vectors import queries
@@ -49,10 +56,12 @@ from pgbatch.workloads.vectors.queries import (
 
 __all__ = [
     "CHUNK_CHARS",
+    "SETTLE_CALLBACK",
     "TASK",
     "DocumentIn",
     "DocumentNotFoundError",
     "ExtensionMissingError",
+    "ImportLineError",
     "LibraryExistsError",
     "LibraryNotFoundError",
     "SearchHit",
@@ -65,6 +74,7 @@ __all__ = [
     "embedders",
     "get_document",
     "get_library",
+    "import_documents",
     "index_shard",
     "list_chunks",
     "list_documents",
@@ -72,11 +82,19 @@ __all__ = [
     "register_tasks",
     "reindex_documents",
     "search",
+    "settle_batch",
+    "settle_pruned",
     "update_document",
     "update_library",
 ]
 
 TASK = "pgbatch.vector_index"
+# The completion callback of every indexing batch: it settles the documents the batch
+# did not index (see settle_batch).
+SETTLE_CALLBACK = "pgbatch.vector_index_settle"
+# Documents settled per transaction when a batch ends or is pruned: a short lock on each
+# chunk of rows, so a batch of 100,000 failed documents never holds one long transaction.
+SETTLE_CHUNK_ROWS = 5_000
 # Documents per indexing shard: a shard's embedding call and its commit stay short
 # against the lease (32 documents of a few chunks is a few hundred vectors, ~1 MB of
 # vector text), and a crash re-indexes at most this many documents.
@@ -119,6 +137,15 @@ class ExtensionMissingError(InvalidBatchError):
     """The PostgreSQL server has no pgvector: libraries cannot be created on it."""
 
 
+class ImportLineError(InvalidBatchError):
+    """A line of an NDJSON import is not a document: `line` says which (1-based)."""
+
+    def __init__(self, line: int, message: str) -> None:
+        super().__init__(f"line {line}: {message}", field="body")
+        self.line = line
+        self.reason = message
+
+
 @dataclass(frozen=True, slots=True)
 class DocumentIn:
     """A document to add: its text or its pre-cut chunks, and its metadata."""
@@ -158,6 +185,11 @@ def register_tasks(app: App) -> None:
 
     app.task(TASK, shard_size=DOCUMENTS_PER_SHARD, internal=True)(handler)
 
+    async def settle(batch: Batch, ctx: CallbackContext) -> None:
+        await settle_batch(app, batch)
+
+    app.callback(SETTLE_CALLBACK)(settle)
+
 
 def chunk_text(text: str, *, max_chars: int = CHUNK_CHARS) -> list[str]:
     """Cut `text` into chunks of at most `max_chars`, at whitespace where it can."""
@@ -192,7 +224,7 @@ def _check_name(name: object) -> str:
     return name
 
 
-def _check_document(document: DocumentIn, field: str) -> DocumentIn:
+def _check_document(document: DocumentIn, field: str, *, nul_free: bool = False) -> DocumentIn:
     if (document.text is None) == (document.chunks is None):
         raise InvalidBatchError("give either text or chunks", field=field)
     if document.chunks is not None:
@@ -207,19 +239,24 @@ def _check_document(document: DocumentIn, field: str) -> DocumentIn:
                 )
     elif not document.text or not document.text.strip():
         raise InvalidBatchError("text must not be empty", field=f"{field}.text")
-    _check_json(document.metadata or {}, f"{field}.metadata")
+    _check_json(document.metadata or {}, f"{field}.metadata", nul_free=nul_free)
     for value in (document.text, *(document.chunks or ())):
         if value is not None and "\x00" in value:
             raise InvalidBatchError("text cannot hold NUL characters", field=field)
     return document
 
 
-def _check_json(value: Any, field: str) -> None:
-    """Refuse what jsonb cannot store or read back exactly (NUL, huge or non-finite numbers)."""
+def _check_json(value: Any, field: str, *, nul_free: bool = False) -> None:
+    """Refuse what jsonb cannot store or read back exactly (NUL, huge or non-finite numbers).
+
+    `nul_free`: the caller knows no string holds a NUL (parsed JSON without `\\u0000`).
+    """
     try:
         json_values.check_value(value)
     except json_values.JsonValueError as exc:
         raise InvalidBatchError(f"{field}: {exc}", field=field) from None
+    if nul_free:
+        return
     stack: list[Any] = [value]
     while stack:
         current = stack.pop()
@@ -381,25 +418,29 @@ async def delete_library(app: App, library_id: int, *, tenant: str, version: int
 
 
 async def _submit_indexing(
-    app: App, tenant: str, library_id: int, documents: Sequence[DocumentRecord]
+    app: App,
+    conn: psycopg.AsyncConnection[Any],
+    tenant: str,
+    library_id: int,
+    documents: Sequence[DocumentRecord],
 ) -> Batch | None:
+    """Submit the batch that indexes `documents`, in the caller's transaction, and make it
+    their batch: the documents' new versions, the batch and its ownership commit together."""
     if not documents:
         return None
-    batch = await app.submit(
+    batch = await app.submit_in(
+        conn,
         TASK,
         [
             {"library_id": library_id, "document_id": d.id, "content_version": d.content_version}
             for d in documents
         ],
         tenant=tenant,
+        on_complete=SETTLE_CALLBACK,
     )
-
-    async def work(conn: psycopg.AsyncConnection[Any]) -> None:
-        await queries.set_documents_batch(
-            conn, batch.id, [d.id for d in documents], [d.content_version for d in documents]
-        )
-
-    await app.db.run_in_transaction(work)
+    await queries.set_documents_batch(
+        conn, batch.id, [d.id for d in documents], [d.content_version for d in documents]
+    )
     return batch
 
 
@@ -408,26 +449,150 @@ async def add_documents(
 ) -> tuple[list[DocumentRecord], Batch | None]:
     """Add documents (pending) and submit the batch that indexes them; return both.
 
-    The documents commit before the batch is submitted: if the submit fails they stay
-    pending, and a re-index (reindex_documents) indexes them.
+    One transaction: the documents and their batch commit together, or neither does.
     """
     checked = [_check_document(d, f"documents.{n}") for n, d in enumerate(documents)]
     if TASK not in app.tasks:
         raise InvalidBatchError("the vectors workload is not used by this app", field="task")
     await app.open()
 
-    async def work(conn: psycopg.AsyncConnection[Any]) -> list[DocumentRecord]:
+    async def work(
+        conn: psycopg.AsyncConnection[Any],
+    ) -> tuple[list[DocumentRecord], Batch | None]:
         if await queries.get_library(conn, tenant, library_id) is None:
             raise LibraryNotFoundError(f"no library {library_id}", field="library_id")
-        return await queries.insert_documents(
+        added = await queries.insert_documents(
             conn, library_id, [(d.metadata or {}, d.text, d.chunks) for d in checked]
         )
+        return added, await _submit_indexing(app, conn, tenant, library_id, added)
 
-    added = await app.db.run_in_transaction(work)
-    batch = await _submit_indexing(app, tenant, library_id, added)
+    added, batch = await app.db.run_in_transaction(work)
     if batch is not None:
         added = [_with_batch(d, batch.id) for d in added]
     return added, batch
+
+
+_IMPORT_KEYS = frozenset({"text", "chunks", "metadata"})
+# An import sends COPY data in pieces of about this many characters: one write per ~1 MB
+# instead of one per document (psycopg's write_row per row cost 0.7 s per 20,000 here).
+IMPORT_COPY_CHUNK_CHARS = 1 << 20
+# COPY's text format: a backslash, tab, newline or carriage return in a value is escaped.
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def _copy_row(number: int, document: DocumentIn) -> str:
+    """Return a staged document as one line of COPY text: line, metadata, body, chunks."""
+    metadata = orjson.dumps(document.metadata or {}).decode().translate(_COPY_ESCAPES)
+    body = "\\N" if document.text is None else document.text.translate(_COPY_ESCAPES)
+    chunks = (
+        "\\N"
+        if document.chunks is None
+        else orjson.dumps(document.chunks).decode().translate(_COPY_ESCAPES)
+    )
+    return f"{number}\t{metadata}\t{body}\t{chunks}\n"
+
+
+def _import_document(number: int, line: bytes) -> DocumentIn:
+    """Parse and check one NDJSON line as a document; raise ImportLineError naming it."""
+    try:
+        value = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        raise ImportLineError(number, f"not JSON ({exc})") from None
+    if not isinstance(value, dict) or not set(value) <= _IMPORT_KEYS:
+        raise ImportLineError(number, 'a line is an object of "text" or "chunks", and "metadata"')
+    text, chunks, metadata = value.get("text"), value.get("chunks"), value.get("metadata")
+    if not (text is None or isinstance(text, str)):
+        raise ImportLineError(number, "text must be a string")
+    if not (chunks is None or isinstance(chunks, list)):
+        raise ImportLineError(number, "chunks must be a list of strings")
+    if not (metadata is None or isinstance(metadata, dict)):
+        raise ImportLineError(number, "metadata must be an object")
+    try:
+        # JSON text holds a NUL only as the escape \u0000 (orjson refuses raw control
+        # characters): without one in the line, the walk looking for NULs is skipped.
+        nul_free = b"\\u0000" not in line
+        return _check_document(DocumentIn(text, chunks, metadata), "document", nul_free=nul_free)
+    except InvalidBatchError as exc:
+        raise ImportLineError(number, str(exc)) from None
+
+
+async def _numbered_lines(
+    lines: Iterable[bytes] | AsyncIterable[bytes],
+) -> AsyncIterator[tuple[int, bytes]]:
+    if isinstance(lines, AsyncIterable):
+        number = 0
+        async for line in lines:
+            number += 1
+            yield number, line
+    else:
+        for number, line in enumerate(lines, start=1):
+            yield number, line
+
+
+async def import_documents(
+    app: App,
+    library_id: int,
+    lines: Iterable[bytes] | AsyncIterable[bytes],
+    *,
+    tenant: str,
+    max_documents: int | None = None,
+) -> tuple[int, Batch | None]:
+    """Import NDJSON documents (one `{"text"|"chunks", "metadata"}` per line) as ONE
+    indexing batch; return how many and the batch (None for no document).
+
+    Streamed: each line is parsed, checked and sent on by COPY as it comes, so memory
+    stays flat however many lines. All or nothing: the documents, the batch and its
+    items are one transaction, and a bad line (ImportLineError naming it, blank lines
+    count) rolls it all back. Not retried on a deadlock (the stream is read once): it
+    only inserts, so it takes no lock another transaction could wait on in a cycle.
+    """
+    if TASK not in app.tasks:
+        raise InvalidBatchError("the vectors workload is not used by this app", field="task")
+    await app.open()
+    async with app.db.connection() as conn, conn.transaction():
+        if await queries.get_library(conn, tenant, library_id) is None:
+            raise LibraryNotFoundError(f"no library {library_id}", field="library_id")
+        await queries.stage_import(conn)
+        count = 0
+
+        async def pieces() -> AsyncIterator[bytes]:
+            nonlocal count
+            rows: list[str] = []
+            size = 0
+            async for number, line in _numbered_lines(lines):
+                if not line.strip():
+                    continue
+                document = _import_document(number, line)
+                count += 1
+                if max_documents is not None and count > max_documents:
+                    raise ImportLineError(
+                        number, f"an import holds at most {max_documents} documents"
+                    )
+                row = _copy_row(number, document)
+                rows.append(row)
+                size += len(row)
+                if size >= IMPORT_COPY_CHUNK_CHARS:
+                    yield "".join(rows).encode()
+                    rows, size = [], 0
+            if rows:
+                yield "".join(rows).encode()
+
+        await queries.copy_staged(conn, pieces())
+        if count == 0:
+            return 0, None
+        ranges = await queries.import_ranges(conn)
+        items = (
+            {"library_id": library_id, "document_id": document_id, "content_version": 1}
+            for first, last in ranges
+            for document_id in range(first, last + 1)
+        )
+        batch = await app.submit_in(conn, TASK, items, tenant=tenant, on_complete=SETTLE_CALLBACK)
+        try:
+            await queries.insert_staged(conn, library_id, batch.id)
+        except psycopg.errors.ForeignKeyViolation:
+            # The library was deleted after the check above: nothing is kept.
+            raise LibraryNotFoundError(f"no library {library_id}", field="library_id") from None
+    return count, batch
 
 
 def _with_batch(document: DocumentRecord, batch_id: int) -> DocumentRecord:
@@ -530,7 +695,9 @@ async def reindex_documents(
             raise InvalidBatchError("new content re-indexes one document", field="document_ids")
     await app.open()
 
-    async def work(conn: psycopg.AsyncConnection[Any]) -> list[DocumentRecord]:
+    async def work(
+        conn: psycopg.AsyncConnection[Any],
+    ) -> tuple[list[DocumentRecord], Batch | None]:
         changed = await queries.reindex_documents(
             conn,
             tenant,
@@ -541,10 +708,9 @@ async def reindex_documents(
         )
         if len(document_ids) == 1 and not changed:
             raise await _document_stale_or_missing(conn, tenant, library_id, document_ids[0])
-        return changed
+        return changed, await _submit_indexing(app, conn, tenant, library_id, changed)
 
-    changed = await app.db.run_in_transaction(work)
-    batch = await _submit_indexing(app, tenant, library_id, changed)
+    changed, batch = await app.db.run_in_transaction(work)
     if batch is not None:
         changed = [_with_batch(d, batch.id) for d in changed]
     return changed, batch
@@ -722,3 +888,71 @@ async def index_shard(app: App, items: list[Item], ctx: ShardContext) -> list[Ou
         else:
             outcomes.append(ok({"document_id": document_id, "chunks": counts.get(document_id, 0)}))
     return outcomes
+
+
+# -- settling: what an indexing batch leaves behind when it ends ---------------------------
+
+
+def _settled_state(batch: Batch, last_error: str | None) -> tuple[str, str]:
+    if batch.status == "cancelled":
+        return "cancelled", f"indexing batch {batch.id} was cancelled"
+    reason = f"indexing batch {batch.id} ended ({batch.status}) before indexing this version"
+    if last_error:
+        reason += f"; its last shard failure: {last_error}"
+    return "failed", reason[:2000]
+
+
+async def settle_batch(app: App, batch: Batch) -> int:
+    """Settle the documents an ended indexing batch did not index; return how many.
+
+    The batch's completion callback runs this: the documents whose latest request is
+    this batch and that are still pending or indexing (their shard died after its
+    attempts, their item failed alone as poison, or the batch was cancelled) end
+    `failed` with the reason, or `cancelled`. Their older chunks, if any, stay.
+
+    Race-free against a re-index submitted meanwhile: ownership is the document's
+    batch_id, set in the transaction that submits a batch; the settling UPDATE re-checks
+    it under the row lock, so a document re-indexed meanwhile is the new batch's and is
+    left alone. Safe to run twice (a callback retried): a settled document is no
+    candidate any more. A batch retried after it (dead shards re-queued) still indexes
+    them: its commit writes wherever the content version matches.
+    """
+    if batch.status == "succeeded" and batch.items_failed == 0:
+        # Every item's outcome was written with its commit (or it was superseded): the
+        # batch owns no unfinished document. The common case costs no query.
+        return 0
+    await app.open()
+    _, failure = await app.last_failure(batch.id)
+    status, error = _settled_state(batch, None if failure is None else failure.error)
+    settled = 0
+    while True:
+
+        async def work(conn: psycopg.AsyncConnection[Any]) -> tuple[int, int]:
+            return await queries.settle_documents(
+                conn, batch.id, status=status, error=error, limit=SETTLE_CHUNK_ROWS
+            )
+
+        candidates, done = await app.db.run_in_transaction(work)
+        settled += done
+        if candidates == 0:
+            return settled
+
+
+async def settle_pruned(conn: psycopg.AsyncConnection[Any], batch_id: int, limit: int) -> int:
+    """Retention's hook: fail what a pruned batch still owns (its callback gave up).
+
+    A batch is not pruned while its callback is queued or running, so this only finds
+    documents when the settling callback was given up; it returns how many it looked at
+    (0 once none is left), as retention's hooks do. 0 in a database without the
+    workload's tables: `pgbatch prune` calls it whether or not its app uses vectors.
+    """
+    if not await queries.documents_table_exists(conn):
+        return 0
+    candidates, _ = await queries.settle_documents(
+        conn,
+        batch_id,
+        status="failed",
+        error=f"indexing batch {batch_id} was pruned before it settled this version",
+        limit=limit,
+    )
+    return candidates

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -459,3 +459,59 @@ async def library_by_id(
     cur = await conn.execute(query("vector_library_by_id"), {"id": library_id})
     row = await cur.fetchone()
     return None if row is None else _library(row)
+
+
+async def settle_documents(
+    conn: psycopg.AsyncConnection[Any],
+    batch_id: int,
+    *,
+    status: str,
+    error: str,
+    limit: int,
+) -> tuple[int, int]:
+    """Settle up to `limit` documents the batch still owns; return (candidates, settled)."""
+    cur = await conn.execute(
+        query("vector_document_settle"),
+        {"batch_id": batch_id, "status": status, "error": error, "limit": limit},
+    )
+    row = await cur.fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])
+
+
+async def documents_table_exists(conn: psycopg.AsyncConnection[Any]) -> bool:
+    """Tell whether this database has the workload's tables (`pgbatch prune` asks)."""
+    row = await (await conn.execute(query("vector_documents_exist"))).fetchone()
+    return bool(row and row[0])
+
+
+async def stage_import(conn: psycopg.AsyncConnection[Any]) -> None:
+    """Create the import's staging table (dropped when its transaction ends)."""
+    cur = await conn.execute(query("vector_import_sequence"))
+    row = await cur.fetchone()
+    assert row is not None and row[0] is not None
+    await conn.execute(sql.SQL(query("vector_import_stage")).format(sequence=sql.Literal(row[0])))
+
+
+async def copy_staged(conn: psycopg.AsyncConnection[Any], pieces: AsyncIterable[bytes]) -> None:
+    """COPY pieces of COPY text (line, metadata, body, chunks) into the staging table.
+
+    An exception raised by `pieces` (a bad line) ends the COPY and reaches the caller.
+    """
+    async with conn.cursor().copy(query("vector_import_copy")) as copy:
+        async for piece in pieces:
+            await copy.write(piece)
+
+
+async def import_ranges(conn: psycopg.AsyncConnection[Any]) -> list[tuple[int, int]]:
+    """Return the staged ids as runs (first, last) of consecutive values, ascending."""
+    cur = await conn.execute(query("vector_import_ranges"))
+    return [(int(lo), int(hi)) for lo, hi in await cur.fetchall()]
+
+
+async def insert_staged(conn: psycopg.AsyncConnection[Any], library_id: int, batch_id: int) -> int:
+    """Insert the staged documents, owned by `batch_id`; return how many."""
+    cur = await conn.execute(
+        query("vector_import_insert"), {"library_id": library_id, "batch_id": batch_id}
+    )
+    return cur.rowcount

@@ -7,7 +7,8 @@ unique constraint. Another tenant's library or document answers 404, as a missin
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+import re
+from collections.abc import Awaitable, Iterator
 from datetime import datetime
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -15,7 +16,9 @@ from fastapi import APIRouter, Path, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 
 from pgbatch.api.errors import ERRORS, ApiError
+from pgbatch.api.guards import NDJSON, NDJSON_MEDIA_TYPES, NDJSON_UPLOAD_PATHS, OCTET_STREAM
 from pgbatch.api.media import JSON_BODY
+from pgbatch.api.routes.batches import spool_upload
 from pgbatch.api.schemas import IfMatchHeader, IntegerText
 from pgbatch.api.state import Tenant, api_state
 from pgbatch.errors import InvalidBatchError
@@ -39,7 +42,10 @@ Metadata = Annotated[
     dict[str, Any], Field(description="A JSON object; search filters match it with @>.")
 ]
 ChunkText = Annotated[str, Field(min_length=1, max_length=100_000, pattern=r"^[^\x00]*$")]
-DocumentStatus = Literal["pending", "indexing", "indexed", "failed"]
+DocumentStatus = Literal["pending", "indexing", "indexed", "failed", "cancelled"]
+# The import streams its NDJSON body under the upload limit, as POST /v1/batches does.
+IMPORT_PATH = re.compile(r"/v1/libraries/[^/]+/documents/import")
+NDJSON_UPLOAD_PATHS.append(IMPORT_PATH)
 
 
 class _Strict(BaseModel):
@@ -99,6 +105,13 @@ class LibraryDocumentsCreate(_Strict):
     """Up to 1,000 documents, indexed by one batch."""
 
     documents: list[LibraryDocumentCreate] = Field(min_length=1, max_length=1_000)
+
+
+class LibraryImportOut(BaseModel):
+    """An NDJSON import: how many documents it added, and the one batch that indexes them."""
+
+    documents: int
+    batch_id: int | None
 
 
 class LibraryDocumentPatch(_Strict):
@@ -407,6 +420,59 @@ async def add_documents(
     return LibraryDocumentsOut(
         documents=[_document_out(d) for d in added], batch_id=None if batch is None else batch.id
     )
+
+
+@router.post(
+    "/{library_id}/documents/import",
+    status_code=201,
+    response_model=LibraryImportOut,
+    responses=ERRORS(404, 413, 415),
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                # Described under application/octet-stream, as POST /v1/batches' NDJSON.
+                OCTET_STREAM: {
+                    "schema": {"type": "string", "format": "binary"},
+                    "description": 'NDJSON: one document per line, {"text": ...} or '
+                    '{"chunks": [...]}, with an optional "metadata" object. Send it as '
+                    f"{NDJSON} or {OCTET_STREAM}.",
+                },
+            },
+        }
+    },
+)
+async def import_documents(
+    request: Request, tenant: Tenant, library_id: LibraryId
+) -> LibraryImportOut:
+    """Import NDJSON documents as one indexing batch: all of them, or none (422 naming the
+    first bad line)."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type not in NDJSON_MEDIA_TYPES:
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            f"Content-Type must be {NDJSON} (or {OCTET_STREAM}), not {content_type!r}",
+            field="Content-Type",
+        )
+    state = api_state(request)
+    async with state.uploads.slot(tenant):
+        with await spool_upload(request, state.settings.api_max_item_bytes) as spool:
+
+            def lines() -> Iterator[bytes]:
+                yield from spool
+
+            # As for batches: a pooled connection is taken only with the whole body here.
+            count, batch = await _call(
+                lib.import_documents(
+                    state.app,
+                    library_id,
+                    lines(),
+                    tenant=tenant,
+                    max_documents=state.settings.api_max_items,
+                )
+            )
+    return LibraryImportOut(documents=count, batch_id=None if batch is None else batch.id)
 
 
 @router.get("/{library_id}/documents", response_model=LibraryDocumentList, responses=ERRORS(404))

@@ -9,7 +9,7 @@ import { h, setText } from "./dom.js";
 
 const POLL_MS = 1000;
 const PAGE_SIZE = 200;
-const STATUSES = ["pending", "indexing", "indexed", "failed"];
+const STATUSES = ["pending", "indexing", "indexed", "failed", "cancelled"];
 
 function countsText(counts) {
   const parts = STATUSES.filter((s) => counts?.[s]).map((s) => `${counts[s]} ${s}`);

@@ -231,3 +231,69 @@ LIMIT %(k)s;
 SELECT id, tenant, name, metadata, embedder, dimension, version, created_at, updated_at
 FROM pgbatch.vector_libraries
 WHERE id = %(id)s;
+
+-- name: vector_document_settle
+-- Settle the documents an ended (or pruned) indexing batch still owns: those whose latest
+-- indexing request is this batch's (batch_id is set in the transaction that submits the
+-- batch, and a re-index moves it to its own batch in the transaction that bumps the
+-- content version) and that it never finished. At most %(limit)s, locked in id order.
+-- The UPDATE's own condition is the guard: a row locked by a concurrent re-index is
+-- re-read after that commits, and then belongs to the new batch and is left alone.
+-- Returns how many were candidates: each leaves the candidates (settled, or taken by
+-- another request), so a caller loops until 0.
+WITH candidates AS (
+    SELECT d.id FROM pgbatch.vector_documents d
+    WHERE d.batch_id = %(batch_id)s AND d.status IN ('pending', 'indexing')
+    ORDER BY d.id
+    LIMIT %(limit)s
+), locked AS (
+    SELECT d.id FROM pgbatch.vector_documents d
+    JOIN candidates c ON c.id = d.id
+    ORDER BY d.id
+    FOR UPDATE OF d
+), settled AS (
+    UPDATE pgbatch.vector_documents d
+    SET status = %(status)s, error = %(error)s, version = d.version + 1, updated_at = now()
+    FROM locked l
+    WHERE d.id = l.id AND d.batch_id = %(batch_id)s AND d.status IN ('pending', 'indexing')
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM candidates), (SELECT count(*) FROM settled);
+
+-- name: vector_documents_exist
+SELECT to_regclass('pgbatch.vector_documents') IS NOT NULL;
+
+-- name: vector_import_sequence
+-- The sequence behind vector_documents.id: an import's staged rows draw their ids from it.
+SELECT pg_get_serial_sequence('pgbatch.vector_documents', 'id');
+
+-- name: vector_import_stage
+-- An import's documents, streamed here by COPY in the import's transaction (dropped at its
+-- end, committed or not). Ids are drawn as rows arrive, so the batch's items can name them
+-- before the documents themselves are inserted, with their batch, in one statement.
+CREATE TEMP TABLE vector_import (
+    id       bigint NOT NULL DEFAULT nextval({sequence}::regclass),
+    line     bigint NOT NULL,
+    metadata jsonb NOT NULL,
+    body     text,
+    chunks   jsonb
+) ON COMMIT DROP;
+
+-- name: vector_import_copy
+COPY pg_temp.vector_import (line, metadata, body, chunks) FROM STDIN;
+
+-- name: vector_import_ranges
+-- The staged ids as runs of consecutive values (islands): one run unless other sessions
+-- drew ids meanwhile, so the items are generated from a few pairs, not held as a list.
+SELECT min(id), max(id)
+FROM (SELECT id, id - row_number() OVER (ORDER BY id) AS run FROM pg_temp.vector_import) r
+GROUP BY run
+ORDER BY 1;
+
+-- name: vector_import_insert
+-- The staged documents, pending at content version 1, owned by the import's batch.
+INSERT INTO pgbatch.vector_documents (id, library_id, metadata, body, chunks, batch_id)
+OVERRIDING SYSTEM VALUE
+SELECT id, %(library_id)s, metadata, body, chunks, %(batch_id)s
+FROM pg_temp.vector_import
+ORDER BY id;
