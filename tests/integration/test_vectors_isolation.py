@@ -137,15 +137,20 @@ async def _waiting_for_a_lock(app: pgbatch.App, pid: int) -> bool:
 
 
 def _held_after(
-    monkeypatch: pytest.MonkeyPatch, step_name: str
+    monkeypatch: pytest.MonkeyPatch, step_name: str, held_pids: list[int] | None = None
 ) -> tuple[asyncio.Event, asyncio.Event]:
-    """Make the first call of query step `step_name` hold its transaction open once run."""
+    """Make the first call of query step `step_name` hold its transaction open once run.
+
+    The held session's backend pid is appended to `held_pids`.
+    """
+    held_pids = [] if held_pids is None else held_pids
     reached, resume = asyncio.Event(), asyncio.Event()
     step: Callable[..., Awaitable[Any]] = getattr(vector_queries, step_name)
 
     async def step_then_hold(*args: Any, **kwargs: Any) -> Any:
         result = await step(*args, **kwargs)
         if not reached.is_set():  # later calls (another tenant's) run through
+            held_pids.append(args[0].info.backend_pid)
             reached.set()
             await resume.wait()
         return result
@@ -291,7 +296,13 @@ async def test_a_tenants_library_delete_held_open_blocks_no_other_tenant(
     b_app.use(vectors.WORKLOAD)
     await b_app.open()
     try:
-        reached, resume = _held_after(monkeypatch, held_after)
+        chunks_oid = await _scalar(
+            vapp,
+            "SELECT %s::regclass::oid",
+            (f"pgbatch.{vector_queries.chunks_table(library_a.id)}",),
+        )
+        held_pids: list[int] = []
+        reached, resume = _held_after(monkeypatch, held_after, held_pids)
         deleting = asyncio.create_task(
             vectors.delete_library(vapp, library_a.id, tenant="tenant-a", version=library_a.version)
         )
@@ -332,6 +343,17 @@ async def test_a_tenants_library_delete_held_open_blocks_no_other_tenant(
             return await request()
 
         try:
+            # The held delete's table locks: beyond its own chunk table (and that table's
+            # index, key and TOAST), none stronger than the row-level writers' ROW EXCLUSIVE.
+            async with vapp.db.connection() as conn:
+                cur = await conn.execute(
+                    "SELECT DISTINCT coalesce(c.relname, l.relation::text), l.mode FROM pg_locks l"
+                    " LEFT JOIN pg_class c ON c.oid = l.relation"
+                    " WHERE l.pid = %s AND l.locktype = 'relation' AND l.granted"
+                    " AND l.mode NOT IN ('AccessShareLock', 'RowShareLock', 'RowExclusiveLock')",
+                    (held_pids[0],),
+                )
+                strong = {(name, mode) for name, mode in await cur.fetchall()}
             results = await asyncio.wait_for(
                 asyncio.gather(
                     *(released_together(r) for r in requests.values()), return_exceptions=True
@@ -341,6 +363,9 @@ async def test_a_tenants_library_delete_held_open_blocks_no_other_tenant(
         finally:
             resume.set()
             await asyncio.wait_for(deleting, 30)
+        own = (vector_queries.chunks_table(library_a.id), f"pg_toast_{chunks_oid}")
+        assert {name for name, _ in strong if not name.startswith(own)} == set(), strong
+        assert (own[0], "AccessExclusiveLock") in strong  # the DROP is indeed held
         failed = {
             name: repr(result)
             for name, result in zip(requests, results, strict=True)
