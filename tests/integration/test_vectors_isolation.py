@@ -392,3 +392,51 @@ async def test_a_tenants_library_delete_held_open_blocks_no_other_tenant(
     assert left == 0  # A's library went with nothing left: documents, row, chunk table
     assert await _chunk_count(vapp, library_b.id, docs_b[2].id) == 0
     assert await _orphan_chunks(vapp, library_b.id) == 0
+
+
+@pytest.mark.asyncio
+async def test_a_document_delete_meeting_a_library_delete_midway_waits_and_finds_nothing(
+    vapp: pgbatch.App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The library delete is held after its DROP TABLE; a delete of one of its documents
+    # starts then. Its FOR KEY SHARE on the library row makes it wait for the library
+    # delete and then find no document: no deadlock, nothing retried, nothing left.
+    # Without it the document delete removes its row, then waits on the dropped chunk
+    # table, while the library delete's cascade waits on that row: a deadlock.
+    library, docs = await _indexed_library(vapp, "t", "doc-meets-library")
+    reached, resume = _held_after(monkeypatch, "drop_chunks_table")
+    retries_before = vapp.db.tx_retries
+    deleting_library = asyncio.create_task(
+        vectors.delete_library(vapp, library.id, tenant="t", version=library.version)
+    )
+    await asyncio.wait_for(reached.wait(), 30)
+    deleting_document = asyncio.create_task(
+        vectors.delete_document(vapp, library.id, docs[0].id, tenant="t", version=docs[0].version)
+    )
+
+    async def waits_or_ended() -> bool:
+        if deleting_document.done():
+            return True
+        return bool(
+            await _scalar(
+                vapp,
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                " AND datname = current_database()",
+            )
+        )
+
+    await wait_until(waits_or_ended, timeout_s=30)
+    ended_early = deleting_document.done()
+    resume.set()
+    await asyncio.wait_for(deleting_library, 30)
+    with pytest.raises((vectors.DocumentNotFoundError, vectors.LibraryNotFoundError)):
+        await asyncio.wait_for(deleting_document, 30)
+    assert not ended_early, "the document delete did not wait for the library delete"
+    assert vapp.db.tx_retries == retries_before  # no deadlock, nothing retried
+    left = await _scalar(
+        vapp,
+        "SELECT (SELECT count(*) FROM pgbatch.vector_documents WHERE library_id = %(a)s)"
+        " + (to_regclass(%(table)s) IS NOT NULL)::int",
+        {"a": library.id, "table": f"pgbatch.{vector_queries.chunks_table(library.id)}"},
+    )
+    assert left == 0
