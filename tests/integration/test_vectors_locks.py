@@ -108,9 +108,9 @@ async def test_a_commit_meeting_a_delete_midway_waits_for_it_and_writes_nothing(
     # deletes the documents, comes next). The commit must wait for it, then find the
     # library gone and write nothing. After the row lock only the commit's FOR SHARE
     # makes it wait: without it the commit writes its chunks into the library being
-    # deleted (seen: it returned 3, without waiting). After the drop the commit also
-    # waits without it: DROP TABLE holds ACCESS EXCLUSIVE on vector_documents (the chunk
-    # table's foreign key points there), which the commit's document locks need.
+    # deleted (seen: it returned 3, without waiting). After the drop, too, the FOR SHARE
+    # makes it wait at the library row: since vectors 0003 a chunk table has no foreign
+    # key to vector_documents, so DROP TABLE no longer locks that table as well.
     library, docs = await _library_with_documents(vapp, f"share-{held_after}")
     statement = _commit_statement(library.id, docs)
     reached, resume = asyncio.Event(), asyncio.Event()

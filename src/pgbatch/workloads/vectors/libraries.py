@@ -719,7 +719,11 @@ async def reindex_documents(
 async def delete_document(
     app: App, library_id: int, document_id: int, *, tenant: str, version: int
 ) -> None:
-    """Delete the document at `version`; its chunks go with it (a foreign key cascades)."""
+    """Delete the document at `version` and its chunks, in one transaction.
+
+    The chunk table has no foreign key to the documents (a library delete would lock them
+    all), so the chunks are deleted here, by a statement after the document's own.
+    """
     await app.open()
 
     async def work(conn: psycopg.AsyncConnection[Any]) -> None:
@@ -727,6 +731,7 @@ async def delete_document(
             conn, tenant, library_id, document_id, version=version
         ):
             raise await _document_stale_or_missing(conn, tenant, library_id, document_id)
+        await queries.delete_document_chunks(conn, library_id, document_id)
 
     await app.db.run_in_transaction(work)
 

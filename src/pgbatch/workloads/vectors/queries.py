@@ -346,12 +346,21 @@ async def delete_document(
     *,
     version: int,
 ) -> bool:
-    """Delete the document at `version` (its chunks cascade); return whether it did."""
+    """Delete the document at `version` (not its chunks); return whether it did."""
     cur = await conn.execute(
         query("vector_document_delete"),
         {"id": document_id, "library_id": library_id, "tenant": tenant, "version": version},
     )
     return await cur.fetchone() is not None
+
+
+async def delete_document_chunks(
+    conn: psycopg.AsyncConnection[Any], library_id: int, document_id: int
+) -> None:
+    """Delete a document's chunks: after its row, in the same transaction (no foreign key)."""
+    await conn.execute(
+        _composed("vector_chunks_delete_document", library_id), {"document_id": document_id}
+    )
 
 
 async def document_contents(

@@ -24,10 +24,15 @@ ON CONFLICT ON CONSTRAINT vector_libraries_tenant_name_key DO NOTHING
 RETURNING id, tenant, name, metadata, embedder, dimension, version, created_at, updated_at;
 
 -- name: vector_chunks_create
--- The library's chunk table: a chunk is its document's (deleting a document deletes its
--- chunks), and the embedding has the library's dimension, which HNSW needs.
+-- The library's chunk table; the embedding has the library's dimension, which HNSW needs.
+-- A chunk is its document's, but with no foreign key to pgbatch.vector_documents: dropping
+-- a table that has one takes ACCESS EXCLUSIVE on the referenced table until the drop
+-- commits, so one library's delete would stop every document read and write of every
+-- library of every tenant. The workload deletes the chunks itself instead: a document's
+-- with it (vector_chunks_delete_document), a library's with its table (vector_chunks_drop),
+-- and an indexing commit writes chunks only for documents it holds locked and present.
 CREATE TABLE pgbatch.{chunks} (
-    document_id     bigint NOT NULL REFERENCES pgbatch.vector_documents (id) ON DELETE CASCADE,
+    document_id     bigint NOT NULL,
     seq             integer NOT NULL,
     content_version bigint NOT NULL,
     text            text NOT NULL,
@@ -148,11 +153,24 @@ RETURNING d.id, d.library_id, d.metadata, d.status, d.error, d.version, d.conten
           d.indexed_version, d.chunk_count, d.batch_id, d.created_at, d.updated_at;
 
 -- name: vector_document_delete
+-- The library row FOR KEY SHARE first: a library delete (FOR UPDATE, then DROP TABLE of
+-- the chunk table, then the documents' cascade) either has committed, and no row comes
+-- back, or waits for this whole transaction, chunk delete included. Without it the two
+-- would deadlock: this one on the dropped table, the delete's cascade on this document.
+-- KEY SHARE lets a PATCH of the library, and other document deletes, go on meanwhile.
 DELETE FROM pgbatch.vector_documents d
-USING pgbatch.vector_libraries l
-WHERE d.id = %(id)s AND d.library_id = %(library_id)s AND l.id = d.library_id
-  AND l.tenant = %(tenant)s AND d.version = %(version)s
+USING (SELECT id FROM pgbatch.vector_libraries
+       WHERE id = %(library_id)s AND tenant = %(tenant)s
+       FOR KEY SHARE) AS l
+WHERE d.id = %(id)s AND d.library_id = l.id AND d.version = %(version)s
 RETURNING d.id;
+
+-- name: vector_chunks_delete_document
+-- A deleted document's chunks, in the same transaction, as a statement of its own after
+-- the document's delete: its snapshot is taken once the document row is this
+-- transaction's, so it also sees the chunks of an indexing commit that held the row
+-- before (one that comes after finds no document and writes none).
+DELETE FROM pgbatch.{chunks} WHERE document_id = %(document_id)s;
 
 -- name: vector_document_content
 -- What an indexing shard needs of its documents, at the versions it was asked for (a
