@@ -76,6 +76,11 @@ def build_app(settings: pgbatch.Settings | None = None) -> pgbatch.App:
         await asyncio.sleep(CHAOS_RERUN_S if ctx.attempt > 1 else random.uniform(*CHAOS_SHARD_S))
         return _record(items, ctx)
 
+    @app.task(shard_size=5, max_attempts=100, lease_ttl_s=TEST_LEASE_TTL_S)
+    async def brief(items: list[pgbatch.Item], ctx: pgbatch.ShardContext) -> list[pgbatch.Outcome]:
+        # No sleep: the chaos test's small batches that retention prunes while it runs.
+        return _record(items, ctx)
+
     @app.task(shard_size=5, lease_ttl_s=TEST_LEASE_TTL_S)
     async def slow(items: list[pgbatch.Item], ctx: pgbatch.ShardContext) -> list[pgbatch.Outcome]:
         await asyncio.sleep(SLOW_SHARD_S)

@@ -1,4 +1,9 @@
-"""Chaos: workers are SIGKILLed, frozen and restarted mid-batch; nothing is lost or doubled."""
+"""Chaos: workers are SIGKILLed, frozen and restarted mid-batch; nothing is lost or doubled.
+
+Retention runs all along (issue 13): the workers prune every few tenths of a second, and
+small batches with a zero retention are submitted between chaos events, so they finish and
+are pruned (by workers that may be killed or frozen mid-pass) while the big batch runs.
+"""
 
 from __future__ import annotations
 
@@ -25,6 +30,8 @@ WORKER_ENV = {
     "PGBATCH_RESCUE_INTERVAL_S": "0.2",
     "PGBATCH_POLL_INTERVAL_S": "0.2",
     "PGBATCH_CALLBACK_LEASE_TTL_S": "2",
+    # Prune often, so that passes overlap the chaos and are killed or frozen mid-way.
+    "PGBATCH_RETENTION_INTERVAL_S": "0.3",
 }
 # A frozen worker stays frozen this long: past its 2 s lease, so its shards are rescued
 # and re-claimed while it still believes it holds them (a zombie), and it wakes up while
@@ -32,6 +39,8 @@ WORKER_ENV = {
 STALL_S = (2.2, 3.5)
 # The callback runs once the batch has ended; it is quick, this is a generous bound.
 CALLBACK_WAIT_S = 30.0
+# Every small batch is pruned within a few passes of its callback; a generous bound.
+PRUNE_WAIT_S = 60.0
 WORKER_STOP_S = 30.0
 
 
@@ -52,6 +61,9 @@ class ChaosPlan:
     workers: int = 3
     concurrency: int = 8
     seed: int = field(default_factory=_seed)
+    # Items of each small batch submitted between two chaos events (task `brief`, shards of
+    # 5, no sleep: a few shards each, so they add little work), pruned at once when final.
+    pruned_items: int = 10
 
 
 @dataclass(slots=True)
@@ -61,6 +73,8 @@ class ChaosLog:
     kills: int = 0
     stalls: int = 0
     events: list[str] = field(default_factory=list)
+    # the small batches that retention must prune while the big one runs
+    pruned_batches: list[int] = field(default_factory=list)
 
 
 @pytest.fixture
@@ -116,6 +130,11 @@ async def _run_chaos(database_url: str, workers: WorkerGroup, plan: ChaosPlan) -
                         f"(seed {plan.seed})\n{await _shard_report(conn, batch.id)}\n"
                         f"events: {log.events}"
                     )
+                # Priority 1: claimed before the big batch's shards, so each finishes (and
+                # can be pruned) while the big batch still runs.
+                small = await app.submit("brief", range(plan.pruned_items), priority=1,
+                                         retention_s=0, on_complete="record_done")  # fmt: skip
+                log.pruned_batches.append(small.id)
                 slot = rng.randrange(plan.workers)
                 target = slots[slot]
                 if not target.stalled and rng.random() < plan.stall_share:
@@ -146,12 +165,25 @@ async def _run_chaos(database_url: str, workers: WorkerGroup, plan: ChaosPlan) -
                 return (await verify_batch(conn, batch.id)).callbacks_done >= 1
 
             await wait_until(callback_done, CALLBACK_WAIT_S, message="the callback never ran")
+
+            async def all_cleaned() -> bool:
+                cur = await conn.execute(
+                    "SELECT count(*) FROM pgbatch.pruned_batches"
+                    " WHERE id = ANY(%s) AND cleaned_at IS NOT NULL",
+                    (log.pruned_batches,),
+                )
+                row = await cur.fetchone()
+                return bool(row and row[0] == len(log.pruned_batches))
+
+            await wait_until(all_cleaned, PRUNE_WAIT_S, message="small batches were not pruned")
             for process in slots:
                 process.terminate()
             for process in slots:
                 await process.wait_exit(WORKER_STOP_S)
 
-            await _check_outcome(conn, await app.get_batch(batch.id), plan.items)
+            final = await app.get_batch(batch.id)
+            await _check_outcome(conn, final, plan.items)
+            await _check_pruned(conn, log.pruned_batches, plan.pruned_items, final)
         fenced = sum(p.log_tail(10**9).count("lease lost before completion") for p in slots)
         print(f"zombie completions fenced out (all worker logs): {fenced}")
         assert log.kills >= 3, f"only {log.kills} kills happened: the chaos proved nothing"
@@ -226,6 +258,56 @@ async def _check_outcome(
         conn, "SELECT count(*) FROM chaos_callbacks WHERE batch_id = %s", batch.id
     )
     assert callback_rows == 1
+
+
+async def _check_pruned(
+    conn: psycopg.AsyncConnection[Any], batch_ids: list[int], items: int, big: pgbatch.Batch
+) -> None:
+    """Check the small batches: each ran to the end, then was pruned whole, with no orphan."""
+    assert batch_ids, "no small batch was submitted: retention was not exercised"
+    cur = await conn.execute(
+        """
+        SELECT p.id, p.status, p.total_items, p.pruned_at >= p.finished_at,
+               p.pruned_at < %(big_finished)s,
+               (SELECT count(*) FROM chaos_callbacks c WHERE c.batch_id = p.id),
+               (SELECT count(*) FROM chaos_callbacks c WHERE c.batch_id = p.id
+                  AND c.status = 'succeeded' AND c.items_ok = %(items)s AND c.items_failed = 0),
+               (SELECT count(*) FROM chaos_rows r WHERE r.batch_id = p.id),
+               (SELECT count(DISTINCT r.seq) FROM chaos_rows r WHERE r.batch_id = p.id)
+        FROM pgbatch.pruned_batches p WHERE p.id = ANY(%(ids)s) ORDER BY p.id
+        """,
+        {"ids": batch_ids, "items": items, "big_finished": big.finished_at},
+    )
+    rows = await cur.fetchall()
+    assert [r[0] for r in rows] == sorted(batch_ids), "a small batch has no tombstone"
+    for batch_id, status, total, after_end, _, callbacks, complete, user_rows, seqs in rows:
+        # Pruned only once final (invariants 3 and 4 held to the end): its callback ran
+        # once and saw every item ok, and the handler's rows (the user's table, which
+        # pruning leaves alone) are there once each.
+        assert (status, total, after_end) == ("succeeded", items, True), batch_id
+        assert (callbacks, complete) == (1, 1), (batch_id, callbacks, complete)
+        assert user_rows == seqs == items, (batch_id, user_rows, seqs)
+    during = sum(1 for r in rows if r[4])
+    print(f"small batches pruned: {len(rows)}, {during} of them before the big batch ended")
+    assert during > 0, "no batch was pruned while the big batch ran"
+    # No orphan in any per-batch table (found in the catalog: a new table is checked too).
+    cur = await conn.execute(
+        "SELECT table_name FROM information_schema.columns"
+        " WHERE table_schema = 'pgbatch' AND column_name = 'batch_id' ORDER BY 1"
+    )
+    tables = [str(r[0]) for r in await cur.fetchall()]
+    assert {"items", "shards", "results", "callbacks"} <= set(tables), tables
+    orphans = {}
+    for table in tables:
+        cur = await conn.execute(
+            f"SELECT count(*) FROM pgbatch.{table} t WHERE t.batch_id = ANY(%s)"
+            " OR NOT EXISTS (SELECT 1 FROM pgbatch.batches b WHERE b.id = t.batch_id)",
+            (batch_ids,),
+        )
+        row = await cur.fetchone()
+        if row and row[0]:
+            orphans[table] = int(row[0])
+    assert orphans == {}, f"rows left by pruned batches: {orphans}"
 
 
 async def _counts(conn: psycopg.AsyncConnection[Any], sql: str, batch_id: int) -> tuple[int, ...]:

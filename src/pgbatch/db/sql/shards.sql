@@ -9,19 +9,7 @@
 -- per tenant), so with one tenant the claim costs two probes more than a priority scan.
 -- SKIP LOCKED lets concurrent claimers pass each other; every claim bumps lease_epoch.
 WITH RECURSIVE
--- include: _shard_claim_tenants
-, offered AS (
-    SELECT a.tenant, o.id,
-           row_number() OVER (PARTITION BY a.tenant ORDER BY o.priority DESC, o.id) AS round
-    FROM active a
-    CROSS JOIN LATERAL (
-        SELECT q.id, q.priority FROM pgbatch.shards q
-        WHERE q.status = 'queued'
-          AND q.queue = %(queue)s
-          AND q.tenant = a.tenant
-          AND q.task = ANY(%(tasks)s::text[])
-          AND q.run_after <= now()
-        ORDER BY q.priority DESC, q.id
+-- include: _shard_claim_offered
         LIMIT ceil(%(limit)s::numeric / a.n)::int
         FOR UPDATE SKIP LOCKED
     ) o
@@ -68,6 +56,21 @@ WITH picked AS (
 -- name: shard_claim_candidates
 -- The shards a fair claim of this queue would take, without claiming them (read only).
 WITH RECURSIVE
+-- include: _shard_claim_offered
+        LIMIT %(limit)s
+    ) o
+)
+SELECT id FROM offered
+ORDER BY round, tenant <= %(after_tenant)s, tenant
+LIMIT %(limit)s;
+
+-- name: _shard_claim_offered
+-- The shared start of the fair claim and of its read-only twin (shard_claim_candidates):
+-- the tenants with queued work (_shard_claim_tenants), then "offered", each tenant's
+-- claimable shards by priority, numbered per tenant ("round"). It ends inside the
+-- per-tenant LATERAL subquery, after its ORDER BY: the includer writes that subquery's
+-- LIMIT (a claim takes a share per tenant and locks with SKIP LOCKED, the candidates
+-- take up to the limit and lock nothing) and closes it with ") o )".
 -- include: _shard_claim_tenants
 , offered AS (
     SELECT a.tenant, o.id,
@@ -81,12 +84,6 @@ WITH RECURSIVE
           AND q.task = ANY(%(tasks)s::text[])
           AND q.run_after <= now()
         ORDER BY q.priority DESC, q.id
-        LIMIT %(limit)s
-    ) o
-)
-SELECT id FROM offered
-ORDER BY round, tenant <= %(after_tenant)s, tenant
-LIMIT %(limit)s;
 
 -- name: _shard_claim_tenants
 -- The start of a fair claim: the tenants with queued shards in this queue, found by a
