@@ -55,7 +55,9 @@ VALUES
     -- 4: cancelled: shard 1 never ran
     ('default', 'work', 'cancelled', 2, 3, 30, 4, 2, 2, 0, 2, 0, 2, 1, now(), now()),
     -- 5: a dead shard, its items failed with the shard's traceback
-    ('acme', 'work', 'failed', 2, 1, 30, 2, 1, 1, 1, 0, 2, 0, 1, now(), now());
+    ('acme', 'work', 'failed', 2, 1, 30, 2, 1, 1, 1, 0, 2, 0, 1, now(), now()),
+    -- 6: its dead shard retried: every result deleted, none written yet
+    ('acme', 'work', 'running', 2, 1, 30, 2, 1, 0, 0, 0, 0, 0, 2, now(), NULL);
 
 INSERT INTO pgbatch.items (batch_id, seq, payload)
 SELECT 1, g, json_build_object('n', g) FROM generate_series(0, 6) g
@@ -63,6 +65,7 @@ UNION ALL SELECT 2, g, to_json('two-' || g) FROM generate_series(0, 5) g
 UNION ALL SELECT 3, g, json_build_array(g, 'x') FROM generate_series(0, 7) g
 UNION ALL SELECT 4, g, to_json(g) FROM generate_series(0, 3) g
 UNION ALL SELECT 5, g, '{"p":  "spaced"}'::json FROM generate_series(0, 1) g
+UNION ALL SELECT 6, g, to_json('six-' || g) FROM generate_series(0, 1) g
 -- the leftovers of a pruned batch (its tombstone below, its row gone)
 UNION ALL SELECT 99, g, to_json(g) FROM generate_series(0, 2) g;
 
@@ -91,7 +94,9 @@ VALUES
     (4, 'default', 1, 2, 3, 'work', 'default', 0, 'cancelled', 0, 3, 30, 0, NULL, NULL, false,
      NULL, NULL, now()),
     (5, 'acme', 0, 0, 1, 'work', 'default', 0, 'dead', 1, 1, 30, 1, NULL, 'w', false,
-     'failed after 1 attempts: KeyError: ''p''', %(trace)s, now());
+     'failed after 1 attempts: KeyError: ''p''', %(trace)s, now()),
+    (6, 'acme', 0, 0, 1, 'work', 'default', 0, 'queued', 0, 1, 30, 1, NULL, NULL, true,
+     NULL, NULL, NULL);
 
 INSERT INTO pgbatch.tracebacks (batch_id, digest, traceback)
 VALUES (1, %(digest)s, %(trace)s), (5, %(digest)s, %(trace)s);
@@ -152,9 +157,10 @@ async def test_a_0008_database_upgrades_to_blocks_with_every_row(empty_database:
             " (SELECT array_agg(seq ORDER BY seq) FROM pgbatch.result_errors"
             "  WHERE retrying AND batch_id = 3)",
         )
-        # 11 item blocks (3+3+2+2+1); result blocks for every shard with results or
-        # reopened by a retry (3+1+2+2+1); 2+2+2 failures; batch 3's 6 and 7 to rerun.
-        assert stored == [(11, 9, 6, [6, 7])]
+        # 12 item blocks (3+3+2+2+1+1); result blocks for every shard with results or
+        # reopened by a retry (3+1+2+2+1+1); 2+2+2 failures; batch 3's 6 and 7 to rerun
+        # (and batch 6's 0 and 1).
+        assert stored == [(12, 10, 6, [6, 7])]
 
     ran: list[tuple[int, int]] = []
     app = pgbatch.App(settings=settings_for(empty_database, worker_beat_s=0.1))
@@ -166,7 +172,7 @@ async def test_a_0008_database_upgrades_to_blocks_with_every_row(empty_database:
 
     async with app:
         # Every API path reads the converted results as the old ones.
-        for batch_id in (1, 2, 3, 4, 5):
+        for batch_id in (1, 2, 3, 4, 5, 6):
             expected = [(seq, ok, error) for b, seq, ok, _, error, _ in results if b == batch_id]
             got = [(seq, o.ok, o.error) async for seq, o in app.results(batch_id)]
             assert got == expected, batch_id
@@ -193,6 +199,9 @@ async def test_a_0008_database_upgrades_to_blocks_with_every_row(empty_database:
         try:
             done2 = await app.wait(2, timeout_s=30)
             done3 = await app.wait(3, timeout_s=30)
+            done6 = await app.wait(6, timeout_s=30)
+            assert sorted(s for b, s in ran if b == 6) == [0, 1]
+            assert (done6.status, done6.items_ok, done6.items_failed) == ("succeeded", 2, 0)
             assert sorted(s for b, s in ran if b == 3) == [6, 7]
             assert sorted(s for b, s in ran if b == 2) == [2, 3, 4, 5]
             assert (done2.status, done2.items_ok, done2.items_failed) == ("succeeded", 6, 0)
@@ -213,7 +222,7 @@ async def test_a_0008_database_upgrades_to_blocks_with_every_row(empty_database:
             await asyncio.wait_for(running, 30)
 
         async with app.db.connection() as conn:
-            for batch_id in (1, 2, 3, 4, 5):
+            for batch_id in (1, 2, 3, 4, 5, 6):
                 check = await verify_batch(conn, batch_id)
                 assert check.every_item_has_one_result, (batch_id, check)
             # The pruned batch's leftovers went with the upgrade: nothing to clean.
