@@ -3,7 +3,8 @@
 A retry marks a shard's failed items `retrying`; its rerun merges their new outcomes into
 the result block the first run wrote. These tests drive that merge against a zombie of
 the same shard (true concurrency), and the two statements that end a retried shard
-without running it: a cancel of its batch, and the burial of a shard no claim can read.
+without running it: a cancel of its batch, and the burial of a shard no claim can read;
+and the export of blocks larger than a page of results.
 """
 
 from __future__ import annotations
@@ -147,3 +148,26 @@ async def test_burying_a_retried_shard_fails_only_the_items_being_retried(
     async with app.db.connection() as conn:
         check = await verify_batch(conn, batch.id)
         assert check.every_item_has_one_result and check.results_ok == 4
+
+
+@pytest.mark.asyncio
+async def test_results_of_shards_larger_than_a_page_come_back_whole_and_in_order(
+    app: pgbatch.App,
+) -> None:
+    # A page of App.results reads whole blocks: shards of 12,000 items and 10,000-item
+    # pages, with the last shard short, still give every item once, in order.
+    _register(app)
+    batch = await app.submit("odd", range(30_000), shard_size=12_000)
+    worker = app.worker(concurrency=3)
+    running = asyncio.create_task(worker.run())
+    try:
+        await app.wait(batch.id, timeout_s=60)
+    finally:
+        worker.request_stop()
+        await asyncio.wait_for(running, 30)
+    results = [(seq, o.ok, o.output) async for seq, o in app.results(batch.id)]
+    assert results == [
+        (seq, True, seq) if seq % 2 == 0 else (seq, False, None) for seq in range(30_000)
+    ]
+    failed = [seq async for seq, _ in app.results(batch.id, errors_only=True)]
+    assert failed == list(range(1, 30_000, 2))
