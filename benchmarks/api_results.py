@@ -61,16 +61,22 @@ async def _seed(conninfo: str, count: int) -> int:
         ).fetchone()
         assert row is not None
         batch_id = int(row[0])
+        # As pgbatch stores them (0009): a result block per shard of 1000, a row per failure.
         await conn.execute(
-            "INSERT INTO pgbatch.results (batch_id, seq, ok, output, error)"
-            " SELECT %(b)s, g, g %% 1000 <> 7,"
-            " CASE WHEN g %% 1000 <> 7"
-            "  THEN json_build_object('n', g, 'text', 'item, \"quoted\"') END,"
-            " CASE WHEN g %% 1000 = 7 THEN 'model error' END"
-            " FROM generate_series(0, %(n)s - 1) AS g",
+            "INSERT INTO pgbatch.result_blocks (batch_id, first_seq, outputs)"
+            " SELECT %(b)s, g / 1000 * 1000,"
+            " json_agg(CASE WHEN g %% 1000 <> 7"
+            "  THEN json_build_object('n', g, 'text', 'item, \"quoted\"') END ORDER BY g)"
+            " FROM generate_series(0, %(n)s - 1) AS g GROUP BY g / 1000",
             {"b": batch_id, "n": count},
         )
-        await conn.execute("VACUUM ANALYZE pgbatch.results")
+        await conn.execute(
+            "INSERT INTO pgbatch.result_errors (batch_id, seq, error)"
+            " SELECT %(b)s, g, 'model error' FROM generate_series(0, %(n)s - 1) AS g"
+            " WHERE g %% 1000 = 7",
+            {"b": batch_id, "n": count},
+        )
+        await conn.execute("VACUUM ANALYZE pgbatch.result_blocks, pgbatch.result_errors")
     return batch_id
 
 

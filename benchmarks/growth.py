@@ -20,7 +20,7 @@ of `pgbatch.shards` that were HOT (no new index entries). Writes
 benchmarks/results/growth.json.
 
 Storage parameters: `--storage reset` resets every storage parameter of the three tables
-after migrating (the tables as before migration 0011: the baseline of a before/after
+after migrating (the tables as before migration 0010: the baseline of a before/after
 run, in a database of its own); `--reloptions shards:fillfactor=90` sets more (repeat it,
 one table each). `--retained N` first writes a finished batch of N one-item shards that is
 kept forever (straight into the tables, then VACUUM ANALYZE): the history a week of
@@ -65,7 +65,8 @@ PRUNE_TIMEOUT_S = 300.0
 RETENTION_S = 2.0
 # The issue's collapse target: no drain slower than this share of the median.
 SLOWEST_OVER_MEDIAN_TARGET = 0.8
-TABLES = ("shards", "items", "results")
+# The tables that hold a batch's items and results (one row per shard since migration 0009).
+TABLES = ("shards", "item_blocks", "result_blocks")
 # A storage parameter assignment as ALTER TABLE … SET takes it (name=value, comma-separated).
 _RELOPTIONS = re.compile(r"^[a-z_.]+=[0-9a-z_.]+(,[a-z_.]+=[0-9a-z_.]+)*$")
 
@@ -100,8 +101,8 @@ WITH b AS (
     VALUES ('noop', 'succeeded', 1, 1, 30, %(n)s, %(n)s, %(n)s, %(n)s, now(), now(), NULL)
     RETURNING id
 ), i AS (
-    INSERT INTO pgbatch.items (batch_id, seq, payload)
-    SELECT b.id, g, 'null'::json FROM b, generate_series(0, %(n)s - 1) g
+    INSERT INTO pgbatch.item_blocks (batch_id, first_seq, payloads)
+    SELECT b.id, g, '[null]'::json FROM b, generate_series(0, %(n)s - 1) g
 ), s AS (
     INSERT INTO pgbatch.shards (batch_id, tenant, shard_no, first_seq, last_seq, task, queue,
         priority, status, attempts, max_attempts, lease_ttl_s, lease_epoch, worker_id,
@@ -110,8 +111,8 @@ WITH b AS (
            now()
     FROM b, generate_series(0, %(n)s - 1) g
 ), r AS (
-    INSERT INTO pgbatch.results (batch_id, seq, ok, output)
-    SELECT b.id, g, true, 'null'::json FROM b, generate_series(0, %(n)s - 1) g
+    INSERT INTO pgbatch.result_blocks (batch_id, first_seq, outputs)
+    SELECT b.id, g, '[null]'::json FROM b, generate_series(0, %(n)s - 1) g
 )
 SELECT id FROM b
 """

@@ -48,8 +48,13 @@ WITH b AS (
             %(items)s, now(), now(), 0)
     RETURNING id
 ), i AS (
-    INSERT INTO pgbatch.items (batch_id, seq, payload)
-    SELECT b.id, g, '{"prompt": "item"}'::json FROM b, generate_series(0, %(items)s - 1) g
+    -- One item block per shard, as pgbatch stores them (0009).
+    INSERT INTO pgbatch.item_blocks (batch_id, first_seq, payloads)
+    SELECT b.id, g * %(shard_size)s,
+           ('[' || rtrim(repeat('{"prompt": "item"},',
+                                least(%(shard_size)s, %(items)s - g * %(shard_size)s)), ',')
+            || ']')::json
+    FROM b, generate_series(0, %(shards)s - 1) g
 ), s AS (
     INSERT INTO pgbatch.shards (batch_id, tenant, shard_no, first_seq, last_seq, task, queue,
         priority, status, attempts, max_attempts, lease_ttl_s, finished_at)
@@ -58,8 +63,12 @@ WITH b AS (
            1, 30, now()
     FROM b, generate_series(0, %(shards)s - 1) g
 ), r AS (
-    INSERT INTO pgbatch.results (batch_id, seq, ok, output)
-    SELECT b.id, g, true, '"done"'::json FROM b, generate_series(0, %(items)s - 1) g
+    INSERT INTO pgbatch.result_blocks (batch_id, first_seq, outputs)
+    SELECT b.id, g * %(shard_size)s,
+           ('[' || rtrim(repeat('"done",',
+                                least(%(shard_size)s, %(items)s - g * %(shard_size)s)), ',')
+            || ']')::json
+    FROM b, generate_series(0, %(shards)s - 1) g
 )
 SELECT id FROM b
 """
@@ -73,8 +82,10 @@ async def measure(conninfo: str, items: int, shard_size: int, chunk_rows: int) -
         row = await cur.fetchone()
         assert row is not None
         batch_id = row[0]
-        await conn.execute("VACUUM ANALYZE pgbatch.items, pgbatch.shards, pgbatch.results")
-        for table in ("items", "results"):
+        await conn.execute(
+            "VACUUM ANALYZE pgbatch.item_blocks, pgbatch.shards, pgbatch.result_blocks"
+        )
+        for table in ("item_blocks", "result_blocks"):
             await conn.execute(f"DROP TABLE IF EXISTS bench_{table}_part")
             await conn.execute(
                 f"CREATE TABLE bench_{table}_part (LIKE pgbatch.{table} INCLUDING ALL)"
@@ -94,10 +105,10 @@ async def measure(conninfo: str, items: int, shard_size: int, chunk_rows: int) -
     async with await connect(conninfo) as conn:
         # A DELETE leaves dead rows: vacuum's pass over them is part of what it costs.
         started = time.perf_counter()
-        await conn.execute("VACUUM pgbatch.items, pgbatch.shards, pgbatch.results")
+        await conn.execute("VACUUM pgbatch.item_blocks, pgbatch.shards, pgbatch.result_blocks")
         vacuum_s = time.perf_counter() - started
         started = time.perf_counter()
-        await conn.execute("DROP TABLE bench_items_part, bench_results_part")
+        await conn.execute("DROP TABLE bench_item_blocks_part, bench_result_blocks_part")
         drop_s = time.perf_counter() - started
     # One transaction per seq range, then the sweep that finds nothing left.
     chunks = -(-items // chunk_rows) + 1

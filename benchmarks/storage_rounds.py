@@ -50,7 +50,9 @@ APP = "benchmarks.apps:app"
 WORKER_PROCESSES = 2
 CONCURRENCY = 256
 BATCH_TIMEOUT_S = 1800.0
-TABLES = ("shards", "items", "results")
+# The tables of a batch's shards, items and results: per item before migration 0009 (the
+# baseline code), per shard since (pgbatch.items and pgbatch.results are views then).
+TABLES = ("shards", "items", "results", "item_blocks", "result_blocks", "result_errors")
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,12 +71,14 @@ async def table_sizes_mb(conninfo: str) -> dict[str, float]:
     """Return the total size (heap, indexes, TOAST) of pgbatch's per-item tables in MB."""
     async with await connect(conninfo) as conn:
         sizes = {}
-        for table in TABLES:
-            cur = await conn.execute(
-                "SELECT pg_total_relation_size(%s::regclass)", (f"pgbatch.{table}",)
-            )
-            row = await cur.fetchone()
-            sizes[table] = round((row[0] if row else 0) / 1e6, 1)
+        cur = await conn.execute(
+            "SELECT relname, pg_total_relation_size(oid) FROM pg_class"
+            " WHERE relnamespace = 'pgbatch'::regnamespace AND relkind = 'r'"
+            " AND relname = ANY(%s) ORDER BY relname",
+            (list(TABLES),),
+        )
+        for name, size in await cur.fetchall():
+            sizes[str(name)] = round(int(size) / 1e6, 1)
         return sizes
 
 

@@ -2,7 +2,12 @@
 
 Run from the repository root:
 
-    .venv/bin/python benchmarks/throughput.py [--items N] [--database-url URL]
+    .venv/bin/python benchmarks/throughput.py [--items N] [--shard-sizes 1,10,100,1000]
+        [--database-url URL]
+
+To measure another revision's engine with the same benchmark (a same-run baseline), put
+its source first on the path: the workers inherit it. For example, with a worktree of
+main at /tmp/base: `PYTHONPATH=/tmp/base/src .venv/bin/python benchmarks/throughput.py`.
 
 It creates a database `pgbatch_bench_<pid>` on the server (DATABASE_URL, else the embedded
 one), measures, prints every figure with its ratio to its ceiling and a PASS/MISS for each
@@ -77,6 +82,20 @@ WAKEUP_SAMPLES = 200
 WAKEUP_CONCURRENCY = 32
 # Pause between wake-up samples so the worker is back in its idle wait each time.
 WAKEUP_IDLE_GAP_S = 0.02
+# The ceilings' tables: pgbatch.results and pgbatch.items as they were before 0009 stored
+# them one row per shard (docs/design/storage-layout.md); the ratios keep their meaning.
+RESULTS_CEILING_DDL = """
+CREATE TABLE bench_ceiling (
+    batch_id bigint NOT NULL, seq bigint NOT NULL, ok boolean NOT NULL, output json,
+    error text, traceback_digest bytea,
+    PRIMARY KEY (batch_id, seq), CHECK (ok = (error IS NULL)));
+CREATE INDEX bench_ceiling_errors_idx ON bench_ceiling (batch_id, seq) WHERE NOT ok;
+"""
+ITEMS_CEILING_DDL = """
+CREATE TABLE bench_ceiling (
+    batch_id bigint NOT NULL, seq bigint NOT NULL, payload json NOT NULL,
+    PRIMARY KEY (batch_id, seq));
+"""
 # Rows per COPY write in the ceiling measurements: large, so the client is not the limit.
 CEILING_CHUNK_ROWS = 10_000
 # Shards of the submit-only batch go to a queue no worker serves, so nothing runs them.
@@ -148,18 +167,19 @@ async def measure_copy_ceiling(conninfo: str, kind: str, rows: int) -> float:
     """Return rows/s of one COPY, in one transaction, of pre-encoded rows into a logged table.
 
     `kind` "results" writes rows shaped and encoded like pgbatch.results (batch_id, seq, ok,
-    output, error); "items" like pgbatch.items (batch_id, seq, payload). Both tables are
-    created LIKE pgbatch's own (same types, key and checks); only the server's work is timed.
+    output, error); "items" like pgbatch.items (batch_id, seq, payload). Both tables are the
+    one-row-per-item tables pgbatch had until migration 0009 (same types, key, checks and
+    index), so the ceiling stays what it was when pgbatch stores blocks; only the server's
+    work is timed.
     """
     if kind == "results":
-        # The same columns, types, key and checks as pgbatch's own table.
-        ddl = "CREATE TABLE bench_ceiling (LIKE pgbatch.results INCLUDING ALL)"
+        ddl = RESULTS_CEILING_DDL
         chunks = [
             encode_result_rows(1, ((seq, _OK) for seq in _chunk(start, rows)))
             for start in range(0, rows, CEILING_CHUNK_ROWS)
         ]
     else:
-        ddl = "CREATE TABLE bench_ceiling (LIKE pgbatch.items INCLUDING ALL)"
+        ddl = ITEMS_CEILING_DDL
         chunks = [
             b"".join(b"1\t%d\t%s\n" % (seq, encode_json({"n": seq})) for seq in _chunk(start, rows))
             for start in range(0, rows, CEILING_CHUNK_ROWS)
@@ -168,7 +188,8 @@ async def measure_copy_ceiling(conninfo: str, kind: str, rows: int) -> float:
         await conn.execute(ddl)
         started = time.perf_counter()
         async with conn.transaction():
-            async with conn.cursor().copy("COPY bench_ceiling FROM STDIN") as copy:
+            columns = "(batch_id, seq, ok, output, error)" if kind == "results" else ""
+            async with conn.cursor().copy(f"COPY bench_ceiling {columns} FROM STDIN") as copy:
                 for chunk in chunks:
                     await copy.write(chunk)
         elapsed = time.perf_counter() - started
@@ -489,7 +510,7 @@ def _peer_wakeup_p50_s() -> tuple[float, str] | None:
     return float(value), str(data.get("server", {}).get("when", "an earlier run"))
 
 
-async def run(url: str, items: int) -> dict[str, Any]:
+async def run(url: str, items: int, sizes: tuple[int, ...] = SHARD_SIZES) -> dict[str, Any]:
     """Measure everything on a fresh database and print the figures as they come."""
     async with bench_database(url, "pgbatch_bench") as conninfo:
         info = await server_info(conninfo)
@@ -497,12 +518,14 @@ async def run(url: str, items: int) -> dict[str, Any]:
         app = make_app(conninfo)
         await app.open()
         try:
-            return await _measure_all(app, conninfo, info, items)
+            return await _measure_all(app, conninfo, info, items, sizes)
         finally:
             await app.close()
 
 
-async def _measure_all(app: App, conninfo: str, info: ServerInfo, items: int) -> dict[str, Any]:
+async def _measure_all(
+    app: App, conninfo: str, info: ServerInfo, items: int, sizes: tuple[int, ...]
+) -> dict[str, Any]:
     out = _Printer()
     out.section("Ceilings of this server (no worker running)")
     commit_p50, commit_p99 = await measure_commit_latency(conninfo)
@@ -561,7 +584,7 @@ async def _measure_all(app: App, conninfo: str, info: ServerInfo, items: int) ->
         "e2e/COPY  cores: machine workers server client other"
     )
     runs: list[EndToEndFigures] = []
-    for shard_size in SHARD_SIZES:
+    for shard_size in sizes:
         count = min(items, ITEMS_CAP.get(shard_size, items))
         e2e = await measure_end_to_end(app, conninfo, shard_size, count)
         runs.append(e2e)
@@ -598,24 +621,29 @@ async def _measure_all(app: App, conninfo: str, info: ServerInfo, items: int) ->
     )
 
     by_size = {r.shard_size: r for r in runs}
-    one = by_size[1]
-    out.section(f"One batch of {fmt_int(one.items)} one-item shards (the shard size 1 run)")
-    completion_ratio = one.shards_per_s / hot_row
-    out.row(
-        "completions/s",
-        f"{fmt_int(one.shards_per_s)}",
-        f"{completion_ratio:.1f} x hot-row ceiling ({fmt_int(hot_row)}/s)",
-    )
-    out.row(
-        "transactions per shard (claims, completions, heartbeats)",
-        f"{one.transactions_per_shard:.3f}",
-    )
-    out.row("enqueue (submit alone) at shard size 1", f"{fmt_int(one.submit_rows_per_s)} rows/s")
-
-    # Machine time per shard: what the shard-size-1 run spends per shard beyond the
-    # per-item cost measured where shards are large.
-    big = by_size[max(SHARD_SIZES)]
-    overhead_cpu_s = 1 / one.shards_per_s - 1 / big.process_items_per_s
+    # --shard-sizes may leave out shard size 1 (its section) or 100 (the e2e target).
+    one = by_size.get(1)
+    completion_ratio = float("nan")
+    overhead_cpu_s = 0.0
+    if one is not None:
+        out.section(f"One batch of {fmt_int(one.items)} one-item shards (the shard size 1 run)")
+        completion_ratio = one.shards_per_s / hot_row
+        out.row(
+            "completions/s",
+            f"{fmt_int(one.shards_per_s)}",
+            f"{completion_ratio:.1f} x hot-row ceiling ({fmt_int(hot_row)}/s)",
+        )
+        out.row(
+            "transactions per shard (claims, completions, heartbeats)",
+            f"{one.transactions_per_shard:.3f}",
+        )
+        out.row(
+            "enqueue (submit alone) at shard size 1", f"{fmt_int(one.submit_rows_per_s)} rows/s"
+        )
+        # Machine time per shard: what the shard-size-1 run spends per shard beyond the
+        # per-item cost measured where shards are large.
+        big = by_size[max(sizes)]
+        overhead_cpu_s = 1 / one.shards_per_s - 1 / big.process_items_per_s
 
     out.section(f"Idle wake-up ({WAKEUP_SAMPLES} single-item batches, one at a time)")
     wake = await measure_wakeup(app, conninfo)
@@ -654,8 +682,8 @@ async def _measure_all(app: App, conninfo: str, info: ServerInfo, items: int) ->
             f"({hint.note})",
         )
 
-    s100 = by_size[100]
-    e2e_ratio = s100.items_per_s / copy_results
+    s100 = by_size.get(100)
+    e2e_ratio = s100.items_per_s / copy_results if s100 is not None else float("nan")
     peer = _peer_wakeup_p50_s()
     out.section("Targets")
     out.target(
@@ -753,6 +781,11 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--database-url", help="server to use (default: DATABASE_URL, else the embedded one)"
     )
+    parser.add_argument(
+        "--shard-sizes",
+        default=",".join(map(str, SHARD_SIZES)),
+        help="end-to-end shard sizes, comma-separated (default 1,10,100,1000)",
+    )
     parser.add_argument("--child-submit", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.items < 1000:
@@ -768,7 +801,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     url = server_url(args.database_url)
     require_local(url)
-    figures = asyncio.run(run(url, args.items))
+    sizes = tuple(int(size) for size in args.shard_sizes.split(","))
+    figures = asyncio.run(run(url, args.items, sizes))
     path = write_results("throughput", figures)
     print(f"\nfigures written to {path}")
 

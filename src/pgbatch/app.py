@@ -604,7 +604,10 @@ class App:
         """Yield (seq, outcome) for the batch's items in order, a page at a time."""
         await self.open()
         # Raises BatchNotFoundError before the first page for an unknown (or foreign) batch.
-        await self.get_batch(batch_id, tenant=tenant)
+        batch = await self.get_batch(batch_id, tenant=tenant)
+        # A page reads whole result blocks (one per shard): a page of at least a shard's
+        # items reads each block at most twice, however large the shards.
+        page_rows = max(RESULT_PAGE_ROWS, batch.shard_size)
         after = -1
         while True:
             async with self.db.connection() as conn:
@@ -612,7 +615,7 @@ class App:
                     conn,
                     batch_id,
                     after_seq=after,
-                    limit=RESULT_PAGE_ROWS,
+                    limit=page_rows,
                     errors_only=errors_only,
                 )
                 # After the page, not before: a batch pruned while this page was read
@@ -623,7 +626,7 @@ class App:
                     raise await batch_queries.missing_batch(conn, batch_id, tenant=tenant)
             for row in rows:
                 yield row
-            if len(rows) < RESULT_PAGE_ROWS:
+            if len(rows) < page_rows:
                 return
             after = rows[-1][0]
 

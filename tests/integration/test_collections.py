@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib
 import sys
 from collections.abc import AsyncIterator
@@ -296,16 +297,7 @@ def _with_statements(completion: ShardCompletion, *statements: tuple[str, Any]) 
     )
     for statement, params in statements:
         ctx.execute_at_commit(statement, params)
-    return ShardCompletion(
-        completion.shard_id,
-        completion.batch_id,
-        completion.lease_epoch,
-        completion.status,
-        completion.results_copy,
-        completion.items_ok,
-        completion.items_failed,
-        statements=ctx.statements,
-    )
+    return dataclasses.replace(completion, writes=(), statements=ctx.statements)
 
 
 _LOG = "INSERT INTO at_commit_log (shard_id, step) VALUES (%s, %s)"
@@ -329,14 +321,11 @@ async def test_statements_run_by_shard_id_then_in_queue_order(app: pgbatch.App) 
     register_noop(app)
     await _create_log(app)
     first, second, fenced_out = await _noop_completions(app, 3)
-    fenced_out = ShardCompletion(
-        fenced_out.shard_id,
-        fenced_out.batch_id,
-        fenced_out.lease_epoch + 1,  # an epoch it does not hold
-        fenced_out.status,
-        fenced_out.results_copy,
-        fenced_out.items_ok,
-        fenced_out.items_failed,
+    fenced_out = dataclasses.replace(
+        fenced_out,
+        lease_epoch=fenced_out.lease_epoch + 1,  # an epoch it does not hold
+        writes=(),
+        statements=(),
     )
     flush = [
         # Given out of order: they must run by shard id, then in the order queued.

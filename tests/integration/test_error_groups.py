@@ -43,9 +43,17 @@ async def test_error_groups_sample_a_bounded_number_of_items_per_group(app: pgba
     batch = await app.submit("never_run", ({"n": n} for n in range(FAILED_ITEMS)), shard_size=100)
     async with app.db.connection() as conn:
         # Three errors: every item fails, as a whole batch of a broken handler would.
+        # Stored as a finished shard's results are (0009): a block, and a row per failure.
         await conn.execute(
-            "INSERT INTO pgbatch.results (batch_id, seq, ok, error)"
-            " SELECT batch_id, seq, false, 'error ' || (seq %% 3) FROM pgbatch.items"
+            "INSERT INTO pgbatch.result_blocks (batch_id, first_seq, outputs)"
+            " SELECT batch_id, first_seq,"
+            " ('[' || rtrim(repeat('null,', json_array_length(payloads)), ',') || ']')::json"
+            " FROM pgbatch.item_blocks WHERE batch_id = %s",
+            (batch.id,),
+        )
+        await conn.execute(
+            "INSERT INTO pgbatch.result_errors (batch_id, seq, error)"
+            " SELECT batch_id, seq, 'error ' || (seq %% 3) FROM pgbatch.items"
             " WHERE batch_id = %s",
             (batch.id,),
         )
@@ -53,7 +61,7 @@ async def test_error_groups_sample_a_bounded_number_of_items_per_group(app: pgba
             "UPDATE pgbatch.shards SET status = 'done', finished_at = now() WHERE batch_id = %s",
             (batch.id,),
         )
-        await conn.execute("ANALYZE pgbatch.results")
+        await conn.execute("ANALYZE pgbatch.result_errors")
         groups, total = await error_groups(conn, batch.id, limit=20, samples=SAMPLES)
         params = {"batch_id": batch.id, "limit": 20, "samples": SAMPLES}
         cur = await conn.execute(

@@ -33,7 +33,7 @@ CATALOG_QUERIES = {
         WHERE n.nspname = 'pgbatch' ORDER BY 1, 2""",
     "indexes": """
         SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = 'pgbatch' ORDER BY 1""",
-    # Storage parameters (autovacuum thresholds, 0011), each table's sorted.
+    # Storage parameters (autovacuum thresholds, 0010), each table's sorted.
     "reloptions": """
         SELECT relname, (SELECT array_agg(o ORDER BY o) FROM unnest(reloptions) o)
         FROM pg_class WHERE relnamespace = 'pgbatch'::regnamespace AND reloptions IS NOT NULL

@@ -1,6 +1,6 @@
-"""A database from before 0011, with data and a worker's open write, upgrades through 0011.
+"""A database from before 0010, with data and a worker's open write, upgrades through 0010.
 
-0011 lowers the autovacuum threshold of items. A storage parameter takes
+0010 lowers the autovacuum threshold of item_blocks. A storage parameter takes
 a SHARE UPDATE EXCLUSIVE lock, so the upgrade goes through while a worker's transaction
 holds rows of all three tables (it waits for no reader or writer); every row is kept
 and the running batch finishes on the new schema.
@@ -22,8 +22,8 @@ from tests.integration.test_upgrade import CORE_ROWS
 from tests.integration.test_upgrade_retention import _fill_at_0004
 
 EXPECTED = {
-    "items": ["autovacuum_vacuum_scale_factor=0.01"],
-    "results": None,  # measured no better with it (docs/design/retention.md)
+    "item_blocks": ["autovacuum_vacuum_scale_factor=0.01"],
+    "result_blocks": None,  # measured no better with it (docs/design/retention.md)
     "shards": None,
 }
 RELOPTIONS_SQL = """
@@ -46,16 +46,20 @@ async def _waits_on_a_lock(conn: psycopg.AsyncConnection[Any], pid: int) -> bool
 
 
 @pytest.mark.asyncio
-async def test_a_database_before_0011_upgrades_while_a_worker_writes(
+async def test_a_database_before_0010_upgrades_while_a_worker_writes(
     empty_database: str,
 ) -> None:
     async with await psycopg.AsyncConnection.connect(empty_database, autocommit=True) as conn:
         await _fill_at_0004(conn)
-        # Every migration before 0011 (0009 and 0010 belong to other changes).
-        assert (await migrate(conn, up_to=10))[:4] == [5, 6, 7, 8]
+        # Every migration before 0010 (0009: the blocks).
+        assert await migrate(conn, up_to=9) == [5, 6, 7, 8, 9]
         before = {name: await _rows(conn, sql) for name, sql in CORE_ROWS.items()}
         cur = await conn.execute(RELOPTIONS_SQL, (list(EXPECTED),))
-        assert await cur.fetchall() == [("items", None), ("results", None), ("shards", None)]
+        assert await cur.fetchall() == [
+            ("item_blocks", None),
+            ("result_blocks", None),
+            ("shards", None),
+        ]
 
     async with (
         await psycopg.AsyncConnection.connect(empty_database, autocommit=True) as writer,
@@ -65,8 +69,12 @@ async def test_a_database_before_0011_upgrades_while_a_worker_writes(
         # A worker's transaction in flight: it holds a row of each table (no-op writes).
         await writer.execute("BEGIN")
         await writer.execute("UPDATE pgbatch.shards SET attempts = attempts WHERE id = 4")
-        await writer.execute("UPDATE pgbatch.items SET payload = payload WHERE batch_id = 2")
-        await writer.execute("UPDATE pgbatch.results SET ok = ok WHERE batch_id = 2")
+        await writer.execute(
+            "UPDATE pgbatch.item_blocks SET payloads = payloads WHERE batch_id = 2"
+        )
+        await writer.execute(
+            "UPDATE pgbatch.result_blocks SET outputs = outputs WHERE batch_id = 2"
+        )
         pid = upgrader.info.backend_pid
         upgrade = asyncio.create_task(migrate(upgrader))
 
@@ -78,7 +86,7 @@ async def test_a_database_before_0011_upgrades_while_a_worker_writes(
         await writer.execute("COMMIT")
         applied = await upgrade
         assert not blocked, "the upgrade waited for a worker's open transaction"
-        assert applied == [11]
+        assert applied == [10]
 
     async with pgbatch.App(settings=settings_for(empty_database)) as app:  # nothing to migrate
         register_noop(app)

@@ -178,16 +178,34 @@ class _ItemEncoder:
             start = end
 
     def encode(self, items: list[Any]) -> bytes:
-        """Encode one chunk of items as COPY rows numbered from the running count."""
+        """Encode one chunk of items as COPY bytes of item blocks, from the running count.
+
+        One row per shard (`batch_id, first_seq, [payloads]`): a shard that spans chunks
+        is continued in the next one (COPY is a stream), and `finish` closes the last.
+        """
         payloads = self.payloads(items)
         if any(b"\\" in p for p in payloads):
             # COPY's text format reads a backslash as an escape: double them.
             payloads = [p.replace(b"\\", b"\\\\") for p in payloads]
-        first, batch_id = self.count, self.batch_id
-        self.count += len(payloads)
-        return b"".join(
-            [b"%d\t%d\t%s\n" % (batch_id, first + n, p) for n, p in enumerate(payloads)]
-        )
+        out = bytearray()
+        start, size = 0, self.shard_size
+        while start < len(payloads):
+            offset = self.count % size
+            end = min(len(payloads), start + size - offset)
+            if offset == 0:
+                if self.count:
+                    out += b"]\n"
+                out += b"%d\t%d\t[" % (self.batch_id, self.count)
+            else:
+                out += b","
+            out += b",".join(payloads[start:end])
+            self.count += end - start
+            start = end
+        return bytes(out)
+
+    def finish(self) -> bytes:
+        """Return the bytes that close the last item block (none for an empty batch)."""
+        return b"]\n" if self.count else b""
 
     def _raise_for_first_bad(self, items: Sequence[Any]) -> None:
         for offset, item in enumerate(items):
@@ -266,6 +284,7 @@ async def submit_batch(
             async with conn.cursor().copy(query("item_copy")) as copy:
                 async for chunk in _chunks(items, encoder):
                     await copy.write(chunk)
+                await copy.write(encoder.finish())
         except psycopg.errors.DataError as exc:
             raise InvalidBatchError(
                 f"an item cannot be stored as JSON: {exc.diag.message_primary}", field="items"
@@ -291,12 +310,18 @@ async def _submit_small(
 ) -> SubmitResult:
     encoder = _ItemEncoder(0, spec)
     payloads = encoder.payloads(items)
+    size = spec.shard_size
     async with conn.cursor(row_factory=dict_row) as cur:
         await cur.execute(
             query("batch_submit_small"),
             {
                 **_spec_params(spec),
-                "items": (b"[" + b",".join(payloads) + b"]").decode(),
+                # One item block per shard, as the COPY path writes them.
+                "first_seqs": list(range(0, len(payloads), size)),
+                "blocks": [
+                    (b"[" + b",".join(payloads[at : at + size]) + b"]").decode()
+                    for at in range(0, len(payloads), size)
+                ],
                 "total_items": len(payloads),
                 "total_shards": -(-len(payloads) // spec.shard_size),
                 "payload_hash": encoder.digest.digest(),

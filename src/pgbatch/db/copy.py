@@ -16,14 +16,15 @@ from psycopg import sql
 from pgbatch.models import Outcome, TableRows
 
 __all__ = [
+    "EncodedResults",
     "EncodedRows",
     "copy_encoded_rows",
     "copy_table_rows",
     "encode_json",
     "encode_result_rows",
+    "encode_results",
     "encode_rows",
     "encode_table_rows",
-    "encode_traced_result_rows",
     "storable_text",
     "traceback_digest",
 ]
@@ -76,7 +77,10 @@ def _encode_field(value: Any) -> bytes:
 
 
 def encode_result_rows(batch_id: int, results: Iterable[tuple[int, Outcome]]) -> bytes:
-    """Encode (seq, outcome) pairs as rows of pgbatch.results."""
+    """Encode (seq, outcome) pairs as one row per item, as pgbatch.results was until 0009.
+
+    benchmarks/throughput.py's results COPY ceiling is measured with these rows.
+    """
     prefix = f"{batch_id}\t".encode()
     out = bytearray()
     for seq, outcome in results:
@@ -98,35 +102,62 @@ def traceback_digest(text: str) -> bytes:
     return hashlib.blake2b(text.encode(), digest_size=16).digest()
 
 
-def encode_traced_result_rows(
-    batch_id: int, results: Iterable[tuple[int, Outcome]]
-) -> tuple[bytes, dict[bytes, str]]:
-    """Encode results with a traceback_digest column; return them and the distinct texts.
+@dataclass(frozen=True, slots=True)
+class EncodedResults:
+    """A shard's outcomes as stored (0009): one result block, a row per failed item.
 
-    Only a failed attempt's results go this way (result_copy_traced): a successful shard's
-    COPY stays the five columns of encode_result_rows, byte for byte.
+    `outputs` is the JSON array of the outputs in seq order (null at a failed item's
+    position), `errors` the COPY rows of pgbatch.result_errors, `tracebacks` the distinct
+    (digest, text) those rows name. `seqs` are the outcomes' seqs: a first run's are its
+    shard's contiguous range from `first_seq`; a retried shard's rerun merges at them.
     """
+
+    first_seq: int
+    seqs: tuple[int, ...]
+    outputs: bytes
+    errors: bytes
+    tracebacks: tuple[tuple[bytes, str], ...] = ()
+
+    def block_row(self, batch_id: int) -> bytes:
+        """Return the COPY row of pgbatch.result_blocks for a first run."""
+        return b"%d\t%d\t%s\n" % (batch_id, self.first_seq, self.outputs.replace(b"\\", b"\\\\"))
+
+
+def encode_results(
+    batch_id: int, results: Sequence[tuple[int, Outcome]], *, traced: bool = False
+) -> EncodedResults | None:
+    """Encode outcomes for a result block; raise TypeError if an output cannot be stored.
+
+    `traced`: failed items keep their traceback (a failed attempt's); otherwise their
+    rows name none. None when there is no outcome at all.
+    """
+    if not results:
+        return None
+    outputs = orjson.dumps([outcome.output if outcome.ok else None for _, outcome in results])
     prefix = f"{batch_id}\t".encode()
-    out = bytearray()
+    errors = bytearray()
     texts: dict[bytes, str] = {}
     for seq, outcome in results:
-        out += prefix
-        out += str(seq).encode()
         if outcome.ok:
-            out += b"\tt\t"
-            out += _NULL if outcome.output is None else encode_json(outcome.output)
-            out += b"\t\\N\t\\N\n"
             continue
-        out += b"\tf\t\\N\t"
-        out += _encode_text(storable_text(outcome.error or "error"))
-        if outcome.traceback:
+        errors += prefix
+        errors += str(seq).encode()
+        errors += b"\t"
+        errors += _encode_text(storable_text(outcome.error or "error"))
+        if traced and outcome.traceback:
             trace = storable_text(outcome.traceback)
             digest = traceback_digest(trace)
             texts.setdefault(digest, trace)
-            out += b"\t\\\\x" + digest.hex().encode() + b"\n"
+            errors += b"\t\\\\x" + digest.hex().encode() + b"\n"
         else:
-            out += b"\t\\N\n"
-    return bytes(out), texts
+            errors += b"\t\\N\n"
+    return EncodedResults(
+        results[0][0],
+        tuple(seq for seq, _ in results),
+        outputs,
+        bytes(errors),
+        tuple(texts.items()),
+    )
 
 
 def encode_table_rows(rows: Iterable[Sequence[Any]]) -> bytes:

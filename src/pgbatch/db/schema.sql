@@ -83,16 +83,17 @@ CREATE INDEX pruned_batches_unclean_idx ON pgbatch.pruned_batches (id) WHERE cle
 -- Items and outputs are json, not jsonb: pgbatch never looks inside them, and json is
 -- stored and returned as the text it was given, which COPY writes and the claim reads
 -- back about twice as fast as jsonb's parse and re-serialisation.
--- No foreign key to batches on items and results: they are written only by pgbatch, in
--- the transactions that create the batch or hold its shard, and a per-row RI check on
--- millions of COPY rows would cost more than the rest of the write.
--- Vacuumed at 1 % of dead rows, not 20 % (0011): its dead rows are pruned batches' only,
+-- No foreign key to batches on the blocks and errors: they are written only by pgbatch, in
+-- the transactions that create the batch or hold its shard.
+-- Items and results are stored one row per shard (0009, docs/design/storage-layout.md).
+-- A shard's items, in seq order from first_seq (= shard_no * shard_size).
+-- Vacuumed at 1 % of dead rows, not 20 % (0010): its dead rows are pruned batches' only,
 -- and with a week of history the default would let a fifth of the table go dead first.
-CREATE TABLE pgbatch.items (
-    batch_id bigint NOT NULL,
-    seq      bigint NOT NULL,
-    payload  json   NOT NULL,
-    PRIMARY KEY (batch_id, seq)
+CREATE TABLE pgbatch.item_blocks (
+    batch_id  bigint NOT NULL,
+    first_seq bigint NOT NULL,
+    payloads  json   NOT NULL,
+    PRIMARY KEY (batch_id, first_seq)
 ) WITH (autovacuum_vacuum_scale_factor = 0.01);
 
 CREATE TABLE pgbatch.shards (
@@ -139,21 +140,41 @@ CREATE INDEX shards_lease_idx ON pgbatch.shards (lease_expires_at) WHERE status 
 CREATE INDEX shards_queued_wait_idx ON pgbatch.shards (tenant, queue, run_after)
     WHERE status = 'queued';
 
-CREATE TABLE pgbatch.results (
-    batch_id bigint  NOT NULL,
-    seq      bigint  NOT NULL,
-    ok       boolean NOT NULL,
-    output   json,
-    error    text,
-    -- A failed item's traceback: its row in pgbatch.tracebacks (NULL when it has none).
-    traceback_digest bytea,
-    PRIMARY KEY (batch_id, seq),
-    CHECK (ok = (error IS NULL))
+-- A shard's results once it has ended: one position per item, its output if it succeeded.
+CREATE TABLE pgbatch.result_blocks (
+    batch_id  bigint NOT NULL,
+    first_seq bigint NOT NULL,
+    outputs   json   NOT NULL,
+    PRIMARY KEY (batch_id, first_seq)
 );
 
--- Failed items of a batch (`?status=error`, the dashboard's error samples) without
--- reading its successes: errors are few, so the index is small and cheap to maintain.
-CREATE INDEX results_errors_idx ON pgbatch.results (batch_id, seq) WHERE NOT ok;
+-- A failed item's result; `retrying` while a retry of its batch runs it again (then the
+-- item has no result). Failures are few: `?status=error` reads these rows alone.
+CREATE TABLE pgbatch.result_errors (
+    batch_id         bigint  NOT NULL,
+    seq              bigint  NOT NULL,
+    error            text    NOT NULL,
+    traceback_digest bytea,
+    retrying         boolean NOT NULL DEFAULT false,
+    PRIMARY KEY (batch_id, seq)
+);
+
+-- The blocks as one row per item, under the old names and columns (0009).
+CREATE VIEW pgbatch.items AS
+SELECT b.batch_id, b.first_seq + e.ord - 1 AS seq, e.payload
+FROM pgbatch.item_blocks b
+CROSS JOIN LATERAL json_array_elements(b.payloads) WITH ORDINALITY AS e(payload, ord);
+
+CREATE VIEW pgbatch.results AS
+SELECT b.batch_id, b.first_seq + e.ord - 1 AS seq, er.seq IS NULL AS ok,
+       CASE WHEN er.seq IS NULL AND json_typeof(e.output) <> 'null' THEN e.output END
+           AS output,
+       er.error, er.traceback_digest
+FROM pgbatch.result_blocks b
+CROSS JOIN LATERAL json_array_elements(b.outputs) WITH ORDINALITY AS e(output, ord)
+LEFT JOIN pgbatch.result_errors er
+    ON er.batch_id = b.batch_id AND er.seq = b.first_seq + e.ord - 1
+WHERE er.retrying IS NOT TRUE;
 
 -- Distinct traceback texts of a batch, shared by the failed items that raised them.
 CREATE TABLE pgbatch.tracebacks (

@@ -12,11 +12,11 @@ import psycopg
 from psycopg.abc import QueryNoTemplate
 
 from pgbatch.db.copy import (
+    EncodedResults,
     EncodedRows,
     copy_encoded_rows,
-    encode_result_rows,
+    encode_results,
     encode_rows,
-    encode_traced_result_rows,
     storable_text,
 )
 from pgbatch.db.queries import query
@@ -64,7 +64,8 @@ class ShardCompletion:
     batch_id: int
     lease_epoch: int
     status: ShardStatus
-    results_copy: bytes
+    # Its outcomes as stored (a result block and the failed items' rows); None: none.
+    results: EncodedResults | None
     items_ok: int
     items_failed: int
     writes: Sequence[EncodedRows] = ()
@@ -75,10 +76,6 @@ class ShardCompletion:
     retry_delay_s: float | None = None
     # The failure's traceback, kept with the shard's last error (bounded by the engine).
     traceback: str | None = None
-    # results_copy has the traceback_digest column (result_copy_traced), and these are the
-    # (digest, text) of the tracebacks its rows name, for pgbatch.tracebacks.
-    results_traced: bool = False
-    tracebacks: tuple[tuple[bytes, str], ...] = ()
 
     @classmethod
     def retry(
@@ -92,7 +89,7 @@ class ShardCompletion:
         traceback: str | None = None,
     ) -> ShardCompletion:
         """Return the change that sends a failed attempt back to the queue after `delay_s`."""
-        return cls(shard_id, batch_id, lease_epoch, ShardStatus.QUEUED, b"", 0, 0, (),
+        return cls(shard_id, batch_id, lease_epoch, ShardStatus.QUEUED, None, 0, 0, (),
                    _storable(error), (), delay_s, _storable(traceback))  # fmt: skip
 
     @classmethod
@@ -114,7 +111,7 @@ class ShardCompletion:
         refund = CommitStatement(
             query("shard_snooze_refund"), {"shard_id": shard_id, "epoch": lease_epoch}
         )
-        return cls(shard_id, batch_id, lease_epoch, ShardStatus.QUEUED, b"", 0, 0, (),
+        return cls(shard_id, batch_id, lease_epoch, ShardStatus.QUEUED, None, 0, 0, (),
                    _storable(reason), (*statements, refund), delay_s)  # fmt: skip
 
     @property
@@ -139,22 +136,16 @@ class ShardCompletion:
     ) -> ShardCompletion:
         """Encode results and user rows; raise TypeError if a value cannot be stored.
 
-        `traced`: some outcomes carry a traceback (a failed attempt's); a successful
-        shard's results are encoded without the column, as before.
+        `traced`: some outcomes carry a traceback (a failed attempt's), which their rows
+        keep; otherwise failed items' rows name no traceback, as before.
         """
         items_ok = sum(1 for _, outcome in results if outcome.ok)
-        texts: tuple[tuple[bytes, str], ...] = ()
-        if traced:
-            encoded, by_digest = encode_traced_result_rows(batch_id, results)
-            texts = tuple(by_digest.items())
-        else:
-            encoded = encode_result_rows(batch_id, results)
         return cls(
             shard_id,
             batch_id,
             lease_epoch,
             status,
-            encoded,
+            encode_results(batch_id, results, traced=traced),
             items_ok,
             len(results) - items_ok,
             [encode_rows(write) for write in writes],
@@ -162,8 +153,6 @@ class ShardCompletion:
             tuple(statements),
             None,
             _storable(traceback),
-            traced,
-            texts,
         )
 
 
@@ -314,8 +303,11 @@ async def _claim(
         first_seq, seqs, payloads = row[8:11]
         tenant, lease_refunds = row[12], row[13]
         values = orjson.loads(payloads) if payloads else []
-        # A first run holds the whole contiguous range; a retried shard lists its seqs.
-        positions = seqs if seqs is not None else range(first_seq, first_seq + len(values))
+        # A first run holds the whole block; a retried shard lists the seqs it reruns.
+        if seqs is None:
+            items = tuple(map(Item, range(first_seq, first_seq + len(values)), values))
+        else:
+            items = tuple(Item(seq, values[seq - first_seq]) for seq in seqs)
         shards.append(
             ClaimedShard(
                 id=shard_id,
@@ -325,7 +317,7 @@ async def _claim(
                 attempts=attempts,
                 max_attempts=max_attempts,
                 lease_ttl_s=ttl,
-                items=tuple(map(Item, positions, values)),
+                items=items,
                 batch_cancelled=bool(cancelled),
                 tenant=tenant,
                 lease_refunds=lease_refunds,
@@ -459,20 +451,37 @@ async def complete_shards(
         },
     )
     # A zombie and the shard's new holder may sit in the same flush: match on the epoch too.
-    report.accepted = {(shard_id, epoch) for shard_id, epoch in await cur.fetchall()}
+    shard_rows = {(row[0], row[1]): row[2:] for row in await cur.fetchall()}
+    report.accepted = set(shard_rows)
     accepted = [c for c in ordered if (c.shard_id, c.lease_epoch) in report.accepted]
     if not accepted:
         return report
 
-    # A flush of retries only has no results; a failed attempt's results (with their
-    # traceback digests) go through a COPY of their own, so a success's COPY is unchanged.
-    if any(c.results_copy and not c.results_traced for c in accepted):
-        async with conn.cursor().copy(query("result_copy")) as copy:
-            for completion in accepted:
-                if completion.results_copy and not completion.results_traced:
-                    await copy.write(completion.results_copy)
-    if any(c.results_traced for c in accepted):
-        await _write_traced_results(conn, [c for c in accepted if c.results_traced])
+    # A flush of retries only has no results. A first run's block goes in one COPY for
+    # the flush; a retried shard's rerun (rare: a retry of its batch) merges into its block.
+    with_results = [c for c in accepted if c.results is not None]
+    merges = [c for c in with_results if shard_rows[(c.shard_id, c.lease_epoch)][0]]
+    firsts = [c for c in with_results if not shard_rows[(c.shard_id, c.lease_epoch)][0]]
+    for completion in merges:
+        assert completion.results is not None
+        _, first_seq, last_seq = shard_rows[(completion.shard_id, completion.lease_epoch)]
+        await conn.execute(
+            query("result_block_merge"),
+            {
+                "batch_id": completion.batch_id,
+                "first_seq": first_seq,
+                "last_seq": last_seq,
+                "seqs": list(completion.results.seqs),
+                "outputs": completion.results.outputs.decode(),
+            },
+        )
+    if firsts:
+        async with conn.cursor().copy(query("result_block_copy")) as copy:
+            for completion in firsts:
+                assert completion.results is not None
+                await copy.write(completion.results.block_row(completion.batch_id))
+    if any(c.results.errors for c in with_results if c.results is not None):
+        await _write_errors(conn, with_results)
 
     await copy_encoded_rows(conn, [w for c in accepted for w in c.writes])
     # Before the counters: a long statement must not hold the hot batch row locked.
@@ -516,17 +525,24 @@ async def complete_shards(
     return report
 
 
-async def _write_traced_results(
-    conn: psycopg.AsyncConnection[Any], traced: Sequence[ShardCompletion]
+async def _write_errors(
+    conn: psycopg.AsyncConnection[Any], completions: Sequence[ShardCompletion]
 ) -> None:
-    """COPY failed attempts' results, and insert the traceback texts their rows name."""
-    async with conn.cursor().copy(query("result_copy_traced")) as copy:
-        for completion in traced:
-            if completion.results_copy:
-                await copy.write(completion.results_copy)
+    """COPY the failed items' rows, and insert the traceback texts they name."""
+    async with conn.cursor().copy(query("result_error_copy")) as copy:
+        for completion in completions:
+            if completion.results is not None and completion.results.errors:
+                await copy.write(completion.results.errors)
     # One row per (batch, digest), in key order (invariant 6): concurrent flushes that
     # insert the same traceback wait on each other in one order, never in a cycle.
-    texts = sorted({(c.batch_id, d): t for c in traced for d, t in c.tracebacks}.items())
+    texts = sorted(
+        {
+            (c.batch_id, d): t
+            for c in completions
+            if c.results is not None
+            for d, t in c.results.tracebacks
+        }.items()
+    )
     if texts:
         await conn.execute(
             query("traceback_insert_many"),

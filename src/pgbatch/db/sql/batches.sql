@@ -50,9 +50,10 @@ WITH sealed AS (
     ON CONFLICT (tenant, idempotency_key) DO NOTHING
     RETURNING *
 ), items AS (
-    INSERT INTO pgbatch.items (batch_id, seq, payload)
-    SELECT b.id, e.ord - 1, e.payload
-    FROM sealed b, json_array_elements(%(items)s::json) WITH ORDINALITY AS e(payload, ord)
+    -- One block per shard, built by the client: its items as one JSON array text.
+    INSERT INTO pgbatch.item_blocks (batch_id, first_seq, payloads)
+    SELECT b.id, f.first_seq, f.payloads::json
+    FROM sealed b, unnest(%(first_seqs)s::bigint[], %(blocks)s::text[]) AS f(first_seq, payloads)
 ),
 -- include: _batch_sealed_answer
 
@@ -145,8 +146,8 @@ GROUP BY 1
 ORDER BY 1;
 
 -- name: batch_error_samples
-SELECT seq, error FROM pgbatch.results
-WHERE batch_id = %(batch_id)s AND NOT ok
+SELECT seq, error FROM pgbatch.result_errors
+WHERE batch_id = %(batch_id)s AND NOT retrying
   -- The items a cancel ended are counted as cancelled, not as an error (issue 12 §3).
   AND NOT (%(skip_cancelled)s AND error = 'cancelled')
 ORDER BY seq
@@ -209,22 +210,39 @@ ORDER BY u.id;
 
 -- name: batch_cancel_queued_shards
 -- Queued shards stop here and their items get a terminal 'cancelled' result; running
--- shards see the cancellation at their next heartbeat.
+-- shards see the cancellation at their next heartbeat. A first-run shard gets a block of
+-- nulls and an error row per item; a retried one (its block and its successes kept) has
+-- its retrying rows turned into the cancellation.
 WITH cancelled AS (
     UPDATE pgbatch.shards
     SET status = 'cancelled', finished_at = now()
     WHERE batch_id = %(batch_id)s AND status = 'queued'
-    RETURNING first_seq, last_seq
-), written AS (
-    INSERT INTO pgbatch.results (batch_id, seq, ok, error)
-    SELECT i.batch_id, i.seq, false, 'cancelled'
+    RETURNING first_seq, last_seq, retried
+), blocks AS (
+    INSERT INTO pgbatch.result_blocks (batch_id, first_seq, outputs)
+    SELECT %(batch_id)s, c.first_seq,
+           ('[' || rtrim(repeat('null,', (c.last_seq - c.first_seq + 1)::int), ',') || ']')::json
     FROM cancelled c
-    JOIN pgbatch.items i
-      ON i.batch_id = %(batch_id)s AND i.seq BETWEEN c.first_seq AND c.last_seq
+    ORDER BY c.first_seq
+    ON CONFLICT (batch_id, first_seq) DO NOTHING
+), written AS (
+    INSERT INTO pgbatch.result_errors (batch_id, seq, error)
+    SELECT %(batch_id)s, g, 'cancelled'
+    FROM cancelled c, generate_series(c.first_seq, c.last_seq) AS g
+    WHERE NOT c.retried
+    ORDER BY g
     ON CONFLICT (batch_id, seq) DO NOTHING
     RETURNING 1
+), rewritten AS (
+    UPDATE pgbatch.result_errors e
+    SET error = 'cancelled', traceback_digest = NULL, retrying = false
+    FROM cancelled c
+    WHERE c.retried AND e.batch_id = %(batch_id)s
+      AND e.seq BETWEEN c.first_seq AND c.last_seq AND e.retrying
+    RETURNING 1
 )
-SELECT (SELECT count(*) FROM cancelled)::int AS shards, (SELECT count(*) FROM written) AS items;
+SELECT (SELECT count(*) FROM cancelled)::int AS shards,
+       (SELECT count(*) FROM written) + (SELECT count(*) FROM rewritten) AS items;
 
 -- name: batch_mark_cancelled
 UPDATE pgbatch.batches
@@ -243,23 +261,26 @@ WHERE id = %(batch_id)s
 RETURNING version, pg_notify('pgbatch_progress', id::text)::text;
 
 -- name: batch_requeue_failed_shards
--- Dead shards, and done shards holding error results, go back to the queue; their error
--- results are deleted so the rerun writes exactly one result per item again.
+-- Dead shards, and done shards holding failed items, go back to the queue; their failed
+-- items' error rows are marked retrying (no result until the rerun writes exactly one
+-- again), and only those items run: the others keep their outputs in the shard's block.
 WITH target AS (
     SELECT s.id, s.first_seq, s.last_seq, s.status
     FROM pgbatch.shards s
     WHERE s.batch_id = %(batch_id)s
       AND (s.status = 'dead'
            OR (s.status = 'done' AND EXISTS (
-                SELECT 1 FROM pgbatch.results r
-                WHERE r.batch_id = s.batch_id AND r.seq BETWEEN s.first_seq AND s.last_seq
-                  AND NOT r.ok)))
+                SELECT 1 FROM pgbatch.result_errors e
+                WHERE e.batch_id = s.batch_id AND e.seq BETWEEN s.first_seq AND s.last_seq
+                  AND NOT e.retrying)))
     ORDER BY s.id
     FOR NO KEY UPDATE
 ), deleted AS (
-    DELETE FROM pgbatch.results r
-    USING target t
-    WHERE r.batch_id = %(batch_id)s AND r.seq BETWEEN t.first_seq AND t.last_seq AND NOT r.ok
+    UPDATE pgbatch.result_errors e
+    SET retrying = true
+    FROM target t
+    WHERE e.batch_id = %(batch_id)s AND e.seq BETWEEN t.first_seq AND t.last_seq
+      AND NOT e.retrying
     RETURNING 1
 ), requeued AS (
     UPDATE pgbatch.shards s

@@ -61,12 +61,13 @@ SELECT id FROM gone;
 SELECT id FROM pgbatch.pruned_batches WHERE cleaned_at IS NULL ORDER BY id LIMIT %(limit)s;
 
 -- name: retention_clean_range
--- One bounded step of a pruned batch's removal: its items and results with seq in
--- [%(lo)s, %(hi)s) and its shards with shard_no in that range, by primary-key range. A
--- range, not "the first N left": rows deleted by earlier steps stay in the index as dead
--- entries until vacuum, and a "first N" scan would read all of them again at every step
--- (quadratic: 87 s for a million items, against seconds by range). The tombstone's row
--- lock (SKIP LOCKED) makes one pruner at a time clean a batch; another skips it.
+-- One bounded step of a pruned batch's removal: its item and result blocks with first_seq
+-- and its failed items' rows with seq in [%(lo)s, %(hi)s), and its shards with shard_no in
+-- that range, by primary-key range. A range, not "the first N left": rows deleted by
+-- earlier steps stay in the index as dead entries until vacuum, and a "first N" scan
+-- would read all of them again at every step (quadratic: 87 s for a million items,
+-- against seconds by range). The tombstone's row lock (SKIP LOCKED) makes one pruner at a
+-- time clean a batch; another skips it.
 WITH claim AS (
     SELECT id FROM pgbatch.pruned_batches
     WHERE id = %(batch_id)s AND cleaned_at IS NULL
@@ -77,19 +78,24 @@ WITH claim AS (
     WHERE s.batch_id = c.id AND s.shard_no >= %(lo)s AND s.shard_no < %(hi)s
     RETURNING 1
 ), items AS (
-    DELETE FROM pgbatch.items i
+    DELETE FROM pgbatch.item_blocks i
     USING claim c
-    WHERE i.batch_id = c.id AND i.seq >= %(lo)s AND i.seq < %(hi)s
+    WHERE i.batch_id = c.id AND i.first_seq >= %(lo)s AND i.first_seq < %(hi)s
     RETURNING 1
 ), results AS (
-    DELETE FROM pgbatch.results r
+    DELETE FROM pgbatch.result_blocks r
+    USING claim c
+    WHERE r.batch_id = c.id AND r.first_seq >= %(lo)s AND r.first_seq < %(hi)s
+    RETURNING 1
+), errors AS (
+    DELETE FROM pgbatch.result_errors r
     USING claim c
     WHERE r.batch_id = c.id AND r.seq >= %(lo)s AND r.seq < %(hi)s
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM claim)::int AS claimed,
        (SELECT count(*) FROM shards) + (SELECT count(*) FROM items)
-           + (SELECT count(*) FROM results) AS deleted,
+           + (SELECT count(*) FROM results) + (SELECT count(*) FROM errors) AS deleted,
        (SELECT total_items FROM pgbatch.pruned_batches WHERE id = %(batch_id)s) AS total_items;
 
 -- name: retention_clean_rest
@@ -105,15 +111,23 @@ WITH claim AS (
                    ORDER BY q.batch_id, q.shard_no LIMIT %(limit)s)
     RETURNING 1
 ), items AS (
-    DELETE FROM pgbatch.items i
+    DELETE FROM pgbatch.item_blocks i
     WHERE i.batch_id = %(batch_id)s
-      AND i.seq IN (SELECT q.seq FROM pgbatch.items q JOIN claim c ON q.batch_id = c.id
-                    ORDER BY q.seq LIMIT %(limit)s)
+      AND i.first_seq IN (SELECT q.first_seq FROM pgbatch.item_blocks q
+                          JOIN claim c ON q.batch_id = c.id
+                          ORDER BY q.first_seq LIMIT %(limit)s)
     RETURNING 1
 ), results AS (
-    DELETE FROM pgbatch.results r
+    DELETE FROM pgbatch.result_blocks r
     WHERE r.batch_id = %(batch_id)s
-      AND r.seq IN (SELECT q.seq FROM pgbatch.results q JOIN claim c ON q.batch_id = c.id
+      AND r.first_seq IN (SELECT q.first_seq FROM pgbatch.result_blocks q
+                          JOIN claim c ON q.batch_id = c.id
+                          ORDER BY q.first_seq LIMIT %(limit)s)
+    RETURNING 1
+), errors AS (
+    DELETE FROM pgbatch.result_errors r
+    WHERE r.batch_id = %(batch_id)s
+      AND r.seq IN (SELECT q.seq FROM pgbatch.result_errors q JOIN claim c ON q.batch_id = c.id
                     ORDER BY q.seq LIMIT %(limit)s)
     RETURNING 1
 ), tracebacks AS (
@@ -126,7 +140,8 @@ WITH claim AS (
 )
 SELECT (SELECT count(*) FROM claim)::int AS claimed,
        (SELECT count(*) FROM shards) + (SELECT count(*) FROM items)
-           + (SELECT count(*) FROM results) + (SELECT count(*) FROM tracebacks) AS deleted;
+           + (SELECT count(*) FROM results) + (SELECT count(*) FROM errors)
+           + (SELECT count(*) FROM tracebacks) AS deleted;
 
 -- name: retention_mark_clean
 UPDATE pgbatch.pruned_batches SET cleaned_at = now()
@@ -152,9 +167,17 @@ SELECT pg_advisory_unlock(hashtext('pgbatch.retention'));
 SELECT set_config('lock_timeout', %(lock_timeout)s, true);
 
 -- name: retention_table_bytes
--- Total size (heap, indexes, TOAST) of each of pgbatch's per-batch tables.
-SELECT c.relname, pg_total_relation_size(c.oid)
+-- Total size (heap, indexes, TOAST) of each of pgbatch's per-batch tables. Items and
+-- results keep their names (0009 stores them as blocks): "items" is item_blocks,
+-- "results" result_blocks and result_errors together.
+SELECT CASE c.relname WHEN 'item_blocks' THEN 'items'
+                      WHEN 'result_blocks' THEN 'results'
+                      WHEN 'result_errors' THEN 'results'
+                      ELSE c.relname END AS name,
+       sum(pg_total_relation_size(c.oid))::bigint
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE n.nspname = 'pgbatch' AND c.relkind = 'r'
-  AND c.relname IN ('batches', 'items', 'shards', 'results', 'callbacks', 'pruned_batches')
-ORDER BY c.relname;
+  AND c.relname IN ('batches', 'item_blocks', 'shards', 'result_blocks', 'result_errors',
+                    'callbacks', 'pruned_batches')
+GROUP BY 1
+ORDER BY 1;

@@ -107,9 +107,10 @@ tenants AS (
 
 -- name: _shard_claim_answer
 -- The end of every claim, after its CTE "picked" (the ids of the shards to claim, locked).
--- Each claimed shard comes back as one row carrying its items as one JSON array text (one
--- parse per shard, not one row per item); a retried shard skips the items that already
--- have a result, so it also returns their seqs.
+-- Each claimed shard comes back as one row carrying its items as one JSON array text, its
+-- item block as stored (one parse per shard, no row per item); a retried shard runs only
+-- the items whose result is being retried (their error rows are marked retrying), so it
+-- also returns their seqs.
 claimed AS (
     UPDATE pgbatch.shards s
     SET status = 'running',
@@ -136,26 +137,27 @@ claimed AS (
     RETURNING pg_notify('pgbatch_progress', b.id::text)
 )
 SELECT c.id, c.batch_id, c.task, c.lease_epoch, c.attempts, c.max_attempts, c.lease_ttl_s,
-       b.status = 'cancelled' AS batch_cancelled, c.first_seq, i.seqs, i.payloads,
+       b.status = 'cancelled' AS batch_cancelled, c.first_seq,
+       CASE WHEN c.retried THEN ARRAY(
+           SELECT e.seq FROM pgbatch.result_errors e
+           WHERE e.batch_id = c.batch_id AND e.seq BETWEEN c.first_seq AND c.last_seq
+             AND e.retrying
+           ORDER BY e.seq) END AS seqs,
+       ib.payloads::text AS payloads,
        (SELECT count(*) FROM started) AS batches_started, c.tenant, c.lease_refunds
 FROM claimed c
 JOIN pgbatch.batches b ON b.id = c.batch_id
-CROSS JOIN LATERAL (
-    SELECT CASE WHEN c.retried THEN array_agg(it.seq ORDER BY it.seq) END AS seqs,
-           '[' || string_agg(it.payload::text, ',' ORDER BY it.seq) || ']' AS payloads
-    FROM pgbatch.items it
-    WHERE it.batch_id = c.batch_id AND it.seq BETWEEN c.first_seq AND c.last_seq
-      AND (NOT c.retried OR NOT EXISTS (
-            SELECT 1 FROM pgbatch.results r WHERE r.batch_id = it.batch_id AND r.seq = it.seq))
-) i
+LEFT JOIN pgbatch.item_blocks ib ON ib.batch_id = c.batch_id AND ib.first_seq = c.first_seq
 ORDER BY c.id;
 
 -- name: shard_bury
 -- A shard no claim can read is dead at once, with the claim's error, without reading its
 -- items: fenced on "still queued" (a shard another worker claimed meanwhile is not touched)
 -- and locked with SKIP LOCKED like a claim. Each item without a result gets the error as
--- its result (invariant 4); the caller counts the shard once with batch_add_progress in
--- the same transaction. Returns the batch and how many items failed.
+-- its result (invariant 4): a first-run shard a block of nulls and an error row per item,
+-- a retried one its retrying rows turned into the error. The caller counts the shard once
+-- with batch_add_progress in the same transaction. Returns the batch and how many items
+-- failed.
 WITH buried AS (
     UPDATE pgbatch.shards s
     SET status = 'dead', last_error = %(error)s, last_error_at = now(), finished_at = now(),
@@ -164,17 +166,32 @@ WITH buried AS (
     WHERE s.id = (SELECT q.id FROM pgbatch.shards q
                   WHERE q.id = %(shard_id)s AND q.status = 'queued'
                   FOR UPDATE SKIP LOCKED)
-    RETURNING s.id, s.batch_id, s.first_seq, s.last_seq
+    RETURNING s.id, s.batch_id, s.first_seq, s.last_seq, s.retried
+), block AS (
+    INSERT INTO pgbatch.result_blocks (batch_id, first_seq, outputs)
+    SELECT b.batch_id, b.first_seq,
+           ('[' || rtrim(repeat('null,', (b.last_seq - b.first_seq + 1)::int), ',') || ']')::json
+    FROM buried b
+    ON CONFLICT (batch_id, first_seq) DO NOTHING
 ), failed AS (
     -- Seqs of a shard are its contiguous range: no need to read the items at all.
-    INSERT INTO pgbatch.results (batch_id, seq, ok, output, error)
-    SELECT b.batch_id, g, false, NULL, %(error)s
+    INSERT INTO pgbatch.result_errors (batch_id, seq, error)
+    SELECT b.batch_id, g, %(error)s
     FROM buried b, generate_series(b.first_seq, b.last_seq) AS g
+    WHERE NOT b.retried
     ORDER BY g
     ON CONFLICT (batch_id, seq) DO NOTHING
     RETURNING 1
+), refailed AS (
+    UPDATE pgbatch.result_errors e
+    SET error = %(error)s, traceback_digest = NULL, retrying = false
+    FROM buried b
+    WHERE b.retried AND e.batch_id = b.batch_id
+      AND e.seq BETWEEN b.first_seq AND b.last_seq AND e.retrying
+    RETURNING 1
 )
-SELECT b.batch_id, (SELECT count(*) FROM failed) AS items_failed FROM buried b;
+SELECT b.batch_id, (SELECT count(*) FROM failed) + (SELECT count(*) FROM refailed) AS items_failed
+FROM buried b;
 
 -- name: shard_heartbeat_many
 -- Renews the leases this worker still holds, fenced by epoch, and says of each shard
@@ -295,7 +312,8 @@ SET status = l.status, last_error = l.error, lease_expires_at = NULL,
     worker_id = CASE WHEN l.status = 'queued' THEN NULL ELSE s.worker_id END
 FROM locked l
 WHERE s.id = l.id AND s.lease_epoch = l.epoch
-RETURNING s.id, s.lease_epoch;
+-- A retried shard's results merge into its result block (result_block_merge).
+RETURNING s.id, s.lease_epoch, s.retried, s.first_seq, s.last_seq;
 
 -- name: shard_snooze_refund
 -- Runs in the completion flush that requeued a snoozed shard (pgbatch.Snooze), only if

@@ -1,8 +1,3 @@
--- name: result_copy_traced
--- A failed attempt's results: the five columns of result_copy and each failed item's
--- traceback digest (its row in pgbatch.tracebacks).
-COPY pgbatch.results (batch_id, seq, ok, output, error, traceback_digest) FROM STDIN;
-
 -- name: traceback_insert_many
 -- The distinct traceback texts of a flush's failed attempts, one row per (batch, digest):
 -- a text already stored (the same bug in another shard) is not stored twice. Rows come

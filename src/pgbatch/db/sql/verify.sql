@@ -1,13 +1,23 @@
 -- name: verify_batch
--- Read-back checks of invariant 4: every item has exactly one terminal result.
+-- Read-back checks of invariant 4: every item has exactly one terminal result. Counted
+-- from the blocks (a position each) and the error rows, without expanding a block.
+WITH ib AS (
+    SELECT first_seq, json_array_length(payloads) AS n
+    FROM pgbatch.item_blocks WHERE batch_id = %(batch_id)s
+), rb AS (
+    SELECT first_seq, json_array_length(outputs) AS n
+    FROM pgbatch.result_blocks WHERE batch_id = %(batch_id)s
+), er AS (
+    SELECT count(*) AS n, count(*) FILTER (WHERE retrying) AS retrying
+    FROM pgbatch.result_errors WHERE batch_id = %(batch_id)s
+)
 SELECT
-    (SELECT count(*) FROM pgbatch.items WHERE batch_id = %(batch_id)s) AS items,
-    (SELECT count(*) FROM pgbatch.results WHERE batch_id = %(batch_id)s) AS results,
-    (SELECT count(*) FROM pgbatch.results WHERE batch_id = %(batch_id)s AND ok) AS results_ok,
-    (SELECT count(*) FROM pgbatch.items i
-      WHERE i.batch_id = %(batch_id)s
-        AND NOT EXISTS (SELECT 1 FROM pgbatch.results r
-                        WHERE r.batch_id = i.batch_id AND r.seq = i.seq)) AS items_without_result,
+    (SELECT coalesce(sum(n), 0) FROM ib) AS items,
+    (SELECT coalesce(sum(n), 0) FROM rb) - (SELECT retrying FROM er) AS results,
+    (SELECT coalesce(sum(n), 0) FROM rb) - (SELECT n FROM er) AS results_ok,
+    (SELECT coalesce(sum(ib.n - coalesce(rb.n, 0)), 0)
+       FROM ib LEFT JOIN rb USING (first_seq)) + (SELECT retrying FROM er)
+        AS items_without_result,
     (SELECT count(*) FROM pgbatch.shards
       WHERE batch_id = %(batch_id)s AND status IN ('queued', 'running')) AS shards_open,
     (SELECT count(*) FROM pgbatch.callbacks WHERE batch_id = %(batch_id)s) AS callbacks_inserted,

@@ -126,10 +126,10 @@ WHERE batch_id = %(batch_id)s;
 
 -- name: collection_copy_endpoints
 -- Every item of a copy names its source and target; the first one tells them.
-SELECT payload ->> 'source', payload ->> 'target'
-FROM pgbatch.items
+SELECT payloads -> 0 ->> 'source', payloads -> 0 ->> 'target'
+FROM pgbatch.item_blocks
 WHERE batch_id = %(batch_id)s
-ORDER BY seq
+ORDER BY first_seq
 LIMIT 1;
 
 -- name: collection_copy_stats_prune

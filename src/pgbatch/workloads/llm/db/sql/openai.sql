@@ -99,10 +99,12 @@ WHERE id = %(id)s AND tenant = %(tenant)s;
 -- name: openai_item_custom_ids
 -- The custom_ids of requests whose result the engine wrote (cancelled, attempts
 -- exhausted): such a result holds no line of its own.
-SELECT seq, payload ->> 'custom_id'
-FROM pgbatch.items
-WHERE batch_id = %(batch_id)s AND seq = ANY(%(seqs)s)
-ORDER BY seq;
+-- Each one read from its shard's item block, at its position (core 0009).
+SELECT s.seq, ib.payloads -> (s.seq - ib.first_seq)::int ->> 'custom_id'
+FROM unnest(%(seqs)s::bigint[]) AS s(seq)
+JOIN pgbatch.batches b ON b.id = %(batch_id)s
+JOIN pgbatch.item_blocks ib ON ib.batch_id = b.id AND ib.first_seq = s.seq - s.seq %% b.shard_size
+ORDER BY s.seq;
 
 -- name: openai_batch_recover_stale
 -- A create that died between recording its batch and finishing left it validating:

@@ -1,12 +1,12 @@
--- Autovacuum of pgbatch.items at 1 % of dead rows instead of 20 % (issue 13). Items are
+-- Autovacuum of pgbatch.item_blocks (the items, one row per shard since 0009) at 1 % of dead rows instead of 20 % (issue 13). Items are
 -- written once and only ever deleted by pruning, so their dead rows are pruned batches'
 -- and nothing else: with a week of retained history the default waits until a fifth of
 -- the table is dead, and every batch submitted meanwhile is written into new pages.
--- Measured (benchmarks/growth.py --retained 1000000 --rounds 30 --shards 5000): the items
+-- Measured on the per-item table before 0009 (benchmarks/growth.py --retained 1000000 --rounds 30 --shards 5000): the items
 -- table was not vacuumed once in 30 rounds by default, twice at 1 %, and grew by 6.5 MB
--- instead of 11.9. shards and results showed no difference (autovacuum's nap and the
+-- instead of 11.9; at shard size 1 the blocks are still one row per item. shards and results showed no difference (autovacuum's nap and the
 -- length of a vacuum bound them, not the threshold), nor fillfactor (no shard update is
 -- HOT: each changes an indexed column): they keep the defaults. docs/design/retention.md
 -- has the figures. A storage parameter takes a SHARE UPDATE EXCLUSIVE lock: it waits for
 -- no worker's reads or writes, only for a running VACUUM or DDL.
-ALTER TABLE pgbatch.items SET (autovacuum_vacuum_scale_factor = 0.01);
+ALTER TABLE pgbatch.item_blocks SET (autovacuum_vacuum_scale_factor = 0.01);
