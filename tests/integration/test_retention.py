@@ -457,8 +457,22 @@ async def test_a_retry_and_a_prune_at_once_end_one_way_or_the_other(app: pgbatch
                     ("items", "shards", "results", "callbacks"), 0
                 )
                 outcomes.add("pruned")
+            elif batch.id in report.pruned:
+                # The retry won, the live worker reran its 3 shards at once, and the same
+                # prune pass then found the batch final again (retention 0): pruned after
+                # its rerun ended, never while it ran.
+                assert requeued == 3
+                async with app.db.connection() as conn:
+                    cur = await conn.execute(
+                        "SELECT status FROM pgbatch.pruned_batches WHERE id = %s", (batch.id,)
+                    )
+                    assert await cur.fetchone() == ("failed",)  # the odd items failed again
+                assert await _rows_of(app, batch.id) == dict.fromkeys(
+                    ("items", "shards", "results", "callbacks"), 0
+                )
+                outcomes.add("retried, then pruned")
             else:  # the retry won: the reopened batch was not touched, and reruns
-                assert requeued == 3 and batch.id not in report.pruned
+                assert requeued == 3
                 rerun = await app.wait(batch.id, timeout_s=30)
                 await _intact(app, rerun)
                 assert rerun.items_failed == 3  # the odd items fail again
