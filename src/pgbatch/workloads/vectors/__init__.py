@@ -49,6 +49,13 @@ from pgbatch.workloads.vectors.libraries import (
     update_document,
     update_library,
 )
+from pgbatch.workloads.vectors.limits import (
+    SearchBusyError,
+    SearchLimits,
+    SearchTimeoutError,
+    search_limits,
+    set_search_limits,
+)
 from pgbatch.workloads.vectors.queries import COMPONENT_NAME, MIGRATIONS_PACKAGE
 
 __all__ = [
@@ -64,7 +71,10 @@ __all__ = [
     "LibraryExistsError",
     "LibraryNotFoundError",
     "OpenAIEmbedder",
+    "SearchBusyError",
     "SearchHit",
+    "SearchLimits",
+    "SearchTimeoutError",
     "TextEmbedder",
     "VersionMismatchError",
     "add_documents",
@@ -80,6 +90,8 @@ __all__ = [
     "list_libraries",
     "reindex_documents",
     "search",
+    "search_limits",
+    "set_search_limits",
     "status_counts",
     "update_document",
     "update_library",
