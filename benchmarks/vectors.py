@@ -12,20 +12,23 @@ Same run, same database:
   (insert, batch, handler, fenced commit with the chunk replacement and the HNSW
   insertions) vs a raw COPY of the same vectors into a table of the same shape with the
   same HNSW index: the ratio is what the engine costs over the bare write.
-- **search**: k = 10 nearest by cosine through HNSW (pgvector defaults m = 16,
-  ef_construction = 64; ef_search = 100) vs exact: p50 / p99 latency and recall@10
-  against exact; then again with a metadata filter that keeps 1 % of the documents
-  (iterative index scans, relaxed order).
+- **search**: k = 10 nearest by cosine through HNSW (the library's index: m 16,
+  ef_construction 128; `--ef-search`, default the library's 200) vs exact: p50 / p99
+  latency and recall@10 against exact; then again with a metadata filter that keeps 1 %
+  of the documents (iterative index scans, relaxed order, exact fallback).
 
-The vectors are clustered (100 random centres plus noise), not uniform: uniform random
-vectors in 384 dimensions are the worst case for any graph index.
+The data (`--data`, benchmarks/vector_data.py): `mixture` by default (topics of uneven
+size, each spread in a low-dimensional subspace of its own, like real embeddings);
+`isotropic` (each topic a Gaussian in all 384 dimensions: the stress case) and
+`offtopic` (queries around other centres than the data's: this benchmark's data before
+issue 11's recall work, a pathology) on request. Queries come from the data's topics.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import math
+import os
 import random
 import sys
 import time
@@ -37,42 +40,17 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 
 import pgbatch
 from benchmarks.harness import bench_database, connect, percentile, require_local, server_url
+from benchmarks.vector_data import KINDS, Topics
 from pgbatch.workloads import vectors
+from pgbatch.workloads.vectors.libraries import DEFAULT_EF_SEARCH
+from pgbatch.workloads.vectors.queries import HNSW_EF_CONSTRUCTION, HNSW_M
 
 DIM = 384
 CHUNKS_PER_DOC = 10
 DOCS_PER_GROUP = 1_000
 K = 10
-CENTRES = 100
+TOPICS = 100
 FILTER_BUCKETS = 100  # a filter on one bucket keeps 1 % of the documents
-
-
-def _unit(values: list[float]) -> list[float]:
-    norm = math.sqrt(sum(v * v for v in values)) or 1.0
-    return [v / norm for v in values]
-
-
-def make_vectors(count: int, rng: random.Random, noise: float, latent: int) -> list[list[float]]:
-    """Return `count` unit vectors around CENTRES random centres.
-
-    With `latent` > 0 the spread around a centre lives in a random `latent`-dimensional
-    subspace (real embeddings have a low intrinsic dimension); with 0 it is isotropic
-    Gaussian noise in all DIM dimensions (the hardest case for a graph index).
-    """
-    centres = [_unit([rng.gauss(0, 1) for _ in range(DIM)]) for _ in range(CENTRES)]
-    basis = [[rng.gauss(0, 1) / math.sqrt(DIM) for _ in range(DIM)] for _ in range(latent)]
-    out = []
-    for _ in range(count):
-        centre = centres[rng.randrange(CENTRES)]
-        if latent:
-            weights = [rng.gauss(0, noise * math.sqrt(DIM / latent)) for _ in range(latent)]
-            spread = [
-                sum(w * b[i] for w, b in zip(weights, basis, strict=True)) for i in range(DIM)
-            ]
-            out.append(_unit([c + s for c, s in zip(centre, spread, strict=True)]))
-        else:
-            out.append(_unit([c + rng.gauss(0, noise) for c in centre]))
-    return out
 
 
 class LookupEmbedder:
@@ -127,7 +105,10 @@ async def raw_copy(url: str, table: Sequence[list[float]]) -> float:
             f"CREATE TABLE raw_chunks (document_id bigint, seq integer, content_version bigint,"
             f" text text, embedding vector({DIM}), PRIMARY KEY (document_id, seq))"
         )
-        await conn.execute("CREATE INDEX ON raw_chunks USING hnsw (embedding vector_cosine_ops)")
+        await conn.execute(
+            "CREATE INDEX ON raw_chunks USING hnsw (embedding vector_cosine_ops)"
+            f" WITH (m = {HNSW_M}, ef_construction = {HNSW_EF_CONSTRUCTION})"
+        )
         started = time.perf_counter()
         async with conn.cursor() as cur:
             async with cur.copy("COPY raw_chunks FROM STDIN") as copy:
@@ -175,19 +156,23 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--chunks", type=int, default=20_000)
     parser.add_argument("--queries", type=int, default=100)
-    parser.add_argument("--ef-search", type=int, nargs="+", default=[200])
-    # 0.05 per value makes tight clusters of near-duplicates (norm of the noise ~1, so
-    # ~0.7 of a centre's direction); larger is more spread out.
+    parser.add_argument("--ef-search", type=int, nargs="+", default=[DEFAULT_EF_SEARCH])
+    # The topics' spread: 0.05 per value is a spread of norm ~1 (the centre's) in all
+    # 384 dimensions for `isotropic`, the same norm in 8-32 dimensions for `mixture`.
     parser.add_argument("--noise", type=float, default=0.05)
-    parser.add_argument("--latent", type=int, default=0, help="intrinsic dimension (0: all)")
+    parser.add_argument(
+        "--data", choices=KINDS, default="mixture", help="benchmarks/vector_data.py"
+    )
     parser.add_argument("--database-url")
     args = parser.parse_args()
     url = server_url(args.database_url)
     require_local(url)
-    rng = random.Random(11)
-    print(f"making {args.chunks:,} vectors of {DIM} ...", flush=True)
-    table = make_vectors(args.chunks, rng, args.noise, args.latent)
-    queries = make_vectors(args.queries, rng, args.noise, args.latent)
+    topics = Topics(args.data, random.Random(11), dim=DIM, topics=TOPICS, noise=args.noise)
+    print(f"making {args.chunks:,} vectors of {DIM} ({args.data}) ...", flush=True)
+    table = topics.draw(args.chunks)
+    # Queries come from the data's topics (`offtopic`: from other ones, on purpose).
+    queries = topics.draw(args.queries, queries=True)
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     async with bench_database(url, "pgbatch_bench_vectors") as conninfo:
         app = pgbatch.App(settings=pgbatch.Settings(database_url=conninfo))
         app.use(vectors.WORKLOAD)
@@ -212,8 +197,10 @@ async def main() -> None:
                     print(
                         f"search k={K} {label} ef_search={ef}: HNSW p50 {p50 * 1000:.1f} ms, "
                         f"p99 {p99 * 1000:.1f} ms; exact p50 {exact50 * 1000:.1f} ms; "
-                        f"recall@{K} {recall:.3f}"
+                        f"recall@{K} {recall:.3f}",
+                        flush=True,
                     )
+    print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":
