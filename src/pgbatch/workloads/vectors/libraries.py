@@ -87,9 +87,10 @@ DOCUMENTS_PER_SHARD = 32
 CHUNK_CHARS = 1_000
 MAX_CHUNKS_PER_DOCUMENT = 10_000
 MAX_K = 1_000
-# HNSW's candidate list at search (pgvector's default is 40). benchmarks/vectors.py at
-# 20,000 clustered chunks gave recall@10 0.35 at 40, 0.60-0.88 at 100 and 0.97 at 200
-# (docs/vectors.md): 200 is the smallest measured value that meets the 0.95 target.
+# HNSW's candidate list at search (pgvector's default is 40). At 100,000 chunks of 384
+# (docs/vectors.md) with the index of queries.HNSW_EF_CONSTRUCTION, 100 already gave
+# recall@10 0.998-1.000; 200 keeps the margin for libraries whose index was built at
+# ef_construction 64 (0.945-0.965 at 200 there) for a few ms more per search.
 DEFAULT_EF_SEARCH = 200
 # A filtered HNSW scan visits at most this many chunks (pgvector's default) before it
 # gives up; fewer than k hits then, and the search falls back to an exact one.
