@@ -149,6 +149,14 @@ async def test_a_filtered_search_returns_k_hits_when_k_exist(sapp: pgbatch.App) 
         metadata_filter={"far": True}, ef_search=K, max_scan_tuples=50,
     )  # fmt: skip
     assert [(h.document_id, h.seq) for h in short] == want
+    # The fallback is an exact search: it takes one of the tenant's exact slots.
+    vectors.set_search_limits(sapp, vectors.SearchLimits(exact_per_tenant=1))
+    async with vectors.search_limits(sapp).slot("t1"):
+        with pytest.raises(vectors.SearchBusyError):
+            await vectors.search(
+                sapp, library_id, tenant="t1", vector=QUERY, k=K,
+                metadata_filter={"far": True}, ef_search=K, max_scan_tuples=50,
+            )  # fmt: skip
     # And when fewer than k exist, all of them (the filter keeps 5 chunks).
     one = await vectors.search(
         sapp, library_id, tenant="t1", vector=QUERY, k=K, metadata_filter={"solo": True},

@@ -662,17 +662,20 @@ async def search(
                 exact=exact,
             )
             if not exact and metadata_filter is not None and len(found) < k:
-                # The filtered index scan stopped at max_scan_tuples with fewer than k:
-                # compare exactly the chunks that pass the filter (few, or the scan would
-                # have met k of them), in the same snapshot.
-                found = await queries.search(
-                    conn,
-                    library_id,
-                    vector_text=vector_text,
-                    k=k,
-                    metadata_filter=metadata_filter,
-                    exact=True,
-                )
+                # The filtered index scan ended with fewer than k (at max_scan_tuples, or
+                # having exhausted the part of the graph it could reach): compare exactly
+                # the chunks that pass the filter. Its result replaces the scan's whole,
+                # so the hits are still one statement's snapshot. It takes an exact slot:
+                # a filter the planner misjudges may make it a scan of every chunk.
+                async with slots.slot(tenant):
+                    found = await queries.search(
+                        conn,
+                        library_id,
+                        vector_text=vector_text,
+                        k=k,
+                        metadata_filter=metadata_filter,
+                        exact=True,
+                    )
             return found
         except psycopg.errors.UndefinedTable:
             raise LibraryNotFoundError(f"no library {library_id}", field="library_id") from None
