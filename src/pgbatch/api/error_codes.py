@@ -32,6 +32,7 @@ class ErrorCode(StrEnum):
     TOO_MANY_ITEMS = "too_many_items"
     SHARD_TOO_LARGE = "shard_too_large"
     TOO_MANY_UPLOADS = "too_many_uploads"
+    TOO_MANY_SEARCHES = "too_many_searches"
     # Who may ask
     UNAUTHENTICATED = "unauthenticated"
     INVALID_TOKEN = "invalid_token"
@@ -54,6 +55,7 @@ class ErrorCode(StrEnum):
     # The server and its database
     WRITE_FAILED = "write_failed"
     DATABASE_BUSY = "database_busy"
+    SEARCH_TIMEOUT = "search_timeout"
     DATABASE_UNAVAILABLE = "database_unavailable"
     CLIENT_CLOSED = "client_closed"
     INTERNAL_ERROR = "internal_error"

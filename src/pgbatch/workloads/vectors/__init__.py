@@ -54,6 +54,13 @@ from pgbatch.workloads.vectors.libraries import (
     update_document,
     update_library,
 )
+from pgbatch.workloads.vectors.limits import (
+    SearchBusyError,
+    SearchLimits,
+    SearchTimeoutError,
+    search_limits,
+    set_search_limits,
+)
 from pgbatch.workloads.vectors.queries import COMPONENT_NAME, MIGRATIONS_PACKAGE
 
 __all__ = [
@@ -71,7 +78,10 @@ __all__ = [
     "LibraryExistsError",
     "LibraryNotFoundError",
     "OpenAIEmbedder",
+    "SearchBusyError",
     "SearchHit",
+    "SearchLimits",
+    "SearchTimeoutError",
     "TextEmbedder",
     "VersionMismatchError",
     "add_documents",
@@ -88,6 +98,8 @@ __all__ = [
     "list_libraries",
     "reindex_documents",
     "search",
+    "search_limits",
+    "set_search_limits",
     "settle_batch",
     "status_counts",
     "update_document",

@@ -47,6 +47,7 @@ from pgbatch.workloads.vectors.embedders import (
     EmbedderRegistry,
     default_registry,
 )
+from pgbatch.workloads.vectors.limits import SearchTimeoutError, search_limits
 from pgbatch.workloads.vectors.queries import (
     ChunkRow,
     DocumentRecord,
@@ -104,10 +105,14 @@ DOCUMENTS_PER_SHARD = 32
 CHUNK_CHARS = 1_000
 MAX_CHUNKS_PER_DOCUMENT = 10_000
 MAX_K = 1_000
-# HNSW's candidate list at search (pgvector's default is 40). benchmarks/vectors.py at
-# 20,000 clustered chunks gave recall@10 0.35 at 40, 0.60-0.88 at 100 and 0.97 at 200
-# (docs/vectors.md): 200 is the smallest measured value that meets the 0.95 target.
+# HNSW's candidate list at search (pgvector's default is 40). At 100,000 chunks of 384
+# (docs/vectors.md) with the index of queries.HNSW_EF_CONSTRUCTION, 100 already gave
+# recall@10 0.998-1.000; 200 keeps the margin for libraries whose index was built at
+# ef_construction 64 (0.945-0.965 at 200 there) for a few ms more per search.
 DEFAULT_EF_SEARCH = 200
+# A filtered HNSW scan visits at most this many chunks (pgvector's default) before it
+# gives up; fewer than k hits then, and the search falls back to an exact one.
+MAX_SCAN_TUPLES = 20_000
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,199}$")
 _REGISTRIES: weakref.WeakKeyDictionary[App, EmbedderRegistry] = weakref.WeakKeyDictionary()
@@ -177,6 +182,8 @@ def embedders(app: App) -> EmbedderRegistry:
 
 def register_tasks(app: App) -> None:
     """Register the indexing task on `app` (what `app.use(vectors.WORKLOAD)` runs)."""
+    # Read the search limits now: a bad PGBATCH_VECTORS_* fails at start-up, not a request.
+    search_limits(app)
     if TASK in app.tasks:
         return
 
@@ -764,12 +771,15 @@ async def search(
     metadata_filter: dict[str, Any] | None = None,
     exact: bool = False,
     ef_search: int = DEFAULT_EF_SEARCH,
+    max_scan_tuples: int = MAX_SCAN_TUPLES,
 ) -> list[SearchHit]:
     """Return the `k` chunks nearest to `text` (embedded as the library's) or `vector`.
 
     `metadata_filter` keeps chunks whose document's metadata contains it (jsonb @>).
-    HNSW with iterative scans by default, so a filter still yields k hits when k exist;
-    `exact` compares every chunk instead.
+    HNSW with iterative scans by default, and an exact search of the filtered chunks when
+    the scan stops short, so a filter still yields k hits when k exist; `exact` compares
+    every chunk instead, at most `SearchLimits.exact_per_tenant` at once per tenant
+    (SearchBusyError past it). A search past the statement timeout: SearchTimeoutError.
     """
     if (text is None) == (vector is None):
         raise InvalidBatchError("give either text or vector", field="text")
@@ -802,22 +812,56 @@ async def search(
     if not any(query_vector):
         raise InvalidBatchError("a zero vector has no cosine distance", field="vector")
     ef = max(ef_search, k)
+    slots = search_limits(app)
+    timeout_ms = slots.limits.statement_timeout_ms
+    vector_text = _vector_text(query_vector)
 
     async def work(conn: psycopg.AsyncConnection[Any]) -> list[SearchRow]:
         try:
-            return await queries.search(
+            await queries.search_settings(
+                conn,
+                ef_search=ef,
+                max_scan_tuples=max_scan_tuples,
+                statement_timeout_ms=timeout_ms,
+            )
+            found = await queries.search(
                 conn,
                 library_id,
-                vector_text=_vector_text(query_vector),
+                vector_text=vector_text,
                 k=k,
                 metadata_filter=metadata_filter,
                 exact=exact,
-                ef_search=ef,
             )
+            if not exact and metadata_filter is not None and len(found) < k:
+                # The filtered index scan ended with fewer than k (at max_scan_tuples, or
+                # having exhausted the part of the graph it could reach): compare exactly
+                # the chunks that pass the filter. Its result replaces the scan's whole,
+                # so the hits are still one statement's snapshot. It takes an exact slot:
+                # a filter the planner misjudges may make it a scan of every chunk.
+                async with slots.slot(tenant):
+                    found = await queries.search(
+                        conn,
+                        library_id,
+                        vector_text=vector_text,
+                        k=k,
+                        metadata_filter=metadata_filter,
+                        exact=True,
+                    )
+            return found
         except psycopg.errors.UndefinedTable:
             raise LibraryNotFoundError(f"no library {library_id}", field="library_id") from None
+        except psycopg.errors.QueryCanceled:
+            raise SearchTimeoutError(
+                f"the search ran past the statement timeout ({timeout_ms} ms, "
+                "PGBATCH_VECTORS_SEARCH_TIMEOUT_MS); narrow it with a filter, a smaller k, "
+                "or search without exact"
+            ) from None
 
-    rows = await app.db.run_in_transaction(work)
+    if exact:
+        async with slots.slot(tenant):
+            rows = await app.db.run_in_transaction(work)
+    else:
+        rows = await app.db.run_in_transaction(work)
     return [
         SearchHit(r.document_id, r.seq, r.content_version, r.text, r.metadata, 1.0 - r.distance)
         for r in rows

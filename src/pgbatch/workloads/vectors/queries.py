@@ -24,6 +24,13 @@ __all__ = [
 ]
 
 query = QueryMap("pgbatch.workloads.vectors")
+# The HNSW index of a new library's chunks. m 16 is pgvector's default; ef_construction
+# 128, not its 64: at 100,000 chunks of 384 (benchmarks/vectors_tune.py, docs/vectors.md)
+# 64 left recall@10 stuck at 0.945 whatever ef_search on topic-clustered data (parts of
+# the graph poorly linked), 128 gave 0.99-1.00 at ef_search 40-100. Libraries made
+# before keep the index they were made with (no migration rebuilds it).
+HNSW_M = 16
+HNSW_EF_CONSTRUCTION = 128
 COMPONENT_NAME = "vectors"
 MIGRATIONS_PACKAGE = "pgbatch.workloads.vectors"
 
@@ -145,7 +152,15 @@ async def create_chunks_table(
         _composed("vector_chunks_create", library_id, dimension=sql.Literal(dimension))
     )
     index = sql.Identifier(f"{chunks_table(library_id)}_hnsw")
-    await conn.execute(_composed("vector_chunks_index", library_id, index=index))
+    await conn.execute(
+        _composed(
+            "vector_chunks_index",
+            library_id,
+            index=index,
+            m=sql.Literal(HNSW_M),
+            ef_construction=sql.Literal(HNSW_EF_CONSTRUCTION),
+        )
+    )
 
 
 async def drop_chunks_table(conn: psycopg.AsyncConnection[Any], library_id: int) -> None:
@@ -434,6 +449,24 @@ async def list_chunks(
     return [ChunkRow(int(r[0]), int(r[1]), r[2]) for r in await cur.fetchall()]
 
 
+async def search_settings(
+    conn: psycopg.AsyncConnection[Any],
+    *,
+    ef_search: int,
+    max_scan_tuples: int,
+    statement_timeout_ms: int,
+) -> None:
+    """Set the HNSW scan and the statement timeout for this transaction's searches."""
+    await conn.execute(
+        query("vector_search_settings"),
+        {
+            "ef_search": str(ef_search),
+            "max_scan_tuples": str(max_scan_tuples),
+            "statement_timeout": str(statement_timeout_ms),
+        },
+    )
+
+
 async def search(
     conn: psycopg.AsyncConnection[Any],
     library_id: int,
@@ -442,11 +475,8 @@ async def search(
     k: int,
     metadata_filter: dict[str, Any] | None,
     exact: bool,
-    ef_search: int,
 ) -> list[SearchRow]:
-    """Return the k nearest chunks (in a transaction: the settings are local to it)."""
-    if not exact:
-        await conn.execute(query("vector_search_settings"), {"ef_search": str(ef_search)})
+    """Return the k nearest chunks (after search_settings, in the same transaction)."""
     cur = await conn.execute(
         _composed("vector_search_exact" if exact else "vector_search_hnsw", library_id),
         {

@@ -19,11 +19,12 @@ from pgbatch.api.errors import ERRORS, ApiError
 from pgbatch.api.guards import NDJSON, NDJSON_MEDIA_TYPES, NDJSON_UPLOAD_PATHS, OCTET_STREAM
 from pgbatch.api.media import JSON_BODY
 from pgbatch.api.routes.batches import spool_upload
-from pgbatch.api.schemas import IfMatchHeader, IntegerText
+from pgbatch.api.schemas import ErrorOut, IfMatchHeader, IntegerText
 from pgbatch.api.state import Tenant, api_state
 from pgbatch.errors import InvalidBatchError
 from pgbatch.workloads.vectors import libraries as lib
 from pgbatch.workloads.vectors.embedders import DEFAULT_EMBEDDER
+from pgbatch.workloads.vectors.limits import SearchBusyError, SearchTimeoutError
 from pgbatch.workloads.vectors.queries import ChunkRow, DocumentRecord, LibraryRecord
 
 __all__ = ["router"]
@@ -252,6 +253,18 @@ async def _call(work: Awaitable[T]) -> T:
             field="If-Match",
             headers={"ETag": _etag(exc.current_version)},
         ) from None
+    except SearchBusyError as exc:
+        raise ApiError(
+            429,
+            "too_many_searches",
+            str(exc),
+            field="exact",
+            headers={"Retry-After": str(exc.retry_after_s)},
+        ) from None
+    except SearchTimeoutError as exc:
+        # 503 with Retry-After, as for a statement the server cancelled elsewhere in the
+        # API (database_busy), under a code of its own: narrowing the search may help.
+        raise ApiError(503, "search_timeout", str(exc), headers={"Retry-After": "1"}) from None
     except lib.ExtensionMissingError as exc:
         # A 4xx, not a 503: a server without the extension will not grow one if the
         # client retries, and the request cannot succeed on it as it is.
@@ -636,10 +649,24 @@ async def list_chunks(
     return LibraryChunkList(chunks=[_chunk_out(c) for c in found], next_cursor=next_cursor)
 
 
+_SEARCH_ERRORS: dict[int | str, dict[str, Any]] = {
+    429: {
+        "model": ErrorOut,
+        "description": "Too many exact searches at once (of this tenant, or in all); "
+        "retry after Retry-After seconds.",
+    },
+    503: {
+        "model": ErrorOut,
+        "description": "The search ran past the statement timeout (`search_timeout`), or "
+        "the database is busy; retry after Retry-After seconds.",
+    },
+}
+
+
 @router.post(
     "/{library_id}/search",
     response_model=LibrarySearchResults,
-    responses=ERRORS(404, 415),
+    responses=ERRORS(404, 415, extra=_SEARCH_ERRORS),
     dependencies=[JSON_BODY],
 )
 async def search_library(

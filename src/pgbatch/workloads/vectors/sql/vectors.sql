@@ -41,9 +41,10 @@ CREATE TABLE pgbatch.{chunks} (
 );
 
 -- name: vector_chunks_index
--- HNSW on cosine distance, at pgvector's default build settings (m = 16,
--- ef_construction = 64): docs/vectors.md has the recall they give here.
-CREATE INDEX {index} ON pgbatch.{chunks} USING hnsw (embedding vector_cosine_ops);
+-- HNSW on cosine distance; m and ef_construction come from queries.HNSW_M and
+-- HNSW_EF_CONSTRUCTION (docs/vectors.md has the recall they give here).
+CREATE INDEX {index} ON pgbatch.{chunks} USING hnsw (embedding vector_cosine_ops)
+WITH (m = {m}, ef_construction = {ef_construction});
 
 -- name: vector_chunks_drop
 DROP TABLE IF EXISTS pgbatch.{chunks};
@@ -213,10 +214,14 @@ ORDER BY c.seq
 LIMIT %(limit)s;
 
 -- name: vector_search_settings
--- Iterative index scans (pgvector 0.8): when a filter drops rows the HNSW scan keeps
--- going until k rows pass it (or max_scan_tuples), instead of returning fewer than k.
+-- Local to the search's transaction. Iterative index scans (pgvector 0.8): when a filter
+-- drops rows the HNSW scan keeps going until k rows pass it or it has visited
+-- max_scan_tuples (then the caller falls back to an exact search), instead of returning
+-- fewer than k. The statement timeout bounds what one search may hold (0: none).
 SELECT set_config('hnsw.iterative_scan', 'relaxed_order', true),
-       set_config('hnsw.ef_search', %(ef_search)s, true);
+       set_config('hnsw.ef_search', %(ef_search)s, true),
+       set_config('hnsw.max_scan_tuples', %(max_scan_tuples)s, true),
+       set_config('statement_timeout', %(statement_timeout)s, true);
 
 -- name: vector_search_hnsw
 -- k nearest chunks by cosine distance through the HNSW index; the filter is on the
