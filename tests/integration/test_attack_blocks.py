@@ -247,3 +247,80 @@ async def test_cancel_while_a_retried_shard_runs(app: pgbatch.App) -> None:
             (batch.id,),
         )
         assert await cur.fetchone() == (0,)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("shard_size", [1, 7, 500, 1000, 3000])
+async def test_copy_submit_blocks_across_chunks(app: pgbatch.App, shard_size: int) -> None:
+    @app.task(name="noop")
+    async def noop(items: list[pgbatch.Item], ctx: pgbatch.ShardContext) -> list[pgbatch.Outcome]:
+        return [pgbatch.ok(None) for _ in items]
+
+    n = 2503  # a generator over SMALL_BATCH_ITEMS: the COPY path, chunks of up to 500
+    values: list[Any] = [
+        {"i": i, "s": "\\" * (i % 3) + "],[" + "ü" * (i % 2)} if i % 5 else [i, None]
+        for i in range(n)
+    ]
+    batch = await app.submit("noop", (v for v in values), shard_size=shard_size)
+    async with app.db.connection() as conn:
+        cur = await conn.execute(
+            "SELECT first_seq, json_array_length(payloads) FROM pgbatch.item_blocks"
+            " WHERE batch_id = %s ORDER BY first_seq",
+            (batch.id,),
+        )
+        blocks = await cur.fetchall()
+        assert blocks == [(f, min(shard_size, n - f)) for f in range(0, n, shard_size)]
+        cur = await conn.execute(
+            "SELECT seq, payload FROM pgbatch.items WHERE batch_id = %s ORDER BY seq",
+            (batch.id,),
+        )
+        assert await cur.fetchall() == list(enumerate(values))
+
+
+@pytest.mark.asyncio
+async def test_rerun_returning_the_wrong_number_of_outcomes_keeps_first_run_outputs(
+    app: pgbatch.App,
+) -> None:
+    state = {"run": 1}
+
+    @app.task(name="short")
+    async def short(items: list[pgbatch.Item], ctx: pgbatch.ShardContext) -> list[pgbatch.Outcome]:
+        if state["run"] == 1:
+            return [pgbatch.error("odd") if i.seq % 2 else pgbatch.ok(i.seq) for i in items]
+        if state["run"] == 2:
+            return [pgbatch.ok(0) for _ in items[1:]]  # one outcome too few
+        return [pgbatch.ok(-i.seq) for i in items] + [pgbatch.ok("extra")]  # one too many
+
+    n = 8
+    batch = await app.submit("short", range(n), shard_size=4, max_attempts=1)
+    await _drain(app, batch.id)
+    for run in (2, 3):
+        state["run"] = run
+        assert await app.retry(batch.id) == 2
+        final = await _drain(app, batch.id)
+        assert (final.items_ok, final.items_failed) == (n // 2, n // 2)
+        got = await _results(app, batch.id)
+        assert [s for s, _ in got] == list(range(n))
+        assert [v for s, v in got if s % 2 == 0] == [0, 2, 4, 6]
+        assert all(isinstance(v, tuple) for s, v in got if s % 2)
+        assert [s for s, _ in await _results(app, batch.id, errors_only=True)] == [1, 3, 5, 7]
+
+
+@pytest.mark.asyncio
+async def test_empty_batches_and_idempotent_resubmit_across_paths(app: pgbatch.App) -> None:
+    @app.task(name="noop")
+    async def noop(items: list[pgbatch.Item], ctx: pgbatch.ShardContext) -> list[pgbatch.Outcome]:
+        return [pgbatch.ok(None) for _ in items]
+
+    for items in ([], (v for v in [])):
+        batch = await app.submit("noop", items, shard_size=3)
+        assert batch.total_items == 0
+        assert await _results(app, batch.id) == []
+    values = [{"k": i, "s": "a\\b"} for i in range(10)]
+    first, created = await app.submit_or_find(
+        "noop", values, shard_size=3, idempotency_key="attack-blocks"
+    )
+    again, created_again = await app.submit_or_find(
+        "noop", (v for v in values), shard_size=3, idempotency_key="attack-blocks"
+    )
+    assert (created, created_again, again.id) == (True, False, first.id)
