@@ -324,3 +324,58 @@ async def test_empty_batches_and_idempotent_resubmit_across_paths(app: pgbatch.A
         "noop", (v for v in values), shard_size=3, idempotency_key="attack-blocks"
     )
     assert (created, created_again, again.id) == (True, False, first.id)
+
+
+@pytest.mark.asyncio
+async def test_retry_racing_a_cancel_leaves_one_result_per_item(
+    app: pgbatch.App, database_url: str
+) -> None:
+    from pgbatch.db.verify import verify_batch
+    from pgbatch.errors import InvalidStateError
+    from tests.conftest import settings_for
+
+    @app.task(name="half")
+    async def half(items: list[pgbatch.Item], ctx: pgbatch.ShardContext) -> list[pgbatch.Outcome]:
+        return [pgbatch.error("odd") if i.seq % 2 else pgbatch.ok(i.seq) for i in items]
+
+    other = pgbatch.App(settings=settings_for(database_url))
+    await other.open()
+    try:
+        for _ in range(6):
+            n = 9
+            batch = await app.submit("half", range(n), shard_size=2, max_attempts=1)
+            await _drain(app, batch.id)
+            barrier = asyncio.Barrier(2)
+
+            async def retry(barrier: asyncio.Barrier, batch_id: int) -> int | None:
+                await barrier.wait()
+                try:
+                    return await app.retry(batch_id)
+                except InvalidStateError:
+                    return None  # the cancel won: a cancelled batch is not retried
+
+            async def cancel(barrier: asyncio.Barrier, batch_id: int) -> bool:
+                await barrier.wait()
+                return await other.cancel(batch_id)
+
+            requeued, cancelled = await asyncio.gather(
+                retry(barrier, batch.id), cancel(barrier, batch.id)
+            )
+            final = await _drain(app, batch.id)
+            async with app.db.connection() as conn:
+                check = await verify_batch(conn, batch.id)
+            assert check.every_item_has_one_result, check
+            got = await _results(app, batch.id)
+            assert [s for s, _ in got] == list(range(n))
+            assert [v for s, v in got if s % 2 == 0] == [0, 2, 4, 6, 8]
+            odd = [v for s, v in got if s % 2]
+            if cancelled:
+                assert requeued == 4 and final.status == "cancelled"
+                assert odd == [("ERR", "cancelled")] * 4 or all(
+                    v in (("ERR", "cancelled"), ("ERR", "odd")) for v in odd
+                )
+            else:
+                assert odd == [("ERR", "odd")] * 4
+            assert final.items_ok + final.items_failed + final.items_cancelled == n, final
+    finally:
+        await other.close()
