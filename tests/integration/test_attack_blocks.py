@@ -379,3 +379,32 @@ async def test_retry_racing_a_cancel_leaves_one_result_per_item(
             assert final.items_ok + final.items_failed + final.items_cancelled == n, final
     finally:
         await other.close()
+
+
+@pytest.mark.asyncio
+async def test_a_buried_short_last_shard_then_batch_retry(app: pgbatch.App) -> None:
+    from pgbatch.db.shards import bury_shard
+
+    @app.task(name="neg")
+    async def neg(items: list[pgbatch.Item], ctx: pgbatch.ShardContext) -> list[pgbatch.Outcome]:
+        return [pgbatch.ok(-i.value) for i in items]
+
+    n = 10  # shards of 4: the last one (seqs 8, 9) is short
+    batch = await app.submit("neg", range(n), shard_size=4, max_attempts=1)
+    async with app.db.connection() as conn:
+        cur = await conn.execute(
+            "SELECT id FROM pgbatch.shards WHERE batch_id = %s ORDER BY shard_no", (batch.id,)
+        )
+        ids = [row[0] for row in await cur.fetchall()]
+        async with conn.transaction():
+            assert await bury_shard(conn, ids[-1], error="unreadable")
+    buried = await _drain(app, batch.id)
+    assert (buried.items_ok, buried.items_failed, buried.shards_dead) == (8, 2, 1)
+    assert await _results(app, batch.id, errors_only=True) == [
+        (8, ("ERR", "unreadable")),
+        (9, ("ERR", "unreadable")),
+    ]
+    assert await app.retry(batch.id) == 1
+    final = await _drain(app, batch.id)
+    assert (final.items_ok, final.items_failed, final.shards_dead) == (n, 0, 0)
+    assert await _results(app, batch.id) == [(s, -s) for s in range(n)]
