@@ -408,3 +408,50 @@ async def test_a_buried_short_last_shard_then_batch_retry(app: pgbatch.App) -> N
     final = await _drain(app, batch.id)
     assert (final.items_ok, final.items_failed, final.shards_dead) == (n, 0, 0)
     assert await _results(app, batch.id) == [(s, -s) for s in range(n)]
+
+
+@pytest.mark.asyncio
+async def test_results_read_during_a_rerun_omit_the_items_being_retried(
+    app: pgbatch.App,
+) -> None:
+    from pgbatch.db.verify import verify_batch
+
+    state = {"run": 1}
+    started = asyncio.Event()
+    release = asyncio.Event()
+
+    @app.task(name="held")
+    async def held(items: list[pgbatch.Item], ctx: pgbatch.ShardContext) -> list[pgbatch.Outcome]:
+        if state["run"] == 1:
+            return [pgbatch.error("odd") if i.seq % 2 else pgbatch.ok(i.seq) for i in items]
+        started.set()
+        await release.wait()
+        return [pgbatch.ok(-i.seq) for i in items]
+
+    n = 8
+    batch = await app.submit("held", range(n), shard_size=n, max_attempts=1)
+    await _drain(app, batch.id)
+    state["run"] = 2
+    assert await app.retry(batch.id) == 1
+    worker = app.worker(concurrency=1)
+    running = asyncio.create_task(worker.run())
+    try:
+        await asyncio.wait_for(started.wait(), 30)
+        # The rerun holds the odd items: they have no result until it ends.
+        assert await _results(app, batch.id) == [(s, s) for s in range(0, n, 2)]
+        assert await _results(app, batch.id, errors_only=True) == []
+        async with app.db.connection() as conn:
+            cur = await conn.execute(
+                "SELECT seq FROM pgbatch.results WHERE batch_id = %s ORDER BY seq", (batch.id,)
+            )
+            assert [row[0] for row in await cur.fetchall()] == [0, 2, 4, 6]
+            check = await verify_batch(conn, batch.id)
+            assert (check.items, check.results, check.items_without_result) == (8, 4, 4)
+        release.set()
+        final = await app.wait(batch.id, timeout_s=60)
+    finally:
+        release.set()
+        worker.request_stop()
+        await asyncio.wait_for(running, 30)
+    assert (final.items_ok, final.items_failed) == (n, 0)
+    assert await _results(app, batch.id) == [(s, s if s % 2 == 0 else -s) for s in range(n)]
