@@ -455,3 +455,29 @@ async def test_results_read_during_a_rerun_omit_the_items_being_retried(
         await asyncio.wait_for(running, 30)
     assert (final.items_ok, final.items_failed) == (n, 0)
     assert await _results(app, batch.id) == [(s, s if s % 2 == 0 else -s) for s in range(n)]
+
+
+@pytest.mark.asyncio
+async def test_paging_skips_retrying_items_from_every_cursor(app: pgbatch.App) -> None:
+    @app.task(name="sparse_fail")
+    async def sparse_fail(
+        items: list[pgbatch.Item], ctx: pgbatch.ShardContext
+    ) -> list[pgbatch.Outcome]:
+        return [pgbatch.error("e") if i.seq in (4, 5, 9, 13) else pgbatch.ok(i.seq) for i in items]
+
+    n = 16  # shards of 3: 0-2 ok, 3-5 two failures, 6-8 ok, 9-11 one, 12-14 one, 15 short
+    batch = await app.submit("sparse_fail", range(n), shard_size=3, max_attempts=1)
+    await _drain(app, batch.id)
+    assert await app.retry(batch.id) == 3  # nobody runs the rerun: those items are retrying
+    expected = [(s, s) for s in range(n) if s not in (4, 5, 9, 13)]
+    assert await _results(app, batch.id) == expected
+    async with app.db.connection() as conn:
+        for after in range(-1, n + 1):
+            for limit in (1, 2, 4, 7):
+                page = await list_results(conn, batch.id, after_seq=after, limit=limit)
+                want = [r for r in expected if r[0] > after][:limit]
+                assert [(s, o.output) for s, o in page] == want, (after, limit)
+                errors = await list_results(
+                    conn, batch.id, after_seq=after, limit=limit, errors_only=True
+                )
+                assert errors == []
