@@ -49,7 +49,11 @@ const logger = new worker.Logger(() => (level, message) => {
 const int = (name) => Number.parseInt(values[name], 10);
 const maxPoolSize = int("max-pool-size");
 const pgPool = new pg.Pool({ ...JSON.parse(values.connection), max: maxPoolSize });
+// An idle client's error must not crash the process (Graphile warns without both handlers).
 pgPool.on("error", (error) => process.stderr.write(`pool error: ${error}\n`));
+pgPool.on("connect", (client) => {
+  client.on("error", (error) => process.stderr.write(`client error: ${error}\n`));
+});
 const localQueueSize = int("local-queue");
 const preset = {
   worker: {

@@ -9,7 +9,9 @@ run installs, later runs reuse it. Without npm or the registry the peer is skipp
 from __future__ import annotations
 
 import asyncio
+import getpass
 import json
+import os
 import platform
 import shutil
 from dataclasses import dataclass
@@ -65,7 +67,11 @@ class GraphileRuntime:
 def node_connection(conninfo: str) -> dict[str, Any]:
     """Translate a libpq conninfo into node-postgres Pool options (a socket dir is a host)."""
     params = conninfo_to_dict(conninfo)
-    out: dict[str, Any] = {"database": params.get("dbname")}
+    # libpq's default user is the OS user's name; node-postgres's is $USER, often unset here.
+    out: dict[str, Any] = {
+        "database": params.get("dbname"),
+        "user": os.environ.get("PGUSER") or getpass.getuser(),
+    }
     for libpq, node in (("host", "host"), ("user", "user"), ("password", "password")):
         if params.get(libpq):
             out[node] = str(params[libpq])

@@ -645,13 +645,23 @@ def _version(package: str) -> str:
         ) from None
 
 
-async def _graphile(enabled: bool) -> tuple[tuple[Config, ...], dict[str, str], str | None]:
+async def _graphile(
+    url: str, enabled: bool
+) -> tuple[tuple[Config, ...], dict[str, str], str | None]:
     """Install Graphile Worker's runtime if need be; return its configs, versions, or why not."""
     if not enabled:
         return (), {}, "--no-graphile"
     runtime = await ensure_runtime()
     if isinstance(runtime, str):
         return (), {}, runtime
+    # Its schema on a scratch database first: a server it cannot use is a skip, not a
+    # failure in the middle of the rounds.
+    try:
+        async with bench_database(url, "pgbatch_peers_graphile_check") as conninfo:
+            await GraphileDrain(runtime).install(conninfo)
+    except RuntimeError as error:
+        lines = str(error).splitlines()
+        return (), {}, next((line for line in lines if "rror" in line), lines[0])
     SYSTEMS["graphile"] = _graphile_system(runtime)
     return GRAPHILE, runtime.versions, None
 
@@ -668,7 +678,7 @@ async def run(
     )
     for line in info.describe():
         print(f"  {line}")
-    graphile_configs, graphile_versions, skipped = await _graphile(graphile)
+    graphile_configs, graphile_versions, skipped = await _graphile(url, graphile)
     versions |= {f"graphile:{k}": v for k, v in graphile_versions.items()}
     print(
         f"  PgQueuer {versions['pgqueuer']} (asyncpg {versions['asyncpg']}), "
