@@ -1,15 +1,20 @@
-"""pgbatch against PgQueuer and Procrastinate: no-op jobs/s and idle wake-up, same server and run.
+"""pgbatch against PgQueuer, Procrastinate and Graphile Worker: no-op jobs/s, same server and run.
 
-Run from the repository root (the peers are in pyproject's `bench` extra):
+Run from the repository root (the Python peers are in pyproject's `bench` extra; Graphile
+Worker and a Node.js to run it are installed from npm into benchmarks/.peers/ on the first
+run, see benchmarks/peer_graphile.py, and skipped with a message where npm cannot):
 
     .venv/bin/pip install -e '.[bench]'
     .venv/bin/python benchmarks/peers.py [--jobs N] [--procrastinate-jobs N] [--rounds R]
-        [--database-url URL]
+        [--database-url URL] [--no-graphile]
 
 Each system gets a fresh database on the same server, its jobs enqueued before its two
 worker processes are told to start, and is timed from that signal to its last completion
 committed (the server's timestamp of it). pgbatch runs the same no-op work as one batch of
 one-item shards (shard size 1), which is how a job queue's unit of work maps onto it.
+Each drain also counts the CPU seconds of the server's processes and the two workers over
+the drain (per job), and how busy the whole machine was: on a server that other clients use
+too (a shared PG15), the server's share includes theirs.
 Figures go to benchmarks/results/peers.json, where throughput.py finds PgQueuer's wake-up.
 """
 
@@ -19,6 +24,7 @@ import argparse
 import asyncio
 import contextlib
 import importlib.metadata
+import os
 import statistics
 import sys
 import time
@@ -27,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil  # type: ignore[import-untyped]
 from psycopg.conninfo import make_conninfo
 
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
@@ -35,9 +42,11 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 from benchmarks.apps import NOOP_TASK, make_app
 from benchmarks.harness import (
     RESULTS_DIR,
+    CpuSample,
     bench_database,
     child_env,
     connect,
+    cpu_sample,
     fmt_int,
     fmt_ms,
     listening_processes,
@@ -45,6 +54,7 @@ from benchmarks.harness import (
     python,
     require_local,
     server_info,
+    server_pids,
     server_url,
     spawn,
     stop_processes,
@@ -52,6 +62,7 @@ from benchmarks.harness import (
     wait_until,
     write_results,
 )
+from benchmarks.peer_graphile import GraphileDrain, GraphileProbe, GraphileRuntime, ensure_runtime
 from benchmarks.peer_workers import (
     PGQUEUER_NOOP,
     PGQUEUER_WAKEUP,
@@ -62,8 +73,8 @@ from benchmarks.peer_workers import (
 from benchmarks.throughput import WAKEUP_IDLE_GAP_S, sample_wakeups
 
 DEFAULT_JOBS = 50_000
-# Procrastinate claims and finishes one job per statement: a few hundred jobs/s, so it
-# gets fewer jobs to keep each of its runs under a minute.
+# Procrastinate claims and finishes one job per statement, and so does Graphile Worker without
+# its batching: a few hundred jobs/s, so they get fewer jobs to keep each run under a minute.
 DEFAULT_PROCRASTINATE_JOBS = 10_000
 # Every system runs this many times, interleaved, and its median counts: on a shared
 # 2-core machine one run can be off by a factor of two.
@@ -79,6 +90,11 @@ DONE_POLL_S = 0.05
 
 TARGET_VS_PGQUEUER = 1.5
 TARGET_VS_PROCRASTINATE = 20.0
+# Issue 13: pgbatch at shard size 1 against Graphile Worker at its best setting.
+TARGET_VS_GRAPHILE = 1.0
+# Graphile keeps no completion time (a finished job is deleted), so its drain ends when a
+# probe first sees its table empty: this often, on one kept connection.
+GRAPHILE_POLL_S = 0.01
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +105,8 @@ class Config:
     label: str
     worker_args: tuple[str, ...]
     description: str
+    # A few hundred jobs/s: runs the smaller --procrastinate-jobs count, to stay under a minute.
+    slow: bool = False
 
 
 # pgbatch as its workers ship: 256 one-item shards in flight per process (one claim fills
@@ -124,6 +142,35 @@ PGQUEUER = (
         "2 processes x 1 QueueManager, batch_size 100, uvloop",
     ),
 )
+# Graphile Worker 0.18.0 on Node 24 (node-postgres pool, prepared statements, LISTEN/NOTIFY,
+# a finished job deleted). Its performance page's configuration is concurrentJobs 24,
+# maxPoolSize 25, localQueue 500 and both batch delays 0; its option docs say a much larger
+# local queue may pay for very fast jobs, so 5,000 is run too, and the plain pool without
+# batching (its defaults but concurrency) shows what batching buys.
+_GRAPHILE_POOL = ("--concurrency", "24", "--max-pool-size", "25")
+_GRAPHILE_BATCHING = ("--complete-batch-delay", "0", "--fail-batch-delay", "0")
+GRAPHILE = (
+    Config(
+        "graphile",
+        "Graphile docs",
+        (*_GRAPHILE_POOL, "--local-queue", "500", *_GRAPHILE_BATCHING),
+        "2 processes x concurrentJobs 24, pool 25, localQueue 500, batch delays 0 "
+        "(its performance page)",
+    ),
+    Config(
+        "graphile",
+        "Graphile lq5000",
+        (*_GRAPHILE_POOL, "--local-queue", "5000", *_GRAPHILE_BATCHING),
+        "2 processes x concurrentJobs 24, pool 25, localQueue 5000, batch delays 0",
+    ),
+    Config(
+        "graphile",
+        "Graphile plain",
+        _GRAPHILE_POOL,
+        "2 processes x concurrentJobs 24, pool 25, no local queue, no batching",
+        slow=True,
+    ),
+)
 # Procrastinate 3.10.0: psycopg pool, LISTEN/NOTIFY on, jobs kept (delete_jobs=never,
 # its default), no retry; concurrency is its knob for I/O-bound jobs.
 PROCRASTINATE = Config(
@@ -131,6 +178,7 @@ PROCRASTINATE = Config(
     "Procrastinate",
     ("--concurrency", "20"),
     "2 processes x concurrency 20 (pool of 22), listen_notify, no retry",
+    slow=True,
 )
 
 
@@ -143,11 +191,29 @@ class DrainFigures:
     jobs: int
     enqueue_s: float
     drain_s: float
+    # CPU seconds of the server's processes and of the worker processes over the drain.
+    server_cpu_s: float
+    workers_cpu_s: float
+    # How many of the machine's cores were busy, on average, over the CPU window (the drain,
+    # and the completion check's lag after it).
+    machine_cores: float
+    cpu_window_s: float
 
     @property
     def jobs_per_s(self) -> float:
         """Return jobs completed per second."""
         return self.jobs / self.drain_s
+
+    @property
+    def cpu_per_job_s(self) -> float:
+        """Return server plus worker CPU seconds per job."""
+        return (self.server_cpu_s + self.workers_cpu_s) / self.jobs
+
+    @property
+    def other_cores(self) -> float:
+        """Return the cores kept busy by anything but the server and the workers."""
+        ours = (self.server_cpu_s + self.workers_cpu_s) / self.cpu_window_s
+        return max(0.0, self.machine_cores - ours)
 
 
 # -- each system's schema, enqueue and completion check ---------------------------------------
@@ -162,6 +228,9 @@ class _System:
     done: Callable[[str, int, Any], Awaitable[bool]]
     last_completion: Callable[[str, Any], Awaitable[float]]
     drain_flag: tuple[str, ...] = field(default=())
+    # The worker's command line for (conninfo, worker args); None: benchmarks.peer_workers.
+    command: Callable[[str, tuple[str, ...]], list[str]] | None = None
+    poll_s: float = DONE_POLL_S
 
 
 async def _pgbatch_install(conninfo: str) -> None:
@@ -302,6 +371,25 @@ async def _procrastinate_last(conninfo: str, _: Any) -> float:
     return float(row[0])
 
 
+def _graphile_system(runtime: GraphileRuntime) -> _System:
+    """Return Graphile Worker's install, bulk add and completion check on `runtime`."""
+    drain = GraphileDrain(runtime)
+
+    def command(conninfo: str, args: tuple[str, ...]) -> list[str]:
+        """Return one Graphile Worker process's command line."""
+        return runtime.command("work", conninfo, args)
+
+    return _System(
+        drain.install,
+        drain.enqueue,
+        drain.done,
+        drain.last_completion,
+        command=command,
+        poll_s=GRAPHILE_POLL_S,
+    )
+
+
+# Graphile Worker joins at run time, once its runtime is installed (see run()).
 SYSTEMS: dict[str, _System] = {
     "pgbatch": _System(_pgbatch_install, _pgbatch_enqueue, _pgbatch_done, _pgbatch_last),
     "pgqueuer": _System(
@@ -336,10 +424,14 @@ class PeerWorkers:
             for index in range(WORKER_PROCESSES):
                 # Each process's connections carry its name, so pg_stat_activity tells them.
                 named = make_conninfo(self.conninfo, application_name=f"{self._name_prefix}{index}")
-                command = [
-                    python(), "-m", "benchmarks.peer_workers", self.config.system,
-                    "--conninfo", named, *self.config.worker_args, *self.extra,
-                ]  # fmt: skip
+                own_command = SYSTEMS[self.config.system].command
+                if own_command is not None:
+                    command = own_command(named, (*self.config.worker_args, *self.extra))
+                else:
+                    command = [
+                        python(), "-m", "benchmarks.peer_workers", self.config.system,
+                        "--conninfo", named, *self.config.worker_args, *self.extra,
+                    ]  # fmt: skip
                 log = RESULTS_DIR / "logs" / f"peer-{self.config.system}-{index}.log"
                 process = await spawn(command, env=child_env(named), log=log, pipes=True)
                 self.processes.append(process)
@@ -356,6 +448,11 @@ class PeerWorkers:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
+
+    @property
+    def pids(self) -> list[int]:
+        """Return the worker processes' ids."""
+        return [p.pid for p in self.processes]
 
     async def go(self) -> None:
         """Release every process from its start gate."""
@@ -405,17 +502,74 @@ async def measure_drain(url: str, config: Config, jobs: int) -> DrainFigures:
         started = time.perf_counter()
         handle = await system.enqueue(conninfo, jobs)
         enqueue_s = time.perf_counter() - started
-        async with PeerWorkers(config, conninfo, extra=system.drain_flag) as workers:
-            released = time.time()
-            await workers.go()
+        try:
+            async with PeerWorkers(config, conninfo, extra=system.drain_flag) as workers:
+                server = await server_pids(conninfo)
+                parents = (server[0], os.getpid()) if server else (os.getpid(),)
+                before = _mark(parents, [*server, *workers.pids])
+                released = time.time()
+                await workers.go()
 
-            async def done() -> bool:
-                """Tell whether every job has completed."""
-                return await system.done(conninfo, jobs, handle)
+                async def done() -> bool:
+                    """Tell whether every job has completed."""
+                    return await system.done(conninfo, jobs, handle)
 
-            await wait_until(done, timeout_s=RUN_TIMEOUT_S, interval_s=DONE_POLL_S, what="drain")
-            last = await system.last_completion(conninfo, handle)
-    return DrainFigures(config.label, config.description, jobs, enqueue_s, last - released)
+                await wait_until(
+                    done, timeout_s=RUN_TIMEOUT_S, interval_s=system.poll_s, what="drain"
+                )
+                # Backends started during the drain count whole (see cores_since).
+                server = sorted({*server, *await server_pids(conninfo)})
+                after = _mark(parents, [*server, *workers.pids])
+                last = await system.last_completion(conninfo, handle)
+        finally:
+            if isinstance(handle, GraphileProbe) and handle.conn is not None:
+                await handle.conn.close()
+    return DrainFigures(
+        config.label,
+        config.description,
+        jobs,
+        enqueue_s,
+        last - released,
+        server_cpu_s=_cpu_used(before, after, parents[0], server) if len(parents) > 1 else 0.0,
+        workers_cpu_s=_cpu_used(before, after, os.getpid(), workers.pids),
+        machine_cores=after.sample.busy_cores_since(before.sample),
+        cpu_window_s=after.sample.at - before.sample.at,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _CpuMark:
+    """CPU times of watched processes, and of the children that their parents have reaped."""
+
+    sample: CpuSample
+    reaped: dict[int, float]  # parent pid -> CPU seconds of its exited, reaped children
+
+
+def _mark(parents: Sequence[int], pids: Sequence[int]) -> _CpuMark:
+    """Sample `pids`, and the CPU time of the children that each of `parents` has reaped."""
+    reaped: dict[int, float] = {}
+    for parent in parents:
+        reaped[parent] = 0.0
+        with contextlib.suppress(psutil.Error):
+            times = psutil.Process(parent).cpu_times()
+            reaped[parent] = times.children_user + times.children_system
+    return _CpuMark(cpu_sample(pids), reaped)
+
+
+def _cpu_used(before: _CpuMark, after: _CpuMark, parent: int, pids: Sequence[int]) -> float:
+    """Return the CPU seconds `pids` (children of `parent`) used between the two marks.
+
+    PgQueuer and Procrastinate workers exit when their queue is empty, and their backends
+    with them, before the second mark can read them: their time is found in what the
+    parent (this process, the postmaster) has reaped since, less what they had used by the
+    first mark. Backends of anyone else that exited meanwhile count too (the completion
+    probes' connections here; other clients' on a shared server).
+    """
+    wall = after.sample.at - before.sample.at
+    used = after.sample.cores_since(before.sample, pids) * wall
+    gone = {p for p in pids if p in before.sample.processes and p not in after.sample.processes}
+    used += after.reaped[parent] - before.reaped[parent]
+    return used - sum(before.sample.processes[p][0] for p in gone)
 
 
 async def measure_pgqueuer_wakeup(url: str, config: Config) -> tuple[list[float], list[float]]:
@@ -491,22 +645,61 @@ def _version(package: str) -> str:
         ) from None
 
 
-async def run(url: str, jobs: int, procrastinate_jobs: int, rounds: int) -> dict[str, Any]:
+async def _graphile(
+    url: str, enabled: bool
+) -> tuple[tuple[Config, ...], dict[str, str], str | None]:
+    """Install Graphile Worker's runtime if need be; return its configs, versions, or why not."""
+    if not enabled:
+        return (), {}, "--no-graphile"
+    runtime = await ensure_runtime()
+    if isinstance(runtime, str):
+        return (), {}, runtime
+    # Its schema on a scratch database first: a server it cannot use is a skip, not a
+    # failure in the middle of the rounds.
+    try:
+        async with bench_database(url, "pgbatch_peers_graphile_check") as conninfo:
+            await GraphileDrain(runtime).install(conninfo)
+    except RuntimeError as error:
+        lines = str(error).splitlines()
+        return (), {}, next((line for line in lines if "rror" in line), lines[0])
+    SYSTEMS["graphile"] = _graphile_system(runtime)
+    return GRAPHILE, runtime.versions, None
+
+
+async def run(
+    url: str, jobs: int, procrastinate_jobs: int, rounds: int, *, graphile: bool = True
+) -> dict[str, Any]:
     """Run every system on its own fresh database and print the comparison."""
     versions = {p: _version(p) for p in ("pgqueuer", "procrastinate", "asyncpg", "psycopg")}
     async with bench_database(url, "pgbatch_peers_info") as conninfo:
         info = await server_info(conninfo)
-    print("pgbatch vs PgQueuer and Procrastinate: no-op jobs, same server, same run")
+    print(
+        "pgbatch vs PgQueuer, Procrastinate and Graphile Worker: no-op jobs, same server, same run"
+    )
     for line in info.describe():
         print(f"  {line}")
+    graphile_configs, graphile_versions, skipped = await _graphile(url, graphile)
+    versions |= {f"graphile:{k}": v for k, v in graphile_versions.items()}
     print(
         f"  PgQueuer {versions['pgqueuer']} (asyncpg {versions['asyncpg']}), "
-        f"Procrastinate {versions['procrastinate']} (psycopg {versions['psycopg']}); "
-        f"{WORKER_PROCESSES} worker processes each; each system in its own fresh database"
+        f"Procrastinate {versions['procrastinate']} (psycopg {versions['psycopg']}), "
+        + (
+            f"Graphile Worker {graphile_versions['graphile-worker']} (Node "
+            f"{graphile_versions['node']}, pg {graphile_versions['pg']}); "
+            if skipped is None
+            else "Graphile Worker skipped; "
+        )
+        + f"{WORKER_PROCESSES} worker processes each; each system in its own fresh database"
     )
+    if skipped is not None:
+        print(f"  Graphile Worker skipped: {skipped}")
     print(
         "  timed from releasing the workers (jobs already enqueued) to the last completion "
         "committed; the machine is shared, so compare ratios"
+    )
+    print(
+        "  CPU/job: the server's processes and the workers over the drain; 'other' is the "
+        "cores the rest of the machine kept busy meanwhile"
     )
 
     print(
@@ -522,7 +715,10 @@ async def run(url: str, jobs: int, procrastinate_jobs: int, rounds: int) -> dict
         print(
             f"  round {round_no}  {figures.label:<16} {fmt_int(figures.jobs_per_s):>8} jobs/s  "
             f"({fmt_int(count)} jobs in {figures.drain_s:.2f} s; enqueue "
-            f"{fmt_int(count / figures.enqueue_s)}/s)",
+            f"{fmt_int(count / figures.enqueue_s)}/s; CPU/job "
+            f"{figures.cpu_per_job_s * 1e6:.0f} us = server "
+            f"{figures.server_cpu_s / count * 1e6:.0f} + workers "
+            f"{figures.workers_cpu_s / count * 1e6:.0f}; other {figures.other_cores:.2f} cores)",
             flush=True,
         )
 
@@ -530,21 +726,36 @@ async def run(url: str, jobs: int, procrastinate_jobs: int, rounds: int) -> dict
         await one(PGBATCH, jobs, round_no)
         for config in PGQUEUER:
             await one(config, jobs, round_no)
+        for config in graphile_configs:
+            await one(config, procrastinate_jobs if config.slow else jobs, round_no)
         await one(PROCRASTINATE, procrastinate_jobs, round_no)
+
+    def of(config: Config) -> list[DrainFigures]:
+        """Return the figures of a configuration over the rounds."""
+        return [r for r in results if r.label == config.label]
 
     def median_rate(config: Config) -> float:
         """Return the median jobs/s of a configuration over the rounds."""
-        return statistics.median(r.jobs_per_s for r in results if r.label == config.label)
+        return statistics.median(r.jobs_per_s for r in of(config))
 
-    print("\n  median of the rounds, and the configuration of each:")
-    for config in (PGBATCH, *PGQUEUER, PROCRASTINATE):
+    def median_cpu(config: Config) -> float:
+        """Return the median server plus worker CPU seconds per job of a configuration."""
+        return statistics.median(r.cpu_per_job_s for r in of(config))
+
+    measured = (PGBATCH, *PGQUEUER, *graphile_configs, PROCRASTINATE)
+    print("\n  median of the rounds (jobs/s, CPU per job), and the configuration of each:")
+    for config in measured:
         print(
-            f"  {config.label:<16} {fmt_int(median_rate(config)):>8} jobs/s  {config.description}"
+            f"  {config.label:<16} {fmt_int(median_rate(config)):>8} jobs/s  "
+            f"{median_cpu(config) * 1e6:>5.0f} us  {config.description}"
         )
+    other = statistics.median(r.other_cores for r in results)
+    print(f"  other processes kept {other:.2f} cores busy (median over all drains)")
     best_pgqueuer = max(PGQUEUER, key=median_rate)
     pgbatch_rate = median_rate(PGBATCH)
     pgqueuer_rate = median_rate(best_pgqueuer)
     procrastinate_rate = median_rate(PROCRASTINATE)
+    best_graphile = max(graphile_configs, key=median_rate) if graphile_configs else None
 
     print(f"\nIdle wake-up: submit -> handler start ({WAKEUP_SAMPLES} samples, one at a time)")
     pgq_wakes, pgq_calls = await measure_pgqueuer_wakeup(url, best_pgqueuer)
@@ -571,6 +782,17 @@ async def run(url: str, jobs: int, procrastinate_jobs: int, rounds: int) -> dict
         f"  {verdict(vs_procrastinate >= TARGET_VS_PROCRASTINATE)}  pgbatch / Procrastinate >= "
         f"{TARGET_VS_PROCRASTINATE:.0f}: {vs_procrastinate:.1f} x"
     )
+    vs_graphile: float | None = None
+    if best_graphile is not None:
+        vs_graphile = pgbatch_rate / median_rate(best_graphile)
+        print(
+            f"  {verdict(vs_graphile >= TARGET_VS_GRAPHILE)}  pgbatch / Graphile Worker >= "
+            f"{TARGET_VS_GRAPHILE}: {vs_graphile:.2f} x (against its best: {best_graphile.label})"
+        )
+    else:
+        print(
+            f"  SKIP  pgbatch / Graphile Worker >= {TARGET_VS_GRAPHILE}: not measured ({skipped})"
+        )
     print(
         f"  {verdict(pgb_p50 <= pgq_p50)}  wake-up p50 pgbatch <= PgQueuer: "
         f"{fmt_ms(pgb_p50)} vs {fmt_ms(pgq_p50)}"
@@ -578,11 +800,23 @@ async def run(url: str, jobs: int, procrastinate_jobs: int, rounds: int) -> dict
     return {
         "server": asdict(info),
         "versions": versions,
-        "drain": [asdict(r) | {"jobs_per_s": r.jobs_per_s} for r in results],
-        "median_jobs_per_s": {c.label: median_rate(c) for c in (PGBATCH, *PGQUEUER, PROCRASTINATE)},
+        "graphile_skipped": skipped,
+        "drain": [
+            asdict(r)
+            | {
+                "jobs_per_s": r.jobs_per_s,
+                "cpu_per_job_s": r.cpu_per_job_s,
+                "other_cores": r.other_cores,
+            }
+            for r in results
+        ],
+        "median_jobs_per_s": {c.label: median_rate(c) for c in measured},
+        "median_cpu_per_job_s": {c.label: median_cpu(c) for c in measured},
         "ratios": {
             "pgbatch_vs_pgqueuer": vs_pgqueuer,
             "pgbatch_vs_procrastinate": vs_procrastinate,
+            "pgbatch_vs_graphile": vs_graphile,
+            "graphile_config": best_graphile.label if best_graphile else None,
         },
         "wakeup": {
             "pgbatch_p50_s": pgb_p50,
@@ -599,9 +833,19 @@ async def run(url: str, jobs: int, procrastinate_jobs: int, rounds: int) -> dict
 def main(argv: list[str] | None = None) -> None:
     """Run the comparison and write benchmarks/results/peers.json."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--jobs", type=int, default=DEFAULT_JOBS, help="pgbatch and PgQueuer")
-    parser.add_argument("--procrastinate-jobs", type=int, default=DEFAULT_PROCRASTINATE_JOBS)
+    parser.add_argument(
+        "--jobs", type=int, default=DEFAULT_JOBS, help="pgbatch, PgQueuer, Graphile"
+    )
+    parser.add_argument(
+        "--procrastinate-jobs",
+        type=int,
+        default=DEFAULT_PROCRASTINATE_JOBS,
+        help="the slow ones: Procrastinate, Graphile without batching",
+    )
     parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS, help="repeats (median)")
+    parser.add_argument(
+        "--no-graphile", action="store_true", help="leave Graphile Worker (and npm) out"
+    )
     parser.add_argument(
         "--database-url", help="server to use (default: DATABASE_URL, else the embedded one)"
     )
@@ -610,7 +854,9 @@ def main(argv: list[str] | None = None) -> None:
     require_local(url)
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
-    figures = asyncio.run(run(url, args.jobs, args.procrastinate_jobs, args.rounds))
+    figures = asyncio.run(
+        run(url, args.jobs, args.procrastinate_jobs, args.rounds, graphile=not args.no_graphile)
+    )
     print(f"\nfigures written to {write_results('peers', figures)}")
 
 
