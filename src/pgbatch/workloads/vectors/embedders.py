@@ -88,12 +88,16 @@ class EmbedderError(Exception):
     """An embedder could not embed (unknown name, upstream refused, wrong dimension).
 
     `retryable` says whether a later attempt may succeed (a 429 or a 5xx that outlasted
-    the retries) or not (a 400, a vector of the wrong width).
+    the retries) or not (a 400, a vector of the wrong width); `retry_after_s`, when
+    known, how long the rate limit still holds.
     """
 
-    def __init__(self, message: str, *, retryable: bool = False) -> None:
+    def __init__(
+        self, message: str, *, retryable: bool = False, retry_after_s: float | None = None
+    ) -> None:
         super().__init__(message)
         self.retryable = retryable
+        self.retry_after_s = retry_after_s
 
 
 class TextEmbedder(Protocol):
@@ -261,6 +265,7 @@ class OpenAIEmbedder:
                     raise EmbedderError(
                         f"no rate budget on {grant.key!r} within {self.max_wait_s:g} s",
                         retryable=True,
+                        retry_after_s=grant.wait_s,
                     )
                 waited_s += grant.wait_s
                 await asyncio.sleep(grant.wait_s)
@@ -302,6 +307,7 @@ class OpenAIEmbedder:
                     failure = EmbedderError(
                         f"embeddings upstream answered 429 {part.rate_limited} times",
                         retryable=True,
+                        retry_after_s=pause_s,
                     )
                 continue
             answered += 1

@@ -61,6 +61,7 @@ __all__ = [
     "TASK",
     "DocumentIn",
     "DocumentNotFoundError",
+    "EmbedderUnavailableError",
     "ExtensionMissingError",
     "ImportLineError",
     "LibraryExistsError",
@@ -140,6 +141,18 @@ class VersionMismatchError(InvalidBatchError):
 
 class ExtensionMissingError(InvalidBatchError):
     """The PostgreSQL server has no pgvector: libraries cannot be created on it."""
+
+
+class EmbedderUnavailableError(Exception):
+    """The embedder could not embed a query for now (its rate budget or upstream is out).
+
+    The server's side, not the request's: a later attempt may succeed, after
+    `retry_after_s` seconds.
+    """
+
+    def __init__(self, message: str, *, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class ImportLineError(InvalidBatchError):
@@ -792,6 +805,11 @@ async def search(
         try:
             [query_vector] = await embedders(app).get(library.embedder).embed([text])
         except EmbedderError as exc:
+            if exc.retryable:
+                raise EmbedderUnavailableError(
+                    f"the query could not be embedded now: {exc}",
+                    retry_after_s=exc.retry_after_s or 1.0,
+                ) from None
             raise InvalidBatchError(
                 f"the query could not be embedded: {exc}", field="text"
             ) from None

@@ -7,6 +7,7 @@ unique constraint. Another tenant's library or document answers 404, as a missin
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Awaitable, Iterator
 from datetime import datetime
@@ -265,6 +266,13 @@ async def _call(work: Awaitable[T]) -> T:
         # 503 with Retry-After, as for a statement the server cancelled elsewhere in the
         # API (database_busy), under a code of its own: narrowing the search may help.
         raise ApiError(503, "search_timeout", str(exc), headers={"Retry-After": "1"}) from None
+    except lib.EmbedderUnavailableError as exc:
+        # The embedder's upstream is out of rate budget or failing: the server's side, so
+        # a 503 (not a 422 naming `text`), retried after the time the limit still holds.
+        retry_after = str(max(1, math.ceil(exc.retry_after_s)))
+        raise ApiError(
+            503, "embedder_unavailable", str(exc), headers={"Retry-After": retry_after}
+        ) from None
     except lib.ExtensionMissingError as exc:
         # A 4xx, not a 503: a server without the extension will not grow one if the
         # client retries, and the request cannot succeed on it as it is.
@@ -657,8 +665,10 @@ _SEARCH_ERRORS: dict[int | str, dict[str, Any]] = {
     },
     503: {
         "model": ErrorOut,
-        "description": "The search ran past the statement timeout (`search_timeout`), or "
-        "the database is busy; retry after Retry-After seconds.",
+        "description": "The search ran past the statement timeout (`search_timeout`), "
+        "the embedder of a text query is out of rate budget or its upstream is failing "
+        "(`embedder_unavailable`), or the database is busy; retry after Retry-After "
+        "seconds.",
     },
 }
 
