@@ -40,3 +40,34 @@ async def test_a_search_whose_embedder_has_no_rate_budget_is_503_with_retry_afte
     assert found.status_code == 503, found.text
     assert found.json()["error"]["code"] == "embedder_unavailable"
     assert 1 <= int(found.headers["Retry-After"]) <= 31
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("needs_pgvector")
+async def test_a_search_vector_of_extreme_values_finds_with_a_numeric_score(
+    api: RunningApi,
+) -> None:
+    # pgvector computes in single precision: 1e300 was a 500 (out of range for `vector`),
+    # 3e38 a NaN distance (the sums overflow) answered as score null, 1e-300 a vector
+    # that vanishes to zero. Cosine ignores length: each is the direction [1, ..., 1].
+    async with api.client() as client:
+        library_id = await _library(client)
+        posted = await client.post(
+            f"/v1/libraries/{library_id}/documents", json={"text": "vacuum freezes tuples"}
+        )
+        assert posted.status_code == 201, posted.text
+        assert (await api.app.wait(posted.json()["batch_id"], timeout_s=30)).status == "succeeded"
+        scores = set()
+        for value in (1.0, 3.0e38, -1e300, 1e-300):
+            for exact in (True, False):
+                found = await client.post(
+                    f"/v1/libraries/{library_id}/search",
+                    json={"vector": [value] * 16, "exact": exact},
+                )
+                assert found.status_code == 200, found.text
+                [hit] = found.json()["hits"]
+                assert isinstance(hit["score"], float), hit
+                scores.add(round(abs(hit["score"]), 4))
+        assert len(scores) == 1  # the same direction (or its opposite), the same distance
+        zero = await client.post(f"/v1/libraries/{library_id}/search", json={"vector": [0.0] * 16})
+        assert zero.status_code == 422 and zero.json()["error"]["field"] == "vector"

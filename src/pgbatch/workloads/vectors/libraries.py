@@ -821,14 +821,21 @@ async def search(
             query_vector = [math.inf]
         if not all(math.isfinite(x) for x in query_vector):
             raise InvalidBatchError("vector values must be finite numbers", field="vector")
+
     if len(query_vector) != library.dimension:
         raise InvalidBatchError(
             f"the vector has {len(query_vector)} values; the library's dimension is "
             f"{library.dimension}",
             field="vector",
         )
-    if not any(query_vector):
+    # Cosine distance ignores the length, so the query goes as a unit vector: pgvector
+    # computes in single precision, where a finite 1e300 is out of range (an error) and
+    # 3e38 or 1e-300 overflow or vanish (a NaN distance, a null score). hypot does not
+    # overflow.
+    norm = math.hypot(*query_vector)
+    if norm == 0:
         raise InvalidBatchError("a zero vector has no cosine distance", field="vector")
+    query_vector = [x / norm for x in query_vector]
     ef = max(ef_search, k)
     slots = search_limits(app)
     timeout_ms = slots.limits.statement_timeout_ms
