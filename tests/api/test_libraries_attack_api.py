@@ -6,7 +6,10 @@ an embedder out of rate budget); each test here failed before its fix.
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
+import psycopg
 import pytest
 
 from pgbatch.workloads import vectors
@@ -71,3 +74,51 @@ async def test_a_search_vector_of_extreme_values_finds_with_a_numeric_score(
         assert len(scores) == 1  # the same direction (or its opposite), the same distance
         zero = await client.post(f"/v1/libraries/{library_id}/search", json={"vector": [0.0] * 16})
         assert zero.status_code == 422 and zero.json()["error"]["field"] == "vector"
+
+
+async def _wait_until_blocked(url: str, marker: str) -> None:
+    """Return once a backend running a statement that contains `marker` waits on a lock."""
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as watcher:
+        while True:
+            cur = await watcher.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND query LIKE %s",
+                (f"%{marker}%",),
+            )
+            row = await cur.fetchone()
+            if row and row[0]:
+                return
+            await asyncio.sleep(0.02)
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("needs_pgvector")
+async def test_a_document_added_while_its_library_is_deleted_is_404_not_500(
+    api: RunningApi, database_url: str
+) -> None:
+    # The add checks the library, then inserts; a delete committed in between made the
+    # insert's foreign key fail: a 500. Here the deleter holds the library row while the
+    # add passes its check and waits on that row in its INSERT (separate connections).
+    async with api.client() as client:
+        library_id = await _library(client)
+        async with await psycopg.AsyncConnection.connect(database_url) as deleter:
+            await deleter.execute(
+                "SELECT 1 FROM pgbatch.vector_libraries WHERE id = %s FOR UPDATE", (library_id,)
+            )
+            add = asyncio.ensure_future(
+                client.post(f"/v1/libraries/{library_id}/documents", json={"text": "late"})
+            )
+            await _wait_until_blocked(database_url, "INSERT INTO pgbatch.vector_documents")
+            await deleter.execute(f"DROP TABLE pgbatch.vector_chunks_{library_id}")
+            await deleter.execute(
+                "DELETE FROM pgbatch.vector_libraries WHERE id = %s", (library_id,)
+            )
+            await deleter.commit()
+            added = await add
+        assert added.status_code == 404, added.text
+        assert added.json()["error"]["code"] == "library_not_found"
+    async with await psycopg.AsyncConnection.connect(database_url) as conn:
+        cur = await conn.execute(
+            "SELECT count(*) FROM pgbatch.vector_documents WHERE library_id = %s", (library_id,)
+        )
+        assert await cur.fetchone() == (0,)

@@ -481,9 +481,13 @@ async def add_documents(
     ) -> tuple[list[DocumentRecord], Batch | None]:
         if await queries.get_library(conn, tenant, library_id) is None:
             raise LibraryNotFoundError(f"no library {library_id}", field="library_id")
-        added = await queries.insert_documents(
-            conn, library_id, [(d.metadata or {}, d.text, d.chunks) for d in checked]
-        )
+        try:
+            added = await queries.insert_documents(
+                conn, library_id, [(d.metadata or {}, d.text, d.chunks) for d in checked]
+            )
+        except psycopg.errors.ForeignKeyViolation:
+            # The library was deleted after the check above (the insert waited on its row).
+            raise LibraryNotFoundError(f"no library {library_id}", field="library_id") from None
         return added, await _submit_indexing(app, conn, tenant, library_id, added)
 
     added, batch = await app.db.run_in_transaction(work)
