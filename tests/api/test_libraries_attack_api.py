@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 
 import httpx
+import orjson
 import psycopg
 import pytest
 
@@ -122,3 +123,35 @@ async def test_a_document_added_while_its_library_is_deleted_is_404_not_500(
             "SELECT count(*) FROM pgbatch.vector_documents WHERE library_id = %s", (library_id,)
         )
         assert await cur.fetchone() == (0,)
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("needs_pgvector")
+async def test_an_import_holds_documents_to_the_limits_of_a_posted_one(api: RunningApi) -> None:
+    # POST refuses a text or a chunk past 100,000 characters; the import took 1 MiB ones,
+    # documents no other route would accept (nor re-index with that content).
+    too_long = "a " * 50_000 + "b"
+    async with api.client() as client:
+        library_id = await _library(client)
+        posted = await client.post(f"/v1/libraries/{library_id}/documents", json={"text": too_long})
+        assert posted.status_code == 422, posted.text
+        for line in ({"text": too_long}, {"chunks": ["ok", too_long]}):
+            body = orjson.dumps({"text": "fine"}) + b"\n" + orjson.dumps(line) + b"\n"
+            imported = await client.post(
+                f"/v1/libraries/{library_id}/documents/import",
+                content=body,
+                headers={"content-type": "application/x-ndjson"},
+            )
+            assert imported.status_code == 422, imported.text
+            error = imported.json()["error"]
+            assert error["field"] == "body" and error["message"].startswith("line 2:"), error
+            assert "100000" in error["message"], error
+        listed = await client.get(f"/v1/libraries/{library_id}/documents")
+        assert listed.json()["documents"] == []
+        at_limit = orjson.dumps({"text": "a" * 100_000}) + b"\n"
+        imported = await client.post(
+            f"/v1/libraries/{library_id}/documents/import",
+            content=at_limit,
+            headers={"content-type": "application/x-ndjson"},
+        )
+        assert imported.status_code == 201, imported.text

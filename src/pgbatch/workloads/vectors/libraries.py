@@ -105,6 +105,9 @@ DOCUMENTS_PER_SHARD = 32
 # the 256-token window of the small sentence models and far inside OpenAI's 8k.
 CHUNK_CHARS = 1_000
 MAX_CHUNKS_PER_DOCUMENT = 10_000
+# A document's text, and each of its chunks, in characters: the HTTP models' bound, held
+# here too so that an import (or the CLI) takes no document POST would refuse.
+MAX_TEXT_CHARS = 100_000
 MAX_K = 1_000
 # HNSW's candidate list at search (pgvector's default is 40). At 100,000 chunks of 384
 # (docs/vectors.md) with the index of queries.HNSW_EF_CONSTRUCTION, 100 already gave
@@ -257,8 +260,17 @@ def _check_document(document: DocumentIn, field: str, *, nul_free: bool = False)
                 raise InvalidBatchError(
                     "a chunk must be non-empty text", field=f"{field}.chunks.{n}"
                 )
+            if len(chunk) > MAX_TEXT_CHARS:
+                raise InvalidBatchError(
+                    f"a chunk may hold at most {MAX_TEXT_CHARS} characters",
+                    field=f"{field}.chunks.{n}",
+                )
     elif not document.text or not document.text.strip():
         raise InvalidBatchError("text must not be empty", field=f"{field}.text")
+    elif len(document.text) > MAX_TEXT_CHARS:
+        raise InvalidBatchError(
+            f"text may hold at most {MAX_TEXT_CHARS} characters", field=f"{field}.text"
+        )
     _check_json(document.metadata or {}, f"{field}.metadata", nul_free=nul_free)
     for value in (document.text, *(document.chunks or ())):
         if value is not None and "\x00" in value:

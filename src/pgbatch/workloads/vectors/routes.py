@@ -43,7 +43,9 @@ Limit = Annotated[int, Query(ge=1, le=500), IntegerText]
 Metadata = Annotated[
     dict[str, Any], Field(description="A JSON object; search filters match it with @>.")
 ]
-ChunkText = Annotated[str, Field(min_length=1, max_length=100_000, pattern=r"^[^\x00]*$")]
+ChunkText = Annotated[
+    str, Field(min_length=1, max_length=lib.MAX_TEXT_CHARS, pattern=r"^[^\x00]*$")
+]
 DocumentStatus = Literal["pending", "indexing", "indexed", "failed", "cancelled"]
 # The import streams its NDJSON body under the upload limit, as POST /v1/batches does.
 IMPORT_PATH = re.compile(r"/v1/libraries/[^/]+/documents/import")
