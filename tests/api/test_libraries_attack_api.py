@@ -155,3 +155,27 @@ async def test_an_import_holds_documents_to_the_limits_of_a_posted_one(api: Runn
             headers={"content-type": "application/x-ndjson"},
         )
         assert imported.status_code == 201, imported.text
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("needs_pgvector")
+async def test_a_bad_document_body_is_422_naming_its_own_field(api: RunningApi) -> None:
+    # The one-document POST named `documents.0.text` (the bulk route's name) and re-index
+    # `body.text`: fields neither body has.
+    async with api.client() as client:
+        library_id = await _library(client)
+        base = f"/v1/libraries/{library_id}/documents"
+        for body, field in (
+            ({"text": "   "}, "text"),
+            ({"chunks": ["ok", "  "]}, "chunks.1"),
+            ({"text": "ok", "metadata": {"n": 2**64}}, "metadata"),
+        ):
+            posted = await client.post(base, json=body)
+            assert posted.status_code == 422, posted.text
+            assert posted.json()["error"]["field"] == field, posted.text
+        bulk = await client.post(f"{base}/bulk", json={"documents": [{"text": "a"}, {"text": " "}]})
+        assert bulk.status_code == 422 and bulk.json()["error"]["field"] == "documents.1.text"
+        posted = await client.post(base, json={"text": "vacuum"})
+        assert posted.status_code == 201, posted.text
+        again = await client.post(f"{base}/{posted.json()['id']}/reindex", json={"text": "  "})
+        assert again.status_code == 422 and again.json()["error"]["field"] == "text", again.text

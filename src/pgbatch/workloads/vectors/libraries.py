@@ -69,6 +69,7 @@ __all__ = [
     "SearchHit",
     "VersionMismatchError",
     "add_documents",
+    "check_document",
     "chunk_text",
     "create_library",
     "delete_document",
@@ -247,34 +248,40 @@ def _check_name(name: object) -> str:
     return name
 
 
-def _check_document(document: DocumentIn, field: str, *, nul_free: bool = False) -> DocumentIn:
+def check_document(document: DocumentIn, field: str = "", *, nul_free: bool = False) -> DocumentIn:
+    """Return `document` if it may be stored; raise InvalidBatchError naming the field.
+
+    `field` prefixes the names (`documents.3`): "" names a request body's own fields.
+    """
+
+    def sub(name: str) -> str:
+        return f"{field}.{name}" if field else name
+
     if (document.text is None) == (document.chunks is None):
-        raise InvalidBatchError("give either text or chunks", field=field)
+        raise InvalidBatchError("give either text or chunks", field=field or "text")
     if document.chunks is not None:
         if not 0 < len(document.chunks) <= MAX_CHUNKS_PER_DOCUMENT:
             raise InvalidBatchError(
-                f"chunks must hold 1 to {MAX_CHUNKS_PER_DOCUMENT} strings", field=f"{field}.chunks"
+                f"chunks must hold 1 to {MAX_CHUNKS_PER_DOCUMENT} strings", field=sub("chunks")
             )
         for n, chunk in enumerate(document.chunks):
             if not isinstance(chunk, str) or not chunk.strip():
-                raise InvalidBatchError(
-                    "a chunk must be non-empty text", field=f"{field}.chunks.{n}"
-                )
+                raise InvalidBatchError("a chunk must be non-empty text", field=sub(f"chunks.{n}"))
             if len(chunk) > MAX_TEXT_CHARS:
                 raise InvalidBatchError(
                     f"a chunk may hold at most {MAX_TEXT_CHARS} characters",
-                    field=f"{field}.chunks.{n}",
+                    field=sub(f"chunks.{n}"),
                 )
     elif not document.text or not document.text.strip():
-        raise InvalidBatchError("text must not be empty", field=f"{field}.text")
+        raise InvalidBatchError("text must not be empty", field=sub("text"))
     elif len(document.text) > MAX_TEXT_CHARS:
         raise InvalidBatchError(
-            f"text may hold at most {MAX_TEXT_CHARS} characters", field=f"{field}.text"
+            f"text may hold at most {MAX_TEXT_CHARS} characters", field=sub("text")
         )
-    _check_json(document.metadata or {}, f"{field}.metadata", nul_free=nul_free)
+    _check_json(document.metadata or {}, sub("metadata"), nul_free=nul_free)
     for value in (document.text, *(document.chunks or ())):
         if value is not None and "\x00" in value:
-            raise InvalidBatchError("text cannot hold NUL characters", field=field)
+            raise InvalidBatchError("text cannot hold NUL characters", field=field or "text")
     return document
 
 
@@ -483,7 +490,7 @@ async def add_documents(
 
     One transaction: the documents and their batch commit together, or neither does.
     """
-    checked = [_check_document(d, f"documents.{n}") for n, d in enumerate(documents)]
+    checked = [check_document(d, f"documents.{n}") for n, d in enumerate(documents)]
     if TASK not in app.tasks:
         raise InvalidBatchError("the vectors workload is not used by this app", field="task")
     await app.open()
@@ -547,7 +554,7 @@ def _import_document(number: int, line: bytes) -> DocumentIn:
         # JSON text holds a NUL only as the escape \u0000 (orjson refuses raw control
         # characters): without one in the line, the walk looking for NULs is skipped.
         nul_free = b"\\u0000" not in line
-        return _check_document(DocumentIn(text, chunks, metadata), "document", nul_free=nul_free)
+        return check_document(DocumentIn(text, chunks, metadata), "document", nul_free=nul_free)
     except InvalidBatchError as exc:
         raise ImportLineError(number, str(exc)) from None
 
@@ -726,7 +733,7 @@ async def reindex_documents(
     at that version (VersionMismatchError otherwise).
     """
     if content is not None:
-        _check_document(content, "body")
+        check_document(content)
         if len(document_ids) != 1:
             raise InvalidBatchError("new content re-indexes one document", field="document_ids")
     await app.open()

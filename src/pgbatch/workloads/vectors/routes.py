@@ -283,6 +283,10 @@ async def _call(work: Awaitable[T]) -> T:
         raise ApiError(422, "invalid_request", str(exc), field=exc.field) from None
 
 
+async def _checked(document: lib.DocumentIn) -> lib.DocumentIn:
+    return lib.check_document(document)
+
+
 def _library_out(library: LibraryRecord, counts: dict[str, int] | None = None) -> LibraryOut:
     return LibraryOut(
         id=library.id,
@@ -415,6 +419,8 @@ async def add_document(
 ) -> LibraryDocumentOut:
     """Add one document (pending) and submit the batch that indexes it."""
     document = lib.DocumentIn(text=body.text, chunks=body.chunks, metadata=body.metadata)
+    # Checked here first so that an error names this body's fields, not `documents.0.…`.
+    await _call(_checked(document))
     added, _ = await _call(
         lib.add_documents(api_state(request).app, library_id, [document], tenant=tenant)
     )
