@@ -179,3 +179,18 @@ async def test_a_bad_document_body_is_422_naming_its_own_field(api: RunningApi) 
         assert posted.status_code == 201, posted.text
         again = await client.post(f"{base}/{posted.json()['id']}/reindex", json={"text": "  "})
         assert again.status_code == 422 and again.json()["error"]["field"] == "text", again.text
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("needs_pgvector")
+async def test_a_blank_search_text_is_422_naming_text(api: RunningApi) -> None:
+    # Blank text embeds to no feature at all (the local embedder's fixed fallback vector):
+    # it answered hits that no query chose. Documents refuse blank text the same way.
+    async with api.client() as client:
+        library_id = await _library(client)
+        posted = await client.post(f"/v1/libraries/{library_id}/documents", json={"text": "x"})
+        assert (await api.app.wait(posted.json()["batch_id"], timeout_s=30)).status == "succeeded"
+        for text in (" ", "\n\t "):
+            found = await client.post(f"/v1/libraries/{library_id}/search", json={"text": text})
+            assert found.status_code == 422, found.text
+            assert found.json()["error"]["field"] == "text"

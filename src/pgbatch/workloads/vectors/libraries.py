@@ -819,6 +819,8 @@ async def search(
     """
     if (text is None) == (vector is None):
         raise InvalidBatchError("give either text or vector", field="text")
+    if text is not None and not text.strip():
+        raise InvalidBatchError("text must not be empty", field="text")
     if not 1 <= k <= MAX_K:
         raise InvalidBatchError(f"k must be from 1 to {MAX_K}", field="k")
     if metadata_filter is not None:
