@@ -107,3 +107,27 @@ def test_an_embeddings_request_is_estimated_at_its_input_tokens() -> None:
     assert estimate_tokens(["x" * 40, "y" * 9]) == 10 + 3
     assert estimate_tokens([""]) == 1
     assert "secret" not in repr(OpenAIEmbedder("http://h/v1", "m", 8, api_key="secret"))
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"data": ["not an object"]},
+        {"data": [{"index": "first", "embedding": [1.0, 2.0]}]},
+        {"data": [{"index": 0}]},
+        {"data": [{"index": 0, "embedding": None}]},
+        {"data": [{"index": 0, "embedding": ["x", 1.0]}]},
+        {"data": [{"index": 0, "embedding": [float("nan"), 1.0]}]},
+        {"data": [{"index": 0, "embedding": [float("inf"), 1.0]}]},
+        {"data": [{"index": 0, "embedding": [1e300, 1.0]}]},
+        {"data": [{"index": 0, "embedding": [0.0, 0.0]}]},
+    ],
+)
+def test_a_malformed_answer_is_an_embedder_error(body: object) -> None:
+    # These raised AttributeError, ValueError, KeyError or TypeError (a search's 500), or
+    # passed a NaN or 1e300 on to pgvector, which refuses it (a search's 500 too), or a
+    # zero vector, which every search then scores NaN.
+    embedder = OpenAIEmbedder(base_url="http://127.0.0.1:9/v1", model="m", dimension=2)
+    with pytest.raises(EmbedderError, match="upstream answered") as raised:
+        embedder._vectors(body, 1)
+    assert raised.value.retryable is False

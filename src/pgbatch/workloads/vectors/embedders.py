@@ -79,6 +79,8 @@ OPENAI_MAX_RATE_LIMITED = 10
 # The longest one embed() waits in total for budget (a spent window frees within a
 # minute, a pause lasts its Retry-After): two windows, then a retryable EmbedderError.
 OPENAI_MAX_WAIT_S = 120.0
+# The largest single-precision float: pgvector's element type.
+FLOAT4_MAX = 3.4028234663852886e38
 # About four characters of English text per token in OpenAI's tokenizers: the estimate
 # reserved before a call (what the LLM workload estimates too), settled to `usage`.
 CHARS_PER_TOKEN = 4
@@ -368,10 +370,20 @@ class OpenAIEmbedder:
         data = body.get("data") if isinstance(body, dict) else None
         if not isinstance(data, list) or len(data) != expected:
             raise EmbedderError(f"embeddings upstream answered no list of {expected} vectors")
-        ordered = sorted(data, key=lambda entry: int(entry.get("index", 0)))
-        vectors = [[float(x) for x in entry["embedding"]] for entry in ordered]
+        try:
+            ordered = sorted(data, key=lambda entry: int(entry.get("index", 0)))
+            vectors = [[float(x) for x in entry["embedding"]] for entry in ordered]
+        except (AttributeError, KeyError, TypeError, ValueError):
+            # An upstream's malformed answer is its error, not a crash of the caller.
+            raise EmbedderError("embeddings upstream answered malformed vectors") from None
         if any(len(v) != self.dimension for v in vectors):
             raise EmbedderError(f"embeddings upstream answered vectors not of {self.dimension}")
+        if not all(math.isfinite(x) and abs(x) <= FLOAT4_MAX for v in vectors for x in v):
+            # pgvector holds single-precision finite floats; it would refuse the rest.
+            raise EmbedderError("embeddings upstream answered values pgvector cannot hold")
+        if not all(any(v) for v in vectors):
+            # A zero vector has no cosine distance: searches would score it NaN.
+            raise EmbedderError("embeddings upstream answered a zero vector")
         return vectors
 
 
