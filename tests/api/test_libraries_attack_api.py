@@ -194,3 +194,26 @@ async def test_a_blank_search_text_is_422_naming_text(api: RunningApi) -> None:
             found = await client.post(f"/v1/libraries/{library_id}/search", json={"text": text})
             assert found.status_code == 422, found.text
             assert found.json()["error"]["field"] == "text"
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("needs_pgvector")
+async def test_an_import_line_past_the_item_limit_is_413_naming_the_body(
+    api: RunningApi,
+) -> None:
+    # The upload guard's refusal named `items` (POST /v1/batches' field): this route's
+    # lines are documents of its body, as its 422s say.
+    async with api.client() as client:
+        library_id = await _library(client)
+        body = b'{"text": "fine"}\n{"text": "' + b"a " * 600_000 + b'"}\n'
+        imported = await client.post(
+            f"/v1/libraries/{library_id}/documents/import",
+            content=body,
+            headers={"content-type": "application/x-ndjson"},
+        )
+        assert imported.status_code == 413, imported.text
+        error = imported.json()["error"]
+        assert (error["code"], error["field"]) == ("item_too_large", "body"), error
+        assert error["message"].startswith("line 2:"), error
+        listed = await client.get(f"/v1/libraries/{library_id}/documents")
+        assert listed.json()["documents"] == []

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 from pgbatch.api.errors import ERRORS, ApiError
 from pgbatch.api.guards import NDJSON, NDJSON_MEDIA_TYPES, NDJSON_UPLOAD_PATHS, OCTET_STREAM
 from pgbatch.api.media import JSON_BODY
-from pgbatch.api.routes.batches import spool_upload
+from pgbatch.api.routes.batches import SpooledFile, spool_upload
 from pgbatch.api.schemas import ErrorOut, IfMatchHeader, IntegerText
 from pgbatch.api.state import Tenant, api_state
 from pgbatch.errors import InvalidBatchError
@@ -486,7 +486,7 @@ async def import_documents(
         )
     state = api_state(request)
     async with state.uploads.slot(tenant):
-        with await spool_upload(request, state.settings.api_max_item_bytes) as spool:
+        with await _spool_import(request, state.settings.api_max_item_bytes) as spool:
 
             def lines() -> Iterator[bytes]:
                 yield from spool
@@ -502,6 +502,23 @@ async def import_documents(
                 )
             )
     return LibraryImportOut(documents=count, batch_id=None if batch is None else batch.id)
+
+
+async def _spool_import(request: Request, max_line: int) -> SpooledFile:
+    """Spool the import's body as POST /v1/batches does; a long line names this `body`."""
+    try:
+        return await spool_upload(request, max_line)
+    except ApiError as exc:
+        if exc.code != "item_too_large":
+            raise
+        line = exc.message.split(":", 1)[0]
+        raise ApiError(
+            413,
+            "item_too_large",
+            f"{line}: a document's line may be at most {max_line} bytes "
+            "(PGBATCH_API_MAX_ITEM_BYTES)",
+            field="body",
+        ) from None
 
 
 @router.get("/{library_id}/documents", response_model=LibraryDocumentList, responses=ERRORS(404))
