@@ -15,7 +15,7 @@ import pytest
 
 from pgbatch.workloads import vectors
 from pgbatch.workloads.vectors.embedders import OpenAIEmbedder
-from tests.api.conftest import RunningApi
+from tests.api.conftest import RunningApi, StartApi
 from tests.api.test_libraries_api import needs_pgvector  # noqa: F401 (a fixture)
 
 
@@ -217,3 +217,23 @@ async def test_an_import_line_past_the_item_limit_is_413_naming_the_body(
         assert error["message"].startswith("line 2:"), error
         listed = await client.get(f"/v1/libraries/{library_id}/documents")
         assert listed.json()["documents"] == []
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("needs_pgvector")
+async def test_an_import_past_the_item_count_is_413_too_many_items(start_api: StartApi) -> None:
+    # It was a 422 invalid_request; POST /v1/batches answers the same limit 413
+    # too_many_items, and the route's OpenAPI lists 413.
+    async with start_api(api_max_items=3) as api, api.client() as client:
+        library_id = await _library(client)
+        url = f"/v1/libraries/{library_id}/documents/import"
+        headers = {"content-type": "application/x-ndjson"}
+        fits = await client.post(url, content=b'{"text": "a"}\n' * 3, headers=headers)
+        assert fits.status_code == 201, fits.text
+        over = await client.post(url, content=b'{"text": "a"}\n' * 4, headers=headers)
+        assert over.status_code == 413, over.text
+        error = over.json()["error"]
+        assert (error["code"], error["field"]) == ("too_many_items", "body"), error
+        assert error["message"].startswith("line 4:"), error
+        listed = await client.get(f"/v1/libraries/{library_id}/documents")
+        assert len(listed.json()["documents"]) == 3

@@ -64,6 +64,7 @@ __all__ = [
     "EmbedderUnavailableError",
     "ExtensionMissingError",
     "ImportLineError",
+    "ImportTooLargeError",
     "LibraryExistsError",
     "LibraryNotFoundError",
     "SearchHit",
@@ -166,6 +167,10 @@ class ImportLineError(InvalidBatchError):
         super().__init__(f"line {line}: {message}", field="body")
         self.line = line
         self.reason = message
+
+
+class ImportTooLargeError(ImportLineError):
+    """An NDJSON import holds more documents than allowed: `line` is the first past it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -608,7 +613,7 @@ async def import_documents(
                 document = _import_document(number, line)
                 count += 1
                 if max_documents is not None and count > max_documents:
-                    raise ImportLineError(
+                    raise ImportTooLargeError(
                         number, f"an import holds at most {max_documents} documents"
                     )
                 row = _copy_row(number, document)

@@ -268,6 +268,9 @@ async def _call(work: Awaitable[T]) -> T:
         # 503 with Retry-After, as for a statement the server cancelled elsewhere in the
         # API (database_busy), under a code of its own: narrowing the search may help.
         raise ApiError(503, "search_timeout", str(exc), headers={"Retry-After": "1"}) from None
+    except lib.ImportTooLargeError as exc:
+        # As POST /v1/batches answers a body of too many items.
+        raise ApiError(413, "too_many_items", str(exc), field="body") from None
     except lib.EmbedderUnavailableError as exc:
         # The embedder's upstream is out of rate budget or failing: the server's side, so
         # a 503 (not a 422 naming `text`), retried after the time the limit still holds.
