@@ -94,8 +94,9 @@ async def _wait_until_blocked(url: str, marker: str) -> None:
 
 @pytest.mark.asyncio
 @pytest.mark.usefixtures("needs_pgvector")
+@pytest.mark.parametrize("route", ["documents", "import"])
 async def test_a_document_added_while_its_library_is_deleted_is_404_not_500(
-    api: RunningApi, database_url: str
+    api: RunningApi, database_url: str, route: str
 ) -> None:
     # The add checks the library, then inserts; a delete committed in between made the
     # insert's foreign key fail: a 500. Here the deleter holds the library row while the
@@ -106,9 +107,15 @@ async def test_a_document_added_while_its_library_is_deleted_is_404_not_500(
             await deleter.execute(
                 "SELECT 1 FROM pgbatch.vector_libraries WHERE id = %s FOR UPDATE", (library_id,)
             )
-            add = asyncio.ensure_future(
-                client.post(f"/v1/libraries/{library_id}/documents", json={"text": "late"})
-            )
+            if route == "documents":
+                sent = client.post(f"/v1/libraries/{library_id}/documents", json={"text": "late"})
+            else:
+                sent = client.post(
+                    f"/v1/libraries/{library_id}/documents/import",
+                    content=b'{"text": "late"}\n' * 3,
+                    headers={"content-type": "application/x-ndjson"},
+                )
+            add = asyncio.ensure_future(sent)
             await _wait_until_blocked(database_url, "INSERT INTO pgbatch.vector_documents")
             await deleter.execute(f"DROP TABLE pgbatch.vector_chunks_{library_id}")
             await deleter.execute(
