@@ -6,6 +6,7 @@ import logging
 
 import httpx
 import pytest
+import typer
 
 import pgbatch
 from pgbatch.workloads import vectors
@@ -131,3 +132,24 @@ def test_a_malformed_answer_is_an_embedder_error(body: object) -> None:
     with pytest.raises(EmbedderError, match="upstream answered") as raised:
         embedder._vectors(body, 1)
     assert raised.value.retryable is False
+
+
+def test_the_cli_prints_an_embedder_out_of_budget_without_a_traceback(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # `pgbatch libraries search` catches PgbatchError; an EmbedderUnavailableError that
+    # was a bare Exception escaped it as a traceback.
+    from pgbatch.workloads.vectors import cli
+    from pgbatch.workloads.vectors.libraries import EmbedderUnavailableError
+
+    class Closing:
+        async def close(self) -> None:
+            """Nothing to close."""
+
+    async def search() -> None:
+        raise EmbedderUnavailableError("no rate budget on 'u' within 0 s", retry_after_s=3)
+
+    with pytest.raises(typer.Exit) as exited:
+        cli._run(Closing(), search())  # type: ignore[arg-type]
+    assert exited.value.exit_code == 1
+    assert "no rate budget" in capsys.readouterr().err

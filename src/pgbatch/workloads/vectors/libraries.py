@@ -38,7 +38,7 @@ import psycopg
 from pgbatch import json_values
 from pgbatch.app import App
 from pgbatch.engine.context import CallbackContext, ShardContext
-from pgbatch.errors import InvalidBatchError
+from pgbatch.errors import InvalidBatchError, PgbatchError
 from pgbatch.models import Batch, Item, Outcome, error, ok
 from pgbatch.workloads.vectors import queries
 from pgbatch.workloads.vectors.embedders import (
@@ -148,11 +148,11 @@ class ExtensionMissingError(InvalidBatchError):
     """The PostgreSQL server has no pgvector: libraries cannot be created on it."""
 
 
-class EmbedderUnavailableError(Exception):
+class EmbedderUnavailableError(PgbatchError):
     """The embedder could not embed a query for now (its rate budget or upstream is out).
 
     The server's side, not the request's: a later attempt may succeed, after
-    `retry_after_s` seconds.
+    `retry_after_s` seconds. A PgbatchError, so the CLI prints it without a traceback.
     """
 
     def __init__(self, message: str, *, retry_after_s: float) -> None:
