@@ -244,3 +244,23 @@ async def test_an_import_past_the_item_count_is_413_too_many_items(start_api: St
         assert error["message"].startswith("line 4:"), error
         listed = await client.get(f"/v1/libraries/{library_id}/documents")
         assert len(listed.json()["documents"]) == 3
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("needs_pgvector")
+async def test_a_reindex_with_if_match_star_reindexes_any_version(api: RunningApi) -> None:
+    # If-Match is optional on re-index, and `*` matches any current version (RFC 9110, and
+    # POST /v1/batches/{id}/cancel takes it so): it was a 412 "not an ETag".
+    async with api.client() as client:
+        library_id = await _library(client)
+        posted = await client.post(f"/v1/libraries/{library_id}/documents", json={"text": "a"})
+        url = f"/v1/libraries/{library_id}/documents/{posted.json()['id']}"
+        again = await client.post(f"{url}/reindex", json={}, headers={"If-Match": "*"})
+        assert again.status_code == 202, again.text
+        assert again.json()["documents"][0]["content_version"] == 2
+        missing = await client.post(
+            f"/v1/libraries/{library_id}/documents/999999/reindex",
+            json={},
+            headers={"If-Match": "*"},
+        )
+        assert missing.status_code == 404, missing.text

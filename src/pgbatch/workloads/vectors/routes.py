@@ -637,8 +637,10 @@ async def reindex_document(
     body: LibraryReindex,
     if_match: IfMatchHeader = None,
 ) -> LibraryDocumentsOut:
-    """Index a document again (new text or chunks when given); If-Match optional."""
-    version = None if if_match is None else _expected_version(if_match)
+    """Index a document again (new text or chunks when given); If-Match optional (or `*`)."""
+    # `*` matches any current version (RFC 9110): the same as no If-Match here.
+    any_version = if_match is None or if_match.strip() == "*"
+    version = None if any_version else _expected_version(if_match)
     content = None
     if body.text is not None or body.chunks is not None:
         content = lib.DocumentIn(text=body.text, chunks=body.chunks)
