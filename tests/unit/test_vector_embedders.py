@@ -6,6 +6,7 @@ import logging
 
 import httpx
 import pytest
+import typer
 
 import pgbatch
 from pgbatch.workloads import vectors
@@ -107,3 +108,48 @@ def test_an_embeddings_request_is_estimated_at_its_input_tokens() -> None:
     assert estimate_tokens(["x" * 40, "y" * 9]) == 10 + 3
     assert estimate_tokens([""]) == 1
     assert "secret" not in repr(OpenAIEmbedder("http://h/v1", "m", 8, api_key="secret"))
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"data": ["not an object"]},
+        {"data": [{"index": "first", "embedding": [1.0, 2.0]}]},
+        {"data": [{"index": 0}]},
+        {"data": [{"index": 0, "embedding": None}]},
+        {"data": [{"index": 0, "embedding": ["x", 1.0]}]},
+        {"data": [{"index": 0, "embedding": [float("nan"), 1.0]}]},
+        {"data": [{"index": 0, "embedding": [float("inf"), 1.0]}]},
+        {"data": [{"index": 0, "embedding": [1e300, 1.0]}]},
+        {"data": [{"index": 0, "embedding": [0.0, 0.0]}]},
+    ],
+)
+def test_a_malformed_answer_is_an_embedder_error(body: object) -> None:
+    # These raised AttributeError, ValueError, KeyError or TypeError (a search's 500), or
+    # passed a NaN or 1e300 on to pgvector, which refuses it (a search's 500 too), or a
+    # zero vector, which every search then scores NaN.
+    embedder = OpenAIEmbedder(base_url="http://127.0.0.1:9/v1", model="m", dimension=2)
+    with pytest.raises(EmbedderError, match="upstream answered") as raised:
+        embedder._vectors(body, 1)
+    assert raised.value.retryable is False
+
+
+def test_the_cli_prints_an_embedder_out_of_budget_without_a_traceback(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # `pgbatch libraries search` catches PgbatchError; an EmbedderUnavailableError that
+    # was a bare Exception escaped it as a traceback.
+    from pgbatch.workloads.vectors import cli
+    from pgbatch.workloads.vectors.libraries import EmbedderUnavailableError
+
+    class Closing:
+        async def close(self) -> None:
+            """Nothing to close."""
+
+    async def search() -> None:
+        raise EmbedderUnavailableError("no rate budget on 'u' within 0 s", retry_after_s=3)
+
+    with pytest.raises(typer.Exit) as exited:
+        cli._run(Closing(), search())  # type: ignore[arg-type]
+    assert exited.value.exit_code == 1
+    assert "no rate budget" in capsys.readouterr().err

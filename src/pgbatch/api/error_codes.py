@@ -56,6 +56,7 @@ class ErrorCode(StrEnum):
     WRITE_FAILED = "write_failed"
     DATABASE_BUSY = "database_busy"
     SEARCH_TIMEOUT = "search_timeout"
+    EMBEDDER_UNAVAILABLE = "embedder_unavailable"
     DATABASE_UNAVAILABLE = "database_unavailable"
     CLIENT_CLOSED = "client_closed"
     INTERNAL_ERROR = "internal_error"

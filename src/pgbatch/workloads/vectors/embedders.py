@@ -79,6 +79,8 @@ OPENAI_MAX_RATE_LIMITED = 10
 # The longest one embed() waits in total for budget (a spent window frees within a
 # minute, a pause lasts its Retry-After): two windows, then a retryable EmbedderError.
 OPENAI_MAX_WAIT_S = 120.0
+# The largest single-precision float: pgvector's element type.
+FLOAT4_MAX = 3.4028234663852886e38
 # About four characters of English text per token in OpenAI's tokenizers: the estimate
 # reserved before a call (what the LLM workload estimates too), settled to `usage`.
 CHARS_PER_TOKEN = 4
@@ -88,12 +90,16 @@ class EmbedderError(Exception):
     """An embedder could not embed (unknown name, upstream refused, wrong dimension).
 
     `retryable` says whether a later attempt may succeed (a 429 or a 5xx that outlasted
-    the retries) or not (a 400, a vector of the wrong width).
+    the retries) or not (a 400, a vector of the wrong width); `retry_after_s`, when
+    known, how long the rate limit still holds.
     """
 
-    def __init__(self, message: str, *, retryable: bool = False) -> None:
+    def __init__(
+        self, message: str, *, retryable: bool = False, retry_after_s: float | None = None
+    ) -> None:
         super().__init__(message)
         self.retryable = retryable
+        self.retry_after_s = retry_after_s
 
 
 class TextEmbedder(Protocol):
@@ -261,6 +267,7 @@ class OpenAIEmbedder:
                     raise EmbedderError(
                         f"no rate budget on {grant.key!r} within {self.max_wait_s:g} s",
                         retryable=True,
+                        retry_after_s=grant.wait_s,
                     )
                 waited_s += grant.wait_s
                 await asyncio.sleep(grant.wait_s)
@@ -302,6 +309,7 @@ class OpenAIEmbedder:
                     failure = EmbedderError(
                         f"embeddings upstream answered 429 {part.rate_limited} times",
                         retryable=True,
+                        retry_after_s=pause_s,
                     )
                 continue
             answered += 1
@@ -362,10 +370,20 @@ class OpenAIEmbedder:
         data = body.get("data") if isinstance(body, dict) else None
         if not isinstance(data, list) or len(data) != expected:
             raise EmbedderError(f"embeddings upstream answered no list of {expected} vectors")
-        ordered = sorted(data, key=lambda entry: int(entry.get("index", 0)))
-        vectors = [[float(x) for x in entry["embedding"]] for entry in ordered]
+        try:
+            ordered = sorted(data, key=lambda entry: int(entry.get("index", 0)))
+            vectors = [[float(x) for x in entry["embedding"]] for entry in ordered]
+        except (AttributeError, KeyError, TypeError, ValueError):
+            # An upstream's malformed answer is its error, not a crash of the caller.
+            raise EmbedderError("embeddings upstream answered malformed vectors") from None
         if any(len(v) != self.dimension for v in vectors):
             raise EmbedderError(f"embeddings upstream answered vectors not of {self.dimension}")
+        if not all(math.isfinite(x) and abs(x) <= FLOAT4_MAX for v in vectors for x in v):
+            # pgvector holds single-precision finite floats; it would refuse the rest.
+            raise EmbedderError("embeddings upstream answered values pgvector cannot hold")
+        if not all(any(v) for v in vectors):
+            # A zero vector has no cosine distance: searches would score it NaN.
+            raise EmbedderError("embeddings upstream answered a zero vector")
         return vectors
 
 

@@ -38,7 +38,7 @@ import psycopg
 from pgbatch import json_values
 from pgbatch.app import App
 from pgbatch.engine.context import CallbackContext, ShardContext
-from pgbatch.errors import InvalidBatchError
+from pgbatch.errors import InvalidBatchError, PgbatchError
 from pgbatch.models import Batch, Item, Outcome, error, ok
 from pgbatch.workloads.vectors import queries
 from pgbatch.workloads.vectors.embedders import (
@@ -61,13 +61,16 @@ __all__ = [
     "TASK",
     "DocumentIn",
     "DocumentNotFoundError",
+    "EmbedderUnavailableError",
     "ExtensionMissingError",
     "ImportLineError",
+    "ImportTooLargeError",
     "LibraryExistsError",
     "LibraryNotFoundError",
     "SearchHit",
     "VersionMismatchError",
     "add_documents",
+    "check_document",
     "chunk_text",
     "create_library",
     "delete_document",
@@ -104,6 +107,9 @@ DOCUMENTS_PER_SHARD = 32
 # the 256-token window of the small sentence models and far inside OpenAI's 8k.
 CHUNK_CHARS = 1_000
 MAX_CHUNKS_PER_DOCUMENT = 10_000
+# A document's text, and each of its chunks, in characters: the HTTP models' bound, held
+# here too so that an import (or the CLI) takes no document POST would refuse.
+MAX_TEXT_CHARS = 100_000
 MAX_K = 1_000
 # HNSW's candidate list at search (pgvector's default is 40). At 100,000 chunks of 384
 # (docs/vectors.md) with the index of queries.HNSW_EF_CONSTRUCTION, 100 already gave
@@ -142,6 +148,18 @@ class ExtensionMissingError(InvalidBatchError):
     """The PostgreSQL server has no pgvector: libraries cannot be created on it."""
 
 
+class EmbedderUnavailableError(PgbatchError):
+    """The embedder could not embed a query for now (its rate budget or upstream is out).
+
+    The server's side, not the request's: a later attempt may succeed, after
+    `retry_after_s` seconds. A PgbatchError, so the CLI prints it without a traceback.
+    """
+
+    def __init__(self, message: str, *, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class ImportLineError(InvalidBatchError):
     """A line of an NDJSON import is not a document: `line` says which (1-based)."""
 
@@ -149,6 +167,10 @@ class ImportLineError(InvalidBatchError):
         super().__init__(f"line {line}: {message}", field="body")
         self.line = line
         self.reason = message
+
+
+class ImportTooLargeError(ImportLineError):
+    """An NDJSON import holds more documents than allowed: `line` is the first past it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,25 +253,40 @@ def _check_name(name: object) -> str:
     return name
 
 
-def _check_document(document: DocumentIn, field: str, *, nul_free: bool = False) -> DocumentIn:
+def check_document(document: DocumentIn, field: str = "", *, nul_free: bool = False) -> DocumentIn:
+    """Return `document` if it may be stored; raise InvalidBatchError naming the field.
+
+    `field` prefixes the names (`documents.3`): "" names a request body's own fields.
+    """
+
+    def sub(name: str) -> str:
+        return f"{field}.{name}" if field else name
+
     if (document.text is None) == (document.chunks is None):
-        raise InvalidBatchError("give either text or chunks", field=field)
+        raise InvalidBatchError("give either text or chunks", field=field or "text")
     if document.chunks is not None:
         if not 0 < len(document.chunks) <= MAX_CHUNKS_PER_DOCUMENT:
             raise InvalidBatchError(
-                f"chunks must hold 1 to {MAX_CHUNKS_PER_DOCUMENT} strings", field=f"{field}.chunks"
+                f"chunks must hold 1 to {MAX_CHUNKS_PER_DOCUMENT} strings", field=sub("chunks")
             )
         for n, chunk in enumerate(document.chunks):
             if not isinstance(chunk, str) or not chunk.strip():
+                raise InvalidBatchError("a chunk must be non-empty text", field=sub(f"chunks.{n}"))
+            if len(chunk) > MAX_TEXT_CHARS:
                 raise InvalidBatchError(
-                    "a chunk must be non-empty text", field=f"{field}.chunks.{n}"
+                    f"a chunk may hold at most {MAX_TEXT_CHARS} characters",
+                    field=sub(f"chunks.{n}"),
                 )
     elif not document.text or not document.text.strip():
-        raise InvalidBatchError("text must not be empty", field=f"{field}.text")
-    _check_json(document.metadata or {}, f"{field}.metadata", nul_free=nul_free)
+        raise InvalidBatchError("text must not be empty", field=sub("text"))
+    elif len(document.text) > MAX_TEXT_CHARS:
+        raise InvalidBatchError(
+            f"text may hold at most {MAX_TEXT_CHARS} characters", field=sub("text")
+        )
+    _check_json(document.metadata or {}, sub("metadata"), nul_free=nul_free)
     for value in (document.text, *(document.chunks or ())):
         if value is not None and "\x00" in value:
-            raise InvalidBatchError("text cannot hold NUL characters", field=field)
+            raise InvalidBatchError("text cannot hold NUL characters", field=field or "text")
     return document
 
 
@@ -458,7 +495,7 @@ async def add_documents(
 
     One transaction: the documents and their batch commit together, or neither does.
     """
-    checked = [_check_document(d, f"documents.{n}") for n, d in enumerate(documents)]
+    checked = [check_document(d, f"documents.{n}") for n, d in enumerate(documents)]
     if TASK not in app.tasks:
         raise InvalidBatchError("the vectors workload is not used by this app", field="task")
     await app.open()
@@ -468,9 +505,13 @@ async def add_documents(
     ) -> tuple[list[DocumentRecord], Batch | None]:
         if await queries.get_library(conn, tenant, library_id) is None:
             raise LibraryNotFoundError(f"no library {library_id}", field="library_id")
-        added = await queries.insert_documents(
-            conn, library_id, [(d.metadata or {}, d.text, d.chunks) for d in checked]
-        )
+        try:
+            added = await queries.insert_documents(
+                conn, library_id, [(d.metadata or {}, d.text, d.chunks) for d in checked]
+            )
+        except psycopg.errors.ForeignKeyViolation:
+            # The library was deleted after the check above (the insert waited on its row).
+            raise LibraryNotFoundError(f"no library {library_id}", field="library_id") from None
         return added, await _submit_indexing(app, conn, tenant, library_id, added)
 
     added, batch = await app.db.run_in_transaction(work)
@@ -518,7 +559,7 @@ def _import_document(number: int, line: bytes) -> DocumentIn:
         # JSON text holds a NUL only as the escape \u0000 (orjson refuses raw control
         # characters): without one in the line, the walk looking for NULs is skipped.
         nul_free = b"\\u0000" not in line
-        return _check_document(DocumentIn(text, chunks, metadata), "document", nul_free=nul_free)
+        return check_document(DocumentIn(text, chunks, metadata), "document", nul_free=nul_free)
     except InvalidBatchError as exc:
         raise ImportLineError(number, str(exc)) from None
 
@@ -572,7 +613,7 @@ async def import_documents(
                 document = _import_document(number, line)
                 count += 1
                 if max_documents is not None and count > max_documents:
-                    raise ImportLineError(
+                    raise ImportTooLargeError(
                         number, f"an import holds at most {max_documents} documents"
                     )
                 row = _copy_row(number, document)
@@ -697,7 +738,7 @@ async def reindex_documents(
     at that version (VersionMismatchError otherwise).
     """
     if content is not None:
-        _check_document(content, "body")
+        check_document(content)
         if len(document_ids) != 1:
             raise InvalidBatchError("new content re-indexes one document", field="document_ids")
     await app.open()
@@ -783,6 +824,8 @@ async def search(
     """
     if (text is None) == (vector is None):
         raise InvalidBatchError("give either text or vector", field="text")
+    if text is not None and not text.strip():
+        raise InvalidBatchError("text must not be empty", field="text")
     if not 1 <= k <= MAX_K:
         raise InvalidBatchError(f"k must be from 1 to {MAX_K}", field="k")
     if metadata_filter is not None:
@@ -792,6 +835,11 @@ async def search(
         try:
             [query_vector] = await embedders(app).get(library.embedder).embed([text])
         except EmbedderError as exc:
+            if exc.retryable:
+                raise EmbedderUnavailableError(
+                    f"the query could not be embedded now: {exc}",
+                    retry_after_s=exc.retry_after_s or 1.0,
+                ) from None
             raise InvalidBatchError(
                 f"the query could not be embedded: {exc}", field="text"
             ) from None
@@ -803,14 +851,21 @@ async def search(
             query_vector = [math.inf]
         if not all(math.isfinite(x) for x in query_vector):
             raise InvalidBatchError("vector values must be finite numbers", field="vector")
+
     if len(query_vector) != library.dimension:
         raise InvalidBatchError(
             f"the vector has {len(query_vector)} values; the library's dimension is "
             f"{library.dimension}",
             field="vector",
         )
-    if not any(query_vector):
+    # Cosine distance ignores the length, so the query goes as a unit vector: pgvector
+    # computes in single precision, where a finite 1e300 is out of range (an error) and
+    # 3e38 or 1e-300 overflow or vanish (a NaN distance, a null score). hypot does not
+    # overflow.
+    norm = math.hypot(*query_vector)
+    if norm == 0:
         raise InvalidBatchError("a zero vector has no cosine distance", field="vector")
+    query_vector = [x / norm for x in query_vector]
     ef = max(ef_search, k)
     slots = search_limits(app)
     timeout_ms = slots.limits.statement_timeout_ms

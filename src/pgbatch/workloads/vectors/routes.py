@@ -7,6 +7,7 @@ unique constraint. Another tenant's library or document answers 404, as a missin
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Awaitable, Iterator
 from datetime import datetime
@@ -18,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 from pgbatch.api.errors import ERRORS, ApiError
 from pgbatch.api.guards import NDJSON, NDJSON_MEDIA_TYPES, NDJSON_UPLOAD_PATHS, OCTET_STREAM
 from pgbatch.api.media import JSON_BODY
-from pgbatch.api.routes.batches import spool_upload
+from pgbatch.api.routes.batches import SpooledFile, spool_upload
 from pgbatch.api.schemas import ErrorOut, IfMatchHeader, IntegerText
 from pgbatch.api.state import Tenant, api_state
 from pgbatch.errors import InvalidBatchError
@@ -42,7 +43,9 @@ Limit = Annotated[int, Query(ge=1, le=500), IntegerText]
 Metadata = Annotated[
     dict[str, Any], Field(description="A JSON object; search filters match it with @>.")
 ]
-ChunkText = Annotated[str, Field(min_length=1, max_length=100_000, pattern=r"^[^\x00]*$")]
+ChunkText = Annotated[
+    str, Field(min_length=1, max_length=lib.MAX_TEXT_CHARS, pattern=r"^[^\x00]*$")
+]
 DocumentStatus = Literal["pending", "indexing", "indexed", "failed", "cancelled"]
 # The import streams its NDJSON body under the upload limit, as POST /v1/batches does.
 IMPORT_PATH = re.compile(r"/v1/libraries/[^/]+/documents/import")
@@ -265,12 +268,26 @@ async def _call(work: Awaitable[T]) -> T:
         # 503 with Retry-After, as for a statement the server cancelled elsewhere in the
         # API (database_busy), under a code of its own: narrowing the search may help.
         raise ApiError(503, "search_timeout", str(exc), headers={"Retry-After": "1"}) from None
+    except lib.ImportTooLargeError as exc:
+        # As POST /v1/batches answers a body of too many items.
+        raise ApiError(413, "too_many_items", str(exc), field="body") from None
+    except lib.EmbedderUnavailableError as exc:
+        # The embedder's upstream is out of rate budget or failing: the server's side, so
+        # a 503 (not a 422 naming `text`), retried after the time the limit still holds.
+        retry_after = str(max(1, math.ceil(exc.retry_after_s)))
+        raise ApiError(
+            503, "embedder_unavailable", str(exc), headers={"Retry-After": retry_after}
+        ) from None
     except lib.ExtensionMissingError as exc:
         # A 4xx, not a 503: a server without the extension will not grow one if the
         # client retries, and the request cannot succeed on it as it is.
         raise ApiError(409, "pgvector_missing", str(exc)) from None
     except InvalidBatchError as exc:
         raise ApiError(422, "invalid_request", str(exc), field=exc.field) from None
+
+
+async def _checked(document: lib.DocumentIn) -> lib.DocumentIn:
+    return lib.check_document(document)
 
 
 def _library_out(library: LibraryRecord, counts: dict[str, int] | None = None) -> LibraryOut:
@@ -405,6 +422,8 @@ async def add_document(
 ) -> LibraryDocumentOut:
     """Add one document (pending) and submit the batch that indexes it."""
     document = lib.DocumentIn(text=body.text, chunks=body.chunks, metadata=body.metadata)
+    # Checked here first so that an error names this body's fields, not `documents.0.…`.
+    await _call(_checked(document))
     added, _ = await _call(
         lib.add_documents(api_state(request).app, library_id, [document], tenant=tenant)
     )
@@ -470,7 +489,7 @@ async def import_documents(
         )
     state = api_state(request)
     async with state.uploads.slot(tenant):
-        with await spool_upload(request, state.settings.api_max_item_bytes) as spool:
+        with await _spool_import(request, state.settings.api_max_item_bytes) as spool:
 
             def lines() -> Iterator[bytes]:
                 yield from spool
@@ -486,6 +505,23 @@ async def import_documents(
                 )
             )
     return LibraryImportOut(documents=count, batch_id=None if batch is None else batch.id)
+
+
+async def _spool_import(request: Request, max_line: int) -> SpooledFile:
+    """Spool the import's body as POST /v1/batches does; a long line names this `body`."""
+    try:
+        return await spool_upload(request, max_line)
+    except ApiError as exc:
+        if exc.code != "item_too_large":
+            raise
+        line = exc.message.split(":", 1)[0]
+        raise ApiError(
+            413,
+            "item_too_large",
+            f"{line}: a document's line may be at most {max_line} bytes "
+            "(PGBATCH_API_MAX_ITEM_BYTES)",
+            field="body",
+        ) from None
 
 
 @router.get("/{library_id}/documents", response_model=LibraryDocumentList, responses=ERRORS(404))
@@ -601,8 +637,10 @@ async def reindex_document(
     body: LibraryReindex,
     if_match: IfMatchHeader = None,
 ) -> LibraryDocumentsOut:
-    """Index a document again (new text or chunks when given); If-Match optional."""
-    version = None if if_match is None else _expected_version(if_match)
+    """Index a document again (new text or chunks when given); If-Match optional (or `*`)."""
+    # `*` matches any current version (RFC 9110): the same as no If-Match here.
+    any_version = if_match is None or if_match.strip() == "*"
+    version = None if any_version else _expected_version(if_match)
     content = None
     if body.text is not None or body.chunks is not None:
         content = lib.DocumentIn(text=body.text, chunks=body.chunks)
@@ -657,8 +695,10 @@ _SEARCH_ERRORS: dict[int | str, dict[str, Any]] = {
     },
     503: {
         "model": ErrorOut,
-        "description": "The search ran past the statement timeout (`search_timeout`), or "
-        "the database is busy; retry after Retry-After seconds.",
+        "description": "The search ran past the statement timeout (`search_timeout`), "
+        "the embedder of a text query is out of rate budget or its upstream is failing "
+        "(`embedder_unavailable`), or the database is busy; retry after Retry-After "
+        "seconds.",
     },
 }
 
