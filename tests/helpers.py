@@ -265,6 +265,15 @@ async def fetch_all(database_url: str, sql: str, params: Any = None) -> list[Any
         return await cur.fetchall()
 
 
+def has_pgvector(url: str) -> bool:
+    """Return whether the server at `url` can create the pgvector extension."""
+    with psycopg.connect(url) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_available_extensions WHERE name = 'vector'"
+        ).fetchone()
+    return bool(row and row[0])
+
+
 def register_noop(app: Any) -> None:
     """Register task "t" (every item ok) and callback "cb" (does nothing) on a pgbatch App."""
     import pgbatch

@@ -11,26 +11,18 @@ from collections import Counter
 from typing import Any
 
 import httpx
-import psycopg
 import pytest
 
 from tests.api.conftest import RunningApi, StartApi
+from tests.helpers import has_pgvector
 
 RACERS = 32
-
-
-def _has_pgvector(url: str) -> bool:
-    with psycopg.connect(url) as conn:
-        row = conn.execute(
-            "SELECT count(*) FROM pg_available_extensions WHERE name = 'vector'"
-        ).fetchone()
-    return bool(row and row[0])
 
 
 @pytest.fixture
 def needs_pgvector(database_url: str) -> None:
     """Skip, saying why, on a server without pgvector."""
-    if not _has_pgvector(database_url):
+    if not has_pgvector(database_url):
         pytest.skip("this PostgreSQL server has no pgvector (run without DATABASE_URL)")
 
 
@@ -170,7 +162,7 @@ async def test_another_tenants_library_answers_404(start_api: StartApi) -> None:
 async def test_without_pgvector_a_create_answers_409_naming_it(
     api: RunningApi, database_url: str
 ) -> None:
-    if _has_pgvector(database_url):
+    if has_pgvector(database_url):
         pytest.skip("this server has pgvector: test_vectors simulates its absence instead")
     async with api.client() as client:
         answer = await _create(client)

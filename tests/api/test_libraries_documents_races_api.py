@@ -15,23 +15,15 @@ import psycopg
 import pytest
 
 from tests.api.conftest import RunningApi
-from tests.helpers import wait_until
+from tests.helpers import has_pgvector, wait_until
 
 RACERS = 32
-
-
-def _has_pgvector(url: str) -> bool:
-    with psycopg.connect(url) as conn:
-        row = conn.execute(
-            "SELECT count(*) FROM pg_available_extensions WHERE name = 'vector'"
-        ).fetchone()
-    return bool(row and row[0])
 
 
 @pytest.fixture
 def needs_pgvector(database_url: str) -> None:
     """Skip, saying why, on a server without pgvector."""
-    if not _has_pgvector(database_url):
+    if not has_pgvector(database_url):
         pytest.skip("this PostgreSQL server has no pgvector (run without DATABASE_URL)")
 
 

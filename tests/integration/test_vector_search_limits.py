@@ -21,8 +21,7 @@ import pgbatch
 from pgbatch.workloads import vectors
 from pgbatch.workloads.vectors import queries as vector_queries
 from tests.conftest import settings_for
-from tests.helpers import wait_until
-from tests.integration.test_vectors import _has_pgvector
+from tests.helpers import has_pgvector, wait_until
 
 DIM = 8
 DOCS = 400
@@ -37,7 +36,7 @@ EXACT_RACERS = 8
 @pytest_asyncio.fixture
 async def sapp(database_url: str) -> AsyncIterator[pgbatch.App]:
     """An open App using the vectors workload; lock waits without a timeout (see below)."""
-    if not _has_pgvector(database_url):
+    if not has_pgvector(database_url):
         pytest.skip("this PostgreSQL server has no pgvector (run without DATABASE_URL)")
     # The tests below hold a chunk table's lock to keep searches in flight; the default
     # 2 s lock timeout would end them on a slow machine before the test releases it.

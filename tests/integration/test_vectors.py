@@ -25,23 +25,15 @@ from pgbatch.workloads import vectors
 from pgbatch.workloads.vectors import queries as vector_queries
 from pgbatch.workloads.vectors.libraries import index_shard
 from tests.conftest import settings_for
-from tests.helpers import wait_until
+from tests.helpers import has_pgvector, wait_until
 
 DIM = 32
-
-
-def _has_pgvector(url: str) -> bool:
-    with psycopg.connect(url) as conn:
-        row = conn.execute(
-            "SELECT count(*) FROM pg_available_extensions WHERE name = 'vector'"
-        ).fetchone()
-    return bool(row and row[0])
 
 
 @pytest_asyncio.fixture
 async def vapp(database_url: str) -> AsyncIterator[pgbatch.App]:
     """An open App using the vectors workload, on a server with pgvector (else skip)."""
-    if not _has_pgvector(database_url):
+    if not has_pgvector(database_url):
         pytest.skip("this PostgreSQL server has no pgvector (run without DATABASE_URL)")
     app = pgbatch.App(settings=settings_for(database_url))
     app.use(vectors.WORKLOAD)
@@ -290,7 +282,7 @@ async def test_a_server_without_pgvector_refuses_a_library_clearly(
     app = pgbatch.App(settings=settings_for(database_url))
     app.use(vectors.WORKLOAD)
     async with app:
-        if _has_pgvector(database_url):
+        if has_pgvector(database_url):
 
             async def missing(conn: Any) -> tuple[bool, bool]:
                 return False, False
@@ -426,7 +418,7 @@ async def test_a_database_of_the_previous_release_gains_the_workload_in_place(
             cur = await conn.execute("SELECT id FROM pgbatch.collections")
             assert await cur.fetchall() == [("kept",)]
         assert (await app.get_batch(batch.id)).total_items == 3
-        if _has_pgvector(database_url):
+        if has_pgvector(database_url):
             library = await vectors.create_library(app, tenant="t", name="new")
             assert library.id == 1
     finally:

@@ -25,7 +25,7 @@ from pgbatch.db.shards import CommitStatement
 from pgbatch.workloads import vectors
 from pgbatch.workloads.vectors import queries as vector_queries
 from tests.conftest import settings_for
-from tests.helpers import wait_until
+from tests.helpers import has_pgvector, wait_until
 
 DIM = 8
 # Long enough for the brief row locks tenant B's own requests may take of one another on
@@ -35,18 +35,10 @@ B_LOCK_TIMEOUT_MS = 1_000
 RACE_ROUNDS = 12
 
 
-def _has_pgvector(url: str) -> bool:
-    with psycopg.connect(url) as conn:
-        row = conn.execute(
-            "SELECT count(*) FROM pg_available_extensions WHERE name = 'vector'"
-        ).fetchone()
-    return bool(row and row[0])
-
-
 @pytest_asyncio.fixture
 async def vapp(database_url: str) -> AsyncIterator[pgbatch.App]:
     """An open App using the vectors workload, on a server with pgvector (else skip)."""
-    if not _has_pgvector(database_url):
+    if not has_pgvector(database_url):
         pytest.skip("this PostgreSQL server has no pgvector (run without DATABASE_URL)")
     # A transaction held open by a test outlives the default idle-in-transaction timeout.
     app = pgbatch.App(

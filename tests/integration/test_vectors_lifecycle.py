@@ -23,14 +23,14 @@ from pgbatch.workloads import vectors
 from pgbatch.workloads.vectors import queries as vector_queries
 from pgbatch.workloads.vectors.embedders import EmbedderError
 from tests.conftest import settings_for
-from tests.helpers import fetch_one, wait_until
-from tests.integration.test_vectors import DIM, _chunks, _gated, _has_pgvector, running
+from tests.helpers import fetch_one, has_pgvector, wait_until
+from tests.integration.test_vectors import DIM, _chunks, _gated, running
 
 
 @pytest_asyncio.fixture
 async def vapp(database_url: str) -> AsyncIterator[pgbatch.App]:
     """An open App using the vectors workload, on a server with pgvector (else skip)."""
-    if not _has_pgvector(database_url):
+    if not has_pgvector(database_url):
         pytest.skip("this PostgreSQL server has no pgvector (run without DATABASE_URL)")
     app = pgbatch.App(settings=settings_for(database_url))
     app.use(vectors.WORKLOAD)
@@ -432,7 +432,7 @@ async def test_documents_whose_batch_cannot_be_submitted_are_not_written(
 ) -> None:
     # The documents and their batch are one transaction: a submit refused (here a shard
     # over the size bound) leaves no document pending, for an add and for a re-index.
-    if not _has_pgvector(database_url):
+    if not has_pgvector(database_url):
         pytest.skip("this PostgreSQL server has no pgvector (run without DATABASE_URL)")
     app = pgbatch.App(settings=settings_for(database_url, max_shard_bytes=1024))
     app.use(vectors.WORKLOAD)

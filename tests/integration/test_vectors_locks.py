@@ -25,24 +25,16 @@ from pgbatch.db.shards import CommitStatement
 from pgbatch.workloads import vectors
 from pgbatch.workloads.vectors import queries as vector_queries
 from tests.conftest import settings_for
-from tests.helpers import wait_until
+from tests.helpers import has_pgvector, wait_until
 
 DIM = 8
 TENANT = "t"
 
 
-def _has_pgvector(url: str) -> bool:
-    with psycopg.connect(url) as conn:
-        row = conn.execute(
-            "SELECT count(*) FROM pg_available_extensions WHERE name = 'vector'"
-        ).fetchone()
-    return bool(row and row[0])
-
-
 @pytest_asyncio.fixture
 async def vapp(database_url: str) -> AsyncIterator[pgbatch.App]:
     """An open App using the vectors workload, on a server with pgvector (else skip)."""
-    if not _has_pgvector(database_url):
+    if not has_pgvector(database_url):
         pytest.skip("this PostgreSQL server has no pgvector (run without DATABASE_URL)")
     app = pgbatch.App(settings=settings_for(database_url))
     app.use(vectors.WORKLOAD)

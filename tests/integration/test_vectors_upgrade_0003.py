@@ -21,6 +21,7 @@ import pgbatch
 from pgbatch.db.migrations import Component, migrate
 from pgbatch.workloads import vectors
 from tests.conftest import settings_for
+from tests.helpers import has_pgvector
 
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "0f9bd03_vector_libraries.sql"
 CHUNKS = (
@@ -33,14 +34,6 @@ FOREIGN_KEYS = (
     "SELECT count(*) FROM pg_constraint WHERE contype = 'f'"
     " AND conrelid IN ('pgbatch.vector_chunks_1'::regclass, 'pgbatch.vector_chunks_2'::regclass)"
 )
-
-
-def _has_pgvector(url: str) -> bool:
-    with psycopg.connect(url) as conn:
-        row = conn.execute(
-            "SELECT count(*) FROM pg_available_extensions WHERE name = 'vector'"
-        ).fetchone()
-    return bool(row and row[0])
 
 
 def _first_migration_only(root: Path) -> Component:
@@ -64,7 +57,7 @@ async def _rows(url: str, sql: str) -> list[tuple[Any, ...]]:
 async def test_chunk_tables_of_the_previous_release_lose_their_foreign_key_in_place(
     database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if not _has_pgvector(database_url):
+    if not has_pgvector(database_url):
         pytest.skip("this PostgreSQL server has no pgvector (run without DATABASE_URL)")
     monkeypatch.syspath_prepend(str(tmp_path))
     async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
