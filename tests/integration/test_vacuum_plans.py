@@ -14,6 +14,7 @@ threshold, submit a batch, and read the plans the same calls execute (auto_expla
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -22,7 +23,7 @@ import pytest
 import pytest_asyncio
 
 import pgbatch
-from pgbatch.db.retention import vacuum_pruned_tables
+from pgbatch.db.retention import prune_batches, vacuum_pruned_tables
 from pgbatch.db.shards import claim_shards, heartbeat_shards, rescue_expired_leases
 from tests.helpers import register_noop
 
@@ -123,3 +124,60 @@ async def test_claim_path_after_vacuum_of_an_emptied_table_reads_only_its_shards
         assert rows <= ROWS_PER_SHARD * LEASES + 100, (
             f"{statement!r} read {rows} rows of pgbatch.shards ({QUEUED} queued): {read}"
         )
+
+
+# The pruner's own statements, run in the same window: its VACUUM records the tables empty,
+# and it goes on pruning small batches (one-item waits, callbacks' batches) meanwhile.
+PRUNE_WARM_PASSES = 14  # psycopg prepares on the 6th execution; PostgreSQL may go generic 5 later
+PRUNE_QUEUED = 5_000
+
+
+async def _finished_small_batch(app: pgbatch.App) -> None:
+    batch = await app.submit("t", [0], shard_size=1)
+    async with app.db.connection() as other:
+        await other.execute(
+            "UPDATE pgbatch.shards SET status = 'done', finished_at = now() WHERE batch_id = %s",
+            (batch.id,),
+        )
+        await other.execute(
+            "UPDATE pgbatch.batches SET status = 'succeeded', finished_at = now(),"
+            " shards_done = total_shards, items_ok = total_items WHERE id = %s",
+            (batch.id,),
+        )
+
+
+@pytest.mark.asyncio
+async def test_pruning_after_its_vacuum_of_an_emptied_table_reads_only_the_pruned_rows(
+    app: pgbatch.App, explained: tuple[psycopg.AsyncConnection[Any], list[dict[str, Any]]]
+) -> None:
+    conn, plans = explained
+    register_noop(app)
+    await app.submit("t", list(range(2_000)), shard_size=1)
+    async with app.db.connection() as other:
+        await other.execute("ANALYZE pgbatch.shards")
+        for table in ("shards", "item_blocks", "batches"):
+            await other.execute(f"DELETE FROM pgbatch.{table}")
+        assert "shards" in await vacuum_pruned_tables(other, interval_s=0, lock_timeout_ms=1000)
+    soon = datetime.now(UTC) + timedelta(hours=1)
+    # As if PostgreSQL settled on generic plans (it does once custom ones cost more, as
+    # they did in benchmarks/growth.py with full tables between the empty windows): a
+    # prepared statement keeps the one it built in the empty window; an unprepared one
+    # is planned again at each execution, with the table as it is then.
+    await conn.execute("SET plan_cache_mode = force_generic_plan")
+    for _ in range(PRUNE_WARM_PASSES):
+        await _finished_small_batch(app)
+        report = await prune_batches(conn, finished_before=soon, limit=1)
+        assert len(report.cleaned) == 1
+    # The next batch fills the table; a small one finishes and is pruned next to it.
+    await app.submit("t", list(range(PRUNE_QUEUED)), shard_size=1)
+    await _finished_small_batch(app)
+    plans.clear()
+    report = await prune_batches(conn, finished_before=soon, limit=1)
+    assert len(report.cleaned) == 1
+    read = {p["text"].split("\n", 1)[0][:60]: _shard_rows_read(p["plan"]) for p in plans}
+    assert len(read) >= 4, read
+    # At most one pass over the table: the column statistics (one batch filled the table
+    # when they were taken) may make a seq scan the cheapest way to find a batch's shards,
+    # but no statement may read the table once per row (the generic plan did: minutes).
+    for statement, rows in read.items():
+        assert rows <= PRUNE_QUEUED + 100, f"{statement!r} read {rows} rows of shards: {read}"

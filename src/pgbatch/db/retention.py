@@ -49,6 +49,13 @@ PruneHook = Callable[[psycopg.AsyncConnection[Any], int, int], Awaitable[int]]
 # Failures that mean "busy now, try later": a row lock not granted in time, or a deadlock.
 _BUSY_ERRORS = (pg_errors.LockNotAvailable, pg_errors.DeadlockDetected, pg_errors.QueryCanceled)
 
+# The pruning pass's statements are never prepared (issue 13): its own VACUUM records the
+# emptied tables as empty, psycopg prepares a statement after five executions, and a generic
+# plan of retention_clean_rest built there for an empty pgbatch.shards ran for minutes (a
+# semi-join rescanned per row) once the next batch had filled the table. A custom plan
+# sees the table's current size; the pass is background work, planning is cheap.
+_PREPARE = False
+
 # pgbatch's own tables that pruning deletes from (a workload vacuums its own, or leaves them
 # to autovacuum). pruned_batches only grows: autovacuum's insert threshold is enough.
 VACUUM_TABLES = (
@@ -97,12 +104,15 @@ async def due_batches(
     cur = await conn.execute(
         query("retention_candidates"),
         {"finished_before": finished_before, "now": now, "limit": limit},
+        prepare=_PREPARE,
     )
     return [row[0] for row in await cur.fetchall()]
 
 
 async def _lock_timeout(conn: psycopg.AsyncConnection[Any], lock_timeout_ms: int) -> None:
-    await conn.execute(query("retention_lock_timeout"), {"lock_timeout": f"{lock_timeout_ms}ms"})
+    await conn.execute(
+        query("retention_lock_timeout"), {"lock_timeout": f"{lock_timeout_ms}ms"}, prepare=_PREPARE
+    )
 
 
 async def _detach(
@@ -118,6 +128,7 @@ async def _detach(
         cur = await conn.execute(
             query("retention_detach"),
             {"batch_id": batch_id, "finished_before": finished_before, "now": now},
+            prepare=_PREPARE,
         )
         return await cur.fetchone() is not None
 
@@ -145,6 +156,7 @@ async def _clean(
             cur = await conn.execute(
                 query("retention_clean_range"),
                 {"batch_id": batch_id, "lo": lo, "hi": lo + chunk_rows},
+                prepare=_PREPARE,
             )
             row = await cur.fetchone()
             assert row is not None
@@ -159,7 +171,9 @@ async def _clean(
         async with conn.transaction():
             await _lock_timeout(conn, lock_timeout_ms)
             cur = await conn.execute(
-                query("retention_clean_rest"), {"batch_id": batch_id, "limit": chunk_rows}
+                query("retention_clean_rest"),
+                {"batch_id": batch_id, "limit": chunk_rows},
+                prepare=_PREPARE,
             )
             row = await cur.fetchone()
             assert row is not None
@@ -170,7 +184,9 @@ async def _clean(
                 deleted += await hook(conn, batch_id, chunk_rows)
             total += deleted
             if deleted == 0:
-                await conn.execute(query("retention_mark_clean"), {"batch_id": batch_id})
+                await conn.execute(
+                    query("retention_mark_clean"), {"batch_id": batch_id}, prepare=_PREPARE
+                )
                 return True, total
 
 
@@ -203,7 +219,7 @@ async def prune_batches(
         except _BUSY_ERRORS as exc:
             _log.info("pruning batch %d later: %s", batch_id, type(exc).__name__)
             report.busy.append(batch_id)
-    unclean = await conn.execute(query("retention_unclean"), {"limit": limit})
+    unclean = await conn.execute(query("retention_unclean"), {"limit": limit}, prepare=_PREPARE)
     for (batch_id,) in await unclean.fetchall():
         try:
             done, deleted = await _clean(
