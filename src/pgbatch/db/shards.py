@@ -449,9 +449,11 @@ async def complete_shards(
     # One completion per (shard, epoch): a duplicate would write its results twice.
     unique = {(c.shard_id, c.lease_epoch): c for c in reversed(completions)}
     ordered = sorted(unique.values(), key=lambda c: (c.shard_id, c.lease_epoch))
-    # psycopg prepares it after five executions, so PostgreSQL may settle on a generic
-    # plan: the statement's shape (each outcome probes its shard by primary key) keeps
-    # any plan linear in the flush (tests/integration/test_complete_plan.py).
+    # The statement's shape (each outcome probes its shard by primary key) keeps a plan
+    # built on fresh statistics linear in the flush (tests/integration/test_complete_plan.py),
+    # but not one built for an empty table: a generic plan made after the pruner's VACUUM
+    # (0 pages) probed each outcome with a seq scan, 256 x 50,000 rows, 2.6-5.4 s a flush
+    # (benchmarks/growth.py --auto-explain). So it is not prepared either (see _claim).
     cur = await conn.execute(
         query("shard_complete_many"),
         {
@@ -462,6 +464,7 @@ async def complete_shards(
             "delays_s": [c.retry_delay_s for c in ordered],
             "tracebacks": [c.traceback for c in ordered],
         },
+        prepare=False,
     )
     # A zombie and the shard's new holder may sit in the same flush: match on the epoch too.
     shard_rows = {(row[0], row[1]): row[2:] for row in await cur.fetchall()}
