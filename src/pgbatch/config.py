@@ -58,6 +58,15 @@ class Settings(BaseSettings):
     # A pruner waits at most this long for a row lock, then skips the batch until its
     # next pass: claims and completions are never stalled behind it.
     retention_lock_timeout_ms: int = Field(default=50, ge=1)
+    # After a pass that deleted rows, the pruner runs a plain VACUUM (never FULL) of the core
+    # tables it deleted from, so the next batches reuse their space at once instead of
+    # after autovacuum's nap (60 s by default) and threshold: without it, 30 drains of
+    # 50,000 one-item shards grew pgbatch.shards 11-fold (docs/design/retention.md).
+    retention_vacuum: bool = True
+    # ...but a table at most once per this long, counted from its last vacuum, manual or
+    # automatic, by any process: each VACUUM reads all of a table's indexes. A VACUUM waits
+    # for no lock (SKIP_LOCKED, and retention_lock_timeout_ms for its indexes).
+    retention_vacuum_interval_s: float = Field(default=30.0, ge=0)
 
     # -- HTTP API (`pgbatch serve`) --------------------------------------------------------
     # Comma-separated `tenant:sha256:<hex digest of the token>` entries (`pgbatch token new`

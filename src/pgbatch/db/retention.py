@@ -7,7 +7,9 @@ reopen it. Its shards, items, results and workload rows then go in chunks of at 
 `chunk_rows` rows per table, one transaction each, so a huge batch never holds one long
 transaction; a pruner that stops half-way leaves the tombstone uncleaned, and the next
 pass finishes it. Every transaction waits at most `lock_timeout_ms` for a row lock: a
-batch that is busy is skipped and retried on a later pass.
+batch that is busy is skipped and retried on a later pass. After a pass that deleted
+rows, `vacuum_pruned_tables` gives their space back to the next batches (a plain VACUUM
+of the core tables, each at most once per interval).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 
 import psycopg
 from psycopg import errors as pg_errors
+from psycopg import sql
 
 from pgbatch.db.queries import query
 
@@ -34,6 +37,7 @@ __all__ = [
     "tombstone",
     "try_retention_lock",
     "unlock_retention",
+    "vacuum_pruned_tables",
 ]
 
 _log = logging.getLogger(__name__)
@@ -44,6 +48,25 @@ PruneHook = Callable[[psycopg.AsyncConnection[Any], int, int], Awaitable[int]]
 
 # Failures that mean "busy now, try later": a row lock not granted in time, or a deadlock.
 _BUSY_ERRORS = (pg_errors.LockNotAvailable, pg_errors.DeadlockDetected, pg_errors.QueryCanceled)
+
+# The pruning pass's statements are never prepared (issue 13): its own VACUUM records the
+# emptied tables as empty, psycopg prepares a statement after five executions, and a generic
+# plan of retention_clean_rest built there for an empty pgbatch.shards ran for minutes (a
+# semi-join rescanned per row) once the next batch had filled the table. A custom plan
+# sees the table's current size; the pass is background work, planning is cheap.
+_PREPARE = False
+
+# pgbatch's own tables that pruning deletes from (a workload vacuums its own, or leaves them
+# to autovacuum). pruned_batches only grows: autovacuum's insert threshold is enough.
+VACUUM_TABLES = (
+    "batches",
+    "callbacks",
+    "item_blocks",
+    "result_blocks",
+    "result_errors",
+    "shards",
+    "tracebacks",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +89,8 @@ class PruneReport:
     # batches skipped because a lock was not granted in time: retried on a later pass
     busy: list[int] = field(default_factory=list)
     rows_deleted: int = 0
+    # tables vacuumed after the pass (vacuum_pruned_tables), in name order
+    vacuumed: list[str] = field(default_factory=list)
 
 
 async def due_batches(
@@ -79,12 +104,15 @@ async def due_batches(
     cur = await conn.execute(
         query("retention_candidates"),
         {"finished_before": finished_before, "now": now, "limit": limit},
+        prepare=_PREPARE,
     )
     return [row[0] for row in await cur.fetchall()]
 
 
 async def _lock_timeout(conn: psycopg.AsyncConnection[Any], lock_timeout_ms: int) -> None:
-    await conn.execute(query("retention_lock_timeout"), {"lock_timeout": f"{lock_timeout_ms}ms"})
+    await conn.execute(
+        query("retention_lock_timeout"), {"lock_timeout": f"{lock_timeout_ms}ms"}, prepare=_PREPARE
+    )
 
 
 async def _detach(
@@ -100,6 +128,7 @@ async def _detach(
         cur = await conn.execute(
             query("retention_detach"),
             {"batch_id": batch_id, "finished_before": finished_before, "now": now},
+            prepare=_PREPARE,
         )
         return await cur.fetchone() is not None
 
@@ -127,6 +156,7 @@ async def _clean(
             cur = await conn.execute(
                 query("retention_clean_range"),
                 {"batch_id": batch_id, "lo": lo, "hi": lo + chunk_rows},
+                prepare=_PREPARE,
             )
             row = await cur.fetchone()
             assert row is not None
@@ -141,7 +171,9 @@ async def _clean(
         async with conn.transaction():
             await _lock_timeout(conn, lock_timeout_ms)
             cur = await conn.execute(
-                query("retention_clean_rest"), {"batch_id": batch_id, "limit": chunk_rows}
+                query("retention_clean_rest"),
+                {"batch_id": batch_id, "limit": chunk_rows},
+                prepare=_PREPARE,
             )
             row = await cur.fetchone()
             assert row is not None
@@ -152,7 +184,9 @@ async def _clean(
                 deleted += await hook(conn, batch_id, chunk_rows)
             total += deleted
             if deleted == 0:
-                await conn.execute(query("retention_mark_clean"), {"batch_id": batch_id})
+                await conn.execute(
+                    query("retention_mark_clean"), {"batch_id": batch_id}, prepare=_PREPARE
+                )
                 return True, total
 
 
@@ -185,7 +219,7 @@ async def prune_batches(
         except _BUSY_ERRORS as exc:
             _log.info("pruning batch %d later: %s", batch_id, type(exc).__name__)
             report.busy.append(batch_id)
-    unclean = await conn.execute(query("retention_unclean"), {"limit": limit})
+    unclean = await conn.execute(query("retention_unclean"), {"limit": limit}, prepare=_PREPARE)
     for (batch_id,) in await unclean.fetchall():
         try:
             done, deleted = await _clean(
@@ -203,6 +237,57 @@ async def prune_batches(
         if done:
             report.cleaned.append(batch_id)
     return report
+
+
+async def vacuum_pruned_tables(
+    conn: psycopg.AsyncConnection[Any], *, interval_s: float, lock_timeout_ms: int
+) -> list[str]:
+    """VACUUM each pruned table that no vacuum processed for `interval_s`; return those done.
+
+    Plain VACUUM takes SHARE UPDATE EXCLUSIVE, which claims, heartbeats and completions
+    (row locks, ROW EXCLUSIVE) never wait for; SKIP_LOCKED skips a table another vacuum
+    or a migration holds, and `lock_timeout_ms` bounds the wait for its indexes. A long
+    transaction elsewhere cannot block it either: it only keeps the rows it can still see.
+    `conn` must be in autocommit mode (VACUUM refuses a transaction block).
+    """
+    if not conn.autocommit:
+        raise ValueError("vacuum_pruned_tables needs an autocommit connection")
+    cur = await conn.execute(
+        query("retention_vacuum_due"), {"tables": list(VACUUM_TABLES), "interval_s": interval_s}
+    )
+    due = [str(row[0]) for row in await cur.fetchall()]
+    if not due:
+        return []
+    row = await (await conn.execute(query("retention_session_lock_timeout_get"))).fetchone()
+    previous = str(row[0]) if row else "0"
+    await conn.execute(
+        query("retention_session_lock_timeout_set"), {"lock_timeout": f"{lock_timeout_ms}ms"}
+    )
+    vacuumed: list[str] = []
+    # SKIP_LOCKED says "skipping vacuum of ..." as a warning, not an error.
+    warnings: list[str] = []
+
+    def collect(diag: psycopg.errors.Diagnostic) -> None:
+        warnings.append(diag.message_primary or "")
+
+    conn.add_notice_handler(collect)
+    try:
+        for table in due:
+            warnings.clear()
+            statement = sql.SQL(query("retention_vacuum")).format(table=sql.Identifier(table))
+            try:
+                await conn.execute(statement)
+            except _BUSY_ERRORS as exc:
+                _log.info("vacuum of pgbatch.%s later: %s", table, type(exc).__name__)
+                continue
+            if any(w.startswith("skipping") for w in warnings):
+                _log.info("vacuum of pgbatch.%s later: %s", table, warnings[0])
+                continue
+            vacuumed.append(table)
+    finally:
+        conn.remove_notice_handler(collect)
+        await conn.execute(query("retention_session_lock_timeout_set"), {"lock_timeout": previous})
+    return vacuumed
 
 
 async def tombstone(

@@ -296,7 +296,13 @@ async def bury_shard(conn: psycopg.AsyncConnection[Any], shard_id: int, *, error
 async def _claim(
     conn: psycopg.AsyncConnection[Any], name: str, params: Mapping[str, Any]
 ) -> list[ClaimedShard]:
-    cur = await conn.execute(query(name), params, prepare=True)
+    # Never prepared (issue 13): a generic plan is built once and kept until the table's
+    # statistics change, and idle workers build it in the empty window after the pruner's
+    # VACUUM (0 pages, 0 rows); kept while the next batch fills the table, it read every
+    # queued shard per claim (tests/integration/test_vacuum_plans.py). A custom plan sees
+    # the table's current size; its planning (about 1 ms) costs less than the generic
+    # plan's hash joins over the queue even with fresh statistics (5.6 vs 6.5 ms a claim).
+    cur = await conn.execute(query(name), params, prepare=False)
     shards = []
     for row in await cur.fetchall():
         shard_id, batch_id, task, epoch, attempts, max_attempts, ttl, cancelled = row[:8]
@@ -346,9 +352,12 @@ async def heartbeat_shards(
     if not leases:
         return report
     ordered = sorted(leases)
+    # Not prepared, as the claim (_claim): a generic plan built on an emptied table scans
+    # every shard per heartbeat; the heartbeat runs once per lease period, planning is cheap.
     cur = await conn.execute(
         query("shard_heartbeat_many"),
         {"ids": [s for s, _ in ordered], "epochs": [e for _, e in ordered]},
+        prepare=False,
     )
     for shard_id, state, cancelled in await cur.fetchall():
         if state == "renewed":
@@ -380,8 +389,12 @@ async def rescue_expired_leases(
 ) -> RescueReport:
     """Requeue expired shards (refunding the attempt up to `free_reruns` times), wake workers."""
     async with conn.transaction():
+        # Not prepared, as the claim (_claim): it runs every second on idle workers, in the
+        # empty window after a VACUUM too, and a generic plan from there seq-scans shards.
         cur = await conn.execute(
-            query("shard_rescue_expired"), {"limit": limit, "free_reruns": free_reruns}
+            query("shard_rescue_expired"),
+            {"limit": limit, "free_reruns": free_reruns},
+            prepare=False,
         )
         rows = await cur.fetchall()
         for queue in sorted({queue for queue, _ in rows}):
@@ -436,9 +449,11 @@ async def complete_shards(
     # One completion per (shard, epoch): a duplicate would write its results twice.
     unique = {(c.shard_id, c.lease_epoch): c for c in reversed(completions)}
     ordered = sorted(unique.values(), key=lambda c: (c.shard_id, c.lease_epoch))
-    # psycopg prepares it after five executions, so PostgreSQL may settle on a generic
-    # plan: the statement's shape (each outcome probes its shard by primary key) keeps
-    # any plan linear in the flush (tests/integration/test_complete_plan.py).
+    # The statement's shape (each outcome probes its shard by primary key) keeps a plan
+    # built on fresh statistics linear in the flush (tests/integration/test_complete_plan.py),
+    # but not one built for an empty table: a generic plan made after the pruner's VACUUM
+    # (0 pages) probed each outcome with a seq scan, 256 x 50,000 rows, 2.6-5.4 s a flush
+    # (benchmarks/growth.py --auto-explain). So it is not prepared either (see _claim).
     cur = await conn.execute(
         query("shard_complete_many"),
         {
@@ -449,6 +464,7 @@ async def complete_shards(
             "delays_s": [c.retry_delay_s for c in ordered],
             "tracebacks": [c.traceback for c in ordered],
         },
+        prepare=False,
     )
     # A zombie and the shard's new holder may sit in the same flush: match on the epoch too.
     shard_rows = {(row[0], row[1]): row[2:] for row in await cur.fetchall()}

@@ -1,4 +1,8 @@
-"""The workers' automatic pruning: at a low rate, one process at a time across all of them."""
+"""The workers' automatic pruning: at a low rate, one process at a time across all of them.
+
+A pass that deleted rows ends with a VACUUM of the tables it deleted from (at most once
+per `retention_vacuum_interval_s` each), so space comes back before the next batches.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from pgbatch.db.retention import (
     prune_batches,
     try_retention_lock,
     unlock_retention,
+    vacuum_pruned_tables,
 )
 
 __all__ = ["prune_loop", "prune_once"]
@@ -34,13 +39,21 @@ async def prune_once(
         if not await try_retention_lock(conn):
             return None
         try:
-            return await prune_batches(
+            report = await prune_batches(
                 conn,
                 limit=settings.retention_batches_per_pass,
                 hooks=hooks,
                 chunk_rows=settings.retention_chunk_rows,
                 lock_timeout_ms=settings.retention_lock_timeout_ms,
             )
+            if settings.retention_vacuum and (report.rows_deleted or report.pruned):
+                # Under the lock, so the pruners of many workers never vacuum side by side.
+                report.vacuumed = await vacuum_pruned_tables(
+                    conn,
+                    interval_s=settings.retention_vacuum_interval_s,
+                    lock_timeout_ms=settings.retention_lock_timeout_ms,
+                )
+            return report
         finally:
             await unlock_retention(conn)
 

@@ -181,3 +181,30 @@ WHERE n.nspname = 'pgbatch' AND c.relkind = 'r'
                     'callbacks', 'pruned_batches')
 GROUP BY 1
 ORDER BY 1;
+
+-- name: retention_vacuum_due
+-- Which of %(tables)s (pgbatch's own tables that pruning deletes from) no vacuum, manual or
+-- automatic, has processed for %(interval_s)s seconds: a pass that deleted rows vacuums
+-- only those, so the pruners of many workers vacuum a table at most once per interval.
+SELECT c.relname
+FROM pg_class c
+JOIN pg_namespace n ON n.oid = c.relnamespace
+LEFT JOIN pg_stat_all_tables s ON s.relid = c.oid
+WHERE n.nspname = 'pgbatch' AND c.relkind = 'r' AND c.relname = ANY(%(tables)s::text[])
+  AND coalesce(greatest(s.last_vacuum, s.last_autovacuum), '-infinity')
+      <= now() - %(interval_s)s * interval '1 second'
+ORDER BY c.relname;
+
+-- name: retention_vacuum
+-- A plain VACUUM of one table (never FULL: that would lock out claims and completions).
+-- SKIP_LOCKED: a table another vacuum (autovacuum's) or a migration holds is skipped, not
+-- waited for. Run outside a transaction block, on the pruner's autocommit session.
+VACUUM (SKIP_LOCKED) pgbatch.{table};
+
+-- name: retention_session_lock_timeout_get
+SELECT current_setting('lock_timeout');
+
+-- name: retention_session_lock_timeout_set
+-- The session's lock_timeout around the pruner's vacuums: a VACUUM is a transaction of its
+-- own, so a transaction-local setting would not reach it. Restored afterwards.
+SELECT set_config('lock_timeout', %(lock_timeout)s, false);
