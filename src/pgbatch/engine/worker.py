@@ -14,6 +14,8 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -551,14 +553,15 @@ class Worker:
         if problem:
             return self._fail(active, problem)
         try:
-            return ShardCompletion.build(
+            return ShardCompletion.from_outcomes(
                 shard.id,
                 shard.batch_id,
                 shard.lease_epoch,
                 ShardStatus.DONE,
-                [(item.seq, outcome) for item, outcome in zip(shard.items, outcomes, strict=True)],
+                tuple(map(_seq_of, shard.items)),
+                outcomes,
                 ctx.writes,
-                statements=ctx.statements,
+                ctx.statements,
             )
         except (TypeError, ValueError) as exc:
             # An output or a row that cannot be stored fails this shard, not its neighbours.
@@ -971,6 +974,10 @@ class Worker:
                     )
 
 
+# An Item's seq (its first field), read in C over a shard's items.
+_seq_of = itemgetter(0)
+
+
 def _is_connection_loss(conn: psycopg.AsyncConnection[Any], exc: psycopg.Error) -> bool:
     """Tell whether `exc` is the database going away rather than an error of a statement."""
     state = exc.sqlstate or ""
@@ -999,6 +1006,9 @@ def _check_outcomes(outcomes: object, expected: int) -> str | None:
         return f"handler returned {type(outcomes).__name__}, expected a list of outcomes"
     if len(outcomes) != expected:
         return f"handler returned {len(outcomes)} outcomes for {expected} items"
+    # One C-level pass for the common case; the loop below only names the culprit.
+    if all(map(isinstance, outcomes, repeat(Outcome))):
+        return None
     for outcome in outcomes:
         if not isinstance(outcome, Outcome):
             return (
