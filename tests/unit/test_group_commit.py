@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pytest
 
@@ -109,3 +109,69 @@ def test_invalid_settings_are_rejected() -> None:
         GroupCommitter(Recorder(), max_batch=0, max_delay_ms=1)
     with pytest.raises(ValueError, match="max_delay_ms"):
         GroupCommitter(Recorder(), max_batch=1, max_delay_ms=-1)
+
+
+@pytest.mark.asyncio
+async def test_submit_nowait_hands_each_result_to_its_function_in_the_flush() -> None:
+    flush = Recorder()
+    flush.gate.clear()
+    committer: GroupCommitter[int, int] = GroupCommitter(flush, max_batch=4, max_delay_ms=5)
+    got: dict[int, object] = {}
+    flushes_seen: dict[int, int] = {}
+
+    def sink(n: int) -> Callable[[int | BaseException], None]:
+        def record(result: int | BaseException) -> None:
+            got[n] = result
+            flushes_seen[n] = len(flush.flushes)  # called in the flush that holds n
+
+        return record
+
+    assert all(committer.submit_nowait(n, sink(n)) for n in range(6))
+    waiting = asyncio.create_task(committer.submit(100))  # awaiting callers share flushes
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert got == {}  # nothing before its flush
+    flush.gate.set()
+    assert await waiting == 1000
+    await committer.stop()
+    assert {n: r for n, r in got.items() if not isinstance(r, BaseException)} == {
+        0: 0, 2: 20, 4: 40,
+    }  # fmt: skip
+    assert all(isinstance(got[n], ValueError) for n in (1, 3, 5))
+    assert set(flushes_seen.values()) <= set(range(1, len(flush.flushes) + 1))
+
+
+@pytest.mark.asyncio
+async def test_submit_nowait_refuses_when_full_or_stopped_and_a_bad_sink_breaks_nothing() -> None:
+    flush = Recorder()
+    flush.gate.clear()
+    committer: GroupCommitter[int, int] = GroupCommitter(
+        flush, max_batch=1, max_delay_ms=0, max_queue=2
+    )
+    results: list[object] = []
+
+    def broken(result: int | BaseException) -> None:
+        raise RuntimeError("a sink that raises")
+
+    assert committer.submit_nowait(0, broken)
+    await asyncio.sleep(0)  # the flusher takes item 0 and waits at the gate
+    assert committer.submit_nowait(2, results.append)
+    assert committer.submit_nowait(4, results.append)
+    assert not committer.submit_nowait(6, results.append)  # full: the caller must await
+    flush.gate.set()
+    assert await committer.submit(8) == 80  # the flusher survived the raising sink
+    await committer.stop()
+    assert results == [20, 40]
+    assert not committer.submit_nowait(10, results.append)  # stopped
+
+
+@pytest.mark.asyncio
+async def test_a_failed_flush_reaches_every_sink() -> None:
+    flush = Recorder()
+    flush.fail_whole = RuntimeError("database gone")
+    committer: GroupCommitter[int, int] = GroupCommitter(flush, max_batch=4, max_delay_ms=1)
+    results: list[object] = []
+    for n in range(3):
+        assert committer.submit_nowait(n * 2, results.append)
+    await committer.stop()  # the final flush delivers what was accepted
+    assert len(results) == 3 and all(isinstance(r, RuntimeError) for r in results)

@@ -133,22 +133,29 @@ class _ItemEncoder:
 
     def payloads(self, items: Sequence[Any]) -> list[bytes]:
         """Encode items as JSON and add them to the payload hash."""
-        dumps = orjson.dumps
+        return self._payloads(items)[0]
+
+    def _payloads(self, items: Sequence[Any]) -> tuple[list[bytes], bytes]:
+        """Return the items' JSON, and it joined by newlines (what the hash covers)."""
         try:
-            payloads = [dumps(item) for item in items]
+            payloads = list(map(orjson.dumps, items))
         except TypeError:
             self._raise_for_first_bad(items)
             raise
+        # orjson escapes newlines, so a search of the joined text is a search of each
+        # payload: one C scan per chunk instead of a Python step per item.
+        joined = b"\n".join(payloads)
         # orjson writes NaN and ±Infinity as null: only an item whose JSON holds a null
         # can hide one, so only those are walked (a null in a string costs a walk, no more).
-        for offset, payload in enumerate(payloads):
-            if b"null" in payload:
-                self._check_value(items[offset], self.count + offset)
+        if b"null" in joined:
+            for offset, payload in enumerate(payloads):
+                if b"null" in payload:
+                    self._check_value(items[offset], self.count + offset)
         self._measure(payloads)
         # The hash covers each payload and a newline, whatever the chunk boundaries.
-        self.digest.update(b"\n".join(payloads))
+        self.digest.update(joined)
         self.digest.update(b"\n")
-        return payloads
+        return payloads, joined
 
     def _measure(self, payloads: Sequence[bytes]) -> None:
         """Add payloads to their shards' sizes; raise ShardTooLargeError past the bound.
@@ -183,8 +190,8 @@ class _ItemEncoder:
         One row per shard (`batch_id, first_seq, [payloads]`): a shard that spans chunks
         is continued in the next one (COPY is a stream), and `finish` closes the last.
         """
-        payloads = self.payloads(items)
-        if any(b"\\" in p for p in payloads):
+        payloads, joined = self._payloads(items)
+        if b"\\" in joined:
             # COPY's text format reads a backslash as an escape: double them.
             payloads = [p.replace(b"\\", b"\\\\") for p in payloads]
         out = bytearray()

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any
 
 import orjson
@@ -15,6 +16,7 @@ from pgbatch.db.copy import (
     EncodedResults,
     EncodedRows,
     copy_encoded_rows,
+    encode_outcomes,
     encode_results,
     encode_rows,
     storable_text,
@@ -153,6 +155,36 @@ class ShardCompletion:
             tuple(statements),
             None,
             _storable(traceback),
+        )
+
+    @classmethod
+    def from_outcomes(
+        cls,
+        shard_id: int,
+        batch_id: int,
+        lease_epoch: int,
+        status: ShardStatus,
+        seqs: Sequence[int],
+        outcomes: Sequence[Outcome],
+        writes: Sequence[TableRows] = (),
+        statements: Sequence[CommitStatement] = (),
+    ) -> ShardCompletion:
+        """Build as build() does from `zip(seqs, outcomes)`, without a step per ok item.
+
+        The worker's path for a handler's own outcomes: the same bytes, the same errors.
+        """
+        results, items_ok = encode_outcomes(batch_id, seqs, outcomes)
+        return cls(
+            shard_id,
+            batch_id,
+            lease_epoch,
+            status,
+            results,
+            items_ok,
+            len(outcomes) - items_ok,
+            [encode_rows(write) for write in writes],
+            None,
+            tuple(statements),
         )
 
 
@@ -311,9 +343,9 @@ async def _claim(
         values = orjson.loads(payloads) if payloads else []
         # A first run holds the whole block; a retried shard lists the seqs it reruns.
         if seqs is None:
-            items = tuple(map(Item, range(first_seq, first_seq + len(values)), values))
+            items = _items(range(first_seq, first_seq + len(values)), values)
         else:
-            items = tuple(Item(seq, values[seq - first_seq]) for seq in seqs)
+            items = _items(seqs, [values[seq - first_seq] for seq in seqs])
         shards.append(
             ClaimedShard(
                 id=shard_id,
@@ -330,6 +362,19 @@ async def _claim(
             )
         )
     return shards
+
+
+_new_tuple = tuple.__new__
+
+
+def _items(seqs: Iterable[int], values: Iterable[Any]) -> tuple[Item, ...]:
+    """Return Item(seq, value) pairs, built without a Python frame per item.
+
+    Item(seq, value) runs the NamedTuple's generated __new__, a Python function: at 100
+    items per shard that was the largest cost of a worker's claim (py-spy,
+    docs/performance.md). tuple.__new__(Item, pair) over zip() builds the same Items in C.
+    """
+    return tuple(map(_new_tuple, repeat(Item), zip(seqs, values, strict=True)))
 
 
 @dataclass(slots=True)

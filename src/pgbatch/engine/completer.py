@@ -83,6 +83,18 @@ class Completer:
         """Commit one shard's completion with others; raise if it alone cannot be written."""
         return await self.committer.submit(completion)
 
+    def complete_nowait(
+        self,
+        completion: ShardCompletion,
+        on_done: Callable[[CompletionOutcome | BaseException], None],
+    ) -> bool:
+        """Queue a completion whose outcome (or exception) goes to `on_done` after its flush.
+
+        False when the queue is full or stopped: the caller awaits complete() instead, so
+        backpressure is the same. One waiting task fewer per shard (docs/performance.md).
+        """
+        return self.committer.submit_nowait(completion, on_done)
+
     async def _commit(self, completions: Sequence[ShardCompletion]) -> CompletionReport:
         async def work(conn: psycopg.AsyncConnection[Any]) -> CompletionReport:
             return await complete_shards(conn, completions)
@@ -138,7 +150,19 @@ class Completer:
     ) -> list[CompletionOutcome | BaseException]:
         finished = set(report.finished_batches)
         outcomes: list[CompletionOutcome | BaseException] = []
+        accepted_keys = report.accepted
         for c in completions:
-            accepted = (c.shard_id, c.lease_epoch) in report.accepted
-            outcomes.append(CompletionOutcome(accepted, accepted and c.batch_id in finished))
+            if (c.shard_id, c.lease_epoch) not in accepted_keys:
+                outcomes.append(_FENCED_OUT)
+            elif c.batch_id in finished:
+                outcomes.append(_FINISHED)
+            else:
+                outcomes.append(_ACCEPTED)
         return outcomes
+
+
+# The three outcomes there are, shared: they are frozen, and one per shard is measurable
+# at one item per shard.
+_FENCED_OUT = CompletionOutcome(False)
+_ACCEPTED = CompletionOutcome(True)
+_FINISHED = CompletionOutcome(True, True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import time
 from collections import deque
@@ -27,6 +28,8 @@ __all__ = [
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+_log = logging.getLogger(__name__)
 
 # Flush latencies kept for percentiles: enough for a stable p99, small enough to copy on read.
 RECENT_FLUSHES = 2048
@@ -118,7 +121,8 @@ class GroupCommitter(Generic[T, R]):
         self.max_batch = max_batch
         self.max_delay_s = max_delay_ms / 1000
         # Backpressure: callers wait once this many items are queued, so memory is bounded.
-        self._queue: asyncio.Queue[tuple[T, asyncio.Future[R]]] = asyncio.Queue(
+        # Each item comes with where its result goes: a caller's future, or a function.
+        self._queue: asyncio.Queue[tuple[T, _Sink[R]]] = asyncio.Queue(
             maxsize=max_queue if max_queue is not None else 4 * max_batch
         )
         self.name = name
@@ -149,6 +153,23 @@ class GroupCommitter(Generic[T, R]):
         if depth > self.stats.max_queue_depth:
             self.stats.max_queue_depth = depth
         return await future
+
+    def submit_nowait(self, item: T, on_done: Callable[[R | BaseException], None]) -> bool:
+        """Queue `item` if there is room, and return True; False: closed or full, use submit().
+
+        `on_done` receives its result (or the exception of its flush) in the flusher, right
+        after the flush that holds it: no future, no waiting task, no wake-up per item.
+        It must not raise (what it raises is logged and dropped).
+        """
+        if self._closed or self._queue.full():
+            return False
+        if self._task is None:
+            self.start()
+        self._queue.put_nowait((item, on_done))
+        depth = self._queue.qsize()
+        if depth > self.stats.max_queue_depth:
+            self.stats.max_queue_depth = depth
+        return True
 
     async def stop(self) -> None:
         """Refuse new items, flush everything already accepted, then stop."""
@@ -187,7 +208,7 @@ class GroupCommitter(Generic[T, R]):
                 batch.append(entry)
             await self._flush_batch(batch)
         # Final flush: whatever was accepted before stop() is written, never dropped.
-        rest: list[tuple[T, asyncio.Future[R]]] = []
+        rest: list[tuple[T, _Sink[R]]] = []
         while not self._queue.empty():
             entry = self._queue.get_nowait()
             if entry is not _STOP:
@@ -195,7 +216,7 @@ class GroupCommitter(Generic[T, R]):
         for start in range(0, len(rest), self.max_batch):
             await self._flush_batch(rest[start : start + self.max_batch])
 
-    async def _flush_batch(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
+    async def _flush_batch(self, batch: list[tuple[T, _Sink[R]]]) -> None:
         started = time.monotonic()
         try:
             results = await self._flush([item for item, _ in batch])
@@ -213,15 +234,23 @@ class GroupCommitter(Generic[T, R]):
         stats.recent_flush_seconds.append(elapsed)
         stats.max_flush_size = max(stats.max_flush_size, len(batch))
         stats.flush_sizes[len(batch)] = stats.flush_sizes.get(len(batch), 0) + 1
-        for (_, future), result in zip(batch, results, strict=True):
-            if future.done():
+        for (_, sink), result in zip(batch, results, strict=True):
+            if not isinstance(sink, asyncio.Future):
+                try:
+                    sink(result)
+                except Exception:
+                    _log.exception("%s: a result callback failed", self.name)
+            elif sink.done():
                 continue
-            if isinstance(result, BaseException):
-                future.set_exception(result)
+            elif isinstance(result, BaseException):
+                sink.set_exception(result)
             else:
-                future.set_result(result)
+                sink.set_result(result)
         self.flushed.set()
         self.flushed.clear()
 
 
 _STOP: object = object()
+# Where one queued item's result goes: the future its submit() awaits, or submit_nowait's
+# function.
+_Sink = asyncio.Future[R] | Callable[[R | BaseException], None]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import importlib.metadata
 import logging
 import os
@@ -14,6 +15,8 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -44,7 +47,7 @@ from pgbatch.db.shards import (
     release_shards,
     rescue_expired_leases,
 )
-from pgbatch.engine.completer import Completer
+from pgbatch.engine.completer import Completer, CompletionOutcome
 from pgbatch.engine.context import CallbackContext, ShardContext
 from pgbatch.engine.failures import RunFailed, describe, isolate, traceback_of
 from pgbatch.engine.notifier import Notifier
@@ -193,6 +196,9 @@ class Worker:
         self._slot_freed = asyncio.Event()
         self._lease_added = asyncio.Event()
         self._handlers_running = 0
+        # Completions handed to the completer whose outcome is not recorded yet.
+        self._handed_over = 0
+        self._handovers_settled = asyncio.Event()
         self._stopping = asyncio.Event()
         # Set while the claim loop waits because its last claim found the queue empty (a
         # state, not a pulse: a test waiting for it cannot miss it).
@@ -287,6 +293,11 @@ class Worker:
         remaining = [a.task for a in self._active.values() if a.task is not None]
         if remaining:
             await asyncio.wait(remaining)
+        # Completions handed to the completer are written before it stops; wait until
+        # their outcomes are recorded too (and any rerun of a failed one has ended).
+        while self._handed_over:
+            self._handovers_settled.clear()
+            await self._handovers_settled.wait()
         if leftovers:
             assert self._db is not None
             async with self._db.connection() as conn:
@@ -448,36 +459,97 @@ class Worker:
 
     async def _process(self, active: _Active) -> None:
         shard = active.shard
+        handed_over = False
         try:
             completion = await self._execute(active)
             # The slot is free once the handler is done: the next claim overlaps this
             # shard's commit, and the completer's bounded queue provides backpressure.
             self._to_completing(active)
             if completion is not None:
-                await self._complete(active, completion)
+                # The common case: the completer takes it without waiting, and this task
+                # ends; _on_completed records the outcome in the flusher after the commit.
+                assert self._completer is not None
+                on_done = functools.partial(self._on_completed, active, completion)
+                handed_over = self._completer.complete_nowait(completion, on_done)
+                if handed_over:
+                    self._handed_over += 1
+                else:  # the completer's queue is full: wait for room, as before
+                    await self._complete(active, completion)
         except Exception:
             # A bug or a lost database: the lease lapses and another worker retries.
             _log.exception("shard %d: unexpected error; its lease will expire", shard.id)
         finally:
             self._to_completing(active)
-            self._active.pop(shard.id, None)
+            if not handed_over:
+                self._active.pop(shard.id, None)
 
     async def _complete(self, active: _Active, completion: ShardCompletion) -> None:
         assert self._completer is not None
         try:
             outcome = await self._completer.complete(completion)
         except psycopg.Error as exc:
-            if is_transient(exc):
-                # The database was away longer than completer_retry_max_s: not the
-                # handler's failure. The lease lapses and the rerun is refunded.
-                _log.warning("shard %d: completion not written (%s)", completion.shard_id, exc)
+            retried = await self._complete_after_error(active, completion, exc)
+            if retried is None:
                 return
-            # Its results or rows could not be written even alone (a constraint of the
-            # user's table, say): that is a failed attempt of the shard.
-            if completion.status is not ShardStatus.DONE:
-                raise
-            completion = self._fail(active, f"completion failed: {exc}")
-            outcome = await self._completer.complete(completion)
+            completion, outcome = retried
+        self._record(completion, outcome)
+
+    async def _complete_after_error(
+        self, active: _Active, completion: ShardCompletion, exc: psycopg.Error
+    ) -> tuple[ShardCompletion, CompletionOutcome] | None:
+        """Handle a completion the completer could not write; None if nothing more is done."""
+        assert self._completer is not None
+        if is_transient(exc):
+            # The database was away longer than completer_retry_max_s: not the
+            # handler's failure. The lease lapses and the rerun is refunded.
+            _log.warning("shard %d: completion not written (%s)", completion.shard_id, exc)
+            return None
+        # Its results or rows could not be written even alone (a constraint of the
+        # user's table, say): that is a failed attempt of the shard.
+        if completion.status is not ShardStatus.DONE:
+            raise exc
+        failed = self._fail(active, f"completion failed: {exc}")
+        return failed, await self._completer.complete(failed)
+
+    def _on_completed(
+        self,
+        active: _Active,
+        completion: ShardCompletion,
+        result: CompletionOutcome | BaseException,
+    ) -> None:
+        """Record a handed-over completion's outcome (called by the completer's flusher)."""
+        if isinstance(result, BaseException):
+            # Rare (a shard's own rows broke its write, or the database stayed away): the
+            # same handling as an awaited completion's, in a task of its own.
+            active.task = asyncio.create_task(
+                self._after_failed_handover(active, completion, result),
+                name=f"pgbatch-shard-{active.shard.id}-completion",
+            )
+            return
+        self._record(completion, result)
+        self._settle_handover(active)
+
+    async def _after_failed_handover(
+        self, active: _Active, completion: ShardCompletion, exc: BaseException
+    ) -> None:
+        try:
+            if not isinstance(exc, psycopg.Error):
+                raise exc
+            retried = await self._complete_after_error(active, completion, exc)
+            if retried is not None:
+                self._record(*retried)
+        except Exception:
+            _log.exception("shard %d: unexpected error; its lease will expire", completion.shard_id)
+        finally:
+            self._settle_handover(active)
+
+    def _settle_handover(self, active: _Active) -> None:
+        self._active.pop(active.shard.id, None)
+        self._handed_over -= 1
+        if not self._handed_over:
+            self._handovers_settled.set()
+
+    def _record(self, completion: ShardCompletion, outcome: CompletionOutcome) -> None:
         if not outcome.accepted:
             self.stats.shards_fenced_out += 1
             _log.info("shard %d: lease lost before completion, discarded", completion.shard_id)
@@ -551,14 +623,15 @@ class Worker:
         if problem:
             return self._fail(active, problem)
         try:
-            return ShardCompletion.build(
+            return ShardCompletion.from_outcomes(
                 shard.id,
                 shard.batch_id,
                 shard.lease_epoch,
                 ShardStatus.DONE,
-                [(item.seq, outcome) for item, outcome in zip(shard.items, outcomes, strict=True)],
+                tuple(map(_seq_of, shard.items)),
+                outcomes,
                 ctx.writes,
-                statements=ctx.statements,
+                ctx.statements,
             )
         except (TypeError, ValueError) as exc:
             # An output or a row that cannot be stored fails this shard, not its neighbours.
@@ -971,6 +1044,10 @@ class Worker:
                     )
 
 
+# An Item's seq (its first field), read in C over a shard's items.
+_seq_of = itemgetter(0)
+
+
 def _is_connection_loss(conn: psycopg.AsyncConnection[Any], exc: psycopg.Error) -> bool:
     """Tell whether `exc` is the database going away rather than an error of a statement."""
     state = exc.sqlstate or ""
@@ -999,6 +1076,9 @@ def _check_outcomes(outcomes: object, expected: int) -> str | None:
         return f"handler returned {type(outcomes).__name__}, expected a list of outcomes"
     if len(outcomes) != expected:
         return f"handler returned {len(outcomes)} outcomes for {expected} items"
+    # One C-level pass for the common case; the loop below only names the culprit.
+    if all(map(isinstance, outcomes, repeat(Outcome))):
+        return None
     for outcome in outcomes:
         if not isinstance(outcome, Outcome):
             return (
