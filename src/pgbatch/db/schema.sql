@@ -132,9 +132,9 @@ CREATE TABLE pgbatch.shards (
 -- The claim reads only queued shards in priority order: a partial index keeps it small.
 CREATE INDEX shards_claim_idx ON pgbatch.shards (queue, priority DESC, id) WHERE status = 'queued';
 -- The fair claim's loose scan over a queue's tenants, then each tenant's shards by priority;
--- and, index-only, queue depth and oldest claimable shard per queue and tenant (0013).
+-- and queue depth and oldest claimable shard per queue and tenant (0013).
 CREATE INDEX shards_tenant_claim_idx ON pgbatch.shards (queue, tenant, priority DESC, id)
-    INCLUDE (run_after) WHERE status = 'queued';
+    WHERE status = 'queued';
 -- The lease rescuer reads only running shards by expiry.
 CREATE INDEX shards_lease_idx ON pgbatch.shards (lease_expires_at) WHERE status = 'running';
 
