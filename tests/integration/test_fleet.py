@@ -268,7 +268,7 @@ async def test_queue_depth_and_oldest_wait_are_per_tenant_and_index_backed(
                 await conn.execute("EXPLAIN " + query("queue_list"), {"tenant": "acme"})
             ).fetchall()
         )
-    assert "shards_queued_wait_idx" in plan, plan
+    assert "shards_tenant_claim_idx" in plan, plan
 
 
 @pytest.mark.asyncio

@@ -131,14 +131,12 @@ CREATE TABLE pgbatch.shards (
 
 -- The claim reads only queued shards in priority order: a partial index keeps it small.
 CREATE INDEX shards_claim_idx ON pgbatch.shards (queue, priority DESC, id) WHERE status = 'queued';
--- The fair claim's loose scan over a queue's tenants, then each tenant's shards by priority.
+-- The fair claim's loose scan over a queue's tenants, then each tenant's shards by priority;
+-- and queue depth and oldest claimable shard per queue and tenant (0013).
 CREATE INDEX shards_tenant_claim_idx ON pgbatch.shards (queue, tenant, priority DESC, id)
     WHERE status = 'queued';
 -- The lease rescuer reads only running shards by expiry.
 CREATE INDEX shards_lease_idx ON pgbatch.shards (lease_expires_at) WHERE status = 'running';
--- Queue depth and oldest claimable shard per queue, per tenant or for all (0005).
-CREATE INDEX shards_queued_wait_idx ON pgbatch.shards (tenant, queue, run_after)
-    WHERE status = 'queued';
 
 -- A shard's results once it has ended: one position per item, its output if it succeeded.
 CREATE TABLE pgbatch.result_blocks (

@@ -71,6 +71,12 @@ CALLBACK_CLAIM_LIMIT = 4
 # A claim never asks for more shards than this, whatever the free slots: it bounds the
 # size of one claim statement's result (shards times items).
 MAX_CLAIM_SHARDS = 256
+# A worker holds at most this many shards per slot: running, or done and waiting for their
+# completion to commit. The next claim still overlaps the previous commits (one slot's
+# worth each), but a completer that falls behind stops the claims: with a claim of a few
+# milliseconds (issue 13) the claim loop refilled every freed slot at once and thousands of
+# shards per worker waited on the completer, their leases renewed by every heartbeat.
+MAX_HELD_PER_SLOT = 2
 # Errors of a claim that one shard's data can cause (the claim reads its items as one
 # value): data exceptions (22), program limits such as "string buffer exceeds maximum
 # allowed length" (54), internal errors and corruption (XX). Such a shard failing a claim
@@ -313,7 +319,10 @@ class Worker:
         assert self._db is not None
         tasks = sorted(self.app.tasks)
         while not self._stopping.is_set():
-            free = self.concurrency - self._handlers_running
+            free = min(
+                self.concurrency - self._handlers_running,
+                MAX_HELD_PER_SLOT * self.concurrency - len(self._active),
+            )
             if free <= 0:
                 self._slot_freed.clear()
                 await self._wait_any(self._slot_freed, timeout=None)
@@ -463,7 +472,7 @@ class Worker:
         try:
             completion = await self._execute(active)
             # The slot is free once the handler is done: the next claim overlaps this
-            # shard's commit, and the completer's bounded queue provides backpressure.
+            # shard's commit, as far as MAX_HELD_PER_SLOT lets claims run ahead of commits.
             self._to_completing(active)
             if completion is not None:
                 # The common case: the completer takes it without waiting, and this task
@@ -482,6 +491,7 @@ class Worker:
             self._to_completing(active)
             if not handed_over:
                 self._active.pop(shard.id, None)
+                self._slot_freed.set()  # a held shard less: the claim loop may be waiting on it
 
     async def _complete(self, active: _Active, completion: ShardCompletion) -> None:
         assert self._completer is not None
@@ -545,6 +555,7 @@ class Worker:
 
     def _settle_handover(self, active: _Active) -> None:
         self._active.pop(active.shard.id, None)
+        self._slot_freed.set()  # a held shard less: the claim loop may be waiting on it
         self._handed_over -= 1
         if not self._handed_over:
             self._handovers_settled.set()

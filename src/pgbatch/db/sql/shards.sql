@@ -14,7 +14,7 @@ WITH RECURSIVE
         FOR UPDATE SKIP LOCKED
     ) o
 ), picked AS (
-    SELECT id FROM offered
+    SELECT ctid FROM offered
     ORDER BY round, tenant <= %(after_tenant)s, tenant
     LIMIT %(limit)s
 ),
@@ -26,7 +26,7 @@ WITH RECURSIVE
 -- its share, or they were locked), so free slots are not left idle while work is queued;
 -- benchmarks/tenant_fairness.py measures it as the baseline.
 WITH picked AS (
-    SELECT q.id FROM pgbatch.shards q
+    SELECT q.ctid FROM pgbatch.shards q
     WHERE q.status = 'queued'
       AND q.queue = %(queue)s
       AND q.task = ANY(%(tasks)s::text[])
@@ -43,7 +43,7 @@ WITH picked AS (
 -- cannot be read fails every statement that reads it): the worker then claims its
 -- candidates one at a time, to find the one that fails and bury it.
 WITH picked AS (
-    SELECT q.id FROM pgbatch.shards q
+    SELECT q.ctid FROM pgbatch.shards q
     WHERE q.id = %(shard_id)s
       AND q.status = 'queued'
       AND q.task = ANY(%(tasks)s::text[])
@@ -73,11 +73,11 @@ LIMIT %(limit)s;
 -- take up to the limit and lock nothing) and closes it with ") o )".
 -- include: _shard_claim_tenants
 , offered AS (
-    SELECT a.tenant, o.id,
+    SELECT a.tenant, o.id, o.ctid,
            row_number() OVER (PARTITION BY a.tenant ORDER BY o.priority DESC, o.id) AS round
     FROM active a
     CROSS JOIN LATERAL (
-        SELECT q.id, q.priority FROM pgbatch.shards q
+        SELECT q.id, q.ctid, q.priority FROM pgbatch.shards q
         WHERE q.status = 'queued'
           AND q.queue = %(queue)s
           AND q.tenant = a.tenant
@@ -106,11 +106,19 @@ tenants AS (
 )
 
 -- name: _shard_claim_answer
--- The end of every claim, after its CTE "picked" (the ids of the shards to claim, locked).
--- Each claimed shard comes back as one row carrying its items as one JSON array text, its
--- item block as stored (one parse per shard, no row per item); a retried shard runs only
--- the items whose result is being retried (their error rows are marked retrying), so it
--- also returns their seqs.
+-- The end of every claim, after its CTE "picked" (the ctids of the shards to claim, as
+-- locked). Each claimed shard comes back as one row carrying its items as one JSON array
+-- text, its item block as stored (one parse per shard, no row per item); a retried shard
+-- runs only the items whose result is being retried (their error rows are marked
+-- retrying), so it also returns their seqs.
+--
+-- Every part is linear in the shards claimed, whatever the statistics and whether the plan
+-- is generic (issue 13, tests/integration/test_claim_plan.py). The UPDATE finds its rows by
+-- ctid, a TID scan: joined by id, a generic plan on fresh statistics hash-joined the picked
+-- shards to a sequential scan of the whole table, every claim. A row locked here cannot
+-- move before the UPDATE (the lock is this statement's); a row that a concurrent update
+-- moved before it was locked is locked at its new version, which this statement's snapshot
+-- does not see, so the UPDATE skips it and it stays queued: one winner still.
 claimed AS (
     UPDATE pgbatch.shards s
     SET status = 'running',
@@ -118,7 +126,7 @@ claimed AS (
         attempts = s.attempts + 1,
         lease_expires_at = now() + s.lease_ttl_s * interval '1 second',
         worker_id = %(worker_id)s
-    WHERE s.id IN (SELECT id FROM picked)
+    WHERE s.ctid = ANY(ARRAY(SELECT ctid FROM picked))
     RETURNING s.id, s.batch_id, s.task, s.first_seq, s.last_seq, s.lease_epoch, s.attempts,
               s.max_attempts, s.lease_ttl_s, s.retried, s.tenant, s.lease_refunds
 ), pending AS (
@@ -135,19 +143,30 @@ claimed AS (
     FROM pending p
     WHERE b.id = p.id AND b.status = 'pending'
     RETURNING pg_notify('pgbatch_progress', b.id::text)
+), batch AS (
+    -- Once per batch claimed from, not per shard; an array probe, as for the shards.
+    SELECT b.id, b.status = 'cancelled' AS cancelled FROM pgbatch.batches b
+    WHERE b.id = ANY(ARRAY(SELECT DISTINCT batch_id FROM claimed))
 )
 SELECT c.id, c.batch_id, c.task, c.lease_epoch, c.attempts, c.max_attempts, c.lease_ttl_s,
-       b.status = 'cancelled' AS batch_cancelled, c.first_seq,
+       b.cancelled AS batch_cancelled, c.first_seq,
        CASE WHEN c.retried THEN ARRAY(
            SELECT e.seq FROM pgbatch.result_errors e
            WHERE e.batch_id = c.batch_id AND e.seq BETWEEN c.first_seq AND c.last_seq
              AND e.retrying
            ORDER BY e.seq) END AS seqs,
-       ib.payloads::text AS payloads,
+       ib.payloads,
        (SELECT count(*) FROM started) AS batches_started, c.tenant, c.lease_refunds
 FROM claimed c
-JOIN pgbatch.batches b ON b.id = c.batch_id
-LEFT JOIN pgbatch.item_blocks ib ON ib.batch_id = c.batch_id AND ib.first_seq = c.first_seq
+JOIN batch b ON b.id = c.batch_id
+-- Each claimed shard probes its item block by primary key: as a plain join, fresh
+-- statistics made the claim hash-join a sequential scan of every retained item block,
+-- O(history) per claim. A LATERAL with LIMIT cannot be flattened into such a join.
+LEFT JOIN LATERAL (
+    SELECT ib.payloads::text AS payloads FROM pgbatch.item_blocks ib
+    WHERE ib.batch_id = c.batch_id AND ib.first_seq = c.first_seq
+    LIMIT 1
+) ib ON true
 ORDER BY c.id;
 
 -- name: shard_bury
