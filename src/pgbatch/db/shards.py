@@ -448,6 +448,8 @@ async def complete_shards(
             "errors": [c.error for c in ordered],
             "delays_s": [c.retry_delay_s for c in ordered],
             "tracebacks": [c.traceback for c in ordered],
+            # A done shard without failed items is deleted, not updated: nothing reads it.
+            "failed": [c.items_failed > 0 for c in ordered],
         },
     )
     # A zombie and the shard's new holder may sit in the same flush: match on the epoch too.
