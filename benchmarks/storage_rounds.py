@@ -9,7 +9,10 @@ Runs the same no-op batch of `--shards` one-item shards `--rounds` times, one af
 other, in one database, with two `pgbatch worker` processes at concurrency 256 (the
 setting of the storage issue's table). Prints per round: jobs/s, its ratio to round 1
 (the baseline, measured in the same run on the same database), and the size of
-`pgbatch.shards`, `pgbatch.items` and `pgbatch.results`; then the median ratio of rounds
+`pgbatch.shards`, `pgbatch.items` and `pgbatch.results`, and the CPU per shard of the
+workers and of their own server backends (sampled from the operating system between the
+submit's commit and the batch's end: the server shared with other databases and sessions
+counts only this run's claim, heartbeat and completion work); then the median ratio of rounds
 2..N to round 1 and the worst. Flat storage means ratios near 1.0 and sizes that stop
 growing once retention applies. Writes benchmarks/results/storage_rounds.json.
 
@@ -39,6 +42,7 @@ from benchmarks.harness import (
     WorkerProcesses,
     bench_database,
     connect,
+    cpu_sample,
     fmt_int,
     require_local,
     server_info,
@@ -65,6 +69,9 @@ class Round:
     jobs_per_s: float
     sizes_mb: dict[str, float]
     code: str = "this tree"
+    # CPU per shard, microseconds: the worker processes, their server backends
+    worker_us: float = 0.0
+    server_us: float = 0.0
 
 
 async def table_sizes_mb(conninfo: str) -> dict[str, float]:
@@ -82,16 +89,39 @@ async def table_sizes_mb(conninfo: str) -> dict[str, float]:
         return sizes
 
 
-async def drain(app: pgbatch.App, conninfo: str, number: int, shards: int, code: str) -> Round:
+async def worker_backends(conninfo: str, prefix: str) -> list[int]:
+    """Return the server processes of the worker connections (their application_name)."""
+    async with await connect(conninfo) as conn:
+        cur = await conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+            " AND application_name LIKE %s",
+            (prefix + "%",),
+        )
+        return [int(pid) for (pid,) in await cur.fetchall()]
+
+
+async def drain(
+    app: pgbatch.App, conninfo: str, number: int, shards: int, code: str, workers: WorkerProcesses
+) -> Round:
     """Submit one batch of `shards` one-item shards, wait for it; return the round's figures."""
+    prefix = f"bench-{workers.label}-"
     started = time.time()
     batch = await app.submit(NOOP_TASK, [None] * shards, shard_size=1)
+    backends = await worker_backends(conninfo, prefix)
+    before = cpu_sample([*workers.pids, *backends])
     final = await app.wait(batch.id, timeout_s=BATCH_TIMEOUT_S)
+    # Backends the workers' pools opened during the round count whole (cores_since).
+    backends = sorted({*backends, *await worker_backends(conninfo, prefix)})
+    after = cpu_sample([*workers.pids, *backends])
     if final.items_ok != shards or final.finished_at is None:
         raise RuntimeError(f"round {number} ended {final.status}")
+    wall = after.at - before.at
+    worker_us = after.cores_since(before, workers.pids) * wall / shards * 1e6
+    server_us = after.cores_since(before, backends) * wall / shards * 1e6
     seconds = final.finished_at.timestamp() - started
     sizes_mb = await table_sizes_mb(conninfo)
-    return Round(number, shards, round(seconds, 2), round(shards / seconds), sizes_mb, code)
+    return Round(number, shards, round(seconds, 2), round(shards / seconds), sizes_mb, code,
+                 round(worker_us, 1), round(server_us, 1))  # fmt: skip
 
 
 def _code_env(baseline_src: str | None) -> dict[str, str]:
@@ -119,8 +149,8 @@ async def run(url: str, rounds: int, shards: int, baseline_src: str | None) -> l
                     async with WorkerProcesses(
                         conninfo, app=APP, count=WORKER_PROCESSES, concurrency=CONCURRENCY,
                         label="rounds",
-                    ):  # fmt: skip
-                        figures = await drain(app, conninfo, number, shards, code)
+                    ) as workers:  # fmt: skip
+                        figures = await drain(app, conninfo, number, shards, code, workers)
                 finally:
                     if saved is None:
                         os.environ.pop("PYTHONPATH", None)
@@ -130,7 +160,8 @@ async def run(url: str, rounds: int, shards: int, baseline_src: str | None) -> l
                 ratio = figures.jobs_per_s / results[0].jobs_per_s
                 sizes = "  ".join(f"{t} {mb:7.1f} MB" for t, mb in figures.sizes_mb.items())
                 print(f"  round {number} ({code}): {fmt_int(figures.jobs_per_s):>8} jobs/s  "
-                      f"x{ratio:4.2f} of round 1   {sizes}", flush=True)  # fmt: skip
+                      f"x{ratio:4.2f} of round 1  cpu/shard {figures.worker_us:6.1f} us workers"
+                      f" + {figures.server_us:6.1f} us server   {sizes}", flush=True)  # fmt: skip
     return results
 
 
@@ -166,6 +197,15 @@ def main() -> None:
         summary = {"median_jobs_per_s": medians, "this_tree_over_baseline": ratio}
         print(f"  median jobs/s: baseline {fmt_int(medians['baseline'])}, this tree "
               f"{fmt_int(medians['this tree'])}: x{ratio:.2f}")  # fmt: skip
+        for field in ("worker_us", "server_us"):
+            side = {
+                code: statistics.median(getattr(r, field) for r in rounds if r.code == code)
+                for code in ("baseline", "this tree")
+            }
+            summary[f"median_{field}"] = side
+            change = side["this tree"] / side["baseline"]
+            print(f"  median {field} per shard: baseline {side['baseline']:.1f}, this tree "
+                  f"{side['this tree']:.1f}: x{change:.2f}")  # fmt: skip
     path = write_results("storage_rounds", {
         "server": asdict(info), "rounds": [asdict(r) for r in rounds],
         "median_ratio_to_round_1": statistics.median(ratios), "worst_ratio": min(ratios),

@@ -453,6 +453,18 @@ async def _shards(running: RunningApi, batch_id: int) -> list[tuple[int, str, An
         return [(n, status, finished) for n, status, finished in await cur.fetchall()]
 
 
+async def _block_finished_at(running: RunningApi, batch_id: int, first_seq: int) -> Any:
+    """Return when the result block at `first_seq` was written (its shard's end)."""
+    async with running.app.db.connection() as conn:
+        cur = await conn.execute(
+            "SELECT finished_at FROM pgbatch.result_blocks WHERE batch_id = %s AND first_seq = %s",
+            (batch_id, first_seq),
+        )
+        row = await cur.fetchone()
+    assert row is not None and row[0] is not None
+    return row[0]
+
+
 @pytest.mark.asyncio
 async def test_retry_requeues_failed_and_dead_shards(api: RunningApi) -> None:
     # Shard 0 has an item error, shard 1 raises (dead after 2 attempts), shard 2 is clean.
@@ -463,6 +475,9 @@ async def test_retry_requeues_failed_and_dead_shards(api: RunningApi) -> None:
         first = await api.app.wait(batch["id"], timeout_s=30)
         assert (first.status, first.shards_dead, first.items_failed) == ("failed", 1, 3)
         before = await _shards(api, batch["id"])
+        # The clean shard's completion deleted it; its result block says when it ended.
+        assert [(n, s) for n, s, _ in before] == [(0, "done"), (1, "dead")]
+        clean_at = await _block_finished_at(api, batch["id"], 4)
         etag = (await client.get(url)).headers["etag"]
         assert_error(await client.post(f"{url}/retry", headers={"If-Match": '"0"'}), 412)
         retried = await client.post(f"{url}/retry", headers={"If-Match": etag})
@@ -478,10 +493,11 @@ async def test_retry_requeues_failed_and_dead_shards(api: RunningApi) -> None:
         assert second.is_final
         assert (second.status, second.shards_dead, second.items_failed) == ("failed", 1, 3)
         after = await _shards(api, batch["id"])
-        assert [(n, s) for n, s, _ in after] == [(0, "done"), (1, "dead"), (2, "done")]
-        # The two failed shards ran again (finished later); the clean one was left alone.
+        assert [(n, s) for n, s, _ in after] == [(0, "done"), (1, "dead")]
+        # The two failed shards ran again (finished later); the clean one was left alone:
+        # not resurrected, its block untouched.
         assert after[0][2] > before[0][2] and after[1][2] > before[1][2]
-        assert after[2][2] == before[2][2]
+        assert await _block_finished_at(api, batch["id"], 4) == clean_at
         assert_error(await client.post(f"/v1/batches/{batch['id'] + 9}/retry"), 404)
         clean = await _submit(client, "echo", [1])
         await api.app.wait(clean["id"], timeout_s=30)

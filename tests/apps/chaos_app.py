@@ -3,7 +3,9 @@
 Run it with `pgbatch worker --app tests.apps.chaos_app:app`. Every task writes one row
 per item to `chaos_rows`, a table WITHOUT a primary key, so a shard committed twice
 would show as duplicate rows; each row carries the lease epoch it was written under,
-so a completion that slipped past the fence shows too.
+so a completion that slipped past the fence shows too. With CHAOS_RUN_LOG (a folder) set,
+every run of a shard appends "shard_id epoch" to a file there before the handler works:
+the claims made, which a deleted shard row (done, no failed item) no longer shows.
 """
 
 from __future__ import annotations
@@ -50,6 +52,18 @@ CREATE TABLE IF NOT EXISTS chaos_callbacks (
 """
 
 
+def _log_run(ctx: pgbatch.ShardContext) -> None:
+    """Append this run's lease to the process's run log, one write (survives a SIGKILL)."""
+    folder = os.environ.get("CHAOS_RUN_LOG")
+    if not folder:
+        return
+    fd = os.open(f"{folder}/{os.getpid()}.runs", os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    try:
+        os.write(fd, f"{ctx.shard_id} {ctx.lease_epoch}\n".encode())
+    finally:
+        os.close(fd)
+
+
 def _record(items: list[pgbatch.Item], ctx: pgbatch.ShardContext) -> list[pgbatch.Outcome]:
     pid = os.getpid()
     ctx.copy_rows(
@@ -73,6 +87,7 @@ def build_app(settings: pgbatch.Settings | None = None) -> pgbatch.App:
 
     @app.task(shard_size=20, max_attempts=100, lease_ttl_s=TEST_LEASE_TTL_S)
     async def chaos(items: list[pgbatch.Item], ctx: pgbatch.ShardContext) -> list[pgbatch.Outcome]:
+        _log_run(ctx)
         await asyncio.sleep(CHAOS_RERUN_S if ctx.attempt > 1 else random.uniform(*CHAOS_SHARD_S))
         return _record(items, ctx)
 

@@ -49,6 +49,13 @@ async def test_a_killed_workers_reservation_comes_back_and_every_request_has_one
             app.use(llm.WORKLOAD)
             requests = check_request_lines(_requests(), "/v1/chat/completions")
             batch = await llm.submit_requests(app, requests, shard_size=5, lease_ttl_s=2.0)
+            # Each shard's items, read while all are queued: a shard done with no failed
+            # item has no row at the end.
+            ranges = await fetch_all(
+                database_url,
+                "SELECT id, first_seq, last_seq FROM pgbatch.shards WHERE batch_id = %s",
+                (batch.id,),
+            )
             workers = [group.start(name=f"w{i}", concurrency=4, args=["--app", APP])
                        for i in range(2)]  # fmt: skip
             # Wait until a worker holds a reservation that is out (unsettled, running).
@@ -68,16 +75,19 @@ async def test_a_killed_workers_reservation_comes_back_and_every_request_has_one
     assert sorted(line["custom_id"] for line in lines) == sorted(f"c{i}" for i in range(REQUESTS))
     assert errors == []
     assert state.in_flight == 0
-    # Each request reached the fake at most once per run of its shard.
-    runs = {
-        seq: attempts
-        for seq, attempts in await fetch_all(
+    # Each request reached the fake at most once per run of its shard. A run reserves its
+    # calls under its lease (one epoch per claim) before sending any.
+    leases = dict(
+        await fetch_all(
             database_url,
-            "SELECT i.seq, s.attempts FROM pgbatch.shards s"
-            " JOIN generate_series(s.first_seq, s.last_seq) AS i(seq) ON true"
-            " WHERE s.batch_id = %s",
-            (batch.id,),
+            "SELECT shard_id, count(DISTINCT lease_epoch)::int FROM pgbatch.llm_reservations"
+            " GROUP BY 1",
         )
+    )
+    runs = {
+        seq: leases.get(shard_id, 0)
+        for shard_id, first_seq, last_seq in ranges
+        for seq in range(first_seq, last_seq + 1)
     }
     for seq, raw in enumerate(_requests()):
         request = orjson.loads(raw)

@@ -22,12 +22,12 @@ from tests.conftest import settings_for
 from tests.helpers import register_noop
 
 FLUSH = 500
-PARAMS = ("ids", "epochs", "statuses", "errors", "delays_s", "tracebacks")
-PARAM_TYPES = "bigint[], int[], text[], text[], float8[], text[]"
+PARAMS = ("ids", "epochs", "statuses", "errors", "delays_s", "tracebacks", "failed")
+PARAM_TYPES = "bigint[], int[], text[], text[], float8[], text[], boolean[]"
 
 
 def _as_prepared(sql: str) -> str:
-    """Return the named query with its %(name)s placeholders as $1..$6, for PREPARE."""
+    """Return the named query with its %(name)s placeholders as $1..$7, for PREPARE."""
     for number, name in enumerate(PARAMS, start=1):
         sql = sql.replace(f"%({name})s", f"${number}")
     assert "%(" not in sql, "shard_complete_many has a parameter this test does not bind"
@@ -55,8 +55,13 @@ async def _running_flush(app: pgbatch.App, shards: int) -> list[tuple[int, int]]
         return sorted(await cur.fetchall())
 
 
-async def _explain_generic(app: pgbatch.App, leases: list[tuple[int, int]]) -> dict[str, Any]:
-    """Run the completion of `leases` under a forced generic plan; return the executed plan."""
+async def _explain_generic(
+    app: pgbatch.App, leases: list[tuple[int, int]], shapes: list[tuple[str, bool]]
+) -> dict[str, Any]:
+    """Run the completion of `leases` (status, failed) under a forced generic plan.
+
+    Returns the executed plan.
+    """
     sql = re.sub(r"^\s*--.*$", "", query("shard_complete_many"), flags=re.M).strip().rstrip(";")
     async with app.db.connection() as conn:
         async with conn.transaction(force_rollback=True):
@@ -66,14 +71,16 @@ async def _explain_generic(app: pgbatch.App, leases: list[tuple[int, int]]) -> d
             cur = psycopg.AsyncClientCursor(conn)
             await cur.execute(
                 "EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE complete_plan "
-                "(%s::bigint[], %s::int[], %s::text[], %s::text[], %s::float8[], %s::text[])",
+                "(%s::bigint[], %s::int[], %s::text[], %s::text[], %s::float8[], %s::text[],"
+                " %s::boolean[])",
                 (
                     [s for s, _ in leases],
                     [e for _, e in leases],
-                    ["done"] * len(leases),
+                    [status for status, _ in shapes],
                     [None] * len(leases),
+                    [1.0 if status == "queued" else None for status, _ in shapes],
                     [None] * len(leases),
-                    [None] * len(leases),
+                    [failed for _, failed in shapes],
                 ),
             )
             row = await cur.fetchone()
@@ -84,26 +91,56 @@ async def _explain_generic(app: pgbatch.App, leases: list[tuple[int, int]]) -> d
     return plan
 
 
-@pytest.mark.asyncio
-async def test_generic_plan_of_a_flush_compares_no_outcome_with_every_other(
-    app: pgbatch.App,
-) -> None:
-    leases = await _running_flush(app, FLUSH)
-    plan = await _explain_generic(app, leases)
+def _assert_linear(plan: dict[str, Any]) -> None:
+    """Assert the flush was accepted whole with one primary-key probe per outcome."""
     nodes = _nodes(plan)
     # The whole flush is accepted (the plan is the one that ran, not an estimate)...
-    assert plan["Node Type"] == "ModifyTable"
     assert plan["Actual Rows"] == FLUSH
     # ...and no join compares the flush against itself: the old shape removed 249,500 rows
     # (FLUSH x FLUSH - FLUSH) in a join filter under this very plan.
     removed = max((n.get("Rows Removed by Join Filter", 0) for n in nodes), default=0)
     assert removed < FLUSH, f"a join compared {removed} rows for a flush of {FLUSH}"
     # Every scan of pgbatch.shards is one index probe per outcome, never a scan per outcome.
-    for node in nodes[1:]:  # the first is the UPDATE itself
-        if node.get("Relation Name") == "shards":
-            kind = node["Node Type"]
-            assert kind in {"Index Scan", "Index Only Scan", "Bitmap Heap Scan"}, kind
-            assert node["Actual Loops"] * node.get("Actual Rows", 0) <= FLUSH
+    scans = [
+        n for n in nodes if n.get("Relation Name") == "shards" and n["Node Type"] != "ModifyTable"
+    ]
+    assert scans
+    for node in scans:
+        kind = node["Node Type"]
+        assert kind in {"Index Scan", "Index Only Scan", "Bitmap Heap Scan"}, kind
+        assert node["Actual Loops"] * node.get("Actual Rows", 0) <= FLUSH
+
+
+@pytest.mark.asyncio
+async def test_generic_plan_of_a_flush_compares_no_outcome_with_every_other(
+    app: pgbatch.App,
+) -> None:
+    leases = await _running_flush(app, FLUSH)
+    plan = await _explain_generic(app, leases, [("done", True)] * FLUSH)
+    _assert_linear(plan)
+
+
+@pytest.mark.asyncio
+async def test_generic_plan_of_a_mixed_flush_deletes_and_updates_by_primary_key(
+    app: pgbatch.App,
+) -> None:
+    """Clean done shards (deleted), done with failures, dead and requeued ones (updated)."""
+    leases = await _running_flush(app, FLUSH)
+    kinds = [("done", False), ("done", True), ("dead", True), ("queued", False)]
+    shapes = [kinds[i % len(kinds)] for i in range(FLUSH)]
+    plan = await _explain_generic(app, leases, shapes)
+    _assert_linear(plan)
+    modified = [n for n in _nodes(plan) if n["Node Type"] == "ModifyTable"]
+    assert sorted(n["Operation"] for n in modified) == ["Delete", "Update"]
+    rows = {n["Operation"]: n["Actual Rows"] for n in modified}
+    assert rows == {"Delete": FLUSH // 4, "Update": FLUSH - FLUSH // 4}
+
+
+@pytest.mark.asyncio
+async def test_generic_plan_of_a_clean_flush_deletes_every_shard(app: pgbatch.App) -> None:
+    leases = await _running_flush(app, FLUSH)
+    plan = await _explain_generic(app, leases, [("done", False)] * FLUSH)
+    _assert_linear(plan)
 
 
 @pytest.mark.asyncio
@@ -136,6 +173,8 @@ async def test_flush_prepared_many_times_still_fences_by_epoch(database_url: str
                         "errors": [None] * len(leases),
                         "delays_s": [None] * len(leases),
                         "tracebacks": [None] * len(leases),
+                        # Half delete (done, clean), half update (done with failures).
+                        "failed": [i % 2 == 0 for i in range(len(leases))],
                     },
                 )
                 accepted = sorted(row[:2] for row in await cur.fetchall())

@@ -104,7 +104,10 @@ async def _intact(app: pgbatch.App, batch: pgbatch.Batch) -> None:
     """Assert a batch that was not pruned still has every row it had."""
     rows = await _rows_of(app, batch.id)
     assert rows["items"] == batch.total_items, (batch.id, rows)
-    assert rows["shards"] == batch.total_shards, (batch.id, rows)
+    # A shard done with no failed item has no row (its completion deleted it); every one
+    # not yet counted is there. Counted after the rows were: the bound only loosens.
+    now = await app.get_batch(batch.id)
+    assert now.total_shards - now.shards_done <= rows["shards"] <= now.total_shards, (now, rows)
     if batch.is_final:
         assert rows["results"] == batch.total_items, (batch.id, rows)
 

@@ -76,7 +76,8 @@ async def test_a_database_before_0010_upgrades_while_a_worker_writes(
             "UPDATE pgbatch.result_blocks SET outputs = outputs WHERE batch_id = 2"
         )
         pid = upgrader.info.backend_pid
-        # Up to 0010: 0013 drops an index, which waits for the lock (test_upgrade_claim_index).
+        # Up to 0010: 0011 adds a column and 0012 drops an index, each waiting for the
+        # lock by design (test_upgrade_block_time, test_upgrade_claim_index).
         upgrade = asyncio.create_task(migrate(upgrader, up_to=10))
 
         async def ended_or_blocked() -> bool:
@@ -89,7 +90,7 @@ async def test_a_database_before_0010_upgrades_while_a_worker_writes(
         assert not blocked, "the upgrade waited for a worker's open transaction"
         assert applied == [10]
 
-    async with pgbatch.App(settings=settings_for(empty_database)) as app:  # migrates 0013
+    async with pgbatch.App(settings=settings_for(empty_database)) as app:  # migrates the rest
         register_noop(app)
         async with app.db.connection() as conn:
             after = {name: await _rows(conn, sql) for name, sql in CORE_ROWS.items()}

@@ -1,4 +1,4 @@
-"""0013 (one index of queued shards) upgrades a live database without stalling its claims.
+"""0012 (one index of queued shards) upgrades a live database without stalling its claims.
 
 The index is dropped under a short lock_timeout, retried: while a worker's transaction
 holds a shard row, the upgrade waits, but another worker's claim is not queued behind its
@@ -38,10 +38,10 @@ async def _indexes(conn: psycopg.AsyncConnection[Any]) -> set[str]:
 
 
 @pytest.mark.asyncio
-async def test_0013_waits_for_a_held_shard_without_stalling_claims(empty_database: str) -> None:
+async def test_0012_waits_for_a_held_shard_without_stalling_claims(empty_database: str) -> None:
     async with await psycopg.AsyncConnection.connect(empty_database, autocommit=True) as conn:
         await _fill_at_0004(conn)
-        await migrate(conn, up_to=10)
+        await migrate(conn, up_to=11)
     async with (
         await psycopg.AsyncConnection.connect(empty_database, autocommit=True) as holder,
         await psycopg.AsyncConnection.connect(empty_database, autocommit=True) as upgrader,
@@ -69,6 +69,6 @@ async def test_0013_waits_for_a_held_shard_without_stalling_claims(empty_databas
             assert not upgrade.done()
         finally:
             await holder.execute("COMMIT")
-        assert await asyncio.wait_for(upgrade, 30) == [13]
+        assert await asyncio.wait_for(upgrade, 30) == [12]
         assert "shards_queued_wait_idx" not in await _indexes(observer)
         assert "shards_tenant_claim_idx" in await _indexes(observer)

@@ -61,7 +61,8 @@ async def test_a_failing_handler_is_retried_then_succeeds(app: pgbatch.App) -> N
         done = await app.wait(batch.id, timeout_s=20)
     assert calls == [1, 2, 3]
     assert (done.status, done.items_ok) == ("succeeded", 10)
-    assert await _shards(app, batch.id) == [("done", 3, None)]
+    # Done with no failed item: the completion deleted the shard (the calls show 3 runs).
+    assert await _shards(app, batch.id) == []
     # Both failed attempts were requeued through the completer, like the completion.
     assert worker.stats.shards_retried == 2
     flushed = sum(size * n for size, n in worker.completion_flush_sizes().items())
@@ -414,7 +415,7 @@ async def test_a_failed_attempt_after_a_refunded_lease_is_requeued_not_dead(
     # Run 2 is the first counted attempt of two: its failure is requeued, run 3 succeeds.
     assert calls == [2, 3]
     assert (done.status, done.items_ok) == ("succeeded", 3)
-    assert await _shards(app, batch.id) == [("done", 3, None)]
+    assert await _shards(app, batch.id) == []  # done, no failed item: deleted
     assert worker.stats.shards_retried == 1
 
 
@@ -435,10 +436,9 @@ async def test_a_non_retryable_error_kills_its_shard_at_once(app: pgbatch.App) -
     async with running(app, concurrency=4):
         done = await app.wait(batch.id, timeout_s=20)
     assert (done.status, done.items_ok, done.items_failed, done.shards_dead) == ("failed", 7, 1, 1)
-    shards = await _shards(app, batch.id)
-    status, attempts, error = shards[3]
+    # Only the dead shard keeps its row; the done ones (shard 5 after 2 runs) are deleted.
+    [(status, attempts, error)] = await _shards(app, batch.id)
     assert (status, attempts) == ("dead", 1) and "item 3 can never be parsed" in error
-    assert shards[5][:2] == ("done", 2)
     assert runs.count(3) == 1 and runs.count(5) == 2
     [(seq, outcome)] = [r async for r in app.results(batch.id, errors_only=True)]
     assert seq == 3 and "NonRetryableError: item 3 can never be parsed" in (outcome.error or "")

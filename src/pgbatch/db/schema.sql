@@ -96,6 +96,10 @@ CREATE TABLE pgbatch.item_blocks (
     PRIMARY KEY (batch_id, first_seq)
 ) WITH (autovacuum_vacuum_scale_factor = 0.01);
 
+-- The claimable, running and unfinished-business shards: a shard that ends done with no
+-- failed item is deleted by its completion (0011, shard_complete_many); dead, cancelled
+-- and done-with-failures shards stay until their batch is pruned, as do the done shards
+-- an earlier release kept. Counts of finished shards come from the batch's counters.
 CREATE TABLE pgbatch.shards (
     id               bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     -- No foreign key (0008): a pruned batch's shards go after its row, in chunks.
@@ -132,7 +136,7 @@ CREATE TABLE pgbatch.shards (
 -- The claim reads only queued shards in priority order: a partial index keeps it small.
 CREATE INDEX shards_claim_idx ON pgbatch.shards (queue, priority DESC, id) WHERE status = 'queued';
 -- The fair claim's loose scan over a queue's tenants, then each tenant's shards by priority;
--- and queue depth and oldest claimable shard per queue and tenant (0013).
+-- and queue depth and oldest claimable shard per queue and tenant (0012).
 CREATE INDEX shards_tenant_claim_idx ON pgbatch.shards (queue, tenant, priority DESC, id)
     WHERE status = 'queued';
 -- The lease rescuer reads only running shards by expiry.
@@ -143,6 +147,10 @@ CREATE TABLE pgbatch.result_blocks (
     batch_id  bigint NOT NULL,
     first_seq bigint NOT NULL,
     outputs   json   NOT NULL,
+    -- When the shard ended (0011): a shard done without failed items leaves no row to say
+    -- it; NULL for blocks written before 0011 (their shard rows say it) and for the
+    -- blocks a cancel wrote (no work done).
+    finished_at timestamptz DEFAULT now(),
     PRIMARY KEY (batch_id, first_seq)
 );
 

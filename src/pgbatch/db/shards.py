@@ -508,6 +508,8 @@ async def complete_shards(
             "errors": [c.error for c in ordered],
             "delays_s": [c.retry_delay_s for c in ordered],
             "tracebacks": [c.traceback for c in ordered],
+            # A done shard without failed items is deleted, not updated: nothing reads it.
+            "failed": [c.items_failed > 0 for c in ordered],
         },
         prepare=False,
     )

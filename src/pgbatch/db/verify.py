@@ -26,6 +26,7 @@ class BatchVerification:
     shards_open: int
     callbacks_inserted: int
     callbacks_done: int
+    # Over the shards still on record: a shard done without failed items leaves no row.
     max_attempts_used: int
 
     @property

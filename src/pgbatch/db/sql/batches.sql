@@ -132,16 +132,50 @@ ORDER BY id DESC
 LIMIT %(limit)s;
 
 -- name: batch_shard_states
-SELECT status, count(*)::int FROM pgbatch.shards WHERE batch_id = %(batch_id)s GROUP BY status;
+-- How many of the batch's shards are in each state. Finished ones come from the batch's
+-- counters: a shard done without failed items has no row (shard_complete_many), and an
+-- earlier release's done rows must not count twice. Queued, running and cancelled shards
+-- keep their rows; the done are the counted ones that are neither dead nor cancelled.
+WITH open AS (
+    SELECT status, count(*)::int AS n FROM pgbatch.shards
+    WHERE batch_id = %(batch_id)s AND status IN ('queued', 'running', 'cancelled')
+    GROUP BY status
+), counted AS (
+    SELECT b.shards_done - b.shards_dead
+               - coalesce((SELECT n FROM open WHERE status = 'cancelled'), 0) AS done,
+           b.shards_dead AS dead
+    FROM pgbatch.batches b WHERE b.id = %(batch_id)s
+)
+SELECT status, n FROM open
+UNION ALL SELECT 'done', done FROM counted WHERE done > 0
+UNION ALL SELECT 'dead', dead FROM counted WHERE dead > 0;
 
 -- name: batch_throughput
--- Items finished per time bucket, from the shards' finish times: the dashboard's chart.
--- A cancelled shard ran nothing (or was stopped): its items are not throughput.
-SELECT to_timestamp(floor(extract(epoch FROM finished_at) / %(bucket_s)s) * %(bucket_s)s)
-           AS bucket,
-       sum(last_seq - first_seq + 1)::bigint AS items
-FROM pgbatch.shards
-WHERE batch_id = %(batch_id)s AND finished_at IS NOT NULL AND status <> 'cancelled'
+-- Items finished per time bucket: the dashboard's chart. A shard's finish time is its
+-- result block's (0011: a shard done without failed items has no row any more); a block
+-- written before 0011 has none, and its shard's row, which that release kept, has it. A
+-- cancelled shard ran nothing (or was stopped): its items are not throughput (a block a
+-- cancel wrote has no time; one a stopped worker wrote has its shard's cancelled row).
+-- A block holds a shard's items: shard_size of them, fewer in the batch's last shard.
+WITH b AS (
+    SELECT id, shard_size, total_items FROM pgbatch.batches WHERE id = %(batch_id)s
+), finished AS (
+    SELECT r.finished_at AS at, least(b.shard_size, b.total_items - r.first_seq) AS items
+    FROM b JOIN pgbatch.result_blocks r ON r.batch_id = b.id
+    WHERE r.finished_at IS NOT NULL
+      AND NOT EXISTS (
+          SELECT 1 FROM pgbatch.shards s
+          WHERE s.batch_id = b.id AND s.shard_no = r.first_seq / b.shard_size
+            AND s.status = 'cancelled')
+    UNION ALL
+    SELECT s.finished_at, s.last_seq - s.first_seq + 1
+    FROM b JOIN pgbatch.shards s ON s.batch_id = b.id
+    JOIN pgbatch.result_blocks r ON r.batch_id = b.id AND r.first_seq = s.first_seq
+    WHERE s.finished_at IS NOT NULL AND s.status <> 'cancelled' AND r.finished_at IS NULL
+)
+SELECT to_timestamp(floor(extract(epoch FROM at) / %(bucket_s)s) * %(bucket_s)s) AS bucket,
+       sum(items)::bigint AS items
+FROM finished
 GROUP BY 1
 ORDER BY 1;
 
@@ -219,9 +253,11 @@ WITH cancelled AS (
     WHERE batch_id = %(batch_id)s AND status = 'queued'
     RETURNING first_seq, last_seq, retried
 ), blocks AS (
-    INSERT INTO pgbatch.result_blocks (batch_id, first_seq, outputs)
+    -- No finished_at: nothing ran, so the throughput chart does not count these items.
+    INSERT INTO pgbatch.result_blocks (batch_id, first_seq, outputs, finished_at)
     SELECT %(batch_id)s, c.first_seq,
-           ('[' || rtrim(repeat('null,', (c.last_seq - c.first_seq + 1)::int), ',') || ']')::json
+           ('[' || rtrim(repeat('null,', (c.last_seq - c.first_seq + 1)::int), ',') || ']')::json,
+           NULL
     FROM cancelled c
     ORDER BY c.first_seq
     ON CONFLICT (batch_id, first_seq) DO NOTHING

@@ -47,7 +47,7 @@ ORDER BY worker_id, batch_id;
 -- Every queue anyone can see (with queued or running shards, a live worker, or paused):
 -- paused or not, its depth and the wait of its oldest claimable shard. Counted over the
 -- tenant's shards, or everyone's when %(tenant)s is NULL (/metrics). The queued counts
--- come from a scan of shards_tenant_claim_idx (0013), the running ones from the
+-- come from a scan of shards_tenant_claim_idx (0012), the running ones from the
 -- running shards' partial index: never a scan of the shard history.
 WITH queued AS (
     SELECT queue, count(*) AS shards, min(run_after) AS oldest

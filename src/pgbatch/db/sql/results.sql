@@ -26,7 +26,9 @@ SELECT %(batch_id)s, %(first_seq)s,
         FROM generate_series(%(first_seq)s::bigint, %(last_seq)s::bigint) AS g
         LEFT JOIN patch p ON p.seq = g)
 ON CONFLICT (batch_id, first_seq) DO UPDATE
-SET outputs = (SELECT json_agg(coalesce(p.output, e.value) ORDER BY e.ord)
+-- The rerun is when the shard ended last: the throughput chart counts it then.
+SET finished_at = now(),
+    outputs = (SELECT json_agg(coalesce(p.output, e.value) ORDER BY e.ord)
                FROM json_array_elements(b.outputs) WITH ORDINALITY AS e(value, ord)
                LEFT JOIN patch p ON p.seq = b.first_seq + e.ord - 1)
 RETURNING (SELECT count(*) FROM gone);

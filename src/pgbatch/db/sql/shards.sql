@@ -218,7 +218,8 @@ FROM buried b;
 -- completion flush, stuck behind a frozen session, may hold the row); such a shard is
 -- 'busy', still running under this epoch in the statement's snapshot, and not lost: the
 -- flush renews it when it retries. 'lost': no longer running under this epoch (taken
--- over, or already finished). Rows are locked in id order (invariant 6).
+-- over, or already finished: a shard done without failed items has no row any more).
+-- Rows are locked in id order (invariant 6).
 WITH lease AS (
     SELECT * FROM unnest(%(ids)s::bigint[], %(epochs)s::int[]) AS v(id, epoch)
 ), locked AS (
@@ -298,6 +299,16 @@ RETURNING s.id, s.queue;
 -- the run; lease_refunds, not this statement, gives attempts back) and gets no
 -- finished_at; a finished one keeps its worker_id, for people reading the table.
 --
+-- A shard that ends done with no failed item (%(failed)s false) is deleted, not updated:
+-- nothing reads it again (its batch counts it, its result block holds its outputs, a retry
+-- of the batch has nothing to rerun in it), so the table holds claimable, running and
+-- unfinished-business shards only, not the history (docs/design/storage-layout.md). Dead,
+-- cancelled and done-with-failures shards keep their row, updated as before: the retry of
+-- failed items, the dead-shard samples and the tracebacks read them. The delete and the
+-- update are two data-modifying CTEs over the same locked rows, disjoint by "gone", with
+-- the same RETURNING: a zombie's late completion of a deleted shard finds no row to lock
+-- and counts nothing, as it finds a row under another epoch when the shard still exists.
+--
 -- Its shape keeps every plan linear in the flush, generic or custom (issue 13): the array
 -- drives, and each outcome probes its own shard by primary key in a LATERAL subquery that
 -- locks it. The subquery's LIMIT keeps the planner from flattening it into a join it could
@@ -306,33 +317,45 @@ RETURNING s.id, s.queue;
 -- for each, 500 x 500 rows per flush of 500. So rows are locked in the array's order,
 -- which complete_shards sorts by id (invariant 6). The running/epoch test is applied to
 -- the row as locked (the latest version), outside the subquery, so no partial index on
--- status can stand in for the primary key. The UPDATE then joins "locked" to shards by
--- primary key alone.
+-- status can stand in for the primary key. The DELETE and the UPDATE then join "locked"
+-- to shards by primary key alone. FOR UPDATE, not FOR NO KEY UPDATE: a row may be
+-- deleted, and taking the delete's lock at once leaves no lock to upgrade later.
 WITH locked AS (
-    SELECT v.id, v.epoch, v.status, v.error, v.delay_s, v.traceback
+    SELECT v.id, v.epoch, v.status, v.error, v.delay_s, v.traceback,
+           v.status = 'done' AND NOT v.failed AS gone
     FROM unnest(%(ids)s::bigint[], %(epochs)s::int[], %(statuses)s::text[],
-                %(errors)s::text[], %(delays_s)s::float8[], %(tracebacks)s::text[])
-        AS v(id, epoch, status, error, delay_s, traceback)
+                %(errors)s::text[], %(delays_s)s::float8[], %(tracebacks)s::text[],
+                %(failed)s::boolean[])
+        AS v(id, epoch, status, error, delay_s, traceback, failed)
     CROSS JOIN LATERAL (
         SELECT s.status, s.lease_epoch FROM pgbatch.shards s
         WHERE s.id = v.id
         LIMIT 1
-        FOR NO KEY UPDATE OF s
+        FOR UPDATE OF s
     ) s
     WHERE s.status = 'running' AND s.lease_epoch = v.epoch
+), deleted AS (
+    DELETE FROM pgbatch.shards s
+    USING locked l
+    WHERE s.id = l.id AND s.lease_epoch = l.epoch AND l.gone
+    RETURNING s.id, s.lease_epoch, s.retried, s.first_seq, s.last_seq
+), updated AS (
+    UPDATE pgbatch.shards s
+    SET status = l.status, last_error = l.error, lease_expires_at = NULL,
+        last_traceback = l.traceback,
+        last_error_at = CASE WHEN l.error IS NULL THEN NULL ELSE now() END,
+        finished_at = CASE WHEN l.status = 'queued' THEN NULL ELSE now() END,
+        run_after = CASE WHEN l.status = 'queued'
+                         THEN now() + l.delay_s * interval '1 second' ELSE s.run_after END,
+        worker_id = CASE WHEN l.status = 'queued' THEN NULL ELSE s.worker_id END
+    FROM locked l
+    WHERE s.id = l.id AND s.lease_epoch = l.epoch AND NOT l.gone
+    RETURNING s.id, s.lease_epoch, s.retried, s.first_seq, s.last_seq
 )
-UPDATE pgbatch.shards s
-SET status = l.status, last_error = l.error, lease_expires_at = NULL,
-    last_traceback = l.traceback,
-    last_error_at = CASE WHEN l.error IS NULL THEN NULL ELSE now() END,
-    finished_at = CASE WHEN l.status = 'queued' THEN NULL ELSE now() END,
-    run_after = CASE WHEN l.status = 'queued'
-                     THEN now() + l.delay_s * interval '1 second' ELSE s.run_after END,
-    worker_id = CASE WHEN l.status = 'queued' THEN NULL ELSE s.worker_id END
-FROM locked l
-WHERE s.id = l.id AND s.lease_epoch = l.epoch
 -- A retried shard's results merge into its result block (result_block_merge).
-RETURNING s.id, s.lease_epoch, s.retried, s.first_seq, s.last_seq;
+SELECT id, lease_epoch, retried, first_seq, last_seq FROM deleted
+UNION ALL
+SELECT id, lease_epoch, retried, first_seq, last_seq FROM updated;
 
 -- name: shard_snooze_refund
 -- Runs in the completion flush that requeued a snoozed shard (pgbatch.Snooze), only if
