@@ -132,11 +132,15 @@ claimed AS (
 ), pending AS (
     -- The first claim of a pending batch starts it, so it shows "running" while its first
     -- shards run. Later claims find it running and lock nothing; rows in id order, as the
-    -- completer locks them (invariant 6).
+    -- completer locks them (invariant 6). SKIP LOCKED: this claim already holds queued
+    -- shards of the batch, and cancel and set_priority lock the batch row first, then
+    -- its queued shards; waiting here closed that cycle (a deadlock, one side aborted
+    -- after deadlock_timeout, tests/integration/test_attack_hot_claim.py). A batch row
+    -- locked now is started by a later claim or by its first completion's counters.
     SELECT b.id FROM pgbatch.batches b
     WHERE b.id IN (SELECT batch_id FROM claimed) AND b.status = 'pending'
     ORDER BY b.id
-    FOR NO KEY UPDATE
+    FOR NO KEY UPDATE SKIP LOCKED
 ), started AS (
     UPDATE pgbatch.batches b
     SET status = 'running', started_at = coalesce(b.started_at, now()), version = b.version + 1
