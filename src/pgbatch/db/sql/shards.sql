@@ -321,9 +321,15 @@ RETURNING s.id, s.queue;
 -- for each, 500 x 500 rows per flush of 500. So rows are locked in the array's order,
 -- which complete_shards sorts by id (invariant 6). The running/epoch test is applied to
 -- the row as locked (the latest version), outside the subquery, so no partial index on
--- status can stand in for the primary key. The DELETE and the UPDATE then join "locked"
--- to shards by primary key alone. FOR UPDATE, not FOR NO KEY UPDATE: a row may be
--- deleted, and taking the delete's lock at once leaves no lock to upgrade later.
+-- status can stand in for the primary key; and inside it, as one CASE expression no
+-- partial index predicate matches (a plain "status = 'running'" there made the generic
+-- plan after a VACUUM scan the running shards, test_vacuum_plans.py), so a zombie's
+-- outcome does not lock a shard that is no longer its own: rescued and queued again, such
+-- a row is what a cancel of the batch (batch row first, then queued shards) waits for
+-- while this flush waits for the batch row, a deadlock (test_attack_hot_zombie_cancel.py).
+-- The DELETE and the UPDATE then join "locked" to shards by primary key alone. FOR UPDATE,
+-- not FOR NO KEY UPDATE: a row may be deleted, and taking the delete's lock at once leaves
+-- no lock to upgrade later.
 WITH locked AS (
     SELECT v.id, v.epoch, v.status, v.error, v.delay_s, v.traceback,
            v.status = 'done' AND NOT v.failed AS gone
@@ -333,7 +339,7 @@ WITH locked AS (
         AS v(id, epoch, status, error, delay_s, traceback, failed)
     CROSS JOIN LATERAL (
         SELECT s.status, s.lease_epoch FROM pgbatch.shards s
-        WHERE s.id = v.id
+        WHERE s.id = v.id AND CASE WHEN s.status = 'running' THEN s.lease_epoch END = v.epoch
         LIMIT 1
         FOR UPDATE OF s
     ) s
