@@ -17,6 +17,7 @@ import pgbatch
 from pgbatch.db import batches as batch_queries
 from pgbatch.db.shards import (
     ShardCompletion,
+    bury_shard,
     claim_shards,
     complete_shards,
     rescue_expired_shards,
@@ -88,3 +89,51 @@ async def test_a_zombie_flush_and_a_cancel_of_its_batch_do_not_deadlock(
         1,
     )
     assert check.results == 2 and check.shards_open == 1  # shard 2 still runs
+
+
+@pytest.mark.asyncio
+async def test_a_bury_and_a_cancel_of_its_batch_do_not_deadlock(
+    app: pgbatch.App, database_url: str
+) -> None:
+    """A bury (issue 9) locked its queued shard, then the batch row: a cancel holding the
+    batch row and going for its queued shards closed a cycle with it."""
+    register_noop(app)
+    batch = await app.submit("t", range(2), shard_size=1)
+    async with app.db.connection() as conn:
+        row = await (
+            await conn.execute(
+                "SELECT min(id) FROM pgbatch.shards WHERE batch_id = %s", (batch.id,)
+            )
+        ).fetchone()
+    assert row is not None
+    async with (
+        await psycopg.AsyncConnection.connect(database_url) as canceller,
+        await psycopg.AsyncConnection.connect(database_url) as burier,
+        await psycopg.AsyncConnection.connect(database_url, autocommit=True) as observer,
+    ):
+        await canceller.execute("SET deadlock_timeout = '100ms'")
+        await burier.execute("SET deadlock_timeout = '100ms'")
+        await canceller.execute(
+            "UPDATE pgbatch.batches SET version = version + 1 WHERE id = %s", (batch.id,)
+        )
+        bury = asyncio.create_task(bury_shard(burier, row[0], error="unreadable"))
+        pid = canceller.info.backend_pid
+
+        async def bury_waits() -> bool:
+            cur = await observer.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))",
+                (pid,),
+            )
+            found = await cur.fetchone()
+            return bool(found and found[0])
+
+        await wait_until(bury_waits, 10)
+        assert await batch_queries.cancel_batch(canceller, batch.id)
+        await canceller.commit()
+        assert await asyncio.wait_for(bury, 10) is False  # the cancel got the shard first
+        await burier.commit()
+    final = await app.get_batch(batch.id)
+    assert (final.status, final.shards_done, final.items_cancelled) == ("cancelled", 2, 2)
+    async with app.db.connection() as conn:
+        check = await verify_batch(conn, batch.id)
+    assert check.every_item_has_one_result and check.shards_open == 0

@@ -173,6 +173,15 @@ LEFT JOIN LATERAL (
 ) ib ON true
 ORDER BY c.id;
 
+-- name: shard_bury_lock_batch
+-- Before a bury, its batch row, locked first as cancel and retry lock it: the bury then
+-- locks a queued shard with SKIP LOCKED and never waits for it. Locking the shard first
+-- and the batch row last (as a completion does with its running shards) deadlocked with a
+-- cancel, which holds the batch row and waits for the batch's queued shards.
+SELECT b.id FROM pgbatch.batches b
+WHERE b.id = (SELECT s.batch_id FROM pgbatch.shards s WHERE s.id = %(shard_id)s)
+FOR NO KEY UPDATE;
+
 -- name: shard_bury
 -- A shard no claim can read is dead at once, with the claim's error, without reading its
 -- items: fenced on "still queued" (a shard another worker claimed meanwhile is not touched)
