@@ -302,6 +302,8 @@ async def bury_shard(conn: psycopg.AsyncConnection[Any], shard_id: int, *, error
     For a shard no claim can read (issue 9). Every item without a result fails with
     `error`. Runs in the caller's transaction; False if the shard was no longer queued.
     """
+    # The batch row first, as a cancel takes it (invariant 6): see shard_bury_lock_batch.
+    await conn.execute(query("shard_bury_lock_batch"), {"shard_id": shard_id})
     row = await (
         await conn.execute(query("shard_bury"), {"shard_id": shard_id, "error": error})
     ).fetchone()

@@ -132,11 +132,15 @@ claimed AS (
 ), pending AS (
     -- The first claim of a pending batch starts it, so it shows "running" while its first
     -- shards run. Later claims find it running and lock nothing; rows in id order, as the
-    -- completer locks them (invariant 6).
+    -- completer locks them (invariant 6). SKIP LOCKED: this claim already holds queued
+    -- shards of the batch, and cancel and set_priority lock the batch row first, then
+    -- its queued shards; waiting here closed that cycle (a deadlock, one side aborted
+    -- after deadlock_timeout, tests/integration/test_attack_hot_claim.py). A batch row
+    -- locked now is started by a later claim or by its first completion's counters.
     SELECT b.id FROM pgbatch.batches b
     WHERE b.id IN (SELECT batch_id FROM claimed) AND b.status = 'pending'
     ORDER BY b.id
-    FOR NO KEY UPDATE
+    FOR NO KEY UPDATE SKIP LOCKED
 ), started AS (
     UPDATE pgbatch.batches b
     SET status = 'running', started_at = coalesce(b.started_at, now()), version = b.version + 1
@@ -168,6 +172,15 @@ LEFT JOIN LATERAL (
     LIMIT 1
 ) ib ON true
 ORDER BY c.id;
+
+-- name: shard_bury_lock_batch
+-- Before a bury, its batch row, locked first as cancel and retry lock it: the bury then
+-- locks a queued shard with SKIP LOCKED and never waits for it. Locking the shard first
+-- and the batch row last (as a completion does with its running shards) deadlocked with a
+-- cancel, which holds the batch row and waits for the batch's queued shards.
+SELECT b.id FROM pgbatch.batches b
+WHERE b.id = (SELECT s.batch_id FROM pgbatch.shards s WHERE s.id = %(shard_id)s)
+FOR NO KEY UPDATE;
 
 -- name: shard_bury
 -- A shard no claim can read is dead at once, with the claim's error, without reading its
@@ -317,9 +330,15 @@ RETURNING s.id, s.queue;
 -- for each, 500 x 500 rows per flush of 500. So rows are locked in the array's order,
 -- which complete_shards sorts by id (invariant 6). The running/epoch test is applied to
 -- the row as locked (the latest version), outside the subquery, so no partial index on
--- status can stand in for the primary key. The DELETE and the UPDATE then join "locked"
--- to shards by primary key alone. FOR UPDATE, not FOR NO KEY UPDATE: a row may be
--- deleted, and taking the delete's lock at once leaves no lock to upgrade later.
+-- status can stand in for the primary key; and inside it, as one CASE expression no
+-- partial index predicate matches (a plain "status = 'running'" there made the generic
+-- plan after a VACUUM scan the running shards, test_vacuum_plans.py), so a zombie's
+-- outcome does not lock a shard that is no longer its own: rescued and queued again, such
+-- a row is what a cancel of the batch (batch row first, then queued shards) waits for
+-- while this flush waits for the batch row, a deadlock (test_attack_hot_zombie_cancel.py).
+-- The DELETE and the UPDATE then join "locked" to shards by primary key alone. FOR UPDATE,
+-- not FOR NO KEY UPDATE: a row may be deleted, and taking the delete's lock at once leaves
+-- no lock to upgrade later.
 WITH locked AS (
     SELECT v.id, v.epoch, v.status, v.error, v.delay_s, v.traceback,
            v.status = 'done' AND NOT v.failed AS gone
@@ -329,7 +348,7 @@ WITH locked AS (
         AS v(id, epoch, status, error, delay_s, traceback, failed)
     CROSS JOIN LATERAL (
         SELECT s.status, s.lease_epoch FROM pgbatch.shards s
-        WHERE s.id = v.id
+        WHERE s.id = v.id AND CASE WHEN s.status = 'running' THEN s.lease_epoch END = v.epoch
         LIMIT 1
         FOR UPDATE OF s
     ) s
