@@ -28,11 +28,12 @@ test: lint browser suite
 # Its tests mostly wait (on PostgreSQL, subprocesses, timers), so two workers on two
 # cores take about half the serial time; each worker has its own template database and
 # every test its own database, on one shared server. Tests marked `exclusive` run while
-# the other worker waits, `--dist loadgroup` keeps an `xdist_group` on one worker
-# (tests/conftest.py). A plain `pytest tests/...` still runs serially.
+# the other worker waits (tests/conftest.py). `--dist load` hands out tests by index:
+# schemathesis gives its 47 generated tests one node id, and the by-name schedulers
+# (loadgroup, loadscope) ran only the first. A plain `pytest tests/...` runs serially.
 TEST_WORKERS ?= 2
 suite: $(BIN)/.installed
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist load
 
 # The dashboard's browser test drives Debian's chromium (Playwright's own browser
 # download does not work offline). Installed when missing and we may; otherwise that
