@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint unit soak fuzz bench browser clean
+.PHONY: demo test suite lint unit soak fuzz bench browser clean
 
 $(BIN)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "pgbatch needs Python >= 3.11")'
@@ -22,8 +22,18 @@ lint: $(BIN)/.installed
 
 # The whole suite against the embedded PostgreSQL, or DATABASE_URL when set; long
 # chaos/soak runs are excluded (see `make soak`).
-test: lint browser
-	$(BIN)/python -m pytest
+test: lint browser suite
+
+# The suite alone, on TEST_WORKERS pytest-xdist processes (0: in this one, serially).
+# Its tests mostly wait (on PostgreSQL, subprocesses, timers), so two workers on two
+# cores take about half the serial time; each worker has its own template database and
+# every test its own database, on one shared server. Tests marked `exclusive` run while
+# the other worker waits (tests/conftest.py). `--dist load` hands out tests by index:
+# schemathesis gives its 47 generated tests one node id, and the by-name schedulers
+# (loadgroup, loadscope) ran only the first. A plain `pytest tests/...` runs serially.
+TEST_WORKERS ?= 2
+suite: $(BIN)/.installed
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist load
 
 # The dashboard's browser test drives Debian's chromium (Playwright's own browser
 # download does not work offline). Installed when missing and we may; otherwise that

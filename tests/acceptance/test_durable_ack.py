@@ -8,7 +8,6 @@ released: a write answered 201 before its commit would now be missing.
 from __future__ import annotations
 
 import asyncio
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,18 +16,12 @@ import httpx
 import psycopg
 import pytest
 
-from tests.helpers import REPO_ROOT, subprocess_env, wait_until
+from tests.helpers import REPO_ROOT, port_in_log, subprocess_env, wait_until
 
 START_S = 30.0
 WRITES = 20
 # How long the posts get to be (wrongly) answered while nothing can commit.
 BLOCKED_S = 1.5
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def _post(client: httpx.AsyncClient, n: int) -> tuple[str, str] | None:
@@ -50,16 +43,18 @@ async def _post(client: httpx.AsyncClient, n: int) -> tuple[str, str] | None:
 async def test_no_write_is_acknowledged_before_it_commits(
     database_url: str, tmp_path: Path
 ) -> None:
-    port = _free_port()
     log_path = tmp_path / "serve.log"
     with open(log_path, "wb") as log:
         server = subprocess.Popen(
             [sys.executable, "-m", "pgbatch", "serve", "--app", "tests.apps.api_app:app",
-             "--port", str(port)],
+             "--port", "0"],
             cwd=REPO_ROOT, env=subprocess_env(database_url), stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
     acknowledged: list[tuple[str, str]] = []
     try:
+        port = await port_in_log(
+            lambda: log_path.read_text(errors="replace"), "running on http://127.0.0.1:", START_S
+        )
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
 
             async def healthy() -> bool:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import socket
 from pathlib import Path
 
 import httpx
@@ -11,15 +10,9 @@ import pytest
 
 import pgbatch
 from tests.apps.chaos_app import build_app
-from tests.helpers import WorkerProcess, wait_until
+from tests.helpers import WorkerProcess, port_in_log, wait_until
 
 START_S = 30.0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _samples(text: str, name: str) -> dict[str, float]:
@@ -35,11 +28,13 @@ def _samples(text: str, name: str) -> dict[str, float]:
 async def test_a_worker_serves_its_counters_and_flush_sizes(
     database_url: str, tmp_path: Path
 ) -> None:
-    port = _free_port()
-    worker = WorkerProcess(
-        database_url, tmp_path / "worker.log", args=["--metrics-port", str(port)]
-    )
+    worker = WorkerProcess(database_url, tmp_path / "worker.log", args=["--metrics-port", "0"])
     try:
+        port = await port_in_log(
+            lambda: worker.log_path.read_text(errors="replace"),
+            "metrics: http://127.0.0.1:",
+            START_S,
+        )
         app = build_app(pgbatch.Settings(database_url=database_url))
         async with app:
             # A task without sleeps: 50 shards of 10 items.

@@ -83,7 +83,7 @@ async def _wait_until_blocked(url: str, marker: str) -> None:
         while True:
             cur = await watcher.execute(
                 "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                "AND query LIKE %s",
+                "AND datname = current_database() AND query LIKE %s",
                 (f"%{marker}%",),
             )
             row = await cur.fetchone()

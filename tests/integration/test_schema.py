@@ -197,6 +197,7 @@ async def test_a_database_at_0002_with_data_upgrades_in_place_even_while_workers
                 row = await fetch_one(
                     empty_database,
                     "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                    " AND datname = current_database()"
                     " AND clock_timestamp() - query_start > interval '500 ms'",
                 )
                 return bool(row and row[0])

@@ -254,8 +254,8 @@ async def test_a_forced_deadlock_is_retried_and_both_sides_succeed(vapp: pgbatch
 
         async def reindex_waits_for_a_lock() -> bool:
             cur = await other.execute(
-                "SELECT count(*) FROM pg_stat_activity"
-                " WHERE wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                " AND datname = current_database() AND pid <> pg_backend_pid()"
             )
             row = await cur.fetchone()
             return bool(row and row[0])
