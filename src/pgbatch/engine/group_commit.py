@@ -149,9 +149,7 @@ class GroupCommitter(Generic[T, R]):
             self.start()
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         await self._queue.put((item, future))
-        depth = self._queue.qsize()
-        if depth > self.stats.max_queue_depth:
-            self.stats.max_queue_depth = depth
+        self._record_depth()
         return await future
 
     def submit_nowait(self, item: T, on_done: Callable[[R | BaseException], None]) -> bool:
@@ -166,10 +164,13 @@ class GroupCommitter(Generic[T, R]):
         if self._task is None:
             self.start()
         self._queue.put_nowait((item, on_done))
+        self._record_depth()
+        return True
+
+    def _record_depth(self) -> None:
         depth = self._queue.qsize()
         if depth > self.stats.max_queue_depth:
             self.stats.max_queue_depth = depth
-        return True
 
     async def stop(self) -> None:
         """Refuse new items, flush everything already accepted, then stop."""
