@@ -327,16 +327,20 @@ async def bury_shard(conn: psycopg.AsyncConnection[Any], shard_id: int, *, error
     return True
 
 
+# The claim, heartbeat, rescue and completion statements are never prepared (issue 13).
+# psycopg prepares a statement after five executions and PostgreSQL may then keep a generic
+# plan until the table's statistics change; idle workers build it in the empty window
+# after the pruner's VACUUM (0 pages, 0 rows), and kept while the next batch fills the
+# table it read every queued shard per claim and seq-scanned shards per completed outcome
+# (tests/integration/test_vacuum_plans.py, benchmarks/growth.py --auto-explain). A custom
+# plan sees the table's current size; planning costs about 0.3-0.4 ms a statement.
+_PREPARE_HOT_PATH = False
+
+
 async def _claim(
     conn: psycopg.AsyncConnection[Any], name: str, params: Mapping[str, Any]
 ) -> list[ClaimedShard]:
-    # Never prepared (issue 13): a generic plan is built once and kept until the table's
-    # statistics change, and idle workers build it in the empty window after the pruner's
-    # VACUUM (0 pages, 0 rows); kept while the next batch fills the table, it read every
-    # queued shard per claim (tests/integration/test_vacuum_plans.py). A custom plan sees
-    # the table's current size; its planning (about 1 ms) costs less than the generic
-    # plan's hash joins over the queue even with fresh statistics (5.6 vs 6.5 ms a claim).
-    cur = await conn.execute(query(name), params, prepare=False)
+    cur = await conn.execute(query(name), params, prepare=_PREPARE_HOT_PATH)
     shards = []
     for row in await cur.fetchall():
         shard_id, batch_id, task, epoch, attempts, max_attempts, ttl, cancelled = row[:8]
@@ -399,12 +403,10 @@ async def heartbeat_shards(
     if not leases:
         return report
     ordered = sorted(leases)
-    # Not prepared, as the claim (_claim): a generic plan built on an emptied table scans
-    # every shard per heartbeat; the heartbeat runs once per lease period, planning is cheap.
     cur = await conn.execute(
         query("shard_heartbeat_many"),
         {"ids": [s for s, _ in ordered], "epochs": [e for _, e in ordered]},
-        prepare=False,
+        prepare=_PREPARE_HOT_PATH,
     )
     for shard_id, state, cancelled in await cur.fetchall():
         if state == "renewed":
@@ -436,12 +438,10 @@ async def rescue_expired_leases(
 ) -> RescueReport:
     """Requeue expired shards (refunding the attempt up to `free_reruns` times), wake workers."""
     async with conn.transaction():
-        # Not prepared, as the claim (_claim): it runs every second on idle workers, in the
-        # empty window after a VACUUM too, and a generic plan from there seq-scans shards.
         cur = await conn.execute(
             query("shard_rescue_expired"),
             {"limit": limit, "free_reruns": free_reruns},
-            prepare=False,
+            prepare=_PREPARE_HOT_PATH,
         )
         rows = await cur.fetchall()
         for queue in sorted({queue for queue, _ in rows}):
@@ -498,9 +498,7 @@ async def complete_shards(
     ordered = sorted(unique.values(), key=lambda c: (c.shard_id, c.lease_epoch))
     # The statement's shape (each outcome probes its shard by primary key) keeps a plan
     # built on fresh statistics linear in the flush (tests/integration/test_complete_plan.py),
-    # but not one built for an empty table: a generic plan made after the pruner's VACUUM
-    # (0 pages) probed each outcome with a seq scan, 256 x 50,000 rows, 2.6-5.4 s a flush
-    # (benchmarks/growth.py --auto-explain). So it is not prepared either (see _claim).
+    # not one built for an empty table (2.6-5.4 s a flush): see _PREPARE_HOT_PATH.
     cur = await conn.execute(
         query("shard_complete_many"),
         {
@@ -513,7 +511,7 @@ async def complete_shards(
             # A done shard without failed items is deleted, not updated: nothing reads it.
             "failed": [c.items_failed > 0 for c in ordered],
         },
-        prepare=False,
+        prepare=_PREPARE_HOT_PATH,
     )
     # A zombie and the shard's new holder may sit in the same flush: match on the epoch too.
     shard_rows = {(row[0], row[1]): row[2:] for row in await cur.fetchall()}
